@@ -1,0 +1,34 @@
+"""gkd_jax: Generalized Knowledge Distillation for language models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="gkd_jax",
+    version="0.1.0",
+    description="Generalized Knowledge Distillation (GKD) of language models in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["gkd_jax", "gkd_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10.0",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.6.0",
+        "transformers>=4.45",
+        "datasets>=2.20",
+        "ml-collections>=0.1.1",
+        "chex>=0.1.87",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "safetensors>=0.4.3",
+        "huggingface_hub>=0.24",
+    ],
+    extras_require={
+        # Reference libraries the tests compare against. torch is pinned to the CPU build.
+        "test": ["pytest>=8", "torch==2.13.0", "trl>=0.20"],
+        # Accelerator wheels: `pip install -e .[cuda12]` on NVIDIA GPUs, `.[tpu]` on Cloud TPU VMs.
+        "cuda12": ["jax[cuda12]"],
+        "cuda13": ["jax[cuda13]"],
+        "tpu": ["jax[tpu]"],
+    },
+)
