@@ -1,0 +1,466 @@
+"""The GKD losses against a float64 NumPy reference written from the paper's formulas, and against TRL."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from gkd_jax import losses as L
+
+BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
+TEMPERATURES = [0.5, 1.0, 2.0]
+B, T, V = 3, 6, 17
+
+
+# ------------------------------------------------------------------------------------ float64 reference
+
+
+def np_log_softmax(x):
+  x = np.asarray(x, np.float64)
+  m = np.max(x, axis=-1, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def np_kl(p, q):
+  """Σ p log(p/q) with 0 log 0 = 0."""
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.sum(np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0), axis=-1)
+
+
+def ref_jsd(student_logits, teacher_logits, beta, temperature):
+  """Paper, eq. (1) and the β endpoints: per-token divergence in float64."""
+  ps = np.exp(np_log_softmax(np.asarray(student_logits, np.float64) / temperature))
+  pt = np.exp(np_log_softmax(np.asarray(teacher_logits, np.float64) / temperature))
+  if beta == 0.0:
+    return np_kl(pt, ps)
+  if beta == 1.0:
+    return np_kl(ps, pt)
+  m = beta * pt + (1 - beta) * ps
+  return beta * np_kl(pt, m) + (1 - beta) * np_kl(ps, m)
+
+
+def ref_reduce(per_token, mask, reduction, num_items=None):
+  per_token = np.where(mask, per_token, 0.0)
+  if reduction == "none":
+    return per_token
+  if reduction == "sum":
+    return per_token.sum()
+  if reduction == "mean":
+    return per_token.sum() / max(num_items if num_items is not None else mask.sum(), 1)
+  lengths = mask.sum(-1)
+  per_seq = per_token.sum(-1) / np.maximum(lengths, 1)
+  return per_seq.sum() / max((lengths > 0).sum(), 1)
+
+
+def random_inputs(seed, shape=(B, T, V), scale=3.0):
+  rng = np.random.default_rng(seed)
+  s = (rng.normal(size=shape) * scale).astype(np.float32)
+  t = (rng.normal(size=shape) * scale).astype(np.float32)
+  mask = rng.random(shape[:-1]) < 0.7
+  mask[0] = False  # a fully masked row
+  mask[1, :2] = True
+  return s, t, mask
+
+
+@functools.lru_cache(maxsize=None)
+def jitted(fn, **static):
+  return jax.jit(functools.partial(fn, **static))
+
+
+# ---------------------------------------------------------------------------------- values vs reference
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_matches_float64_reference(beta, temperature):
+  s, t, mask = random_inputs(seed=int(beta * 10 + temperature * 100))
+  expected = ref_jsd(s, t, beta, temperature)
+  per_token = jitted(L.generalized_jsd_loss, beta=beta, temperature=temperature, reduction="none")(s, t, mask)
+  np.testing.assert_allclose(per_token, np.where(mask, expected, 0.0), rtol=2e-5, atol=2e-6)
+  assert np.all(np.asarray(per_token)[0] == 0.0)  # the fully masked row
+  for reduction in ("mean", "sum", "seq_mean"):
+    got = L.generalized_jsd_loss(s, t, mask, beta=beta, temperature=temperature, reduction=reduction)
+    np.testing.assert_allclose(got, ref_reduce(expected, mask, reduction), rtol=2e-5, err_msg=reduction)
+
+
+def test_mean_divides_by_num_items_when_given():
+  s, t, mask = random_inputs(0)
+  got = L.generalized_jsd_loss(s, t, mask, beta=0.5, num_items=37)
+  np.testing.assert_allclose(got, ref_reduce(ref_jsd(s, t, 0.5, 1.0), mask, "mean", 37), rtol=2e-5)
+
+
+def test_gradient_accumulation_with_global_count_equals_full_batch():
+  s, t, mask = random_inputs(1, shape=(4, T, V))
+  full = L.generalized_jsd_loss(s, t, mask, beta=0.9)
+  total = int(mask.sum())
+  micro = sum(L.generalized_jsd_loss(s[i:i + 2], t[i:i + 2], mask[i:i + 2], beta=0.9, num_items=total)
+              for i in (0, 2))
+  np.testing.assert_allclose(micro, full, rtol=1e-6)
+  g_full = jax.grad(lambda x: L.generalized_jsd_loss(x, t, mask, beta=0.9))(s)
+  g_micro = jnp.concatenate([
+      jax.grad(lambda x: L.generalized_jsd_loss(x, t[i:i + 2], mask[i:i + 2], beta=0.9, num_items=total))(
+          s[i:i + 2]) for i in (0, 2)])
+  np.testing.assert_allclose(g_micro, g_full, rtol=1e-5, atol=1e-8)
+
+
+def test_endpoints_are_exactly_the_two_kls():
+  s, t, mask = random_inputs(2)
+  stats = L.token_stats(s, t)
+  fkl = L.generalized_jsd_loss(s, t, beta=0.0, reduction="none")
+  rkl = L.generalized_jsd_loss(s, t, beta=1.0, reduction="none")
+  np.testing.assert_array_equal(fkl, stats["forward_kl"])
+  np.testing.assert_array_equal(rkl, stats["reverse_kl"])
+  ps, pt = np.exp(np_log_softmax(s)), np.exp(np_log_softmax(t))
+  np.testing.assert_allclose(fkl, np_kl(pt, ps), rtol=2e-5)  # KL(teacher ‖ student)
+  np.testing.assert_allclose(rkl, np_kl(ps, pt), rtol=2e-5)  # KL(student ‖ teacher)
+  # Near (not at) the endpoints the mixture vanishes like β·FKL and (1−β)·RKL.
+  eps = 1e-3
+  small = L.generalized_jsd_loss(s.astype(np.float64), t.astype(np.float64), beta=eps, reduction="none")
+  assert np.all(np.asarray(small) < 1.01 * eps * np_kl(pt, ps) + 1e-12)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_zero_for_identical_inputs(beta):
+  s, _, mask = random_inputs(3)
+  np.testing.assert_allclose(L.generalized_jsd_loss(s, s, mask, beta=beta, reduction="none"), 0.0, atol=1e-6)
+
+
+def test_symmetric_at_half():
+  s, t, mask = random_inputs(4)
+  a = L.generalized_jsd_loss(s, t, mask, beta=0.5, reduction="none")
+  b = L.generalized_jsd_loss(t, s, mask, beta=0.5, reduction="none")
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # and the β ↔ 1−β swap holds for every β
+  np.testing.assert_allclose(L.generalized_jsd_loss(s, t, beta=0.1, reduction="none"),
+                             L.generalized_jsd_loss(t, s, beta=0.9, reduction="none"), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_neg_inf_vocab_entries_stay_finite(beta):
+  s, t, mask = random_inputs(5)
+  blocked = np.zeros(V, bool)
+  blocked[[2, 7, 16]] = True  # masked vocabulary entries in both models
+  s[..., blocked] = -np.inf
+  t[..., blocked] = -np.inf
+  s[0] = np.nan  # garbage at a fully masked row must not leak either
+  s[0, :, 3] = -np.inf
+  fn = lambda x, y: L.generalized_jsd_loss(x, y, mask, beta=beta, temperature=0.7)
+  value, grads = jax.value_and_grad(fn, argnums=(0, 1))(s, t)
+  assert np.isfinite(value)
+  for g in grads:
+    assert np.all(np.isfinite(g))
+    np.testing.assert_array_equal(np.asarray(g)[..., blocked], 0.0)
+    np.testing.assert_array_equal(np.asarray(g)[0], 0.0)
+  keep = ~blocked
+  expected = ref_reduce(ref_jsd(s[..., keep], t[..., keep], beta, 0.7), mask, "mean")
+  np.testing.assert_allclose(value, expected, rtol=2e-5)
+
+
+def test_fully_masked_is_zero_with_zero_gradients():
+  s, t, _ = random_inputs(6)
+  mask = np.zeros((B, T), bool)
+  for reduction in ("mean", "sum", "seq_mean"):
+    fn = lambda x: L.generalized_jsd_loss(x, t, mask, reduction=reduction)
+    value, g = jax.value_and_grad(fn)(s)
+    assert value == 0.0
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_bf16_inputs_close_to_float32():
+  s, t, mask = random_inputs(7)
+  f32 = L.generalized_jsd_loss(s, t, mask, beta=0.5)
+  bf = L.generalized_jsd_loss(jnp.asarray(s, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16), mask, beta=0.5)
+  assert bf.dtype == jnp.float32
+  np.testing.assert_allclose(bf, f32, rtol=2e-2)
+
+
+def test_vmap_matches_batched_call():
+  s, t, mask = random_inputs(8)
+  fn = functools.partial(L.generalized_jsd_loss, beta=0.3, temperature=1.5, reduction="sum")
+  np.testing.assert_allclose(jax.vmap(fn)(s, t, mask), [fn(s[i], t[i], mask[i]) for i in range(B)], rtol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_check_grads_float64(beta):
+  with jax.enable_x64(True):
+    s, t, mask = random_inputs(9, shape=(2, 3, 7), scale=1.0)
+    s, t = s.astype(np.float64), t.astype(np.float64)
+    fn = lambda x, y: L.generalized_jsd_loss(x, y, mask, beta=beta, temperature=0.8)
+    check_grads(fn, (s, t), order=2, modes=("rev",), eps=1e-4)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gradient_matches_reference_finite_differences(beta):
+  s, t, mask = random_inputs(10, shape=(2, 3, 9))
+  grad = jax.grad(lambda x: L.generalized_jsd_loss(x, t, mask, beta=beta, temperature=2.0))(s)
+  ref = lambda x: ref_reduce(ref_jsd(x, t, beta, 2.0), mask, "mean")
+  x0, h = s.astype(np.float64), 1e-6
+  fd = np.zeros_like(x0)
+  for idx in np.ndindex(x0.shape):
+    e = np.zeros_like(x0)
+    e[idx] = h
+    fd[idx] = (ref(x0 + e) - ref(x0 - e)) / (2 * h)
+  np.testing.assert_allclose(grad, fd, rtol=1e-3, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------------------ top-k
+
+
+def ref_topk_jsd(s, t_values, t_idx, beta, temperature):
+  s_k = np.take_along_axis(np.asarray(s, np.float64), t_idx, axis=-1)
+  s_k = np.where(np.isfinite(t_values), s_k, -np.inf)  # unfilled slots drop out of both
+  return ref_jsd(s_k, t_values, beta, temperature)
+
+
+def test_topk_with_k_equal_vocab_is_the_full_loss():
+  s, t, mask = random_inputs(11)
+  values, idx = L.teacher_topk(jnp.asarray(t), V)
+  for beta in BETAS:
+    full = L.generalized_jsd_loss(s, t, mask, beta=beta, temperature=0.9)
+    topk = L.topk_generalized_jsd_loss(s, values, idx, mask, beta=beta, temperature=0.9)
+    np.testing.assert_allclose(topk, full, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_topk_renormalizes_over_the_teachers_k(beta):
+  s, t, mask = random_inputs(12)
+  values, idx = L.teacher_topk(jnp.asarray(t), 5)
+  assert np.all(np.asarray(values) == np.sort(t, axis=-1)[..., ::-1][..., :5])
+  got = L.topk_generalized_jsd_loss(s, values, idx, mask, beta=beta, temperature=2.0, reduction="none")
+  expected = ref_topk_jsd(s, np.asarray(values), np.asarray(idx), beta, 2.0)
+  np.testing.assert_allclose(got, np.where(mask, expected, 0.0), rtol=2e-5, atol=2e-7)
+
+
+def test_topk_server_logprobs_and_unfilled_slots():
+  s, t, mask = random_inputs(13)
+  values, idx = L.teacher_topk(jnp.asarray(t), 6)
+  logprobs = np.asarray(values) - np.log(np.sum(np.exp(t.astype(np.float64)), -1, keepdims=True))
+  logprobs = logprobs.astype(np.float32)
+  logprobs[:, :, 4:] = -np.inf  # the server returned only 4 entries
+  idx = np.asarray(idx).copy()
+  idx[:, :, 4:] = 0  # and the ids there are placeholders
+  got = L.topk_generalized_jsd_loss(s, logprobs, idx, mask, beta=0.5, temperature=0.9, reduction="none",
+                                    values_are_logprobs=True)
+  first4 = L.topk_generalized_jsd_loss(s, logprobs[..., :4], idx[..., :4], mask, beta=0.5, temperature=0.9,
+                                       reduction="none", values_are_logprobs=True)
+  np.testing.assert_allclose(got, first4, rtol=1e-6, atol=1e-8)
+  expected = ref_topk_jsd(s, logprobs[..., :4], idx[..., :4], 0.5, 0.9)
+  np.testing.assert_allclose(got, np.where(mask, expected, 0.0), rtol=2e-5, atol=2e-7)
+  g = jax.grad(lambda x: L.topk_generalized_jsd_loss(x, logprobs, idx, mask, beta=0.5))(s)
+  assert np.all(np.isfinite(g))
+
+
+# ------------------------------------------------------------------------------------------------ fused
+
+
+def _fused_case(seed, n_tokens_shape, hs_dim, ht_dim, vs, vt, dtype=np.float32, extras=False):
+  rng = np.random.default_rng(seed)
+  d = dict(
+      student_hidden=rng.normal(size=(*n_tokens_shape, hs_dim)).astype(dtype),
+      student_head=(rng.normal(size=(hs_dim, vs)) / np.sqrt(hs_dim) * 3).astype(dtype),
+      teacher_hidden=rng.normal(size=(*n_tokens_shape, ht_dim)).astype(dtype),
+      teacher_head=(rng.normal(size=(ht_dim, vt)) / np.sqrt(ht_dim) * 3).astype(dtype),
+      mask=rng.random(n_tokens_shape) < 0.8,
+  )
+  kw = {}
+  if extras:
+    kw = dict(student_bias=rng.normal(size=(vs,)).astype(dtype), teacher_bias=rng.normal(size=(vt,)).astype(dtype),
+              student_logit_scale=0.7, teacher_logit_scale=1.3, student_softcap=5.0, teacher_softcap=4.0)
+  return d, kw
+
+
+def _unfused_from_hidden(d, kw, vocab_size, **loss_kw):
+  def head(h, w, b, scale, cap):
+    z = h @ w + (0 if b is None else b)
+    z = z * scale
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+  def fn(hs, ws, bs):
+    s = head(hs, ws, bs, kw.get("student_logit_scale", 1.0), kw.get("student_softcap"))
+    t = head(d["teacher_hidden"], d["teacher_head"], kw.get("teacher_bias"), kw.get("teacher_logit_scale", 1.0),
+             kw.get("teacher_softcap"))
+    s, t = L.align_vocab(s, t, vocab_size)
+    return L.generalized_jsd_loss(s, t, d["mask"], **loss_kw)
+  return fn
+
+
+@pytest.mark.parametrize("chunk_size", [4, 7, 64])  # divides 2*14=28, does not, larger than all tokens
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_equals_unfused_values_and_gradients(chunk_size, reduction):
+  d, kw = _fused_case(14, (2, 14), hs_dim=8, ht_dim=12, vs=24, vt=21, extras=(chunk_size == 7))
+  loss_kw = dict(beta=0.3, temperature=0.9, reduction=reduction)
+  unfused = _unfused_from_hidden(d, kw, 20, **loss_kw)
+  bias = kw.get("student_bias")
+
+  def fused(hs, ws, bs):
+    extra = dict(kw, student_bias=bs) if bs is not None else kw
+    return L.fused_generalized_jsd_loss(hs, ws, d["teacher_hidden"], d["teacher_head"], d["mask"],
+                                        chunk_size=chunk_size, vocab_size=20, **loss_kw, **extra)
+
+  args = (d["student_hidden"], d["student_head"], bias)
+  np.testing.assert_allclose(jax.jit(fused)(*args), unfused(*args), rtol=2e-5, atol=1e-7)
+  scalar = (lambda f: f) if reduction != "none" else (lambda f: lambda *a: jnp.sum(f(*a) * np.arange(28).reshape(2, 14)))
+  argnums = (0, 1, 2) if bias is not None else (0, 1)
+  g_fused = jax.jit(jax.grad(scalar(fused), argnums))(*args)
+  g_unfused = jax.grad(scalar(unfused), argnums)(*args)
+  for gf, gu in zip(g_fused, g_unfused):
+    np.testing.assert_allclose(gf, gu, rtol=2e-4, atol=1e-6)
+  # Rows of the head past the shared vocabulary get exactly zero gradient.
+  np.testing.assert_array_equal(np.asarray(g_fused[1])[:, 20:], 0.0)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_fused_float64_and_num_items(beta):
+  with jax.enable_x64(True):
+    d, kw = _fused_case(15, (3, 5), hs_dim=6, ht_dim=6, vs=11, vt=11, dtype=np.float64)
+    fn = lambda hs, ws: L.fused_generalized_jsd_loss(hs, ws, d["teacher_hidden"], d["teacher_head"], d["mask"],
+                                                     beta=beta, temperature=1.7, chunk_size=4, num_items=40)
+    unfused = _unfused_from_hidden(d, kw, None, beta=beta, temperature=1.7, num_items=40)
+    np.testing.assert_allclose(fn(d["student_hidden"], d["student_head"]),
+                               unfused(d["student_hidden"], d["student_head"], None), rtol=1e-12)
+    check_grads(fn, (d["student_hidden"], d["student_head"]), order=1, modes=("rev",), eps=1e-5)
+
+
+def test_fused_bf16_close_to_f32():
+  d, _ = _fused_case(16, (2, 9), hs_dim=16, ht_dim=16, vs=32, vt=32)
+  call = lambda cast: L.fused_generalized_jsd_loss(
+      *(cast(d[k]) for k in ("student_hidden", "student_head", "teacher_hidden", "teacher_head")), d["mask"],
+      beta=0.5, chunk_size=5)
+  np.testing.assert_allclose(call(lambda x: jnp.asarray(x, jnp.bfloat16)), call(jnp.asarray), rtol=3e-2)
+
+
+def test_fused_never_materializes_full_logits():
+  """The compiled fused fwd+bwd has no [tokens, V] buffer; the unfused one does."""
+  n, h, v, chunk = 2048, 32, 4096, 64
+  hs = jax.ShapeDtypeStruct((n, h), jnp.float32)
+  w = jax.ShapeDtypeStruct((h, v), jnp.float32)
+  mask = jax.ShapeDtypeStruct((n,), jnp.bool_)
+  fused = jax.jit(jax.grad(lambda a, b, c, e, m: L.fused_generalized_jsd_loss(a, b, c, e, m, chunk_size=chunk),
+                           argnums=(0, 1)))
+  unfused = jax.jit(jax.grad(lambda a, b, c, e, m: L.generalized_jsd_loss(a @ b, c @ e, m), argnums=(0, 1)))
+  temp = lambda f: f.lower(hs, w, hs, w, mask).compile().memory_analysis().temp_size_in_bytes
+  full_logits = n * v * 4
+  assert temp(unfused) >= full_logits
+  assert temp(fused) < full_logits / 4
+
+
+# ------------------------------------------------------------------------------------------ TRL parity
+
+
+@pytest.fixture(scope="module")
+def trl_loss():
+  torch = pytest.importorskip("torch")
+  import os
+  os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+  from trl.experimental.gkd import GKDTrainer
+  return torch, GKDTrainer.generalized_jsd_loss
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_parity_with_trl(trl_loss, beta):
+  torch, trl_jsd = trl_loss
+  s, t, mask = random_inputs(17, shape=(3, 8, 50))
+  mask[0, 0] = True
+  labels = torch.where(torch.from_numpy(mask), 1, -100)
+  ts, tt = torch.from_numpy(s), torch.from_numpy(t)
+  for temperature in (1.0, 0.9):
+    kw = dict(beta=beta, temperature=temperature)
+    ours = functools.partial(L.generalized_jsd_loss, s, t, mask, **kw)
+    trl = lambda reduction, **extra: trl_jsd(ts, tt, labels=labels, reduction=reduction, **kw, **extra).numpy()
+    rel = dict(rtol=1e-5, atol=0)
+    np.testing.assert_allclose(ours(reduction="mean"), trl("batchmean"), **rel)
+    np.testing.assert_allclose(ours(reduction="sum"), trl("sum"), **rel)
+    np.testing.assert_allclose(ours(reduction="mean", num_items=50), trl("batchmean", num_items_in_batch=50), **rel)
+    # TRL's "mean" averages over every (token, vocab) element; "none" keeps them per element.
+    np.testing.assert_allclose(ours(reduction="sum") / (mask.sum() * 50), trl("mean"), **rel)
+    np.testing.assert_allclose(np.asarray(ours(reduction="none"))[mask], trl("none").sum(-1), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------ NLL, shift, stats
+
+
+def test_nll_matches_reference():
+  s, _, mask = random_inputs(18)
+  targets = np.random.default_rng(0).integers(0, V, size=(B, T))
+  expected = -np.take_along_axis(np_log_softmax(s), targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(L.nll_loss(s, targets, mask, reduction="none"), np.where(mask, expected, 0.0),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(L.nll_loss(s, targets, mask), ref_reduce(expected, mask, "mean"), rtol=1e-5)
+
+
+def test_shift_pairs_each_position_with_the_next_token():
+  # Prompt [5, 6, 7], completion [8, 9, 2] then padding: the first target is 8, predicted at position 2.
+  input_ids = np.array([[5, 6, 7, 8, 9, 2, 0]])
+  completion = np.array([[0, 0, 0, 1, 1, 1, 0]], bool)
+  # A "model" that is perfect on the completion only when aligned: position t puts all mass on
+  # input_ids[t + 1] for completion targets, and on a wrong token (1) elsewhere.
+  logits = np.full((1, 7, 10), -30.0, np.float32)
+  logits[0, :, 1] = 30.0
+  logits[0, 2:5] = -30.0
+  logits[0, np.arange(2, 5), input_ids[0, 3:6]] = 30.0
+  targets, target_mask, shifted = L.shift_for_next_token(input_ids, completion, logits)
+  np.testing.assert_array_equal(targets, [[6, 7, 8, 9, 2, 0]])
+  np.testing.assert_array_equal(target_mask, [[0, 0, 1, 1, 1, 0]])
+  assert float(L.nll_loss(shifted, targets, target_mask)) < 1e-6
+  # An off-by-one alignment in either direction is caught by a large loss.
+  assert float(L.nll_loss(logits[:, 1:], targets, target_mask)) > 10
+  assert float(L.nll_loss(shifted, targets, completion[:, :-1])) > 10
+  assert int(target_mask.sum()) == int(completion.sum())
+
+
+def test_token_stats_values():
+  s, t, _ = random_inputs(19)
+  stats = L.token_stats(s, t, temperature=1.3)
+  ls, lt = np_log_softmax(s / 1.3), np_log_softmax(t / 1.3)
+  np.testing.assert_allclose(stats["student_entropy"], -np.sum(np.exp(ls) * ls, -1), rtol=1e-5)
+  np.testing.assert_allclose(stats["teacher_entropy"], -np.sum(np.exp(lt) * lt, -1), rtol=1e-5)
+  np.testing.assert_array_equal(stats["top1_agreement"], (s.argmax(-1) == t.argmax(-1)).astype(np.float32))
+  np.testing.assert_allclose(L.masked_mean(stats["top1_agreement"], np.ones((B, T), bool)),
+                             (s.argmax(-1) == t.argmax(-1)).mean(), rtol=1e-6)
+
+
+def test_align_vocab_cuts_padding():
+  s, t = np.zeros((2, 3, 12)), np.ones((2, 3, 10))
+  a, b = L.align_vocab(s, t)
+  assert a.shape[-1] == b.shape[-1] == 10
+  a, b = L.align_vocab(s, t, vocab_size=9)
+  assert a.shape[-1] == b.shape[-1] == 9
+  with pytest.raises(ValueError, match=r"vocab_size 11 must be in \[1, min\(student 12, teacher 10\)\]"):
+    L.align_vocab(s, t, vocab_size=11)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_arguments_fail_with_clear_messages():
+  s, t, mask = random_inputs(20)
+  with pytest.raises(ValueError, match=r"beta must be in \[0, 1\].*got 1.5"):
+    L.generalized_jsd_loss(s, t, beta=1.5)
+  with pytest.raises(ValueError, match=r"beta must be in \[0, 1\].*got -0.1"):
+    L.topk_generalized_jsd_loss(s, t[..., :3], np.zeros((B, T, 3), np.int32), beta=-0.1)
+  with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got 0.0"):
+    L.generalized_jsd_loss(s, t, temperature=0.0)
+  with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got -1.0"):
+    L.fused_generalized_jsd_loss(s, np.zeros((V, 4)), t, np.zeros((V, 4)), temperature=-1)
+  with pytest.raises(ValueError, match=r"k must be an int in \[1, 17\].*got 18"):
+    L.teacher_topk(t, 18)
+  with pytest.raises(ValueError, match=r"k must be an int in \[1, 17\].*got 0"):
+    L.teacher_topk(t, 0)
+  with pytest.raises(ValueError, match=r"same shape, got \(3, 6, 17\) and \(3, 6, 16\)"):
+    L.generalized_jsd_loss(s, t[..., :16])
+  with pytest.raises(ValueError, match=r"mask shape \(3, 5\) must equal the token shape of logits \(3, 6\)"):
+    L.generalized_jsd_loss(s, t, mask[:, :5])
+  with pytest.raises(ValueError, match=r"reduction must be one of .* got 'batchmean'"):
+    L.generalized_jsd_loss(s, t, reduction="batchmean")
+  with pytest.raises(ValueError, match=r"student_hidden width 17 != student_head rows 4"):
+    L.fused_generalized_jsd_loss(s, np.zeros((4, 8)), t, np.zeros((17, 8)))
+  with pytest.raises(TypeError, match=r"beta must be a static Python number"):
+    jax.jit(lambda b: L.generalized_jsd_loss(s, t, beta=b))(0.5)
+  with pytest.raises(ValueError, match=r"input_ids shape \(1, 4\) and loss_mask shape \(1, 3\)"):
+    L.shift_for_next_token(np.zeros((1, 4)), np.zeros((1, 3)))
