@@ -1,0 +1,214 @@
+"""Decoder-only causal LM (Llama / Mistral / Qwen2 / Qwen3 families) in Flax NNX, with a functional KV cache.
+
+Masking works on cache *slots*: without a cache the T tokens sit in slots 0..T-1, with a cache the new tokens
+are written to slots [cache_index, cache_index+T). A query in slot i sees slot j when j <= i, the attention
+mask marks j as a real token, and (sliding layers) i - j < window. Rows are left padded, so real tokens are
+contiguous and slot distance equals position distance, as in HF.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from gkd_jax import sharding as shd
+from gkd_jax.models import rope
+from gkd_jax.models.config import ModelConfig
+from gkd_jax.models.layers import Einsum, Embed, RMSNorm
+
+# Masked scores: a large finite value, so that a fully masked (padding) row gives a uniform softmax, not NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+Cache = list  # per layer: {"k": [B, S, kv_heads, head_dim], "v": same}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelOutput:
+    logits: jax.Array          # [B, T, V]
+    hidden_states: jax.Array   # [B, T, H], final-normed, before the LM head
+    cache: Any = None          # updated cache, None without one
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
+        h, n, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        bias = cfg.qkv_bias
+        self.q = Einsum("bte,ehd->bthd", (h, n, d), ("embed", "heads", "head_dim"),
+                        bias_shape=(n, d) if bias else None, bias_names=("heads", "head_dim"), **kw)
+        self.k = Einsum("bte,ehd->bthd", (h, kv, d), ("embed", "kv_heads", "head_dim"),
+                        bias_shape=(kv, d) if bias else None, bias_names=("kv_heads", "head_dim"), **kw)
+        self.v = Einsum("bte,ehd->bthd", (h, kv, d), ("embed", "kv_heads", "head_dim"),
+                        bias_shape=(kv, d) if bias else None, bias_names=("kv_heads", "head_dim"), **kw)
+        self.o = Einsum("bthd,hde->bte", (n, d, h), ("heads", "head_dim", "embed"),
+                        bias_shape=(h,) if cfg.o_bias else None, bias_names=("embed",), **kw)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of q and k, before RoPE
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), **kw)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), **kw)
+        else:
+            self.q_norm = self.k_norm = None
+        self.window = cfg.window(layer)
+        self.scale = d ** -0.5
+        self.groups = n // kv
+        self.dtype, self.mesh, self.rules = dtype, mesh, rules
+
+    def __call__(self, x, cos, sin, q_slots, kv_mask, layer_cache, cache_index):
+        c = lambda a, names: shd.constrain(a, names, self.mesh, self.rules)
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        q = c(q, ("batch", "length", "heads", "head_dim"))
+        if layer_cache is not None:
+            idx = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), idx)
+            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx)
+            layer_cache = {"k": k, "v": v}
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        k = c(k, ("batch", "cache_length", "kv_heads", "head_dim"))
+        v = c(v, ("batch", "cache_length", "kv_heads", "head_dim"))
+
+        b, t, _, d = q.shape
+        s = k.shape[1]
+        q = q.reshape(b, t, -1, self.groups, d)  # GQA: query heads grouped under their KV head
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
+        kv_slots = jnp.arange(s)
+        allowed = (kv_slots[None, :] <= q_slots[:, None]) & kv_mask[:, None, :].astype(bool)  # [B, T, S]
+        if self.window is not None:
+            allowed &= (q_slots[:, None] - kv_slots[None, :]) < self.window
+        scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1, d)
+        out = c(out, ("batch", "length", "heads", "head_dim"))
+        return self.o(out), layer_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
+        h, m = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        b = cfg.mlp_bias
+        self.gate = Einsum("bte,em->btm", (h, m), ("embed", "mlp"), bias_shape=(m,) if b else None,
+                           bias_names=("mlp",), **kw)
+        self.up = Einsum("bte,em->btm", (h, m), ("embed", "mlp"), bias_shape=(m,) if b else None,
+                         bias_names=("mlp",), **kw)
+        self.down = Einsum("btm,me->bte", (m, h), ("mlp", "embed"), bias_shape=(h,) if b else None,
+                           bias_names=("embed",), **kw)
+        self.mesh, self.rules = mesh, rules
+
+    def __call__(self, x):
+        hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+        hidden = shd.constrain(hidden, ("batch", "length", "mlp"), self.mesh, self.rules)
+        return self.down(hidden)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, names=("embed",), **kw)
+        self.attn = Attention(cfg, layer, mesh=mesh, rules=rules, **kw)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, names=("embed",), **kw)
+        self.mlp = MLP(cfg, mesh=mesh, rules=rules, **kw)
+        self.mesh, self.rules = mesh, rules
+
+    def __call__(self, x, cos, sin, q_slots, kv_mask, layer_cache, cache_index):
+        attn, layer_cache = self.attn(self.input_norm(x), cos, sin, q_slots, kv_mask, layer_cache, cache_index)
+        x = x + attn
+        x = x + self.mlp(self.post_attn_norm(x))
+        return shd.constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules), layer_cache
+
+
+def _run_layer(layer, x, cos, sin, q_slots, kv_mask, layer_cache, cache_index):
+    return layer(x, cos, sin, q_slots, kv_mask, layer_cache, cache_index)
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only LM. `remat`: False, True (save nothing) or a `jax.checkpoint_policies` name per layer.
+
+    `mesh` (optional, static) is used for activation sharding constraints; without it the constraints
+    follow a mesh set with `jax.set_mesh`, or are skipped.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 remat: bool | str = False, mesh: Mesh | None = None, rules=None):
+        self.config = config
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.remat, self.mesh = remat, mesh
+        self.rules = shd.DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed = Embed(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nnx.List([DecoderLayer(config, i, mesh=mesh, rules=self.rules, **kw)
+                                for i in range(config.num_hidden_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, names=("embed",), **kw)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Dict(kernel=nnx.Param(  # [H, V], like a Linear kernel
+                0.02 * jax.random.normal(rngs.params(), (config.hidden_size, config.vocab_size)).astype(param_dtype),
+                out_sharding=("embed", "vocab"), eager_sharding=False))
+
+    def lm_head_weight(self) -> jax.Array:
+        """[H, V] in the compute dtype: logits = hidden_states @ lm_head_weight() (then softcap if set)."""
+        w = self.embed.embedding[...].T if self.lm_head is None else self.lm_head["kernel"][...]
+        return w.astype(self.dtype)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> Cache:
+        """Zeroed KV cache: per layer {"k", "v"} of [B, max_length, kv_heads, head_dim] (compute dtype)."""
+        cfg = self.config
+        shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+        dtype = dtype or self.dtype
+        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, cache: Cache | None = None,
+                 cache_index=None) -> ModelOutput:
+        """input_ids [B, T]. Without cache: attention_mask [B, T] (1 = real token). With cache: the tokens are
+        written to slots [cache_index, cache_index+T) and attention_mask is [B, S] over all cache slots.
+        positions [B, T] default to (number of real tokens before the slot), i.e. cumsum(mask) - 1."""
+        b, t = input_ids.shape
+        if cache is None:
+            mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+            q_slots = jnp.arange(t)
+            cache_index = None
+        else:
+            if cache_index is None:
+                raise ValueError("cache_index is required with a cache")
+            s = cache[0]["k"].shape[1]
+            if attention_mask is None:
+                mask = (jnp.arange(s) < cache_index + t).astype(jnp.int32)[None].repeat(b, 0)
+            else:
+                mask = attention_mask.astype(jnp.int32)
+            if mask.shape != (b, s):
+                raise ValueError(f"with a cache, attention_mask must be [B, S]={(b, s)}, got {mask.shape}")
+            cache_index = jnp.asarray(cache_index, jnp.int32)
+            q_slots = cache_index + jnp.arange(t)
+        if positions is None:
+            all_pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+            positions = all_pos if cache is None else jax.lax.dynamic_slice_in_dim(all_pos, cache_index, t, axis=1)
+
+        cos, sin = rope.cos_sin(self.config, positions)
+        x = self.embed(input_ids)
+        x = shd.constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
+        run = _run_layer
+        if self.remat:
+            policy = None if self.remat is True else getattr(jax.checkpoint_policies, self.remat)
+            run = nnx.remat(_run_layer, policy=policy)
+        new_cache = None if cache is None else []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = run(layer, x, cos, sin, q_slots, mask, None if cache is None else cache[i], cache_index)
+            if cache is not None:
+                new_cache.append(layer_cache)
+
+        hidden = self.final_norm(x)
+        logits = jnp.einsum("bth,hv->btv", hidden, self.lm_head_weight())
+        if self.config.final_logit_softcapping:
+            cap = self.config.final_logit_softcapping
+            logits = jnp.tanh(logits / cap) * cap
+        logits = shd.constrain(logits, ("batch", "length", "vocab"), self.mesh, self.rules)
+        return ModelOutput(logits=logits, hidden_states=hidden, cache=new_cache)

@@ -1,0 +1,248 @@
+"""Flax models vs transformers (PyTorch) on tiny random checkpoints: logits, KV cache, export, sharding."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from gkd_jax import sharding as shd
+from gkd_jax.models import CausalLM, ModelConfig, from_pretrained, save_pretrained
+from gkd_jax.models import safetensors_io as st
+
+V, H, T = 128, 32, 12
+BASE = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, eos_token_id=2, pad_token_id=0, bos_token_id=1)
+
+# name -> (HF config class, overrides). Together: each family, tied/untied, GQA 1:1 / 2:1 / 4:1, every rope
+# scaling type, qkv (+o, mlp) bias, q/k norm, decoupled head_dim, sliding window on some or all layers.
+CASES = {
+    "llama_gqa2_tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama3_rope_untied": ("LlamaConfig", dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "llama_linear_bias_mha": ("LlamaConfig", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True,
+                                                  rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "llama_dynamic": ("LlamaConfig", dict(num_key_value_heads=1, max_position_embeddings=8,
+                                          rope_scaling=dict(rope_type="dynamic", factor=2.0))),
+    "llama_yarn": ("LlamaConfig", dict(num_key_value_heads=2, rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=16))),
+    "qwen2_tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2_sliding_untied": ("Qwen2Config", dict(num_key_value_heads=1, use_sliding_window=True, sliding_window=3,
+                                                 max_window_layers=1, tie_word_embeddings=False)),
+    "qwen3_qknorm_headdim": ("Qwen3Config", dict(num_key_value_heads=1, head_dim=16, tie_word_embeddings=False)),
+    "qwen3_bias_tied": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=8, attention_bias=True,
+                                            tie_word_embeddings=True)),
+    "mistral_sliding": ("MistralConfig", dict(num_key_value_heads=2, head_dim=16, sliding_window=4)),
+    "mistral_full_tied": ("MistralConfig", dict(num_key_value_heads=4, sliding_window=None,
+                                                tie_word_embeddings=True)),
+}
+DECODE_CASES = ["qwen2_sliding_untied", "llama3_rope_untied", "qwen3_qknorm_headdim", "mistral_sliding"]
+
+
+def build_hf(name, directory, **save_kw):
+    cls_name, kw = CASES[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, cls_name)(**{**BASE, **kw})
+    config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomize so they are really tested
+        for pname, p in model.named_parameters():
+            if "norm" in pname or "bias" in pname:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory, **save_kw)
+    return model
+
+
+def left_padded_batch(lengths=(T, 8, 5), seed=0):
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(3, V, (len(lengths), T))
+    mask = np.zeros((len(lengths), T), np.int32)
+    for row, n in enumerate(lengths):
+        mask[row, T - n:] = 1
+        ids[row, :T - n] = 0
+    return ids, mask
+
+
+def positions_of(mask):
+    return np.maximum(np.cumsum(mask, 1) - 1, 0)
+
+
+def hf_logits(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions_of(mask)))
+    return out.logits.float().numpy()
+
+
+def max_diff_real(a, b, mask):
+    return float((np.abs(np.asarray(a, np.float32) - b) * mask[..., None]).max())
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (directory, HF model), built on first use."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            directory = str(tmp_path_factory.mktemp(name))
+            cache[name] = (directory, build_hf(name, directory))
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logit_parity_and_export(name, checkpoints, tmp_path):
+    directory, hf = checkpoints(name)
+    ids, mask = left_padded_batch()
+    ref = hf_logits(hf, ids, mask)
+    model = from_pretrained(directory)
+    out = model(jnp.asarray(ids), jnp.asarray(mask))
+    assert out.logits.dtype == jnp.float32 and out.logits.shape == (3, T, V)
+    assert max_diff_real(out.logits, ref, mask) <= 1e-4
+    # The fused loss relies on this.
+    recomputed = jnp.einsum("bth,hv->btv", out.hidden_states, model.lm_head_weight())
+    np.testing.assert_allclose(recomputed, out.logits, atol=1e-5)
+    assert np.isfinite(np.asarray(out.logits)).all()  # padded rows included
+
+    # Export -> transformers load -> same logits; and our own reload keeps the config.
+    save_pretrained(model, str(tmp_path))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    assert type(reloaded) is type(hf)
+    assert max_diff_real(hf_logits(reloaded, ids, mask), ref, mask) <= 1e-5
+    assert ModelConfig.from_hf_config(str(tmp_path)) == model.config
+
+
+def _decode_fns(model):
+    graphdef, state = nnx.split(model)
+
+    def step(state, cache, ids, mask, index, positions):
+        out = nnx.merge(graphdef, state)(ids, mask, positions=positions, cache=cache, cache_index=index)
+        return out.logits, out.cache
+    return state, jax.jit(step, donate_argnums=1)
+
+
+@pytest.mark.parametrize("name", DECODE_CASES)
+def test_kv_cache_prefill_and_decode_match_full_forward(name, checkpoints):
+    directory, _ = checkpoints(name)
+    model = from_pretrained(directory)
+    ids, mask = left_padded_batch()
+    full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)).logits)
+    prompt_len, slots = 7, T + 2  # two spare slots stay empty
+    state, step = _decode_fns(model)
+    cache = model.init_cache(3, slots)
+    slot_mask = np.zeros((3, slots), np.int32)
+    slot_mask[:, :prompt_len] = mask[:, :prompt_len]
+    # Prefill derives positions from the mask; decode passes them like the sampler does.
+    logits, cache = step(state, cache, ids[:, :prompt_len], slot_mask, jnp.int32(0), None)
+    assert max_diff_real(logits, full[:, :prompt_len], mask[:, :prompt_len]) <= 1e-4
+    pos = positions_of(mask)
+    for i in range(prompt_len, T):
+        slot_mask[:, i] = 1
+        logits, cache = step(state, cache, ids[:, i:i + 1], slot_mask, jnp.int32(i), pos[:, i:i + 1])
+        np.testing.assert_allclose(logits[:, 0], full[:, i], atol=1e-4)
+
+
+def test_cache_is_functional_and_positions_derivable(checkpoints):
+    model = from_pretrained(checkpoints("qwen2_tied")[0])
+    ids, mask = left_padded_batch()
+    cache = model.init_cache(3, T)
+    before = jax.tree.map(np.asarray, cache)
+    with_pos = model(jnp.asarray(ids), jnp.asarray(mask), positions=jnp.asarray(positions_of(mask)),
+                     cache=cache, cache_index=0)
+    without = model(jnp.asarray(ids), jnp.asarray(mask), cache=cache, cache_index=0)
+    np.testing.assert_array_equal(with_pos.logits, without.logits)
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, cache))  # input untouched
+    assert len(with_pos.cache) == 2 and with_pos.cache[0]["k"].shape == (3, T, 2, 8)
+
+
+def test_sharded_index_load_and_save(checkpoints, tmp_path):
+    name = "llama3_rope_untied"
+    sharded = str(tmp_path / "hf_sharded")
+    hf = build_hf(name, sharded, max_shard_size="20KB")
+    assert os.path.exists(os.path.join(sharded, st.INDEX_FILE))
+    ids, mask = left_padded_batch()
+    model = from_pretrained(sharded)
+    assert max_diff_real(model(jnp.asarray(ids), jnp.asarray(mask)).logits, hf_logits(hf, ids, mask), mask) <= 1e-4
+    ours = str(tmp_path / "ours_sharded")
+    save_pretrained(model, ours, max_shard_size="20KB")
+    with open(os.path.join(ours, st.INDEX_FILE)) as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 1
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(ours).eval()
+    assert max_diff_real(hf_logits(reloaded, ids, mask), hf_logits(hf, ids, mask), mask) <= 1e-5
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 2)])
+def test_load_under_mesh_matches_single_device(mesh_shape, checkpoints):
+    directory, hf = checkpoints("qwen2_tied")
+    mesh = shd.make_mesh(*mesh_shape)
+    ids, mask = left_padded_batch(lengths=(T, 8, 5, 10))
+    model = from_pretrained(directory, mesh=mesh)
+    q = model.layers[0].attn.q.kernel[...]  # [embed, heads, head_dim] -> (fsdp, tensor, None)
+    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (H // mesh_shape[1], 4 // 2, 8)
+    emb = model.embed.embedding[...]
+    assert emb.addressable_shards[0].data.shape == (V // 2, H // mesh_shape[1])
+    graphdef, state = nnx.split(model)
+    logits = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m).logits)(state, jnp.asarray(ids), jnp.asarray(mask))
+    single = from_pretrained(directory)(jnp.asarray(ids), jnp.asarray(mask)).logits
+    assert max_diff_real(logits, np.asarray(single), mask) <= 1e-5
+    assert max_diff_real(logits, hf_logits(hf, ids, mask), mask) <= 1e-4
+
+
+def test_state_shardings_follow_rules():
+    cfg = ModelConfig.from_hf_dict({**BASE, "model_type": "qwen2", "num_key_value_heads": 2})
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    mesh = shd.make_mesh(data=1, fsdp=2, tensor=4)
+    state = shd.shard_state(nnx.state(model), mesh)
+    # 2 KV heads cannot split over tensor=4: replicated on that dim instead of failing.
+    assert state["layers"][0]["attn"]["k"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None, None)
+    assert state["layers"][0]["mlp"]["down"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        assert len(shd.variable_names(var)) == var[...].ndim and None not in shd.variable_names(var)
+
+
+def test_bf16_compute_and_remat_grads(checkpoints):
+    directory, _ = checkpoints("qwen2_tied")
+    ids, mask = left_padded_batch()
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    ref = from_pretrained(directory)
+    bf16 = from_pretrained(directory, dtype=jnp.bfloat16)
+    out = bf16(ids, mask)
+    assert out.logits.dtype == jnp.bfloat16 and bf16.embed.embedding[...].dtype == jnp.float32
+    assert max_diff_real(out.logits, np.asarray(ref(ids, mask).logits), np.asarray(mask)) < 0.05
+
+    def loss(model):
+        return jnp.sum(model(ids, mask).logits * mask[..., None] ** 2) / 100
+
+    grads = nnx.grad(loss)(ref)
+    remat_grads = nnx.grad(loss)(from_pretrained(directory, remat="nothing_saveable"))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, remat_grads)
+
+
+def test_errors(checkpoints, tmp_path):
+    directory, _ = checkpoints("qwen2_tied")
+    reader = st.CheckpointReader(directory)
+    tensors = {k: np.array(reader.view(k)) for k in reader.keys()}
+
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    os.link(os.path.join(directory, "config.json"), missing / "config.json")
+    st.write_checkpoint(str(missing), {k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(64, 32\)"):
+        from_pretrained(str(missing))
+
+    config = json.load(open(os.path.join(directory, "config.json")))
+    for sub, change, pattern in [("shape", {"intermediate_size": 48}, r"mlp\.down_proj\.weight.*\(32, 64\).*\(32, 48\)"),
+                                 ("arch", {"model_type": "gpt2"}, r"gpt2.*llama, mistral, qwen2, qwen3")]:
+        bad = tmp_path / sub
+        bad.mkdir()
+        json.dump({**config, **change}, open(bad / "config.json", "w"))
+        st.write_checkpoint(str(bad), tensors)
+        with pytest.raises(ValueError, match=pattern):
+            from_pretrained(str(bad))
