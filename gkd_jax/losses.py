@@ -317,7 +317,7 @@ def _head_activation(logits, scale, softcap):
 
 
 def fused_generalized_jsd_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, *,
-                               beta=0.5, temperature=1.0, chunk_size=1024, reduction="mean",
+                               beta=0.5, temperature=1.0, chunk_size=256, reduction="mean",
                                num_items=None, student_bias=None, teacher_bias=None,
                                student_logit_scale=1.0, teacher_logit_scale=1.0,
                                student_softcap=None, teacher_softcap=None, vocab_size=None):
