@@ -33,6 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.sharding import NamedSharding
+
+from gkd_jax import sharding as shd
 
 # Prompt-length buckets used when none are given: powers of two, so a run compiles O(log P) programs.
 _MIN_BUCKET = 16
@@ -194,6 +197,21 @@ def sample_logits(key, logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
 # The compiled program.
 
 
+def _last_logits(model, out):
+    """[B, V] logits of the last position.
+
+    Computed from the final hidden state when the model exposes its head (gkd_jax CausalLM does), so the
+    prefill never materializes [B, P, V] logits: XLA does not push the slice through the LM-head matmul,
+    and at P=512, V=152k that would be the largest buffer of the whole program. The unused full logits
+    are then dead code and are removed.
+    """
+    if not hasattr(model, "lm_head_weight"):
+        return out.logits[:, -1]
+    logits = jnp.einsum("bh,hv->bv", out.hidden_states[:, -1], model.lm_head_weight())
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return jnp.tanh(logits / cap) * cap if cap else logits
+
+
 class _Loop(NamedTuple):
     step: jax.Array      # index of the next token to produce
     cache: Any
@@ -219,7 +237,7 @@ def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)  # pads get 0; they are masked anyway
 
     out = model(prompt_ids, attention_mask=mask, positions=positions, cache=cache, cache_index=0)
-    tok, logp = draw(jax.random.fold_in(key, 0), out.logits[:, -1])
+    tok, logp = draw(jax.random.fold_in(key, 0), _last_logits(model, out))
     ids = jnp.full((batch, n), pad, jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(logp)
     init = _Loop(jnp.int32(1), out.cache, mask, ids, logprobs, is_stop(tok, stops))
@@ -234,7 +252,7 @@ def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids
         mask = lax.dynamic_update_slice_in_dim(c.mask, jnp.ones((batch, 1), jnp.int32), slot, axis=1)
         out = model(last, attention_mask=mask, positions=(num_real + c.step - 1)[:, None],
                     cache=c.cache, cache_index=slot)
-        tok, logp = draw(jax.random.fold_in(key, c.step), out.logits[:, -1])
+        tok, logp = draw(jax.random.fold_in(key, c.step), _last_logits(model, out))
         # Finished rows keep emitting pad (their extra work is the price of a batched loop).
         tok = jnp.where(c.done, pad, tok)
         logp = jnp.where(c.done, 0.0, logp)
@@ -254,10 +272,29 @@ def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids
     return result, final.cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "batch", "length"))
-def _init_cache(graphdef, state, batch, length):
-    # Allocated by XLA inside a jit (not eagerly) so that, under a mesh, it can be sharded like its users.
-    return nnx.merge(graphdef, state).init_cache(batch, length)
+# The gkd_jax cache layout (CausalLM.init_cache): per layer {"k", "v"} of [B, S, kv_heads, head_dim].
+_CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "batch", "length", "mesh"))
+def _init_cache(graphdef, state, batch, length, mesh):
+    """A zeroed cache, placed by logical axis names (batch over data+fsdp, KV heads over tensor).
+
+    It is donated to the sampling program, whose output cache aliases it, so its sharding must be the one
+    the model's attention wants; allocated inside a jit so no host copy is ever made.
+    """
+    model = nnx.merge(graphdef, state)
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len and length > max_len:
+        raise ValueError(f"prompt + max_new_tokens = {length} exceeds max_position_embeddings = {max_len}")
+    mesh = getattr(model, "mesh", None) or mesh
+    rules = getattr(model, "rules", None)
+
+    def place(x):
+        names = _CACHE_AXES if x.ndim == 4 else ("batch",) + (None,) * (x.ndim - 1)
+        return shd.constrain(x, names, mesh, rules)
+
+    return jax.tree.map(place, model.init_cache(batch, length))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,6 +344,10 @@ def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens, temperature
     if key is None:
         raise ValueError("generate needs an explicit PRNG key")
     batch, prompt_len = prompt_ids.shape
-    cache = _init_cache(graphdef, state, batch, prompt_len + config.max_new_tokens)
+    # Under a mesh (the model's, jax.set_mesh's, or the one the prompts are sharded over) the cache is
+    # sharded like the activations; without one it lives on the default device.
+    sharding = getattr(prompt_ids, "sharding", None)
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
+    cache = _init_cache(graphdef, state, batch, prompt_len + config.max_new_tokens, mesh)
     result, _ = _generate_program(graphdef, config, state, cache, prompt_ids, prompt_mask, key)
     return result

@@ -1,7 +1,7 @@
 """Tests for gkd_jax.sampling: values against full recomputation and NumPy references."""
-import dataclasses
+import functools
+import itertools
 import math
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -11,51 +11,24 @@ from flax import nnx
 
 from gkd_jax import sampling
 
+from gkd_jax import sharding as shd
+from gkd_jax.models import CausalLM, ModelConfig
+
 VOCAB = 64
+# A tiny Qwen2-shaped model (GQA, qkv bias, tied embeddings): the real KV cache is what is under test.
+CONFIG = ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                     qkv_bias=True, tie_word_embeddings=True, max_position_embeddings=128)
 
 
-@dataclasses.dataclass(frozen=True)
-class ToyConfig:
-    vocab_size: int
-    eos_token_id: int | None = None
-    pad_token_id: int = 0
-
-
-class ToyLM(nnx.Module):
-    """One-layer attention LM with the CausalLM cache contract (stand-in until gkd_jax.models lands)."""
-
-    def __init__(self, vocab=VOCAB, dim=32, *, rngs):
-        self.config = ToyConfig(vocab_size=vocab)
-        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
-        self.pos = nnx.Embed(256, dim, rngs=rngs)
-        self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
-        self.head = nnx.Linear(dim, vocab, rngs=rngs)
-        self.dim = dim
-
-    def init_cache(self, batch_size, max_length, dtype=None):
-        z = jnp.zeros((batch_size, max_length, self.dim), dtype or jnp.float32)
-        return {"k": z, "v": z}
-
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None, cache_index=None):
-        b, t = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        x = self.embed(input_ids) + self.pos(positions)
-        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
-        if cache is None:
-            qslot, keys, vals = jnp.arange(t), k, v
-        else:
-            keys = jax.lax.dynamic_update_slice(cache["k"], k, (0, cache_index, 0))
-            vals = jax.lax.dynamic_update_slice(cache["v"], v, (0, cache_index, 0))
-            qslot, cache = cache_index + jnp.arange(t), {"k": keys, "v": vals}
-        s = keys.shape[1]
-        kmask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
-        allowed = (jnp.arange(s)[None, :] <= qslot[:, None])[None] & kmask[:, None, :]
-        att = jnp.einsum("btd,bsd->bts", q, keys) / math.sqrt(self.dim)
-        att = jax.nn.softmax(jnp.where(allowed, att, -1e9), axis=-1)
-        h = x + jnp.einsum("bts,bsd->btd", att, vals)
-        logits = self.head(jnp.tanh(h)) * 3.0  # sharper than init so greedy has clear winners
-        return SimpleNamespace(logits=logits, hidden_states=h, cache=cache)
+def tiny_model(mesh=None):
+    """Random weights, scaled up from HF's 0.02 init so that greedy paths and samples are diverse."""
+    model = CausalLM(CONFIG, rngs=nnx.Rngs(0), mesh=mesh)
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x * 12 if x.ndim >= 2 else x, state)
+    if mesh is not None:
+        state = shd.shard_state(state, mesh)
+    return nnx.merge(graphdef, state)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -66,7 +39,7 @@ B, P, N = 4, 8, 8
 
 @pytest.fixture(scope="module")
 def model():
-    return ToyLM(rngs=nnx.Rngs(0))
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -81,23 +54,30 @@ def prompts():
     return jnp.asarray(ids), jnp.asarray(mask)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, ids, mask):
+    positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
+    return nnx.merge(graphdef, state)(ids, attention_mask=mask, positions=positions).logits
+
+
 def full_forward(model, ids, mask):
     """Logits by full recomputation (no cache), positions = number of real tokens before each one."""
-    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
-    return np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                            positions=jnp.asarray(positions)).logits, np.float64)
+    return np.asarray(_forward(*nnx.split(model), jnp.asarray(ids), jnp.asarray(mask)), np.float64)
 
 
 def greedy_by_recompute(model, ids, mask, n):
-    """Reference greedy decode: at each step rerun the whole sequence and take the argmax."""
-    ids, mask = np.asarray(ids), np.asarray(mask)
-    out = []
-    for _ in range(n):
-        nxt = full_forward(model, ids, mask)[:, -1].argmax(-1)
-        out.append(nxt)
-        ids = np.concatenate([ids, nxt[:, None]], 1)
-        mask = np.concatenate([mask, np.ones_like(mask[:, :1])], 1)
-    return np.stack(out, 1)
+    """Reference greedy decode: at each step rerun the whole sequence and take the argmax.
+
+    The sequence lives in a fixed [B, P+n] buffer (future slots masked out; causal attention ignores
+    them anyway) so the reference compiles once.
+    """
+    ids = np.concatenate([np.asarray(ids), np.zeros((len(ids), n), np.int32)], 1)
+    mask = np.concatenate([np.asarray(mask), np.zeros((len(ids), n), np.int32)], 1)
+    p = ids.shape[1] - n
+    for t in range(n):
+        ids[:, p + t] = full_forward(model, ids, mask)[:, p + t - 1].argmax(-1)
+        mask[:, p + t] = 1
+    return ids[:, p:]
 
 
 def allowed_set_numpy(logits, temperature, top_k, top_p, min_p):
@@ -245,22 +225,26 @@ def test_sampled_tokens_stay_in_truncated_set(model, prompts, top_k, top_p, min_
 
 
 def test_stop_tokens_and_early_exit(model, prompts):
+    """Several stop ids: masks/pads/lengths match the reference, and the loop exits at the last stop."""
     greedy = np.asarray(greedy_by_recompute(model, *prompts, N))
-    # Pick stop ids that rows 0 and 1 emit early; rows 2 and 3 must also stop for the loop to exit.
-    first = {}
-    for r in range(B):
-        for t, tok in enumerate(greedy[r]):
-            first.setdefault(int(tok), t)
-    stops = sorted(first, key=first.get)[:2]
+
+    def lengths(stops):
+        return np.asarray(sampling.completion_mask_from_stops(jnp.asarray(greedy), stops)).sum(-1)
+
+    # The first stop-id set (of 2-3 ids emitted by the greedy paths) with which every row stops, at
+    # different steps, all before N: then the loop must exit early, after exactly max(lengths) tokens.
+    candidates = [c for k in (2, 3) for c in itertools.combinations(np.unique(greedy).tolist(), k)
+                  if (np.asarray(sampling.is_stop(greedy, c)).any(-1).all() and lengths(c).max() < N
+                      and len(set(lengths(c))) > 1)]
+    assert candidates, greedy
+    stops = candidates[0]
     out = sampling.generate(model, *prompts, key=jax.random.key(0), max_new_tokens=N, temperature=0.0,
                             eos_token_ids=stops, pad_token_id=0)
-    ref_mask = np.asarray(sampling.completion_mask_from_stops(jnp.asarray(greedy), stops))
+    ref_mask = np.arange(N)[None] < lengths(stops)[:, None]
     np.testing.assert_array_equal(out.completion_mask, ref_mask)
     np.testing.assert_array_equal(out.completion_ids, np.where(ref_mask, greedy, 0))
-    np.testing.assert_array_equal(out.lengths, ref_mask.sum(-1))
-    # The loop ran exactly until the last row stopped (or N if some row never stops).
-    every_row_stops = np.asarray(sampling.is_stop(greedy, stops)).any(-1).all()
-    assert int(out.num_steps) == (ref_mask.sum(-1).max() if every_row_stops else N)
+    np.testing.assert_array_equal(out.lengths, lengths(stops))
+    assert int(out.num_steps) == lengths(stops).max() < N
 
 
 def test_early_exit_counts_steps(model, prompts):
@@ -282,3 +266,31 @@ def test_errors(model, prompts):
         sampling.generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=2, temperature=-1.0)
     with pytest.raises(ValueError, match="key"):
         sampling.generate(model, ids, mask, key=None, max_new_tokens=2)
+
+
+def test_mesh_matches_single_device(model, prompts):
+    """Params sharded by their logical names, batch over (data, fsdp): same greedy tokens as one device."""
+    mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = tiny_model(mesh)
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    ids, mask = (jax.device_put(x, batch) for x in prompts)
+    kw = dict(key=jax.random.key(0), max_new_tokens=N, temperature=0.0, return_logprobs=True)
+    got = sampling.generate(nnx.split(sharded), ids, mask, **kw)
+    want = sampling.generate(model, *prompts, **kw)
+    np.testing.assert_array_equal(got.completion_ids, want.completion_ids)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    assert got.completion_ids.sharding.mesh.shape == mesh.shape  # the program really ran on the mesh
+
+
+def test_one_compile_per_shape(model, prompts):
+    """New keys reuse the program; a new prompt bucket compiles once more (and only once)."""
+    kw = dict(max_new_tokens=N, temperature=1.0)
+    sampling.generate(model, *prompts, key=jax.random.key(0), **kw)
+    before = sampling._generate_program._cache_size()
+    for k in range(3):
+        sampling.generate(model, *prompts, key=jax.random.key(k + 10), **kw)
+    assert sampling._generate_program._cache_size() == before
+    ids, mask = sampling.pad_to_bucket(*prompts)  # P = 8 → 16
+    for k in range(2):
+        sampling.generate(model, ids, mask, key=jax.random.key(k), **kw)
+    assert sampling._generate_program._cache_size() == before + 1
