@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from gkd_jax import sharding as shd
 from gkd_jax.models import rope
 from gkd_jax.models.config import ModelConfig
-from gkd_jax.models.layers import Einsum, Embed, RMSNorm
+from gkd_jax.models.layers import Dense, Embed, RMSNorm
 
 # Masked scores: a large finite value, so that a fully masked (padding) row gives a uniform softmax, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -38,15 +38,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
         h, n, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        bias = cfg.qkv_bias
-        self.q = Einsum("bte,ehd->bthd", (h, n, d), ("embed", "heads", "head_dim"),
-                        bias_shape=(n, d) if bias else None, bias_names=("heads", "head_dim"), **kw)
-        self.k = Einsum("bte,ehd->bthd", (h, kv, d), ("embed", "kv_heads", "head_dim"),
-                        bias_shape=(kv, d) if bias else None, bias_names=("kv_heads", "head_dim"), **kw)
-        self.v = Einsum("bte,ehd->bthd", (h, kv, d), ("embed", "kv_heads", "head_dim"),
-                        bias_shape=(kv, d) if bias else None, bias_names=("kv_heads", "head_dim"), **kw)
-        self.o = Einsum("bthd,hde->bte", (n, d, h), ("heads", "head_dim", "embed"),
-                        bias_shape=(h,) if cfg.o_bias else None, bias_names=("embed",), **kw)
+        self.q = Dense((h,), (n, d), ("embed", "heads", "head_dim"), bias=cfg.qkv_bias, **kw)
+        self.k = Dense((h,), (kv, d), ("embed", "kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
+        self.v = Dense((h,), (kv, d), ("embed", "kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
+        self.o = Dense((n, d), (h,), ("heads", "head_dim", "embed"), bias=cfg.o_bias, **kw)
         if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of q and k, before RoPE
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), **kw)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), **kw)
@@ -75,15 +70,17 @@ class Attention(nnx.Module):
 
         b, t, _, d = q.shape
         s = k.shape[1]
-        q = q.reshape(b, t, -1, self.groups, d)  # GQA: query heads grouped under their KV head
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
+        # GQA: query heads grouped under their KV head; batch-major layouts keep XLA's dots transpose-free.
+        q = q.reshape(b, t, -1, self.groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
         kv_slots = jnp.arange(s)
         allowed = (kv_slots[None, :] <= q_slots[:, None]) & kv_mask[:, None, :].astype(bool)  # [B, T, S]
         if self.window is not None:
             allowed &= (q_slots[:, None] - kv_slots[None, :]) < self.window
         scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1, d)
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
         out = c(out, ("batch", "length", "heads", "head_dim"))
         return self.o(out), layer_cache
 
@@ -94,13 +91,9 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
         h, m = cfg.hidden_size, cfg.intermediate_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        b = cfg.mlp_bias
-        self.gate = Einsum("bte,em->btm", (h, m), ("embed", "mlp"), bias_shape=(m,) if b else None,
-                           bias_names=("mlp",), **kw)
-        self.up = Einsum("bte,em->btm", (h, m), ("embed", "mlp"), bias_shape=(m,) if b else None,
-                         bias_names=("mlp",), **kw)
-        self.down = Einsum("btm,me->bte", (m, h), ("mlp", "embed"), bias_shape=(h,) if b else None,
-                           bias_names=("embed",), **kw)
+        self.gate = Dense((h,), (m,), ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
+        self.up = Dense((h,), (m,), ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
+        self.down = Dense((m,), (h,), ("mlp", "embed"), bias=cfg.mlp_bias, **kw)
         self.mesh, self.rules = mesh, rules
 
     def __call__(self, x):
