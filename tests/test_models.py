@@ -40,8 +40,17 @@ CASES = {
     "mistral_sliding": ("MistralConfig", dict(num_key_value_heads=2, head_dim=16, sliding_window=4)),
     "mistral_full_tied": ("MistralConfig", dict(num_key_value_heads=4, sliding_window=None,
                                                 tie_word_embeddings=True)),
+    # Softcaps small enough that tanh really bends these tiny random scores and logits.
+    "gemma2_softcap": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12,
+                                            sliding_window=4, attn_logit_softcapping=0.05,
+                                            final_logit_softcapping=0.1)),
+    "gemma3_local_rope": ("Gemma3TextConfig", dict(
+        num_key_value_heads=1, head_dim=16, sliding_window=3, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e6),
+                         "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
 }
-DECODE_CASES = ["qwen2_sliding_untied", "llama3_rope_untied", "qwen3_qknorm_headdim", "mistral_sliding"]
+DECODE_CASES = ["qwen2_sliding_untied", "llama3_rope_untied", "qwen3_qknorm_headdim", "mistral_sliding",
+                "gemma3_local_rope"]
 
 
 def build_hf(name, directory, **save_kw):
@@ -107,6 +116,8 @@ def test_logit_parity_and_export(name, checkpoints, tmp_path):
     assert max_diff_real(out.logits, ref, mask) <= 1e-4
     # The fused loss relies on this.
     recomputed = jnp.einsum("bth,hv->btv", out.hidden_states, model.lm_head_weight())
+    if cap := model.config.final_logit_softcapping:
+        recomputed = jnp.tanh(recomputed / cap) * cap
     np.testing.assert_allclose(recomputed, out.logits, atol=1e-5)
     assert np.isfinite(np.asarray(out.logits)).all()  # padded rows included
 
@@ -239,7 +250,7 @@ def test_errors(checkpoints, tmp_path):
 
     config = json.load(open(os.path.join(directory, "config.json")))
     for sub, change, pattern in [("shape", {"intermediate_size": 48}, r"mlp\.down_proj\.weight.*\(32, 64\).*\(32, 48\)"),
-                                 ("arch", {"model_type": "gpt2"}, r"gpt2.*llama, mistral, qwen2, qwen3")]:
+                                 ("arch", {"model_type": "gpt2"}, r"gpt2.*llama, mistral, qwen2, qwen3, gemma2")]:
         bad = tmp_path / sub
         bad.mkdir()
         json.dump({**config, **change}, open(bad / "config.json", "w"))

@@ -33,6 +33,14 @@ class Layout:
     perm: tuple[int, ...]
 
 
+# Our norm -> HF name (Llama style, Gemma sandwich style). HF's "post_attention_layernorm" is the pre-MLP norm
+# in Llama but the attention-output norm in Gemma.
+_NORMS = {"attn_norm": ("input_layernorm", "input_layernorm"),
+          "mlp_norm": ("post_attention_layernorm", "pre_feedforward_layernorm"),
+          "attn_out_norm": (None, "post_attention_layernorm"),
+          "mlp_out_norm": (None, "post_feedforward_layernorm")}
+
+
 def _layout(path: tuple, cfg: ModelConfig) -> Layout:
     h, v, m = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
     n, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -48,8 +56,8 @@ def _layout(path: tuple, cfg: ModelConfig) -> Layout:
         raise KeyError(path)
     i, module, rest = path[1], path[2], path[3:]
     prefix = f"model.layers.{i}"
-    if module in ("input_norm", "post_attn_norm"):
-        hf = "input_layernorm" if module == "input_norm" else "post_attention_layernorm"
+    if module in _NORMS:
+        hf = _NORMS[module][1 if cfg.sandwich_norm else 0]
         return same(f"{prefix}.{hf}.weight", (h,))
     if module == "mlp":
         proj, kind = rest

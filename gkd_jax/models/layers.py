@@ -62,13 +62,17 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """HF's RMSNorm: normalize in float32, cast back to the compute dtype, then scale."""
+    """HF's RMSNorm, normalized in float32. Llama style: cast to the compute dtype, then scale by w.
+    Gemma style (offset=True): scale by (1 + w) in float32, then cast."""
 
-    def __init__(self, dim: int, eps: float, *, names=("norm",), dtype, param_dtype, rngs: nnx.Rngs | None = None):
-        self.eps, self.dtype = eps, dtype
-        self.scale = param(rngs, (dim,), names, param_dtype, "ones")
+    def __init__(self, dim: int, eps: float, *, names=("norm",), offset: bool = False, dtype, param_dtype,
+                 rngs: nnx.Rngs | None = None):
+        self.eps, self.offset, self.dtype = eps, offset, dtype
+        self.scale = param(rngs, (dim,), names, param_dtype, "zeros" if offset else "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
         return x32.astype(self.dtype) * self.scale[...].astype(self.dtype)

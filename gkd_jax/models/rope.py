@@ -29,8 +29,7 @@ def _llama3(inv_freq: np.ndarray, p: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def _yarn(cfg: ModelConfig, dim: int, p: dict) -> tuple[np.ndarray, float]:
-    base = cfg.rope_theta
+def _yarn(cfg: ModelConfig, base: float, dim: int, p: dict) -> tuple[np.ndarray, float]:
     orig = p.get("original_max_position_embeddings") or cfg.max_position_embeddings
     factor = p.get("factor") or cfg.max_position_embeddings / orig
 
@@ -58,13 +57,13 @@ def _yarn(cfg: ModelConfig, dim: int, p: dict) -> tuple[np.ndarray, float]:
     return inv.astype(np.float32), float(attn)
 
 
-def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+def rope_tables(cfg: ModelConfig, local: bool = False) -> tuple[np.ndarray, float]:
     """Static inverse frequencies [head_dim/2] and cos/sin scale ("dynamic" is adjusted per call)."""
-    dim, p = cfg.head_dim, cfg.rope_parameters
-    kind = cfg.rope_type
+    base, p = cfg.rope(local)
+    dim, kind = cfg.head_dim, p.get("rope_type", "default")
     if kind == "yarn":
-        return _yarn(cfg, dim, p)
-    inv_freq = _base_inv_freq(cfg.rope_theta, dim)
+        return _yarn(cfg, base, dim, p)
+    inv_freq = _base_inv_freq(base, dim)
     if kind == "linear":
         inv_freq = (inv_freq / np.float32(p["factor"])).astype(np.float32)
     elif kind == "llama3":
@@ -72,16 +71,17 @@ def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     return inv_freq, 1.0
 
 
-def cos_sin(cfg: ModelConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+def cos_sin(cfg: ModelConfig, positions: jnp.ndarray, local: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
     """float32 cos, sin of shape [B, T, head_dim] for integer positions [B, T]."""
-    inv_freq, scale = rope_tables(cfg)
+    inv_freq, scale = rope_tables(cfg, local)
     inv_freq = jnp.asarray(inv_freq)
-    if cfg.rope_type == "dynamic":
+    base, p = cfg.rope(local)
+    if p.get("rope_type") == "dynamic":
         # NTK-aware: once the longest position in the call exceeds the trained length, raise the base.
         # Stateless version of HF's update: identical for a single forward of the whole sequence.
-        dim, factor, max_len = cfg.head_dim, cfg.rope_parameters["factor"], cfg.max_position_embeddings
+        dim, factor, max_len = cfg.head_dim, p["factor"], cfg.max_position_embeddings
         seq_len = jnp.maximum(jnp.max(positions) + 1, max_len).astype(jnp.float32)
-        base = cfg.rope_theta * ((factor * seq_len / max_len) - (factor - 1)) ** (dim / (dim - 2))
+        base = base * ((factor * seq_len / max_len) - (factor - 1)) ** (dim / (dim - 2))
         inv_freq = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)

@@ -8,6 +8,7 @@ contiguous and slot distance equals position distance, as in HF.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 import jax
@@ -42,13 +43,14 @@ class Attention(nnx.Module):
         self.k = Dense((h,), (kv, d), ("embed", "kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
         self.v = Dense((h,), (kv, d), ("embed", "kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
         self.o = Dense((n, d), (h,), ("heads", "head_dim", "embed"), bias=cfg.o_bias, **kw)
-        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of q and k, before RoPE
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), **kw)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), **kw)
+        if cfg.qk_norm:  # Qwen3 / Gemma3: RMSNorm over head_dim of q and k, before RoPE
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), offset=cfg.norm_offset, **kw)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), offset=cfg.norm_offset, **kw)
         else:
             self.q_norm = self.k_norm = None
         self.window = cfg.window(layer)
-        self.scale = d ** -0.5
+        self.scale = (cfg.query_pre_attn_scalar or d) ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
         self.groups = n // kv
         self.dtype, self.mesh, self.rules = dtype, mesh, rules
 
@@ -74,6 +76,8 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, -1, self.groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
         scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
+        if self.softcap:  # Gemma 2
+            scores = jnp.tanh(scores / self.softcap) * self.softcap
         kv_slots = jnp.arange(s)
         allowed = (kv_slots[None, :] <= q_slots[:, None]) & kv_mask[:, None, :].astype(bool)  # [B, T, S]
         if self.window is not None:
@@ -86,7 +90,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)), act = silu (SwiGLU) or tanh-approximated gelu (Gemma)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
         h, m = cfg.hidden_size, cfg.intermediate_size
@@ -94,10 +98,11 @@ class MLP(nnx.Module):
         self.gate = Dense((h,), (m,), ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
         self.up = Dense((h,), (m,), ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
         self.down = Dense((m,), (h,), ("mlp", "embed"), bias=cfg.mlp_bias, **kw)
+        self.act = jax.nn.silu if cfg.hidden_act == "silu" else partial(jax.nn.gelu, approximate=True)
         self.mesh, self.rules = mesh, rules
 
     def __call__(self, x):
-        hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+        hidden = self.act(self.gate(x)) * self.up(x)
         hidden = shd.constrain(hidden, ("batch", "length", "mlp"), self.mesh, self.rules)
         return self.down(hidden)
 
@@ -105,21 +110,28 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, names=("embed",), **kw)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, names=("embed",), offset=cfg.norm_offset, **kw)
+        self.attn_norm = norm()
         self.attn = Attention(cfg, layer, mesh=mesh, rules=rules, **kw)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, names=("embed",), **kw)
+        self.mlp_norm = norm()
         self.mlp = MLP(cfg, mesh=mesh, rules=rules, **kw)
+        # Gemma's "sandwich": the attention and MLP outputs are normed too, before the residual add.
+        self.attn_out_norm = norm() if cfg.sandwich_norm else None
+        self.mlp_out_norm = norm() if cfg.sandwich_norm else None
+        self.local_rope = cfg.has_local_rope and cfg.window(layer) is not None
         self.mesh, self.rules = mesh, rules
 
-    def __call__(self, x, cos, sin, q_slots, kv_mask, layer_cache, cache_index):
-        attn, layer_cache = self.attn(self.input_norm(x), cos, sin, q_slots, kv_mask, layer_cache, cache_index)
-        x = x + attn
-        x = x + self.mlp(self.post_attn_norm(x))
+    def __call__(self, x, rope_tables, q_slots, kv_mask, layer_cache, cache_index):
+        cos, sin = rope_tables[1 if self.local_rope else 0]
+        h, layer_cache = self.attn(self.attn_norm(x), cos, sin, q_slots, kv_mask, layer_cache, cache_index)
+        x = x + (h if self.attn_out_norm is None else self.attn_out_norm(h))
+        h = self.mlp(self.mlp_norm(x))
+        x = x + (h if self.mlp_out_norm is None else self.mlp_out_norm(h))
         return shd.constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules), layer_cache
 
 
-def _run_layer(layer, x, cos, sin, q_slots, kv_mask, layer_cache, cache_index):
-    return layer(x, cos, sin, q_slots, kv_mask, layer_cache, cache_index)
+def _run_layer(layer, x, rope_tables, q_slots, kv_mask, layer_cache, cache_index):
+    return layer(x, rope_tables, q_slots, kv_mask, layer_cache, cache_index)
 
 
 class CausalLM(nnx.Module):
@@ -139,7 +151,8 @@ class CausalLM(nnx.Module):
         self.embed = Embed(config.vocab_size, config.hidden_size, **kw)
         self.layers = nnx.List([DecoderLayer(config, i, mesh=mesh, rules=self.rules, **kw)
                                 for i in range(config.num_hidden_layers)])
-        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, names=("embed",), **kw)
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, names=("embed",),
+                                  offset=config.norm_offset, **kw)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -185,8 +198,12 @@ class CausalLM(nnx.Module):
             all_pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
             positions = all_pos if cache is None else jax.lax.dynamic_slice_in_dim(all_pos, cache_index, t, axis=1)
 
-        cos, sin = rope.cos_sin(self.config, positions)
+        tables = [rope.cos_sin(self.config, positions)]
+        if self.config.has_local_rope:  # Gemma 3: sliding layers use their own base
+            tables.append(rope.cos_sin(self.config, positions, local=True))
         x = self.embed(input_ids)
+        if self.config.embed_scale:  # Gemma: sqrt(hidden), rounded to the weights' dtype like HF
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, self.param_dtype).astype(self.dtype)
         x = shd.constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
         run = _run_layer
         if self.remat:
@@ -194,7 +211,7 @@ class CausalLM(nnx.Module):
             run = nnx.remat(_run_layer, policy=policy)
         new_cache = None if cache is None else []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = run(layer, x, cos, sin, q_slots, mask, None if cache is None else cache[i], cache_index)
+            x, layer_cache = run(layer, x, tables, q_slots, mask, None if cache is None else cache[i], cache_index)
             if cache is not None:
                 new_cache.append(layer_cache)
 
