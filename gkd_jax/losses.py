@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 REDUCTIONS = ("mean", "sum", "none", "seq_mean")
+CHUNK_BYTES = 64 << 20  # default size of one [chunk, V] float32 buffer in the fused loss
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -299,12 +300,16 @@ def masked_mean(values, mask=None):
 
 
 def _raw_logits(hidden, head, bias, vocab_size):
-  """h·W (+ b) for one chunk, cut to the shared vocabulary, accumulated in at least float32."""
+  """h·W (+ b) for one chunk, cut to the shared vocabulary, accumulated in at least float32.
+
+  The product uses the whole head and slices its [chunk, V] result: slicing the [H, V] head instead
+  would copy it.
+  """
   acc = jnp.promote_types(hidden.dtype, jnp.float32)
-  logits = jnp.dot(hidden, head[:, :vocab_size], preferred_element_type=acc)
+  logits = jnp.dot(hidden, head, preferred_element_type=acc)
   if bias is not None:
-    logits = logits + bias[:vocab_size].astype(acc)
-  return logits
+    logits = logits + bias.astype(acc)
+  return logits[:, :vocab_size]
 
 
 def _head_activation(logits, scale, softcap):
@@ -317,7 +322,7 @@ def _head_activation(logits, scale, softcap):
 
 
 def fused_generalized_jsd_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, *,
-                               beta=0.5, temperature=1.0, chunk_size=256, reduction="mean",
+                               beta=0.5, temperature=1.0, chunk_size=None, reduction="mean",
                                num_items=None, student_bias=None, teacher_bias=None,
                                student_logit_scale=1.0, teacher_logit_scale=1.0,
                                student_softcap=None, teacher_softcap=None, vocab_size=None):
@@ -327,15 +332,17 @@ def fused_generalized_jsd_loss(student_hidden, student_head, teacher_hidden, tea
     student_hidden [..., Hs] and teacher_hidden [..., Ht]: final normed hidden states (widths may differ).
     student_head [Hs, Vs], teacher_head [Ht, Vt]: LM head weights (the embedding transposed when tied).
     mask: bool [...] aligned to the targets.
-    chunk_size: tokens per chunk; the peak extra memory is a few [chunk_size, V] float32 buffers.
+    chunk_size: tokens per chunk; the peak extra memory is about four [chunk_size, V] float32 buffers.
+      None picks the power of two that makes one such buffer about `CHUNK_BYTES` (64 MiB).
     student_bias/teacher_bias [V*], *_logit_scale, *_softcap: optional head extras
       (logits = softcap·tanh(scale·(h·W + b)/softcap)).
     vocab_size: shared vocabulary to cut both heads to (default: the smaller head).
 
   The teacher arguments are treated as constants (no gradient flows to them); the trainer stops the
   teacher's gradient anyway and this saves two matmuls per chunk. For "mean"/"sum" the gradient is
-  computed inside the forward chunk loop (a custom VJP), so the backward pass only rescales it: the
-  cost stays close to the unfused loss. reduction="none"/"seq_mean" use a rematerialized scan instead.
+  computed in closed form inside the forward chunk loop (a custom VJP), so the backward pass only
+  rescales it and no logits are recomputed: fwd+bwd costs about what the unfused loss does.
+  reduction="none"/"seq_mean" use a rematerialized scan instead (one extra projection per chunk).
   """
   beta = _check_beta(beta)
   temperature = _check_temperature(temperature)
@@ -358,8 +365,10 @@ def fused_generalized_jsd_loss(student_hidden, student_head, teacher_hidden, tea
   if not 1 <= vocab_size <= shared:
     raise ValueError(f"vocab_size {vocab_size} must be in [1, min(student {student_head.shape[1]}, "
                      f"teacher {teacher_head.shape[1]})]")
+  if chunk_size is None:
+    chunk_size = 1 << max(0, round(math.log2(max(1, CHUNK_BYTES // (4 * vocab_size)))))
   if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
   token_shape = student_hidden.shape[:-1]
   mask = jnp.ones(token_shape, bool) if mask is None else mask.astype(bool)
@@ -432,9 +441,31 @@ def _fused_sum(spec, student, hs, teacher, ht, m):
   return _fused_sum_fwd(spec, student, hs, teacher, ht, m)[0]
 
 
+def _jsd_and_student_logit_grad(student_logits, teacher_logits, beta, temperature):
+  """Per-token JSD(β) [C] of finite logits [C, V] and its gradient w.r.t. the student logits [C, V].
+
+  In closed form, to keep the number of [C, V] buffers small: with ls, lt, lm the student, teacher and
+  mixture log-probabilities, ∂/∂z_s of the per-token value is
+    β=0: (p_s − p_t)/τ;   β=1: p_s·(ls − lt − RKL)/τ;   else: (1−β)·p_s·(ls − lm − KL(P_S‖M))/τ.
+  """
+  ls = _tempered_logprobs(student_logits, temperature)
+  lt = _tempered_logprobs(teacher_logits, temperature)
+  ps = jnp.exp(ls)
+  if beta == 0.0:
+    pt = jnp.exp(lt)
+    return jnp.sum(pt * (lt - ls), axis=-1), (ps - pt) / temperature
+  if beta == 1.0:
+    rkl = jnp.sum(ps * (ls - lt), axis=-1)
+    return rkl, ps * (ls - lt - rkl[:, None]) / temperature
+  lm = jnp.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+  kl_s = jnp.sum(ps * (ls - lm), axis=-1)
+  kl_t = jnp.sum(jnp.exp(lt) * (lt - lm), axis=-1)
+  grad = (1.0 - beta) / temperature * ps * (ls - lm - kl_s[:, None])
+  return beta * kl_t + (1.0 - beta) * kl_s, grad
+
+
 def _fused_sum_fwd(spec, student, hs, teacher, ht, m):
   head, bias = student
-  vocab = spec.vocab_size
   acc = jnp.promote_types(hs.dtype, jnp.float32)
 
   def body(carry, xs):
@@ -442,28 +473,52 @@ def _fused_sum_fwd(spec, student, hs, teacher, ht, m):
     h, h_t, mm = xs
     # Differentiate the chunk's loss w.r.t. its own logits, then through the projection by hand so
     # that the [chunk, V] cotangent lives only inside this iteration.
-    z_raw = _raw_logits(h, head, bias, vocab)
-    loss, dz = jax.value_and_grad(
-        lambda z: jnp.sum(_chunk_loss(spec, _head_activation(z, spec.s_scale, spec.s_cap), teacher, h_t, mm))
-    )(z_raw)
-    dh = jnp.dot(dz.astype(h.dtype), head[:, :vocab].T, preferred_element_type=acc)
-    d_head = d_head + jnp.dot(h.T, dz.astype(h.dtype), preferred_element_type=acc)
-    d_bias = None if bias is None else d_bias + jnp.sum(dz, axis=0)
+    t_head, t_bias = teacher
+    t_logits = _head_activation(_raw_logits(h_t, t_head, t_bias, spec.vocab_size), spec.t_scale, spec.t_cap)
+    s_logits, activation_vjp = jax.vjp(lambda z: _head_activation(z, spec.s_scale, spec.s_cap),
+                                       _raw_logits(h, head, bias, spec.vocab_size))
+    per_token, dz = _jsd_and_student_logit_grad(s_logits, t_logits, spec.beta, spec.temperature)
+    mm = mm.astype(acc)
+    loss = jnp.sum(per_token * mm)
+    dz, = activation_vjp(dz * mm[:, None])
+    # Columns past the shared vocabulary get zero gradient.
+    dz = jnp.pad(dz, [(0, 0), (0, head.shape[1] - spec.vocab_size)]).astype(h.dtype)
+    dh = jnp.dot(dz, head.T, preferred_element_type=acc)
+    d_head = _add_outer_product(d_head, h, dz)
+    d_bias = None if bias is None else d_bias + jnp.sum(dz, axis=0, dtype=acc)
     return (loss_acc + loss, d_head, d_bias), dh.astype(hs.dtype)
 
-  init = (jnp.zeros((), acc), jnp.zeros((head.shape[0], vocab), acc),
-          None if bias is None else jnp.zeros((vocab,), acc))
+  init = (jnp.zeros((), acc), jnp.zeros(head.shape, acc), None if bias is None else jnp.zeros(bias.shape, acc))
   (loss, d_head, d_bias), d_hs = jax.lax.scan(body, init, (hs, ht, m))
-  # The cut-off vocabulary rows of the head get zero gradient.
-  d_head = jnp.pad(d_head, [(0, 0), (0, head.shape[1] - vocab)]).astype(head.dtype)
-  if bias is not None:
-    d_bias = jnp.pad(d_bias, [(0, bias.shape[0] - vocab)]).astype(bias.dtype)
   return loss, ((d_head, d_bias), d_hs, teacher, ht, m)
+
+
+def _add_outer_product(acc, h, dz):
+  """acc += hᵀ·dz in vocabulary blocks, updating acc in place.
+
+  A plain `acc + h.T @ dz` materializes the [H, V] product next to the accumulator (XLA does not
+  accumulate a dot into its operand); blocks of about the size of the [chunk, V] buffers keep the
+  extra memory at that size.
+  """
+  width = acc.shape[1]
+  n_blocks = max(1, min(width, -(-acc.shape[0] // h.shape[0])))
+  size = width // n_blocks
+
+  def add_block(start, acc, size):
+    block = jax.lax.dynamic_slice_in_dim(acc, start, size, axis=1)
+    block = block + jnp.dot(h.T, jax.lax.dynamic_slice_in_dim(dz, start, size, axis=1),
+                            preferred_element_type=acc.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(acc, block, start, axis=1)
+
+  acc = jax.lax.fori_loop(0, n_blocks, lambda j, a: add_block(j * size, a, size), acc)
+  if width % n_blocks:
+    acc = add_block(n_blocks * size, acc, width - n_blocks * size)
+  return acc
 
 
 def _fused_sum_bwd(spec, residuals, g):
   (d_head, d_bias), d_hs, teacher, ht, m = residuals
-  scale = lambda x: None if x is None else (g * _f32(x)).astype(x.dtype)
+  scale = lambda x: None if x is None else (g * x).astype(x.dtype)
   zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
   return ((scale(d_head), scale(d_bias)), scale(d_hs), zeros(teacher), zeros(ht),
           np.zeros(m.shape, jax.dtypes.float0))
