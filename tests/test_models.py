@@ -257,3 +257,57 @@ def test_errors(checkpoints, tmp_path):
         st.write_checkpoint(str(bad), tensors)
         with pytest.raises(ValueError, match=pattern):
             from_pretrained(str(bad))
+
+
+def _v4_style(config):
+    """The same architecture written the transformers-v4 way (what most Hub checkpoints still carry)."""
+    d = {k: v for k, v in config.items() if k not in ("rope_parameters", "layer_types")}
+    rope = config["rope_parameters"]
+    if "full_attention" in rope:  # Gemma 3
+        d.update(rope_theta=rope["full_attention"]["rope_theta"],
+                 rope_local_base_freq=rope["sliding_attention"]["rope_theta"], sliding_window_pattern=2)
+        rope = rope["full_attention"]
+    else:
+        d["rope_theta"] = rope["rope_theta"]
+    scaling = {("type" if k == "rope_type" else k): v for k, v in rope.items() if k != "rope_theta"}
+    d["rope_scaling"] = None if scaling["type"] == "default" else scaling
+    return d
+
+
+@pytest.mark.parametrize("name", ["llama3_rope_untied", "gemma3_local_rope", "qwen2_sliding_untied"])
+def test_v4_style_config(name, checkpoints, tmp_path):
+    directory, hf = checkpoints(name)
+    v4 = tmp_path / "v4"
+    v4.mkdir()
+    os.link(os.path.join(directory, "model.safetensors"), v4 / "model.safetensors")
+    config = _v4_style(json.load(open(os.path.join(directory, "config.json"))))
+    if name.startswith("qwen2"):  # v4 Qwen2 marks sliding layers by max_window_layers only
+        assert config["max_window_layers"] == 1
+    json.dump(config, open(v4 / "config.json", "w"))
+    model = from_pretrained(str(v4))
+    assert model.config == from_pretrained(directory).config
+    ids, mask = left_padded_batch()
+    ref = hf_logits(hf, ids, mask)
+    assert max_diff_real(model(jnp.asarray(ids), jnp.asarray(mask)).logits, ref, mask) <= 1e-4
+    save_pretrained(model, str(tmp_path / "out"))
+    exported = json.load(open(tmp_path / "out" / "config.json"))
+    assert "rope_parameters" not in exported and "rope_theta" in exported  # keeps the source's style
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"),
+                                                                 attn_implementation="eager").eval()
+    assert max_diff_real(hf_logits(reloaded, ids, mask), ref, mask) <= 1e-5
+
+
+def test_tokenizer_load_and_export(checkpoints, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from gkd_jax.models import load_tokenizer
+    directory, _ = checkpoints("qwen2_tied")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, V)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
+    tok.save_pretrained(str(tmp_path / "tok"))
+    loaded = load_tokenizer(str(tmp_path / "tok"))
+    assert loaded("w5 w7")["input_ids"] == [5, 7] and loaded.eos_token_id == 2
+    save_pretrained(from_pretrained(directory), str(tmp_path / "out"), tokenizer=loaded)
+    assert load_tokenizer(str(tmp_path / "out"))("w9")["input_ids"] == [9]

@@ -166,6 +166,18 @@ def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, *, dtype=None
 
 
 def load_tokenizer(path_or_hub_id: str, **kwargs):
-    """transformers.AutoTokenizer from the same directory / hub ID as the model."""
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path_or_hub_id, **kwargs)
+    """transformers.AutoTokenizer from the same directory / hub ID as the model.
+
+    A tokenizer saved as a generic fast tokenizer (tokenizer_class TokenizersBackend / PreTrainedTokenizerFast)
+    is loaded as exactly that: transformers v5's AutoTokenizer would otherwise pick the class of the
+    model_type in config.json (e.g. Qwen2Tokenizer), which rebuilds the pre-tokenizer and changes the ids.
+    """
+    import transformers
+    directory = _resolve(path_or_hub_id)
+    config_file = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(config_file):
+        with open(config_file) as f:
+            tokenizer_class = json.load(f).get("tokenizer_class")
+        if tokenizer_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return transformers.PreTrainedTokenizerFast.from_pretrained(directory, **kwargs)
+    return transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
