@@ -218,8 +218,8 @@ def test_state_shardings_follow_rules():
         assert len(shd.variable_names(var)) == var[...].ndim and None not in shd.variable_names(var)
 
 
-def test_bf16_compute_and_remat_grads(checkpoints):
-    directory, _ = checkpoints("qwen2_tied")
+def test_bf16_compute_and_remat_grads(checkpoints, tmp_path):
+    directory, hf = checkpoints("qwen2_tied")
     ids, mask = left_padded_batch()
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     ref = from_pretrained(directory)
@@ -228,12 +228,22 @@ def test_bf16_compute_and_remat_grads(checkpoints):
     assert out.logits.dtype == jnp.bfloat16 and bf16.embed.embedding[...].dtype == jnp.float32
     assert max_diff_real(out.logits, np.asarray(ref(ids, mask).logits), np.asarray(mask)) < 0.05
 
+    # bf16 params in and out: the exported checkpoint is bf16 and holds exactly the rounded weights.
+    pure = from_pretrained(directory, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert pure.layers[0].attn.q.kernel[...].dtype == jnp.bfloat16
+    save_pretrained(pure, str(tmp_path), dtype=jnp.bfloat16)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    weight = reloaded.model.layers[0].self_attn.q_proj.weight
+    assert weight.dtype == torch.bfloat16
+    torch.testing.assert_close(weight, hf.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16))
+
     def loss(model):
-        return jnp.sum(model(ids, mask).logits * mask[..., None] ** 2) / 100
+        return jnp.sum((model(ids, mask).logits * mask[..., None]) ** 2)
 
     grads = nnx.grad(loss)(ref)
-    remat_grads = nnx.grad(loss)(from_pretrained(directory, remat="nothing_saveable"))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, remat_grads)
+    for remat in (True, "nothing_saveable"):
+        remat_grads = nnx.grad(loss)(from_pretrained(directory, remat=remat))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, remat_grads)
 
 
 def test_errors(checkpoints, tmp_path):
