@@ -250,7 +250,7 @@ def nll_loss(logits, targets, mask=None, *, reduction="mean", num_items=None):
 # -------------------------------------------------------------------------------------- sequence alignment
 
 
-def shift_for_next_token(input_ids, loss_mask, *per_position):
+def shift_for_next_token(input_ids, loss_mask, *per_position, first_target=1):
   """Aligns outputs at position t with the token at t+1.
 
   Args:
@@ -258,10 +258,13 @@ def shift_for_next_token(input_ids, loss_mask, *per_position):
     loss_mask: [B, T] bool, True on the tokens that are loss targets (the completion tokens), aligned to
       input_ids.
     *per_position: arrays [B, T, ...] produced per input position (logits, hidden states, teacher top-k).
+    first_target: the first column that can hold a target. With a left-padded prompt of static width P
+      followed by the completion, passing P keeps only the completion columns, so the LM head is never
+      applied to prompt positions.
 
   Returns:
-    (targets [B, T-1], target_mask [B, T-1], *arrays [B, T-1, ...]): outputs at t paired with the token at
-    t+1 and its mask.
+    (targets [B, T-s], target_mask [B, T-s], *arrays [B, T-s, ...]) with s = first_target: the outputs at
+    columns [s-1, T-1) paired with the tokens at [s, T) and their mask.
   """
   if tuple(input_ids.shape) != tuple(loss_mask.shape):
     raise ValueError(f"input_ids shape {tuple(input_ids.shape)} and loss_mask shape "
@@ -270,7 +273,10 @@ def shift_for_next_token(input_ids, loss_mask, *per_position):
     if tuple(a.shape[:2]) != tuple(input_ids.shape):
       raise ValueError(f"per-position array {i} has shape {tuple(a.shape)}; its first two dims must equal "
                        f"input_ids shape {tuple(input_ids.shape)}")
-  return (input_ids[:, 1:], loss_mask[:, 1:].astype(bool), *(a[:, :-1] for a in per_position))
+  s = first_target
+  if not isinstance(s, int) or not 1 <= s < input_ids.shape[1]:
+    raise ValueError(f"first_target must be an int in [1, {input_ids.shape[1] - 1}], got {s!r}")
+  return (input_ids[:, s:], loss_mask[:, s:].astype(bool), *(a[:, s - 1:-1] for a in per_position))
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -365,10 +371,7 @@ def fused_generalized_jsd_loss(student_hidden, student_head, teacher_hidden, tea
   if not 1 <= vocab_size <= shared:
     raise ValueError(f"vocab_size {vocab_size} must be in [1, min(student {student_head.shape[1]}, "
                      f"teacher {teacher_head.shape[1]})]")
-  if chunk_size is None:
-    chunk_size = 1 << max(0, round(math.log2(max(1, CHUNK_BYTES // (4 * vocab_size)))))
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+  chunk_size = _default_chunk(chunk_size, vocab_size)
 
   token_shape = student_hidden.shape[:-1]
   mask = jnp.ones(token_shape, bool) if mask is None else mask.astype(bool)
@@ -525,3 +528,45 @@ def _fused_sum_bwd(spec, residuals, g):
 
 
 _fused_sum.defvjp(_fused_sum_fwd, _fused_sum_bwd)
+
+
+def _default_chunk(chunk_size, vocab_size):
+  if chunk_size is None:
+    chunk_size = 1 << max(0, round(math.log2(max(1, CHUNK_BYTES // (4 * vocab_size)))))
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+  return chunk_size
+
+
+def fused_nll_loss(hidden, head, targets, mask=None, *, chunk_size=None, bias=None, logit_scale=1.0,
+                   softcap=None, vocab_size=None, reduction="mean", num_items=None):
+  """`nll_loss` computed from hidden states [..., H] and an LM head [H, V] chunk by chunk (the SFT term of
+  the fused path): a rematerialized scan, so no [tokens, V] logits exist in the forward or backward pass."""
+  _check_reduction(reduction)
+  if head.ndim != 2 or hidden.shape[-1] != head.shape[0]:
+    raise ValueError(f"hidden width {hidden.shape[-1]} must equal the head's rows (head shape {tuple(head.shape)})")
+  if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+    raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden shape without the last dim "
+                     f"{tuple(hidden.shape[:-1])}")
+  _check_mask(mask, hidden.shape[:-1], what="hidden states")
+  vocab_size = head.shape[1] if vocab_size is None else int(vocab_size)
+  chunk_size = _default_chunk(chunk_size, vocab_size)
+  token_shape = hidden.shape[:-1]
+  n = math.prod(token_shape)
+  chunk = min(chunk_size, max(n, 1))
+  n_chunks = -(-n // chunk)
+
+  def chunked(x):
+    x = x.reshape(n, *x.shape[len(token_shape):])
+    x = jnp.pad(x, [(0, n_chunks * chunk - n)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(n_chunks, chunk, *x.shape[1:])
+
+  @jax.checkpoint
+  def body(_, xs):
+    h, t = xs
+    logits = _head_activation(_raw_logits(h, head, bias, vocab_size), float(logit_scale), softcap)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return None, -jnp.take_along_axis(logp, t[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+  _, per_token = jax.lax.scan(body, None, (chunked(hidden), chunked(targets)))
+  return reduce_tokens(per_token.reshape(-1)[:n].reshape(token_shape), mask, reduction, num_items)

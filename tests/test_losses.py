@@ -394,6 +394,23 @@ def test_nll_matches_reference():
   np.testing.assert_allclose(L.nll_loss(s, targets, mask), ref_reduce(expected, mask, "mean"), rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [4, 7, None])
+def test_fused_nll_equals_nll_on_logits(chunk_size):
+  d, kw = _fused_case(21, (2, 9), hs_dim=8, ht_dim=8, vs=24, vt=24, extras=True)
+  targets = np.random.default_rng(0).integers(0, 20, size=(2, 9))
+  def unfused(h, w):
+    z = (h @ w + kw["student_bias"]) * kw["student_logit_scale"]
+    z = kw["student_softcap"] * jnp.tanh(z / kw["student_softcap"])
+    return L.nll_loss(z[..., :20], targets, d["mask"], num_items=11)
+  fused = lambda h, w: L.fused_nll_loss(h, w, targets, d["mask"], chunk_size=chunk_size, bias=kw["student_bias"],
+                                        logit_scale=kw["student_logit_scale"], softcap=kw["student_softcap"],
+                                        vocab_size=20, num_items=11)
+  args = (d["student_hidden"], d["student_head"])
+  np.testing.assert_allclose(fused(*args), unfused(*args), rtol=1e-5)
+  for a, b in zip(jax.grad(fused, (0, 1))(*args), jax.grad(unfused, (0, 1))(*args)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_shift_pairs_each_position_with_the_next_token():
   # Prompt [5, 6, 7], completion [8, 9, 2] then padding: the first target is 8, predicted at position 2.
   input_ids = np.array([[5, 6, 7, 8, 9, 2, 0]])
@@ -412,6 +429,14 @@ def test_shift_pairs_each_position_with_the_next_token():
   assert float(L.nll_loss(logits[:, 1:], targets, target_mask)) > 10
   assert float(L.nll_loss(shifted, targets, completion[:, :-1])) > 10
   assert int(target_mask.sum()) == int(completion.sum())
+  # Cutting at the first completion column (the static prompt width) keeps exactly the same pairs.
+  cut_targets, cut_mask, cut = L.shift_for_next_token(input_ids, completion, logits, first_target=3)
+  np.testing.assert_array_equal(cut_targets, targets[:, 2:])
+  np.testing.assert_array_equal(cut_mask, target_mask[:, 2:])
+  np.testing.assert_array_equal(cut, shifted[:, 2:])
+  assert float(L.nll_loss(cut, cut_targets, cut_mask)) < 1e-6
+  with pytest.raises(ValueError, match=r"first_target must be an int in \[1, 6\], got 7"):
+    L.shift_for_next_token(input_ids, completion, first_target=7)
 
 
 def test_token_stats_values():
