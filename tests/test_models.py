@@ -170,6 +170,8 @@ def test_cache_is_functional_and_positions_derivable(checkpoints):
     np.testing.assert_array_equal(with_pos.logits, without.logits)
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, cache))  # input untouched
     assert len(with_pos.cache) == 2 and with_pos.cache[0]["k"].shape == (3, T, 2, 8)
+    # Static structure hashes equal across loads, so jitted functions keyed on the graphdef compile once.
+    assert nnx.graphdef(model) == nnx.graphdef(from_pretrained(checkpoints("qwen2_tied")[0]))
 
 
 def test_sharded_index_load_and_save(checkpoints, tmp_path):
@@ -216,6 +218,12 @@ def test_state_shardings_follow_rules():
     assert state["layers"][0]["mlp"]["down"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         assert len(shd.variable_names(var)) == var[...].ndim and None not in shd.variable_names(var)
+    # Activation constraints follow a mesh set with jax.set_mesh when the model holds none.
+    constrained = jax.jit(lambda x: shd.constrain(x, ("batch", "length", "vocab")))
+    with jax.set_mesh(mesh):
+        assert constrained(jnp.ones((4, 3, V))).sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor")
+    with pytest.raises(ValueError, match="not divisible"):
+        shd.make_mesh(data=3, fsdp=-1)
 
 
 def test_bf16_compute_and_remat_grads(checkpoints, tmp_path):

@@ -8,7 +8,6 @@ contiguous and slot distance equals position distance, as in HF.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any
 
 import jax
@@ -98,11 +97,13 @@ class MLP(nnx.Module):
         self.gate = Dense((h,), (m,), ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
         self.up = Dense((h,), (m,), ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
         self.down = Dense((m,), (h,), ("mlp", "embed"), bias=cfg.mlp_bias, **kw)
-        self.act = jax.nn.silu if cfg.hidden_act == "silu" else partial(jax.nn.gelu, approximate=True)
+        self.act = cfg.hidden_act  # a string: static attributes must hash equal across instances (jit cache)
         self.mesh, self.rules = mesh, rules
 
     def __call__(self, x):
-        hidden = self.act(self.gate(x)) * self.up(x)
+        gate = self.gate(x)
+        gate = jax.nn.silu(gate) if self.act == "silu" else jax.nn.gelu(gate, approximate=True)
+        hidden = gate * self.up(x)
         hidden = shd.constrain(hidden, ("batch", "length", "mlp"), self.mesh, self.rules)
         return self.down(hidden)
 
