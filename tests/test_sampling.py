@@ -149,6 +149,30 @@ def test_truncation_matches_numpy(top_k, top_p, min_p):
         np.testing.assert_allclose(np.exp(logp), p, atol=1e-5)
 
 
+def chi2_limit(df, z=3.719):
+    """Wilson–Hilferty approximation of the chi-square quantile at normal score z (3.719: p = 1e-4)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_two_level_gumbel_is_exact():
+    """The block-then-token draw matches softmax, never draws excluded tokens (incl. a whole -inf block)."""
+    vocab, n = 250, 40000  # 250 = 15 full blocks of 16 + a padded one
+    logits = np.random.default_rng(2).normal(size=vocab) * 1.5
+    logits[::7] = -np.inf
+    logits[32:48] = -np.inf  # block 2 entirely excluded
+    x = jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1))
+    ids, lse = sampling.gumbel_categorical(jax.random.key(5), x)
+    assert sampling._block_size(vocab) == 16
+    p = np.exp(logits - logits.max())
+    np.testing.assert_allclose(lse[0], np.log(p.sum()) + logits.max(), rtol=1e-6)
+    p /= p.sum()
+    counts = np.bincount(np.asarray(ids), minlength=vocab)
+    assert counts[p == 0].sum() == 0
+    keep = p > 0
+    chi2 = ((counts[keep] - n * p[keep]) ** 2 / (n * p[keep])).sum()
+    assert chi2 < chi2_limit(keep.sum() - 1), chi2
+
+
 # ----------------------------------------------------------------------------------------------------
 # generate() against references.
 
@@ -195,9 +219,7 @@ def test_first_token_frequencies_match_softmax(model):
     expected = n * p
     assert expected.min() > 5, "test needs enough mass per cell for the chi-square approximation"
     chi2 = ((counts - expected) ** 2 / expected).sum()
-    df = VOCAB - 1
-    # Wilson–Hilferty approximation of the chi-square 1 - 1e-4 quantile (z = 3.719).
-    limit = df * (1 - 2 / (9 * df) + 3.719 * math.sqrt(2 / (9 * df))) ** 3
+    limit = chi2_limit(VOCAB - 1)
     assert chi2 < limit, (chi2, limit)
     # And it is not vacuous: a wrong temperature fails the same test.
     q = np.exp(logits * tau / 1.0 - (logits * tau).max())
