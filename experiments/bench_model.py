@@ -3,9 +3,10 @@
 Model: the 12M Qwen2 student of experiments/fixture.py (vocab 32768, tied embeddings), float32, batch 8 x 256
 tokens by default. JAX runs jitted through the nnx split/merge pure-function pattern; PyTorch runs eager
 with its default (sdpa) attention. Both forwards materialize the [B, T, V] logits; the backward pass is
-through a mean next-token cross-entropy. Median of --runs timed runs after --warmup untimed ones.
+through a mean next-token cross-entropy. Median of --runs timed runs after --warmup untimed ones; JAX and
+PyTorch runs are interleaved so both see the same load on a shared machine.
 
-    python experiments/bench_model.py [--fixture /tmp/gkd_fixture] [--batch 8] [--seq 256] [--runs 5]
+    python experiments/bench_model.py [--fixture /tmp/gkd_fixture] [--batch 8] [--seq 256] [--runs 7]
 """
 import argparse
 import os
@@ -25,15 +26,18 @@ from fixture import build  # noqa: E402
 from gkd_jax.models import from_pretrained  # noqa: E402
 
 
-def timed(fn, warmup, runs):
-    for _ in range(warmup):
-        fn()
-    times = []
+def timed_pair(fns, warmup, runs):
+    """Median seconds of each fn; runs interleave the fns so all see the same machine load (shared CPUs)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
 
 
 def jax_fns(model):
@@ -56,7 +60,7 @@ def main():
     ap.add_argument("--fixture", default="/tmp/gkd_fixture")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
 
@@ -69,11 +73,6 @@ def main():
 
     state, fwd, fwd_bwd = jax_fns(from_pretrained(path))
     jids, jmask = jnp.asarray(ids), jnp.asarray(mask)
-    results = {
-        ("jax", "forward"): timed(lambda: fwd(state, jids, jmask).block_until_ready(), args.warmup, args.runs),
-        ("jax", "forward+backward"): timed(
-            lambda: jax.block_until_ready(fwd_bwd(state, jids, jmask)), args.warmup, args.runs),
-    }
 
     import transformers
     tmodel = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -89,8 +88,11 @@ def main():
         tmodel.zero_grad(set_to_none=True)
         tmodel(input_ids=tids, attention_mask=tmask, position_ids=position_ids, labels=labels).loss.backward()
 
-    results[("torch", "forward")] = timed(torch_forward, args.warmup, args.runs)
-    results[("torch", "forward+backward")] = timed(torch_forward_backward, args.warmup, args.runs)
+    results = {}
+    results[("jax", "forward")], results[("torch", "forward")] = timed_pair(
+        [lambda: fwd(state, jids, jmask).block_until_ready(), torch_forward], args.warmup, args.runs)
+    results[("jax", "forward+backward")], results[("torch", "forward+backward")] = timed_pair(
+        [lambda: jax.block_until_ready(fwd_bwd(state, jids, jmask)), torch_forward_backward], args.warmup, args.runs)
 
     print(f"\nQwen2 student (12.3M params, vocab 32768), float32, batch {args.batch} x {args.seq} = {tokens} tokens, "
           f"median of {args.runs}; jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cpus), "
