@@ -329,3 +329,26 @@ def test_tokenizer_load_and_export(checkpoints, tmp_path):
     assert loaded("w5 w7")["input_ids"] == [5, 7] and loaded.eos_token_id == 2
     save_pretrained(from_pretrained(directory), str(tmp_path / "out"), tokenizer=loaded)
     assert load_tokenizer(str(tmp_path / "out"))("w9")["input_ids"] == [9]
+
+
+def test_hub_id_downloads_only_needed_files(checkpoints, tmp_path, monkeypatch):
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+    directory, _ = checkpoints("qwen2_tied")
+    requested = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):  # a local stand-in for the Hub (tests are offline)
+        requested.append(list(allow_patterns))
+        out = tmp_path / "snapshot"
+        out.mkdir(exist_ok=True)
+        for name in os.listdir(directory) + ["consolidated.safetensors"]:
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                shutil.copy(os.path.join(directory, name), out / name)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = from_pretrained("someone/tiny-qwen2")
+    assert model.config.model_type == "qwen2"
+    assert "model.safetensors" in requested[-1] and not any("*.safetensors" in p for p in requested[-1])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Callable
 
@@ -21,7 +22,7 @@ from gkd_jax.models import safetensors_io as st
 from gkd_jax.models.config import ModelConfig
 from gkd_jax.models.transformer import CausalLM
 
-_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"]
+_HUB_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,15 @@ def _resolve(path_or_id: str) -> str:
     if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")):
         raise FileNotFoundError(f"{path_or_id} is not a checkpoint directory")
     from huggingface_hub import snapshot_download  # hub IDs only: local directories never touch the network
-    return snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS)
+    directory = snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS)
+    # Only the weights transformers would load (repos may also carry e.g. consolidated.safetensors).
+    index = os.path.join(directory, st.INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            weights = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        weights = [st.SINGLE_FILE]
+    return snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS + weights)
 
 
 def from_pretrained(path_or_hub_id: str, dtype=jnp.float32, param_dtype=jnp.float32, mesh: Mesh | None = None,
@@ -108,8 +117,10 @@ def from_pretrained(path_or_hub_id: str, dtype=jnp.float32, param_dtype=jnp.floa
                                                 remat=remat, mesh=mesh, rules=rules), rngs)
     graphdef, state = nnx.split(abstract)
     np_dtype = np.dtype(param_dtype)
+    used = set()
     for path, var in _flat_params(state):
         lay = _layout(path, cfg)
+        used.add(lay.name)
         if lay.name not in reader:
             raise ValueError(f"missing tensor {lay.name!r} (expected shape {lay.hf_shape}) in {directory}")
         found = reader.shape(lay.name)
@@ -124,6 +135,10 @@ def from_pretrained(path_or_hub_id: str, dtype=jnp.float32, param_dtype=jnp.floa
             value = jax.make_array_from_callback(
                 shape, sharding, lambda idx, view=view: np.ascontiguousarray(view[idx]).astype(np_dtype))
         var.set_value(value)
+    unused = set(reader.keys()) - used - {"lm_head.weight"}  # tied checkpoints may still carry the head
+    if unused:
+        logging.warning("from_pretrained(%s): %d checkpoint tensors not used by %s, e.g. %s", path_or_hub_id,
+                        len(unused), cfg.model_type, sorted(unused)[:5])
     return nnx.merge(graphdef, state)
 
 

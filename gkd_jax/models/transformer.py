@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from gkd_jax import sharding as shd
 from gkd_jax.models import rope
 from gkd_jax.models.config import ModelConfig
-from gkd_jax.models.layers import Dense, Embed, RMSNorm
+from gkd_jax.models.layers import Dense, Embed, RMSNorm, param
 
 # Masked scores: a large finite value, so that a fully masked (padding) row gives a uniform softmax, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -157,9 +157,8 @@ class CausalLM(nnx.Module):
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nnx.Dict(kernel=nnx.Param(  # [H, V], like a Linear kernel
-                0.02 * jax.random.normal(rngs.params(), (config.hidden_size, config.vocab_size)).astype(param_dtype),
-                out_sharding=("embed", "vocab"), eager_sharding=False))
+            self.lm_head = nnx.Dict(kernel=param(  # [H, V], like a Dense kernel
+                rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), param_dtype, "normal"))
 
     def lm_head_weight(self) -> jax.Array:
         """[H, V] in the compute dtype: logits = hidden_states @ lm_head_weight() (then softcap if set)."""
@@ -181,6 +180,8 @@ class CausalLM(nnx.Module):
         b, t = input_ids.shape
         if cache is None:
             mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+            if mask.shape != (b, t):
+                raise ValueError(f"attention_mask must be [B, T]={(b, t)} without a cache, got {mask.shape}")
             q_slots = jnp.arange(t)
             cache_index = None
         else:
