@@ -1,0 +1,517 @@
+"""Teacher server: top-k prompt log-probabilities over HTTP, in the vLLM format.
+
+    python -m gkd_jax.serve --model PATH_OR_ID --port 8000 --max-logprobs 64
+
+Implements the part of the OpenAI-compatible `/v1/completions` API that distillation clients use with vLLM
+(ms-swift's `--teacher_model_server`, our `gkd_jax.teacher_client`):
+
+    POST /v1/completions {"prompt": [ids] | [[ids], ...], "max_tokens": 0 | 1, "prompt_logprobs": k}
+      -> {"choices": [{"index": i, "prompt_logprobs": [null, {"<id>": {"logprob", "rank", "decoded_token"}}, ...]}]}
+
+Entry t ≥ 1 of `prompt_logprobs` holds the teacher's top-k log-probabilities for token t given tokens < t,
+plus the actual prompt token t (so k or k+1 entries, as vLLM). Log-probs are the model's full softmax at
+temperature 1 (vLLM's raw prompt log-probs); request fields such as `temperature` do not change them. With
+`max_tokens: 1` the completion is the greedy next token. Also `GET /health`, `GET /v1/models`, `GET /stats`.
+
+Concurrent requests are queued and batched into one jitted forward, padded to bucketed shapes (powers of two
+in batch and length) so the number of compilations stays bounded. The forward runs in a worker thread so the
+event loop keeps answering. Bad requests get HTTP 400 with a message naming the field; a full queue gets 503.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+log = logging.getLogger("gkd_jax.serve")
+
+
+def _aiohttp_web():
+  # aiohttp is only needed to serve; importing it here keeps `import gkd_jax` free of it.
+  try:
+    from aiohttp import web
+  except ImportError as e:  # pragma: no cover
+    raise ImportError("the teacher server needs aiohttp: pip install 'aiohttp>=3.9'") from e
+  return web
+
+
+def _bucket(n: int, lo: int, hi: int) -> int:
+  """Smallest power of two ≥ n, clipped to [lo, hi]."""
+  return min(max(lo, 1 << max(0, n - 1).bit_length()), hi)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+@dataclasses.dataclass
+class Scored:
+  """One prompt's result (numpy, length n = number of prompt tokens). Row t is the distribution that
+  predicts token t+1, so `token_logprob[t]` / `token_rank[t]` refer to prompt token t+1."""
+  top_logprobs: np.ndarray   # [n, K] float32, descending
+  top_ids: np.ndarray        # [n, K] int32
+  token_logprob: np.ndarray  # [n-1] float32
+  token_rank: np.ndarray     # [n-1] int32, 1 = most likely
+
+
+class TeacherEngine:
+  """A CausalLM behind one jitted scoring function over right-padded, bucketed batches.
+
+  `score(prompts)` is blocking and not thread-safe; the server calls it from a single worker thread.
+  """
+
+  def __init__(self, model, *, max_logprobs: int, max_seq_len: int, max_batch_size: int,
+               max_batch_tokens: int | None = None, min_len_bucket: int = 16, tokenizer=None):
+    self.vocab_size = int(model.config.vocab_size)
+    if not 1 <= max_logprobs <= self.vocab_size:
+      raise ValueError(f"max_logprobs must be in [1, {self.vocab_size}] (the vocabulary), got {max_logprobs}")
+    if max_seq_len < 2 or max_batch_size < 1:
+      raise ValueError(f"need max_seq_len ≥ 2 and max_batch_size ≥ 1, got {max_seq_len}, {max_batch_size}")
+    self.max_logprobs, self.max_seq_len, self.max_batch_size = max_logprobs, max_seq_len, max_batch_size
+    self.max_batch_tokens = max_batch_tokens or max_seq_len * max_batch_size
+    if self.max_batch_tokens < max_seq_len:
+      raise ValueError(f"max_batch_tokens {self.max_batch_tokens} < max_seq_len {max_seq_len}: a longest "
+                       "prompt would never fit in a batch")
+    self.min_len_bucket = min(min_len_bucket, max_seq_len)
+    self.tokenizer = tokenizer
+    self._decoded: dict[int, str] = {}
+    self.compiled_shapes: set[tuple[int, int]] = set()
+    graphdef, state = nnx.split(model)
+    self._state = state
+    k = max_logprobs
+
+    @jax.jit
+    def score(state, ids, mask):
+      # Top-K at the server's maximum: one compilation serves every requested k ≤ K.
+      logits = nnx.merge(graphdef, state)(ids, attention_mask=mask).logits
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      top_v, top_i = jax.lax.top_k(logp, k)
+      token_logp = jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)
+      # vLLM's rank: how many tokens are at least as likely as the actual one (itself included).
+      rank = jnp.sum(logp[:, :-1] >= token_logp, axis=-1)
+      return top_v, top_i, token_logp[..., 0], rank
+
+    self._score = score
+
+  def batch_bucket(self, n: int) -> int:
+    return _bucket(n, 1, self.max_batch_size)
+
+  def len_bucket(self, n: int) -> int:
+    return _bucket(n, self.min_len_bucket, self.max_seq_len)
+
+  def score(self, prompts: list[list[int]]) -> list[Scored]:
+    """Scores up to max_batch_size prompts (each 1..max_seq_len valid ids) in one forward."""
+    b, t = self.batch_bucket(len(prompts)), self.len_bucket(max(len(p) for p in prompts))
+    ids = np.zeros((b, t), np.int32)
+    mask = np.zeros((b, t), np.int32)
+    mask[len(prompts):, 0] = 1  # Filler rows get one real token so no row attends to nothing.
+    for row, p in enumerate(prompts):
+      ids[row, :len(p)] = p
+      mask[row, :len(p)] = 1  # Right padding: causal attention keeps real positions exact.
+    self.compiled_shapes.add((b, t))
+    top_v, top_i, tok_lp, rank = jax.device_get(self._score(self._state, ids, mask))
+    return [Scored(top_v[r, :len(p)], top_i[r, :len(p)], tok_lp[r, :len(p) - 1], rank[r, :len(p) - 1])
+            for r, p in enumerate(prompts)]
+
+  def decode(self, token_id: int) -> str | None:
+    """The token's text (vLLM's decoded_token); None without a tokenizer. Cached per id."""
+    if self.tokenizer is None:
+      return None
+    text = self._decoded.get(token_id)
+    if text is None:
+      text = self._decoded[token_id] = self.tokenizer.decode([token_id])
+    return text
+
+  def buckets(self) -> list[tuple[int, int]]:
+    """Every (batch, length) shape the server can compile, within max_batch_tokens."""
+    sizes = lambda lo, hi: sorted({_bucket(1 << i, lo, hi) for i in range(hi.bit_length() + 1)})
+    return [(b, t) for b in sizes(1, self.max_batch_size) for t in sizes(self.min_len_bucket, self.max_seq_len)
+            if b == 1 or b * t <= self.max_batch_tokens]
+
+  def warmup(self, which: str = "largest"):
+    """Compiles before serving: "largest" (the biggest and the smallest shapes), "all" buckets, or "none"."""
+    shapes = {"all": self.buckets(), "none": []}.get(which)
+    if shapes is None:
+      shapes = [max(self.buckets(), key=lambda s: (s[0] * s[1], s)), (1, self.min_len_bucket)]
+    for b, t in shapes:
+      self.score([[0] * t] * b)
+
+
+# ------------------------------------------------------------------------------------------ the batcher
+
+
+class Overloaded(Exception):
+  pass
+
+
+class Batcher:
+  """Queues prompts from concurrent requests and runs them through the engine in batches.
+
+  One asyncio task takes up to max_batch_size queued prompts (fewer if their padded length would exceed
+  max_batch_tokens) and runs the forward in a single worker thread; prompts that arrive meanwhile form the
+  next batch. The queue is bounded: a request whose prompts do not fit is refused whole (`Overloaded`).
+  """
+
+  def __init__(self, engine: TeacherEngine, *, max_queue: int, batch_wait_s: float = 0.002):
+    self.engine, self.max_queue, self.batch_wait_s = engine, max_queue, batch_wait_s
+    self._pending: collections.deque = collections.deque()
+    self._wake: asyncio.Event | None = None
+    self._task: asyncio.Task | None = None
+    self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="teacher-forward")
+    self.stats = dict(requests=0, prompts=0, tokens=0, forwards=0, max_batch=0, rejected=0, errors=0,
+                      batch_sizes=collections.Counter())
+
+  async def start(self):
+    self._wake = asyncio.Event()
+    self._task = asyncio.create_task(self._loop())
+
+  async def stop(self):
+    if self._task is not None:
+      self._task.cancel()
+      try:
+        await self._task
+      except asyncio.CancelledError:
+        pass
+    for _, fut in self._pending:
+      if not fut.done():
+        fut.set_exception(Overloaded("server shutting down"))
+    self._worker.shutdown(wait=True)
+
+  def submit(self, prompts: list[list[int]]) -> list[asyncio.Future]:
+    if len(self._pending) + len(prompts) > self.max_queue:
+      self.stats["rejected"] += 1
+      raise Overloaded(f"queue full ({len(self._pending)} prompts waiting, limit {self.max_queue}); retry later")
+    loop = asyncio.get_running_loop()
+    futures = []
+    for p in prompts:
+      futures.append(loop.create_future())
+      self._pending.append((p, futures[-1]))
+    self.stats["requests"] += 1
+    self._wake.set()
+    return futures
+
+  def _take_batch(self):
+    batch, longest = [], 0
+    while self._pending and len(batch) < self.engine.max_batch_size:
+      if self._pending[0][1].done():  # Its request was cancelled (client gone): drop it.
+        self._pending.popleft()
+        continue
+      n = len(self._pending[0][0])
+      padded = self.engine.len_bucket(max(longest, n)) * self.engine.batch_bucket(len(batch) + 1)
+      if batch and padded > self.engine.max_batch_tokens:
+        break
+      batch.append(self._pending.popleft())
+      longest = max(longest, n)
+    return batch
+
+  async def _loop(self):
+    loop = asyncio.get_running_loop()
+    while True:
+      await self._wake.wait()
+      if len(self._pending) < self.engine.max_batch_size and self.batch_wait_s > 0:
+        await asyncio.sleep(self.batch_wait_s)  # Let requests sent together arrive together.
+      batch = self._take_batch()
+      if not self._pending:
+        self._wake.clear()
+      if not batch:
+        continue
+      prompts = [p for p, _ in batch]
+      try:
+        results = await loop.run_in_executor(self._worker, self.engine.score, prompts)
+      except Exception as e:  # A failed forward fails its requests (500), never the server.
+        log.exception("teacher forward failed for a batch of %d", len(batch))
+        self.stats["errors"] += 1
+        results = [e] * len(batch)
+      self.stats["forwards"] += 1
+      self.stats["prompts"] += len(batch)
+      self.stats["tokens"] += sum(map(len, prompts))
+      self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
+      self.stats["batch_sizes"][len(batch)] += 1
+      for (_, fut), res in zip(batch, results):
+        if fut.done():  # The client went away.
+          continue
+        if isinstance(res, Exception):
+          fut.set_exception(res)
+        else:
+          fut.set_result(res)
+
+
+# ------------------------------------------------------------------------------------ request / response
+
+
+class BadRequest(ValueError):
+  pass
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_request(body, *, vocab_size: int, max_logprobs: int, max_seq_len: int, max_prompts: int,
+                  model_names: tuple[str, ...]):
+  """Validates a /v1/completions body -> (prompts, k or None, max_tokens). Raises BadRequest naming the field."""
+  if not isinstance(body, dict):
+    raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+  model = body.get("model")
+  if model is not None and model not in model_names:
+    raise BadRequest(f"model {model!r} is not served here; served: {list(model_names)}")
+  if "prompt" not in body:
+    raise BadRequest("missing field 'prompt' (a list of token ids, or a list of such lists)")
+  prompt = body["prompt"]
+  if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
+    raise BadRequest("'prompt' must be token ids: text prompts are not supported by this server")
+  if not isinstance(prompt, list) or not prompt:
+    raise BadRequest(f"'prompt' must be a non-empty list of token ids or of lists of token ids, got {prompt!r:.80}")
+  prompts = prompt if isinstance(prompt[0], list) else [prompt]
+  if len(prompts) > max_prompts:
+    raise BadRequest(f"'prompt' holds {len(prompts)} prompts; at most {max_prompts} per request")
+  for i, p in enumerate(prompts):
+    name = f"prompt[{i}]" if prompts is prompt else "prompt"
+    if not isinstance(p, list) or not p:
+      raise BadRequest(f"'{name}' must be a non-empty list of token ids, got {p!r:.80}")
+    if len(p) > max_seq_len:
+      raise BadRequest(f"'{name}' has {len(p)} tokens; this server's max_seq_len is {max_seq_len}")
+    for j, tok in enumerate(p):
+      if not _is_int(tok):
+        raise BadRequest(f"'{name}[{j}]' must be an integer token id, got {tok!r:.40}")
+      if not 0 <= tok < vocab_size:
+        raise BadRequest(f"'{name}[{j}]' = {tok} is outside the vocabulary [0, {vocab_size})")
+  k = body.get("prompt_logprobs")
+  if k is not None and (not _is_int(k) or not 0 <= k <= max_logprobs):
+    raise BadRequest(f"'prompt_logprobs' must be an integer in [0, {max_logprobs}] (the server's "
+                     f"--max-logprobs), got {k!r}")
+  max_tokens = body.get("max_tokens", 1)
+  if not _is_int(max_tokens) or max_tokens not in (0, 1):
+    raise BadRequest(f"'max_tokens' must be 0 or 1 (this server scores prompts, it does not generate), "
+                     f"got {max_tokens!r}")
+  if body.get("stream"):
+    raise BadRequest("'stream' is not supported")
+  if body.get("n", 1) != 1 or body.get("best_of") not in (None, 1):
+    raise BadRequest("'n' and 'best_of' must be 1")
+  if body.get("logprobs") is not None:
+    raise BadRequest("'logprobs' (of generated tokens) is not supported; use 'prompt_logprobs'")
+  return prompts, k, max_tokens
+
+
+def prompt_logprobs_json(engine: TeacherEngine, prompt: list[int], res: Scored, k: int) -> list:
+  """vLLM's `prompt_logprobs`: None, then per token t ≥ 1 {str(id): {logprob, rank, decoded_token}}."""
+  out: list = [None]
+  top_v, top_i = res.top_logprobs[:, :k].tolist(), res.top_ids[:, :k].tolist()
+  tok_lp, tok_rank = res.token_logprob.tolist(), res.token_rank.tolist()
+  for t in range(1, len(prompt)):
+    # The actual token first (vLLM's order); a top-k duplicate keeps its top-k entry, which is identical.
+    entry = {str(prompt[t]): {"logprob": tok_lp[t - 1], "rank": tok_rank[t - 1],
+                              "decoded_token": engine.decode(prompt[t])}}
+    for r, (v, i) in enumerate(zip(top_v[t - 1], top_i[t - 1])):
+      entry[str(i)] = {"logprob": v, "rank": r + 1, "decoded_token": engine.decode(i)}
+    out.append(entry)
+  return out
+
+
+def completion_json(engine, model_name, prompts, results, k, max_tokens) -> dict:
+  choices = []
+  for i, (p, res) in enumerate(zip(prompts, results)):
+    text = ""
+    if max_tokens:
+      text = engine.decode(int(res.top_ids[-1, 0])) or ""  # Greedy next token.
+    choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None,
+                    "prompt_logprobs": None if k is None else prompt_logprobs_json(engine, p, res, k)})
+  n_prompt = sum(map(len, prompts))
+  return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+          "model": model_name, "choices": choices,
+          "usage": {"prompt_tokens": n_prompt, "completion_tokens": max_tokens * len(prompts),
+                    "total_tokens": n_prompt + max_tokens * len(prompts)}}
+
+
+# --------------------------------------------------------------------------------------------- the app
+
+
+def make_app(engine: TeacherEngine, model_name: str, *, max_queue: int = 256, max_prompts: int = 64,
+             max_body_bytes: int = 64 << 20, batch_wait_s: float = 0.002):
+  """The aiohttp application. The batcher starts and stops with the app."""
+  web = _aiohttp_web()
+  batcher = Batcher(engine, max_queue=max_queue, batch_wait_s=batch_wait_s)
+  app = web.Application(client_max_size=max_body_bytes)
+  created = int(time.time())
+
+  def error(status, message, kind):
+    return web.json_response({"object": "error", "message": message, "type": kind, "code": status},
+                             status=status)
+
+  async def health(_):
+    return web.json_response({"status": "ok"})
+
+  async def models(_):
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "gkd_jax", "root": model_name,
+            "parent": None, "max_model_len": engine.max_seq_len, "max_logprobs": engine.max_logprobs,
+            "vocab_size": engine.vocab_size}
+    return web.json_response({"object": "list", "data": [card]})
+
+  async def stats(_):
+    s = dict(batcher.stats, batch_sizes={str(b): c for b, c in sorted(batcher.stats["batch_sizes"].items())},
+             queued=len(batcher._pending), compiled_shapes=sorted(engine.compiled_shapes))
+    return web.json_response(s)
+
+  async def completions(request):
+    try:
+      body = json.loads(await request.read())
+    except web.HTTPRequestEntityTooLarge as e:
+      return error(413, f"request body too large: {e.text}", "BadRequestError")
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
+      return error(400, f"request body is not valid JSON: {e}", "BadRequestError")
+    try:
+      prompts, k, max_tokens = parse_request(
+          body, vocab_size=engine.vocab_size, max_logprobs=engine.max_logprobs, max_seq_len=engine.max_seq_len,
+          max_prompts=max_prompts, model_names=(model_name,))
+    except BadRequest as e:
+      return error(400, str(e), "BadRequestError")
+    try:
+      futures = batcher.submit(prompts)
+    except Overloaded as e:
+      return error(503, str(e), "ServiceUnavailableError")
+    try:
+      results = await asyncio.gather(*futures)
+    except Overloaded as e:
+      return error(503, str(e), "ServiceUnavailableError")
+    except Exception as e:
+      return error(500, f"teacher forward failed: {type(e).__name__}: {e}", "InternalServerError")
+    finally:
+      for f in futures:
+        f.cancel()  # No-op when done; frees queue slots of a request that was cancelled mid-way.
+    # Building and encoding the JSON is the other heavy part: keep it off the event loop too.
+    text = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: json.dumps(completion_json(engine, model_name, prompts, results, k, max_tokens)))
+    return web.Response(text=text, content_type="application/json")
+
+  async def on_startup(_):
+    await batcher.start()
+
+  async def on_cleanup(_):
+    await batcher.stop()
+
+  app.router.add_get("/health", health)
+  app.router.add_get("/v1/models", models)
+  app.router.add_get("/stats", stats)
+  app.router.add_post("/v1/completions", completions)
+  app.on_startup.append(on_startup)
+  app.on_cleanup.append(on_cleanup)
+  return app
+
+
+class ServerThread:
+  """Runs an app on host:port (0 = a free port) in a background thread: tests, notebooks, one-process setups.
+
+      with ServerThread(app) as server:
+        client = TeacherClient(server.url, k=8)
+  """
+
+  def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+    self.app, self.host, self.port = app, host, port
+    self.url: str | None = None
+    self._loop = asyncio.new_event_loop()
+    self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-server", daemon=True)
+    self._runner = None
+
+  def start(self) -> "ServerThread":
+    web = _aiohttp_web()
+    self._thread.start()
+
+    async def up():
+      self._runner = web.AppRunner(self.app, access_log=None)
+      await self._runner.setup()
+      site = web.TCPSite(self._runner, self.host, self.port)
+      await site.start()
+      return self._runner.addresses[0][1]
+
+    self.port = asyncio.run_coroutine_threadsafe(up(), self._loop).result()
+    self.url = f"http://{self.host}:{self.port}"
+    return self
+
+  def stop(self):
+    if self._runner is not None:
+      asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
+      self._runner = None
+    self._loop.call_soon_threadsafe(self._loop.stop)
+    self._thread.join()
+    self._loop.close()
+
+  def __enter__(self):
+    return self.start()
+
+  def __exit__(self, *exc):
+    self.stop()
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+def build_engine(model_path: str, *, dtype: str = "bfloat16", mesh: str | None = None, tokenizer: str | None = "",
+                 **engine_kw) -> TeacherEngine:
+  """Loads the checkpoint (and its tokenizer, for decoded_token; "" = the model's own, None = none)."""
+  from gkd_jax import sharding
+  from gkd_jax.models import from_pretrained, load_tokenizer
+  jax_mesh = None
+  if mesh:
+    sizes = [int(s) for s in mesh.split(",")]
+    jax_mesh = sharding.make_mesh(*sizes)
+  dt = jnp.dtype(dtype)
+  model = from_pretrained(model_path, dtype=dt, param_dtype=dt, mesh=jax_mesh)
+  tok = None
+  if tokenizer is not None:
+    try:
+      tok = load_tokenizer(tokenizer or model_path)
+    except Exception as e:  # decoded_token is informational only; say so once and serve without it.
+      log.warning("no tokenizer loaded from %s (%s): decoded_token will be null", tokenizer or model_path, e)
+  return TeacherEngine(model, tokenizer=tok, **engine_kw)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="python -m gkd_jax.serve", description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", required=True, help="HF checkpoint directory or hub id")
+  p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")
+  p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--max-logprobs", type=int, default=64, help="largest prompt_logprobs k accepted")
+  p.add_argument("--max-seq-len", type=int, default=4096, help="longest prompt in tokens")
+  p.add_argument("--max-batch-size", type=int, default=32, help="prompts per forward")
+  p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward (memory bound)")
+  p.add_argument("--max-queue", type=int, default=512, help="queued prompts before answering 503")
+  p.add_argument("--max-prompts-per-request", type=int, default=64)
+  p.add_argument("--max-body-mb", type=float, default=64.0)
+  p.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait for more requests before a forward")
+  p.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype (float32 for exactness)")
+  p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 1,-1,1 (default: one device)")
+  p.add_argument("--tokenizer", default="", help="for decoded_token (default: the model's)")
+  p.add_argument("--warmup", default="largest", choices=("largest", "all", "none"),
+                 help="shapes to compile before serving: all buckets avoids compile stalls mid-run")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+  engine = build_engine(args.model, dtype=args.dtype, mesh=args.mesh, tokenizer=args.tokenizer,
+                        max_logprobs=args.max_logprobs, max_seq_len=args.max_seq_len,
+                        max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens)
+  t0 = time.time()
+  engine.warmup(args.warmup)
+  log.info("warm-up (%s) compiled in %.1fs", args.warmup, time.time() - t0)
+  app = make_app(engine, args.served_model_name or args.model, max_queue=args.max_queue,
+                 max_prompts=args.max_prompts_per_request, max_body_bytes=int(args.max_body_mb * 2**20),
+                 batch_wait_s=args.batch_wait_ms / 1000)
+  log.info("serving %s on http://%s:%d (max_logprobs=%d, vocab=%d)", args.model, args.host, args.port,
+           engine.max_logprobs, engine.vocab_size)
+  _aiohttp_web().run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+  main()

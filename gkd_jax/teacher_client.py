@@ -1,0 +1,293 @@
+"""Client for a remote teacher: top-k log-probs per position from a vLLM-compatible `/v1/completions` server.
+
+    client = TeacherClient("http://teacher:8000", k=64)
+    client.check()                                    # health, model, k accepted: fail at start-up, not step 1
+    future = client.submit(ids_next, mask_next)       # overlap step n+1's requests with step n
+    values, indices = client.topk_logprobs(ids, mask) # [B, T, k] float32 log-probs, int32 ids
+    _, tmask, s_logits, t_vals, t_idx = shift_for_next_token(ids, loss_mask, student_logits, values, indices)
+    loss = topk_generalized_jsd_loss(s_logits, t_vals, t_idx, tmask, beta=beta, values_are_logprobs=True)
+
+The arrays are aligned to the LOGITS positions: position t holds the teacher's top-k for predicting token t+1,
+exactly like `teacher_topk(teacher_logits, k)` of a local teacher, so both feed `shift_for_next_token` and
+`topk_generalized_jsd_loss` the same way. The last real position, padding, and slots the server did not fill
+hold -inf (index 0), which the loss treats as "not a teacher candidate".
+
+Works with our `gkd_jax.serve` and with vLLM (`vllm serve MODEL --max-logprobs K`). Only each row's real
+tokens are sent (left or right padding both work). Requests run concurrently (at most `max_parallel` in
+flight) on a private event loop in a background thread; transient failures (connection errors, timeouts,
+HTTP 408/429/5xx) are retried with exponential backoff; anything else, or a response that does not match
+what was sent, raises `TeacherServerError` naming the URL and the problem.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import math
+import threading
+
+import numpy as np
+
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+class TeacherServerError(RuntimeError):
+  """The teacher server could not be reached after the retries, refused a request, or answered malformed data."""
+
+
+def _aiohttp():
+  try:
+    import aiohttp
+  except ImportError as e:  # pragma: no cover
+    raise ImportError("the teacher client needs aiohttp: pip install 'aiohttp>=3.9'") from e
+  return aiohttp
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def parse_prompt_logprobs(prompt_logprobs, token_ids, k: int, *, where: str = "response"):
+  """One row's vLLM `prompt_logprobs` -> (values [n, k] float32, indices [n, k] int32) for its n tokens.
+
+  Row t is the teacher's top-k for token t+1 (the server's entry t+1), sorted by log-prob; the last row and
+  slots beyond what the server returned are -inf with index 0. The server's extra entry for the actual
+  prompt token (present when it is outside the top-k: k+1 entries) is dropped, but its presence is checked:
+  it proves the server scored exactly the tokens we sent.
+  """
+  n = len(token_ids)
+  if not isinstance(prompt_logprobs, list) or len(prompt_logprobs) != n:
+    got = f"a list of {len(prompt_logprobs)}" if isinstance(prompt_logprobs, list) else repr(prompt_logprobs)[:60]
+    raise ValueError(f"{where}: prompt_logprobs should be a list of {n} entries (one per prompt token), got {got}")
+  if n and prompt_logprobs[0] is not None:
+    raise ValueError(f"{where}: prompt_logprobs[0] should be null (nothing predicts the first token)")
+  values = np.full((n, k), -np.inf, np.float32)
+  indices = np.zeros((n, k), np.int32)
+  for t in range(1, n):
+    entry = prompt_logprobs[t]
+    if not isinstance(entry, dict):
+      raise ValueError(f"{where}: prompt_logprobs[{t}] should be an object token-id -> logprob info, "
+                       f"got {repr(entry)[:60]}")
+    if str(token_ids[t]) not in entry:
+      raise ValueError(f"{where}: prompt_logprobs[{t}] lacks the prompt token {token_ids[t]}: the server did not "
+                       "score the tokens that were sent")
+    items = []
+    for key, info in entry.items():
+      try:
+        tok = int(key)
+      except (TypeError, ValueError):
+        tok = -1
+      lp = info.get("logprob") if isinstance(info, dict) else None
+      if tok < 0 or not _is_number(lp) or math.isnan(lp) or lp > 1e-3:
+        raise ValueError(f"{where}: prompt_logprobs[{t}][{key!r}] = {repr(info)[:80]} is not a token id with a "
+                         "log-probability ≤ 0")
+      rank = info.get("rank")
+      items.append((lp, tok, rank if _is_number(rank) else None))
+    if len(items) > k:
+      # vLLM ranks: the top-k are 1..k; without ranks, the k most likely are the top-k.
+      if all(r is not None for _, _, r in items):
+        items = [it for it in items if it[2] <= k]
+      items = sorted(items, key=lambda it: -it[0])[:k]
+    else:
+      items.sort(key=lambda it: -it[0])
+    for j, (lp, tok, _) in enumerate(items):
+      values[t - 1, j], indices[t - 1, j] = lp, tok
+  return values, indices
+
+
+def real_spans(attention_mask) -> list[tuple[int, int]]:
+  """(start, length) of each row's real tokens; they must be one contiguous run (left or right padding)."""
+  spans = []
+  for row, m in enumerate(np.asarray(attention_mask).astype(bool)):
+    where = np.flatnonzero(m)
+    start, length = (int(where[0]), len(where)) if len(where) else (0, 0)
+    if length and where[-1] - start + 1 != length:
+      raise ValueError(f"attention_mask row {row} has gaps; real tokens must be one contiguous run")
+    spans.append((start, length))
+  return spans
+
+
+# ------------------------------------------------------------------------------------------------- client
+
+
+class TeacherClient:
+  """Fetches top-k teacher log-probs for token batches from a `/v1/completions` server.
+
+  Args:
+    url: server root, e.g. "http://127.0.0.1:8000" (a trailing "/v1" is accepted).
+    k: top-k per position; must be ≤ the server's max logprobs (vLLM `--max-logprobs`).
+    model: model name to send; default: the first one `/v1/models` lists.
+    timeout: seconds per HTTP request (whole request, including the response body).
+    max_retries: retries after the first attempt for transient failures.
+    backoff: first retry delay in seconds, doubled on each further retry.
+    max_parallel: HTTP requests in flight at once.
+    rows_per_request: sequences per HTTP request (a list of prompts); 1 lets the server batch freely.
+    api_key: sent as a Bearer token (vLLM `--api-key`).
+  """
+
+  def __init__(self, url: str, k: int, *, model: str | None = None, timeout: float = 120.0, max_retries: int = 3,
+               backoff: float = 0.5, max_parallel: int = 8, rows_per_request: int = 1, api_key: str | None = None):
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+      raise ValueError(f"k (gkd_logits_topk) must be a positive int for a teacher server, got {k!r}")
+    if max_parallel < 1 or rows_per_request < 1 or max_retries < 0:
+      raise ValueError("need max_parallel ≥ 1, rows_per_request ≥ 1, max_retries ≥ 0")
+    _aiohttp()
+    self.url = url.rstrip("/").removesuffix("/v1")
+    self.k, self.model, self.timeout = k, model, timeout
+    self.max_retries, self.backoff = max_retries, backoff
+    self.max_parallel, self.rows_per_request = max_parallel, rows_per_request
+    self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    self._loop = asyncio.new_event_loop()
+    self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-client", daemon=True)
+    self._thread.start()
+    self._session = None
+    self._slots = None
+    self._model_lock = None
+
+  # -- public API (blocking or futures; safe to call from any thread)
+
+  def check(self) -> dict:
+    """Start-up check: /health, /v1/models (model present, k ≤ its max_logprobs when listed), and one tiny
+    request with prompt_logprobs=k that must parse. Returns the model card."""
+    return self._run(self._check()).result()
+
+  def submit(self, input_ids, attention_mask=None) -> concurrent.futures.Future:
+    """Starts fetching the batch's top-k in the background; `.result()` gives (values, indices)."""
+    ids = np.array(input_ids, np.int64, copy=True)  # A copy: the caller may reuse its buffers.
+    if ids.ndim != 2:
+      raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
+    mask = np.ones_like(ids, bool) if attention_mask is None else np.array(attention_mask, bool, copy=True)
+    if mask.shape != ids.shape:
+      raise ValueError(f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}")
+    return self._run(self._batch(ids, real_spans(mask)))
+
+  def topk_logprobs(self, input_ids, attention_mask=None):
+    """(values [B, T, k] float32 log-probs, indices [B, T, k] int32), aligned to the logits positions."""
+    return self.submit(input_ids, attention_mask).result()
+
+  def close(self):
+    if self._loop.is_closed():
+      return
+    if self._session is not None:
+      self._run(self._session.close()).result()
+    self._loop.call_soon_threadsafe(self._loop.stop)
+    self._thread.join()
+    self._loop.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  # -- internals (run on the client's event loop)
+
+  def _run(self, coro) -> concurrent.futures.Future:
+    return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+  def _error(self, problem: str) -> TeacherServerError:
+    return TeacherServerError(f"teacher server {self.url}: {problem}")
+
+  async def _request(self, method: str, path: str, payload=None):
+    """JSON request with retries on transient failures; returns the decoded JSON body."""
+    aiohttp = _aiohttp()
+    if self._session is None:
+      self._session = aiohttp.ClientSession(headers=self._headers)
+      self._slots = asyncio.Semaphore(self.max_parallel)
+    last = None
+    for attempt in range(self.max_retries + 1):
+      if attempt:
+        await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+      try:
+        async with self._slots:
+          async with self._session.request(method, self.url + path, json=payload,
+                                           timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+            body = await resp.read()
+            status = resp.status
+      except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        continue
+      if status == 200:
+        try:
+          return json.loads(body) if body.strip() else None
+        except ValueError as e:
+          raise self._error(f"{method} {path} answered malformed JSON ({e}): {body[:200]!r}") from None
+      message = body[:500].decode("utf-8", "replace")
+      if status in RETRY_STATUS:
+        last = f"HTTP {status}: {message}"
+        continue
+      raise self._error(f"{method} {path} was refused with HTTP {status}: {message}")
+    raise self._error(f"{method} {path} failed after {self.max_retries + 1} attempts; last error: {last}")
+
+  async def _model_card(self) -> dict:
+    listing = await self._request("GET", "/v1/models")
+    cards = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(cards, list) or not cards or not all(isinstance(c, dict) and "id" in c for c in cards):
+      raise self._error(f"GET /v1/models answered no model list: {str(listing)[:200]}")
+    if self.model is None:
+      return cards[0]
+    for card in cards:
+      if card["id"] == self.model:
+        return card
+    raise self._error(f"model {self.model!r} is not served; served: {[c['id'] for c in cards]}")
+
+  async def _ensure_model(self):
+    if self._model_lock is None:
+      self._model_lock = asyncio.Lock()
+    async with self._model_lock:
+      if self.model is None:
+        self.model = (await self._model_card())["id"]
+
+  async def _check(self) -> dict:
+    await self._request("GET", "/health")
+    card = await self._model_card()
+    self.model = card["id"]
+    max_lp = card.get("max_logprobs")  # Our server lists it; vLLM does not (the probe below covers it).
+    if _is_number(max_lp) and self.k > max_lp:
+      raise self._error(f"k={self.k} exceeds the server's max_logprobs={max_lp}")
+    await self._score([[0, 0]])
+    return card
+
+  async def _score(self, prompts: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Sends prompts in one request; returns each one's parsed (values [n, k], indices [n, k])."""
+    await self._ensure_model()
+    payload = {"model": self.model, "prompt": prompts if len(prompts) > 1 else prompts[0],
+               "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": self.k}
+    response = await self._request("POST", "/v1/completions", payload)
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if not isinstance(choices, list) or len(choices) != len(prompts):
+      raise self._error(f"/v1/completions should answer {len(prompts)} choices, got {str(response)[:200]}")
+    if len(choices) > 1:
+      choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+    out = []
+    for i, (p, choice) in enumerate(zip(prompts, choices)):
+      try:
+        if not isinstance(choice, dict):
+          raise ValueError(f"choices[{i}] is not an object")
+        out.append(parse_prompt_logprobs(choice.get("prompt_logprobs"), p, self.k, where=f"choices[{i}]"))
+      except ValueError as e:
+        raise self._error(f"malformed /v1/completions response: {e}") from None
+    return out
+
+  async def _batch(self, ids: np.ndarray, spans: list[tuple[int, int]]):
+    b, t = ids.shape
+    values = np.full((b, t, self.k), -np.inf, np.float32)
+    indices = np.zeros((b, t, self.k), np.int32)
+    rows = [r for r, (_, n) in enumerate(spans) if n > 0]
+    groups = [rows[i:i + self.rows_per_request] for i in range(0, len(rows), self.rows_per_request)]
+    prompts = lambda g: [ids[r, spans[r][0]:spans[r][0] + spans[r][1]].tolist() for r in g]
+    tasks = [asyncio.ensure_future(self._score(prompts(g))) for g in groups]
+    try:
+      results = await asyncio.gather(*tasks)
+    except BaseException:
+      for task in tasks:  # One failure fails the batch: stop sending the rest.
+        task.cancel()
+      raise
+    for g, res in zip(groups, results):
+      for r, (v, i) in zip(g, res):
+        start, n = spans[r]
+        values[r, start:start + n], indices[r, start:start + n] = v, i
+    return values, indices

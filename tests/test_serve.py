@@ -1,0 +1,379 @@
+"""Teacher server + client on loopback: values vs a direct JAX forward, loss vs the local top-k teacher,
+batching, validation (400), overload (503), retries, unreachable / malformed servers, vLLM-format parsing."""
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+pytest.importorskip("aiohttp")
+from aiohttp import web  # noqa: E402
+
+from gkd_jax import losses  # noqa: E402
+from gkd_jax import serve  # noqa: E402
+from gkd_jax.models import from_pretrained  # noqa: E402
+from gkd_jax.teacher_client import TeacherClient, TeacherServerError, parse_prompt_logprobs  # noqa: E402
+
+V, K_MAX, MAX_LEN, NAME = 128, 16, 32, "tiny-teacher"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  torch.manual_seed(0)
+  config = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    tie_word_embeddings=False)
+  directory = str(tmp_path_factory.mktemp("teacher"))
+  model = transformers.Qwen2ForCausalLM(config).eval()
+  with torch.no_grad():
+    model.lm_head.weight.mul_(20.0)  # Sharper logits than HF's tiny init: top-k ranks far from ties.
+  model.save_pretrained(directory)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+  return serve.build_engine(ckpt, dtype="float32", tokenizer=None, max_logprobs=K_MAX, max_seq_len=MAX_LEN,
+                            max_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def local_logits(ckpt):
+  """The teacher as a local, directly jitted forward: (ids, mask) -> logits."""
+  model = from_pretrained(ckpt, dtype=jnp.float32)
+  return jax.jit(lambda ids, mask: model(ids, attention_mask=mask).logits)
+
+
+@pytest.fixture(scope="module")
+def local_logp(local_logits):
+  """log_softmax of a direct forward of one prompt (right-padded to MAX_LEN: one compile)."""
+  forward = lambda ids, mask: jax.nn.log_softmax(local_logits(ids, mask)[0], axis=-1)
+
+  def logp(prompt):
+    ids, mask = np.zeros((1, MAX_LEN), np.int32), np.arange(MAX_LEN)[None] < len(prompt)
+    ids[0, :len(prompt)] = prompt
+    return np.asarray(forward(ids, mask))[:len(prompt)]
+  return logp
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+  with serve.ServerThread(serve.make_app(engine, NAME, max_queue=64, batch_wait_s=0.02)) as s:
+    yield s
+
+
+def post(url, body, timeout=30):
+  data = body if isinstance(body, bytes) else json.dumps(body).encode()
+  req = urllib.request.Request(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+      return resp.status, json.loads(resp.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def get(url, path):
+  with urllib.request.urlopen(url + path, timeout=10) as resp:
+    return json.loads(resp.read())
+
+
+def prompts_of(lengths, seed=0):
+  rng = np.random.RandomState(seed)
+  return [rng.randint(0, V, n).tolist() for n in lengths]
+
+
+# ----------------------------------------------------------------------------------------- server values
+
+
+def test_prompt_logprobs_match_direct_forward_and_requests_batch(server, local_logp):
+  prompts, k = prompts_of((2, 5, 9, 17, 32, 3, 12, 7)), 5
+  before = get(server.url, "/stats")["forwards"]
+  with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+    answers = list(pool.map(lambda p: post(server.url, {"model": NAME, "prompt": p, "max_tokens": 1,
+                                                        "prompt_logprobs": k}), prompts))
+  for p, (status, body) in zip(prompts, answers):
+    assert status == 200, body
+    plp = body["choices"][0]["prompt_logprobs"]
+    assert len(plp) == len(p) and plp[0] is None
+    ref = local_logp(p)
+    for t in range(1, len(p)):
+      order = np.argsort(-ref[t - 1])
+      expected = {int(i): r + 1 for r, i in enumerate(order[:k])}
+      expected.setdefault(p[t], int(np.sum(ref[t - 1] >= ref[t - 1, p[t]])))  # The actual token, any rank.
+      got = {int(key): info for key, info in plp[t].items()}
+      assert set(got) == set(expected)
+      for tok, info in got.items():
+        assert info["rank"] == expected[tok]
+        np.testing.assert_allclose(info["logprob"], ref[t - 1, tok], atol=2e-5)
+    assert body["usage"]["prompt_tokens"] == len(p)
+    assert body["choices"][0]["finish_reason"] == "length"
+  stats = get(server.url, "/stats")
+  assert stats["forwards"] - before < len(prompts), stats  # Separate requests shared a forward.
+  assert all(b in (1, 2, 4, 8) and t in (16, 32) for b, t in stats["compiled_shapes"])  # Bucketed shapes.
+
+
+def test_list_of_prompts_one_choice_each_and_no_logprobs(server, local_logp):
+  prompts = prompts_of((4, 1, 6), seed=1)
+  status, body = post(server.url, {"prompt": prompts, "max_tokens": 0, "prompt_logprobs": 0})
+  assert status == 200, body
+  assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+  assert body["choices"][1]["prompt_logprobs"] == [None]
+  entry = body["choices"][0]["prompt_logprobs"][2]
+  assert list(entry) == [str(prompts[0][2])]  # k=0: only the actual token, like vLLM.
+  np.testing.assert_allclose(entry[str(prompts[0][2])]["logprob"], local_logp(prompts[0])[1, prompts[0][2]],
+                             atol=2e-5)
+  status, body = post(server.url, {"prompt": prompts[0]})
+  assert status == 200 and body["choices"][0]["prompt_logprobs"] is None
+  assert get(server.url, "/health") == {"status": "ok"}
+  card = get(server.url, "/v1/models")["data"][0]
+  assert card["id"] == NAME and card["max_logprobs"] == K_MAX
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    ([1, 2, 3], 400, "JSON object"),
+    ({"prompt_logprobs": 2}, 400, "missing field 'prompt'"),
+    ({"prompt": "hello"}, 400, "text prompts"),
+    ({"prompt": []}, 400, "non-empty"),
+    ({"prompt": [[1, 2], []]}, 400, "'prompt[1]' must be a non-empty"),
+    ({"prompt": [1, V]}, 400, f"'prompt[1]' = {V} is outside the vocabulary [0, {V})"),
+    ({"prompt": [[3], [1, -1]]}, 400, "'prompt[1][1]' = -1 is outside"),
+    ({"prompt": [1, 2.5]}, 400, "'prompt[1]' must be an integer"),
+    ({"prompt": [1, True]}, 400, "'prompt[1]' must be an integer"),
+    ({"prompt": [1] * (MAX_LEN + 1)}, 400, "max_seq_len"),
+    ({"prompt": [1, 2], "prompt_logprobs": K_MAX + 1}, 400, f"'prompt_logprobs' must be an integer in [0, {K_MAX}]"),
+    ({"prompt": [1, 2], "prompt_logprobs": "5"}, 400, "'prompt_logprobs'"),
+    ({"prompt": [1, 2], "max_tokens": 16}, 400, "'max_tokens' must be 0 or 1"),
+    ({"prompt": [1, 2], "model": "other"}, 400, "'other' is not served"),
+    ({"prompt": [1, 2], "stream": True}, 400, "'stream'"),
+])
+def test_bad_requests_get_400_naming_the_field(server, body, status, words):
+  code, answer = post(server.url, body)
+  assert code == status and words in answer["message"], answer
+
+
+def test_overload_answers_503_and_keeps_serving(engine):
+  app = serve.make_app(engine, NAME, max_queue=3, batch_wait_s=0.3, max_body_bytes=4096)
+  with serve.ServerThread(app) as s:
+    code, answer = post(s.url, {"prompt": [[1, 2]] * 4})  # More prompts than the whole queue.
+    assert code == 503 and "queue full" in answer["message"]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+      codes = [c for c, _ in pool.map(lambda p: post(s.url, {"prompt": p, "prompt_logprobs": 2}),
+                                      prompts_of([6] * 12, seed=3))]
+    assert set(codes) == {200, 503} and codes.count(200) >= 3, codes
+    code, answer = post(s.url, b'{"prompt": [' + b"1," * 3000 + b"1]}")
+    assert code == 413, answer
+    assert post(s.url, {"prompt": [5, 6, 7], "prompt_logprobs": 1})[0] == 200  # Still alive.
+    assert get(s.url, "/stats")["rejected"] >= 1
+
+
+def test_cli_serves_a_checkpoint(ckpt):
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  cmd = [sys.executable, "-m", "gkd_jax.serve", "--model", ckpt, "--port", str(port), "--max-logprobs", "4",
+         "--max-seq-len", "16", "--max-batch-size", "2", "--dtype", "float32", "--warmup", "none"]
+  env = dict(os.environ, XLA_FLAGS="")  # One CPU device is enough for the server process.
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  try:
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):  # Up to 60 s for the import and the load.
+      try:
+        get(url, "/health")
+        break
+      except OSError:
+        assert proc.poll() is None, proc.communicate()[0].decode()
+        time.sleep(0.25)
+    with TeacherClient(url, k=4) as client:
+      card = client.check()
+      assert card["id"] == ckpt and card["max_logprobs"] == 4
+      values, indices = client.topk_logprobs(np.array([[3, 4, 5, 6]]))
+      assert values.shape == (1, 4, 4) and np.isfinite(values[0, :3]).all() and np.isneginf(values[0, 3]).all()
+  finally:
+    proc.terminate()
+    out = proc.communicate(timeout=30)[0].decode()
+  assert "serving" in out, out
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+
+def test_client_loss_equals_local_topk_teacher(local_logits, server):
+  k, b, t = 6, 4, 24
+  rng = np.random.RandomState(0)
+  ids = rng.randint(0, V, (b, t)).astype(np.int32)
+  mask = np.ones((b, t), bool)
+  mask[1, :9] = False   # left-padded
+  mask[2, 17:] = False  # right-padded
+  mask[3, :20] = False  # short
+  ids[~mask] = 0
+  loss_mask = mask & (np.arange(t) >= 12)  # "completion" tokens...
+  loss_mask[:, 1:] &= mask[:, :-1]  # ...each predicted from a real token (row 3's first one is not)
+  teacher_logits = local_logits(ids, mask)
+  student_logits = jnp.asarray(rng.randn(b, t, V).astype(np.float32) * 3)
+
+  with TeacherClient(server.url, k, max_parallel=3) as client:
+    assert client.check()["id"] == NAME and client.model == NAME
+    values, indices = client.submit(ids, mask).result(timeout=60)
+  assert values.dtype == np.float32 and indices.dtype == np.int32 and values.shape == (b, t, k)
+  # Aligned to the logits: position t holds the top-k for token t+1; the last real token and padding hold -inf.
+  last = np.array([t - 1, t - 1, 16, t - 1])
+  assert np.isneginf(values[np.arange(b), last]).all() and np.isneginf(values[~mask]).all()
+  local_v, local_i = losses.teacher_topk(teacher_logits, k)
+  predicts = mask & np.roll(mask, -1, axis=1)
+  predicts[:, -1] = False
+  np.testing.assert_array_equal(indices[predicts], np.asarray(local_i)[predicts])
+  local_logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(teacher_logits)), np.asarray(local_i), -1)
+  np.testing.assert_allclose(values[predicts], local_logp[predicts], atol=2e-5)
+
+  for beta in (0.0, 0.5, 1.0):
+    def loss(v, i):
+      _, tmask, s, tv, ti = losses.shift_for_next_token(jnp.asarray(ids), jnp.asarray(loss_mask), student_logits,
+                                                        jnp.asarray(v), jnp.asarray(i))
+      return losses.topk_generalized_jsd_loss(s, tv, ti, tmask, beta=beta, temperature=0.9,
+                                              values_are_logprobs=True)
+    remote, local = loss(values, indices), loss(local_v, local_i)
+    assert abs(float(remote) - float(local)) <= 1e-5, (beta, remote, local)
+    shifted = loss(np.roll(values, 1, axis=1), np.roll(indices, 1, axis=1))  # An off-by-one would show.
+    assert abs(float(shifted) - float(local)) > 1e-3
+
+
+def test_load_8_clients_x_50_requests_each_matched(server, engine, local_logp):
+  k, clients, per = 4, 8, 50
+  engine.warmup("all")  # Time serving, not compiling.
+  prompts = prompts_of(np.random.RandomState(5).randint(2, 20, clients * per), seed=6)
+  latencies = []
+
+  def run(c):
+    with TeacherClient(server.url, k, model=NAME, max_parallel=1) as client:
+      out = []
+      for p in prompts[c * per:(c + 1) * per]:
+        t0 = time.perf_counter()
+        out.append(client.topk_logprobs(np.array([p])))
+        latencies.append(time.perf_counter() - t0)
+      return out
+
+  t0 = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+    results = [r for rs in pool.map(run, range(clients)) for r in rs]
+  wall = time.perf_counter() - t0
+  for p, (v, i) in zip(prompts[::23], results[::23]):  # Spot-check values; the parser checked every token.
+    ref = local_logp(p)
+    np.testing.assert_allclose(v[0, :-1], np.take_along_axis(ref[:-1], i[0, :-1], -1), atol=2e-5)
+    np.testing.assert_array_equal(i[0, :-1, 0], ref[:-1].argmax(-1))
+  print(f"\nload: {len(prompts)} requests, {len(prompts) / wall:.0f} req/s, p50 {1e3 * np.median(latencies):.1f} ms, "
+        f"p99 {1e3 * np.quantile(latencies, 0.99):.1f} ms; stats {get(server.url, '/stats')['batch_sizes']}")
+
+
+# ----------------------------------------------------------------------------------- fake / broken servers
+
+# Hand-written in vLLM's format: string token-id keys, null first entry, the actual token added as an extra
+# entry (k+1 entries) when it is outside the top-k, and listed first.
+VLLM_RESPONSE = """{"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "teacher",
+ "choices": [{"index": 0, "text": "!", "logprobs": null, "finish_reason": "length", "stop_reason": null,
+  "prompt_logprobs": [null,
+    {"9": {"logprob": -0.25, "rank": 1, "decoded_token": " b"}, "4": {"logprob": -1.75, "rank": 2, "decoded_token": "x"}},
+    {"3": {"logprob": -6.5, "rank": 7, "decoded_token": "c"}, "8": {"logprob": -0.5, "rank": 1, "decoded_token": "y"},
+     "1": {"logprob": -1.5, "rank": 2, "decoded_token": "z"}},
+    {"7": {"logprob": -0.125, "rank": 1, "decoded_token": "d"}}]}],
+ "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}}"""
+VLLM_PROMPT = [5, 9, 3, 7]
+
+
+def test_parse_vllm_format():
+  plp = json.loads(VLLM_RESPONSE)["choices"][0]["prompt_logprobs"]
+  values, indices = parse_prompt_logprobs(plp, VLLM_PROMPT, 2)
+  np.testing.assert_array_equal(values, [[-0.25, -1.75], [-0.5, -1.5], [-0.125, -np.inf], [-np.inf, -np.inf]])
+  np.testing.assert_array_equal(indices, [[9, 4], [8, 1], [7, 0], [0, 0]])
+  with pytest.raises(ValueError, match="lacks the prompt token 6"):
+    parse_prompt_logprobs(plp, [5, 9, 6, 7], 2)
+  with pytest.raises(ValueError, match="list of 3 entries"):
+    parse_prompt_logprobs(plp, [5, 9, 3], 2)
+
+
+class Fake:
+  """A tiny aiohttp server: /v1/models, and /v1/completions answering from a list of canned replies."""
+
+  def __init__(self, replies):
+    self.replies, self.calls = list(replies), 0
+    app = web.Application()
+    app.router.add_get("/v1/models", self.models)
+    app.router.add_post("/v1/completions", self.completions)
+    self.server = serve.ServerThread(app)
+
+  async def models(self, _):
+    return web.json_response({"data": [{"id": "teacher"}]})
+
+  async def completions(self, request):
+    await request.read()
+    self.calls += 1
+    status, text = self.replies[min(self.calls, len(self.replies)) - 1]
+    return web.Response(status=status, text=text, content_type="application/json")
+
+  def __enter__(self):
+    self.url = self.server.start().url
+    return self
+
+  def __exit__(self, *exc):
+    self.server.stop()
+
+
+def test_client_retries_then_succeeds_and_aligns_padding():
+  with Fake([(503, '{"message": "busy"}'), (500, "oops"), (200, VLLM_RESPONSE)]) as fake:
+    with TeacherClient(fake.url + "/v1", k=2, max_retries=3, backoff=0.01) as client:
+      ids = np.array([[0, 0] + VLLM_PROMPT])
+      values, indices = client.topk_logprobs(ids, ids != 0)  # left-padded by 2
+  assert fake.calls == 3
+  np.testing.assert_array_equal(indices[0, :, 0], [0, 0, 9, 8, 7, 0])
+  assert np.isneginf(values[0, :2]).all() and values[0, 2, 0] == -0.25
+
+
+@pytest.mark.parametrize("replies, words, calls", [
+    ([(200, "{not json")], "malformed JSON", 1),
+    ([(200, '{"choices": []}')], "should answer 1 choices", 1),
+    ([(200, VLLM_RESPONSE.replace('"7": {', '"x7": {'))], "malformed /v1/completions response", 1),
+    ([(400, '{"message": "k too big"}')], "refused with HTTP 400: {\"message\": \"k too big\"}", 1),
+    ([(503, '{"message": "busy"}')], "failed after 3 attempts; last error: HTTP 503", 3),
+])
+def test_client_clear_errors_from_a_bad_server(replies, words, calls):
+  with Fake(replies) as fake:
+    with TeacherClient(fake.url, k=2, max_retries=2, backoff=0.01) as client:
+      with pytest.raises(TeacherServerError) as e:
+        client.topk_logprobs(np.array([VLLM_PROMPT]))
+  assert fake.url in str(e.value) and words in str(e.value) and fake.calls == calls
+
+
+def test_client_unreachable_after_retries_and_server_stopped_mid_run(engine, server):
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # Nothing listens here once closed.
+  t0 = time.perf_counter()
+  with TeacherClient(url, k=2, max_retries=2, backoff=0.05, timeout=5) as client:
+    with pytest.raises(TeacherServerError, match="failed after 3 attempts; last error: ClientConnectorError"):
+      client.topk_logprobs(np.array([[1, 2, 3]]))
+    with pytest.raises(TeacherServerError, match=url):
+      client.check()
+  assert time.perf_counter() - t0 >= 0.05 + 0.1  # Backed off 0.05 s, then 0.1 s.
+  stopping = serve.ServerThread(serve.make_app(engine, NAME)).start()
+  with TeacherClient(stopping.url, k=2, max_retries=2, backoff=0.01) as client:
+    assert client.topk_logprobs(np.array([[1, 2, 3]]))[1].shape == (1, 3, 2)
+    stopping.stop()  # Mid-run: the next batch retries on a dead port, then fails loudly.
+    with pytest.raises(TeacherServerError, match=f"{stopping.url}: POST /v1/completions failed after 3 attempts"):
+      client.topk_logprobs(np.array([[1, 2, 3]]))
+  with TeacherClient(server.url, k=K_MAX + 1) as client:
+    with pytest.raises(TeacherServerError, match=f"exceeds the server's max_logprobs={K_MAX}"):
+      client.check()
+  with pytest.raises(ValueError, match="gkd_logits_topk"):
+    TeacherClient(server.url, k=None)
