@@ -352,3 +352,20 @@ def test_hub_id_downloads_only_needed_files(checkpoints, tmp_path, monkeypatch):
     model = from_pretrained("someone/tiny-qwen2")
     assert model.config.model_type == "qwen2"
     assert "model.safetensors" in requested[-1] and not any("*.safetensors" in p for p in requested[-1])
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma2"])
+def test_random_init_exports_to_transformers(model_type, tmp_path):
+    cfg = ModelConfig(model_type=model_type, vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=model_type == "qwen3",
+                      tie_word_embeddings=model_type == "gemma2", **(dict(
+                          norm_offset=True, embed_scale=True, sandwich_norm=True, hidden_act="gelu_pytorch_tanh",
+                          sliding_window=4, layer_types=("sliding_attention", "full_attention"),
+                          attn_logit_softcapping=0.05, final_logit_softcapping=0.1, query_pre_attn_scalar=8)
+                          if model_type == "gemma2" else {}))
+    model = CausalLM(cfg, rngs=nnx.Rngs(1))
+    save_pretrained(model, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    ids, mask = left_padded_batch()
+    assert max_diff_real(model(jnp.asarray(ids), jnp.asarray(mask)).logits, hf_logits(hf, ids, mask), mask) <= 1e-4
+    assert ModelConfig.from_hf_config(str(tmp_path)) == cfg

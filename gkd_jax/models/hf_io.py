@@ -171,8 +171,8 @@ def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, *, dtype=None
     tensors = export_tensors(model, dtype)
     st.write_checkpoint(out_dir, tensors, max_shard_size)
     config = model.config.to_hf_dict()
-    config["dtype"] = str(np.dtype(dtype or model.param_dtype))
-    config.pop("torch_dtype", None)
+    # transformers v5 calls it "dtype", v4 (and older vLLM) "torch_dtype": keep the source's spelling.
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(np.dtype(dtype or model.param_dtype))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     if tokenizer is not None:
