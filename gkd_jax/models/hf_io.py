@@ -108,13 +108,14 @@ def from_pretrained(path_or_hub_id: str, dtype=jnp.float32, param_dtype=jnp.floa
 
     With a mesh, every parameter is built with `jax.make_array_from_callback` in the sharding its logical
     names give: each device receives only its slice, read from the memory-mapped file.
+    `rngs` is accepted for symmetry with CausalLM(...) and unused. `remat` and `rules` go to CausalLM.
     """
     directory = _resolve(path_or_hub_id)
     cfg = ModelConfig.from_hf_config(directory)
     reader = st.CheckpointReader(directory)
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
-    abstract = nnx.eval_shape(lambda r: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r,
-                                                remat=remat, mesh=mesh, rules=rules), rngs)
+    del rngs  # every weight comes from the checkpoint; the abstract init below needs no real randomness
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
+                                               remat=remat, mesh=mesh, rules=rules))
     graphdef, state = nnx.split(abstract)
     np_dtype = np.dtype(param_dtype)
     used = set()
