@@ -26,7 +26,6 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -122,6 +121,10 @@ class TeacherEngine:
       mask[row, :len(p)] = 1  # Right padding: causal attention keeps real positions exact.
     self.compiled_shapes.add((b, t))
     top_v, top_i, tok_lp, rank = jax.device_get(self._score(self._state, ids, mask))
+    if np.isnan(top_v[:len(prompts)]).any():
+      raise FloatingPointError("the teacher forward produced NaN log-probabilities")
+    # Strict JSON has no -inf; vLLM clamps the same way.
+    top_v, tok_lp = np.maximum(top_v, -9999.0), np.maximum(tok_lp, -9999.0)
     return [Scored(top_v[r, :len(p)], top_i[r, :len(p)], tok_lp[r, :len(p) - 1], rank[r, :len(p) - 1])
             for r, p in enumerate(prompts)]
 
@@ -131,7 +134,11 @@ class TeacherEngine:
       return None
     text = self._decoded.get(token_id)
     if text is None:
-      text = self._decoded[token_id] = self.tokenizer.decode([token_id])
+      try:
+        text = self.tokenizer.decode([token_id])
+      except Exception:  # E.g. an embedding row past the tokenizer's vocabulary.
+        text = ""
+      self._decoded[token_id] = text
     return text
 
   def buckets(self) -> list[tuple[int, int]]:
@@ -292,7 +299,8 @@ def parse_request(body, *, vocab_size: int, max_logprobs: int, max_seq_len: int,
   if k is not None and (not _is_int(k) or not 0 <= k <= max_logprobs):
     raise BadRequest(f"'prompt_logprobs' must be an integer in [0, {max_logprobs}] (the server's "
                      f"--max-logprobs), got {k!r}")
-  max_tokens = body.get("max_tokens", 1)
+  max_tokens = body.get("max_tokens")
+  max_tokens = 1 if max_tokens is None else max_tokens  # OpenAI's "as many as allowed": one here.
   if not _is_int(max_tokens) or max_tokens not in (0, 1):
     raise BadRequest(f"'max_tokens' must be 0 or 1 (this server scores prompts, it does not generate), "
                      f"got {max_tokens!r}")
@@ -435,11 +443,17 @@ class ServerThread:
       await site.start()
       return self._runner.addresses[0][1]
 
-    self.port = asyncio.run_coroutine_threadsafe(up(), self._loop).result()
+    try:
+      self.port = asyncio.run_coroutine_threadsafe(up(), self._loop).result()
+    except BaseException:
+      self.stop()
+      raise
     self.url = f"http://{self.host}:{self.port}"
     return self
 
   def stop(self):
+    if self._loop.is_closed():
+      return
     if self._runner is not None:
       asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
       self._runner = None

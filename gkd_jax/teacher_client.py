@@ -50,13 +50,15 @@ def _is_number(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def parse_prompt_logprobs(prompt_logprobs, token_ids, k: int, *, where: str = "response"):
+def parse_prompt_logprobs(prompt_logprobs, token_ids, k: int, *, vocab_size: int | None = None,
+                          where: str = "response"):
   """One row's vLLM `prompt_logprobs` -> (values [n, k] float32, indices [n, k] int32) for its n tokens.
 
   Row t is the teacher's top-k for token t+1 (the server's entry t+1), sorted by log-prob; the last row and
   slots beyond what the server returned are -inf with index 0. The server's extra entry for the actual
   prompt token (present when it is outside the top-k: k+1 entries) is dropped, but its presence is checked:
-  it proves the server scored exactly the tokens we sent.
+  it proves the server scored exactly the tokens we sent. Ids ≥ vocab_size (embedding rows past the
+  tokenizer's vocabulary) are dropped, which cuts the teacher to that vocabulary like `losses.align_vocab`.
   """
   n = len(token_ids)
   if not isinstance(prompt_logprobs, list) or len(prompt_logprobs) != n:
@@ -93,6 +95,8 @@ def parse_prompt_logprobs(prompt_logprobs, token_ids, k: int, *, where: str = "r
       items = sorted(items, key=lambda it: -it[0])[:k]
     else:
       items.sort(key=lambda it: -it[0])
+    if vocab_size is not None:
+      items = [it for it in items if it[1] < vocab_size]
     for j, (lp, tok, _) in enumerate(items):
       values[t - 1, j], indices[t - 1, j] = lp, tok
   return values, indices
@@ -125,11 +129,14 @@ class TeacherClient:
     backoff: first retry delay in seconds, doubled on each further retry.
     max_parallel: HTTP requests in flight at once.
     rows_per_request: sequences per HTTP request (a list of prompts); 1 lets the server batch freely.
+    vocab_size: the student's (tokenizer's) vocabulary; teacher ids at or past it are dropped (-inf slot),
+      so the indices are always valid for the student's logits. None: no cut.
     api_key: sent as a Bearer token (vLLM `--api-key`).
   """
 
   def __init__(self, url: str, k: int, *, model: str | None = None, timeout: float = 120.0, max_retries: int = 3,
-               backoff: float = 0.5, max_parallel: int = 8, rows_per_request: int = 1, api_key: str | None = None):
+               backoff: float = 0.5, max_parallel: int = 8, rows_per_request: int = 1, vocab_size: int | None = None,
+               api_key: str | None = None):
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
       raise ValueError(f"k (gkd_logits_topk) must be a positive int for a teacher server, got {k!r}")
     if max_parallel < 1 or rows_per_request < 1 or max_retries < 0:
@@ -138,7 +145,7 @@ class TeacherClient:
     self.url = url.rstrip("/").removesuffix("/v1")
     self.k, self.model, self.timeout = k, model, timeout
     self.max_retries, self.backoff = max_retries, backoff
-    self.max_parallel, self.rows_per_request = max_parallel, rows_per_request
+    self.max_parallel, self.rows_per_request, self.vocab_size = max_parallel, rows_per_request, vocab_size
     self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     self._loop = asyncio.new_event_loop()
     self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-client", daemon=True)
@@ -267,7 +274,8 @@ class TeacherClient:
       try:
         if not isinstance(choice, dict):
           raise ValueError(f"choices[{i}] is not an object")
-        out.append(parse_prompt_logprobs(choice.get("prompt_logprobs"), p, self.k, where=f"choices[{i}]"))
+        out.append(parse_prompt_logprobs(choice.get("prompt_logprobs"), p, self.k, vocab_size=self.vocab_size,
+                                         where=f"choices[{i}]"))
       except ValueError as e:
         raise self._error(f"malformed /v1/completions response: {e}") from None
     return out

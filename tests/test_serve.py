@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -179,6 +178,39 @@ def test_overload_answers_503_and_keeps_serving(engine):
     assert get(s.url, "/stats")["rejected"] >= 1
 
 
+class SlowEngine:
+  """The real engine with a slow (or failing) forward."""
+
+  def __init__(self, engine, delay, fail=False):
+    self.engine, self.delay, self.fail = engine, delay, fail
+
+  def __getattr__(self, name):
+    return getattr(self.engine, name)
+
+  def score(self, prompts):
+    time.sleep(self.delay)
+    if self.fail:
+      raise FloatingPointError("the teacher forward produced NaN log-probabilities")
+    return self.engine.score(prompts)
+
+
+def test_event_loop_answers_during_a_forward_and_forward_errors_are_500(engine):
+  with serve.ServerThread(serve.make_app(SlowEngine(engine, delay=1.5), NAME)) as s:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      slow = pool.submit(post, s.url, {"prompt": [1, 2, 3], "prompt_logprobs": 1})
+      time.sleep(0.3)
+      t0 = time.perf_counter()
+      assert get(s.url, "/health") == {"status": "ok"} and get(s.url, "/stats")["queued"] == 0
+      assert time.perf_counter() - t0 < 0.5  # Not stuck behind the 1.5 s forward.
+      assert slow.result()[0] == 200
+  with serve.ServerThread(serve.make_app(SlowEngine(engine, delay=0, fail=True), NAME)) as s:
+    code, answer = post(s.url, {"prompt": [1, 2, 3]})
+    assert code == 500 and "NaN" in answer["message"]
+    with TeacherClient(s.url, k=1, max_retries=1, backoff=0.01) as client:
+      with pytest.raises(TeacherServerError, match="failed after 2 attempts; last error: HTTP 500.*NaN"):
+        client.topk_logprobs(np.array([[1, 2, 3]]))
+
+
 def test_cli_serves_a_checkpoint(ckpt):
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
@@ -297,6 +329,9 @@ def test_parse_vllm_format():
   values, indices = parse_prompt_logprobs(plp, VLLM_PROMPT, 2)
   np.testing.assert_array_equal(values, [[-0.25, -1.75], [-0.5, -1.5], [-0.125, -np.inf], [-np.inf, -np.inf]])
   np.testing.assert_array_equal(indices, [[9, 4], [8, 1], [7, 0], [0, 0]])
+  values, indices = parse_prompt_logprobs(plp, VLLM_PROMPT, 2, vocab_size=8)  # Cut to the student's vocab.
+  np.testing.assert_array_equal(indices[:2], [[4, 0], [1, 0]])
+  assert np.isneginf(values[:2, 1]).all()
   with pytest.raises(ValueError, match="lacks the prompt token 6"):
     parse_prompt_logprobs(plp, [5, 9, 6, 7], 2)
   with pytest.raises(ValueError, match="list of 3 entries"):
