@@ -395,7 +395,8 @@ def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens, temperature
     batch, prompt_len = prompt_ids.shape
     # Under a mesh (the model's, jax.set_mesh's, or the one the prompts are sharded over) the cache is
     # sharded like the activations; without one it lives on the default device.
-    sharding = getattr(prompt_ids, "sharding", None)
+    traced = isinstance(prompt_ids, jax.core.Tracer)  # inside the caller's jit: its mesh / rules apply
+    sharding = None if traced else getattr(prompt_ids, "sharding", None)
     mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
     cache = _init_cache(graphdef, state, batch, prompt_len + config.max_new_tokens, mesh)
     result, _ = _generate_program(graphdef, config, state, cache, prompt_ids, prompt_mask, key)

@@ -291,17 +291,32 @@ def test_errors(model, prompts):
 
 
 def test_mesh_matches_single_device(model, prompts):
-    """Params sharded by their logical names, batch over (data, fsdp): same greedy tokens as one device."""
+    """Params sharded by their logical names, batch over (data, fsdp), KV heads and vocab over tensor:
+    the same greedy tokens as one device, and the same samples (random bits do not depend on sharding)."""
     mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
     sharded = tiny_model(mesh)
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     ids, mask = (jax.device_put(x, batch) for x in prompts)
-    kw = dict(key=jax.random.key(0), max_new_tokens=N, temperature=0.0, return_logprobs=True)
-    got = sampling.generate(nnx.split(sharded), ids, mask, **kw)
-    want = sampling.generate(model, *prompts, **kw)
-    np.testing.assert_array_equal(got.completion_ids, want.completion_ids)
-    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
-    assert got.completion_ids.sharding.mesh.shape == mesh.shape  # the program really ran on the mesh
+    for temperature in (0.0, 1.0):
+        kw = dict(key=jax.random.key(0), max_new_tokens=N, temperature=temperature, return_logprobs=True)
+        got = sampling.generate(nnx.split(sharded), ids, mask, **kw)
+        want = sampling.generate(model, *prompts, **kw)
+        np.testing.assert_array_equal(got.completion_ids, want.completion_ids)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+        assert got.completion_ids.sharding.mesh.shape == mesh.shape  # the program really ran on the mesh
+
+
+def test_inside_callers_jit(model, prompts):
+    """The trainer calls generate inside its own jitted step, with the params it trains."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, ids, mask, key):
+        out = sampling.generate((graphdef, state), ids, mask, key=key, max_new_tokens=N, temperature=1.0)
+        return out.completion_ids
+
+    want = sampling.generate(model, *prompts, key=jax.random.key(4), max_new_tokens=N, temperature=1.0)
+    np.testing.assert_array_equal(step(state, *prompts, jax.random.key(4)), want.completion_ids)
 
 
 def test_one_compile_per_shape(model, prompts):
