@@ -1,4 +1,4 @@
-"""Parameterized building blocks: einsum projections, embedding and RMSNorm with logical axis names.
+"""Parameterized building blocks: dense projections, embedding and RMSNorm with logical axis names.
 
 Parameters live in `param_dtype` and are cast to the compute `dtype` at use (f32 master weights, bf16 math).
 Every parameter carries its logical axis names as nnx `out_sharding` metadata (eager sharding off: the
@@ -14,17 +14,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | None], dtype, init: str,
-          fan_in: int = 1) -> nnx.Param:
-    """A Param with logical names. init: "normal" (std 0.02 like HF), "fan_in", "ones" or "zeros"."""
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | None], dtype, init: str) -> nnx.Param:
+    """A Param with logical names. init: "normal" (std 0.02, HF's default), "ones" or "zeros"."""
     shape = tuple(shape)
     if init == "ones":
         value = jnp.ones(shape, dtype)
     elif init == "zeros":
         value = jnp.zeros(shape, dtype)
     else:
-        std = 0.02 if init == "normal" else fan_in ** -0.5
-        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
