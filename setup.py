@@ -22,6 +22,7 @@ setup(
         "tqdm>=4.66",
         "safetensors>=0.4.3",
         "huggingface_hub>=0.24",
+        "aiohttp>=3.9",  # teacher server and client
     ],
     extras_require={
         # Reference libraries the tests compare against. torch is pinned to the CPU build.

@@ -1,0 +1,246 @@
+"""The GKD train state and the pure train step `(state, batch) -> (state, metrics)`.
+
+A batch holds left-padded prompts [B, P] and right-padded completions [B, C] (from the dataset, or
+filled in by the sampler for on-policy / seq_kd steps). The model reads `prompt ++ completion`; since the
+completion always starts at column P, the loss only ever looks at the C completion columns, aligned with
+`losses.shift_for_next_token(..., first_target=P)`, and the LM head never sees a prompt position. The
+teacher may read a different prompt (OPSD's `teacher_prompt`, width Pt): its completion columns start at
+Pt, so the two line up token for token.
+
+Batch keys: prompt_ids, prompt_mask [B, P]; completion_ids, completion_mask [B, C]; student_generated
+(bool scalar: the sft term applies only when False); optional teacher_prompt_ids/_mask [B, Pt]; optional
+teacher_topk_values/_indices [B, C, k] (a teacher server's log-probs, aligned to completion columns).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from gkd_jax import losses
+
+DIVERGENCES = ("full", "topk", "fused")
+TEACHERS = ("model", "self", "server", "none")
+OBJECTIVES = ("gkd", "sft")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static settings of the train step (hashable: a change compiles a new step)."""
+  objective: str = "gkd"          # "gkd": divergence (+ sft_alpha·NLL); "sft": NLL only, no teacher
+  teacher: str = "model"          # "model" (own params), "self" (OPSD dynamic: the student's params),
+                                  # "server" (top-k log-probs in the batch), "none" (sft)
+  divergence: str = "full"        # "full" vocabulary, "topk" (teacher's top-k), "fused" (chunked from hidden)
+  beta: float = 0.5
+  temperature: float = 0.9        # loss temperature (divides both logits)
+  topk: int | None = None
+  sft_alpha: float = 0.0
+  vocab_size: int | None = None   # the tokenizer's vocabulary: both heads are cut to it
+  chunk_size: int | None = None   # fused path
+  grad_accum_steps: int = 1
+
+  def __post_init__(self):
+    for name, value, allowed in (("objective", self.objective, OBJECTIVES), ("teacher", self.teacher, TEACHERS),
+                                 ("divergence", self.divergence, DIVERGENCES)):
+      if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if (self.objective == "sft") != (self.teacher == "none"):
+      raise ValueError(f"objective={self.objective!r} needs teacher={'none' if self.objective == 'sft' else 'a teacher'}"
+                       f", got teacher={self.teacher!r}")
+    if self.divergence == "topk" and not (isinstance(self.topk, int) and self.topk >= 1):
+      raise ValueError(f"divergence='topk' needs topk ≥ 1, got {self.topk!r}")
+    if self.teacher == "server" and self.divergence != "topk":
+      raise ValueError("a teacher server returns top-k log-probs: it needs divergence='topk' (gkd_logits_topk)")
+    if self.sft_alpha < 0:
+      raise ValueError(f"sft_alpha must be ≥ 0, got {self.sft_alpha}")
+    if not (isinstance(self.grad_accum_steps, int) and self.grad_accum_steps >= 1):
+      raise ValueError(f"grad_accum_steps must be an int ≥ 1, got {self.grad_accum_steps!r}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array           # int32 scalar: optimizer steps taken
+  params: Any               # the student's trainable params (nnx.State)
+  opt_state: Any            # optax state of the student only
+  teacher_params: Any       # frozen teacher params (nnx.State), or None (server / OPSD dynamic / sft)
+  rng: jax.Array            # root key; per-step keys are fold_in(rng, step)
+
+
+def create_train_state(student_params, tx, *, teacher_params=None, rng) -> TrainState:
+  """A fresh state; the optimizer state is built under jit so it inherits the params' shardings."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=student_params,
+                    opt_state=jax.jit(tx.init)(student_params), teacher_params=teacher_params, rng=rng)
+
+
+# --------------------------------------------------------------------------------------------- forwards
+
+
+def _sequence(prompt_ids, prompt_mask, completion_ids, completion_mask):
+  """prompt ++ completion, its attention mask, and the loss mask (completion tokens only)."""
+  ids = jnp.concatenate([prompt_ids, completion_ids], axis=1).astype(jnp.int32)
+  completion_mask = completion_mask.astype(bool)
+  mask = jnp.concatenate([prompt_mask.astype(bool), completion_mask], axis=1)
+  loss_mask = jnp.concatenate([jnp.zeros(prompt_mask.shape, bool), completion_mask], axis=1)
+  return ids, mask, loss_mask
+
+
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+  """The model's final hidden states at the C columns that predict the completion tokens, with the targets
+  and target mask: ([B, C] targets, [B, C] mask, [B, C, H] hidden)."""
+  ids, mask, loss_mask = _sequence(prompt_ids, prompt_mask, completion_ids, completion_mask)
+  out = model(ids, attention_mask=mask)
+  return losses.shift_for_next_token(ids, loss_mask, out.hidden_states, first_target=prompt_ids.shape[1])
+
+
+def head_logits(model, hidden, vocab_size):
+  """The LM head applied to some hidden states (incl. final-logit softcapping), cut to the vocabulary."""
+  logits = jnp.einsum("...h,hv->...v", hidden, model.lm_head_weight(), preferred_element_type=jnp.float32)
+  cap = model.config.final_logit_softcapping
+  if cap:
+    logits = cap * jnp.tanh(logits / cap)
+  return logits[..., :vocab_size]
+
+
+# ------------------------------------------------------------------------------------------- the step
+
+
+def make_train_step(student, tx, lr_schedule, cfg: StepConfig, teacher=None):
+  """Builds `train_step(state, batch) -> (state, metrics)` for these models (only their graphs and configs
+  are kept; the params live in the state)."""
+  if cfg.teacher == "model" and teacher is None:
+    raise ValueError("teacher='model' needs a teacher model")
+  student_def = nnx.graphdef(student)
+  teacher_def = nnx.graphdef(teacher) if cfg.teacher == "model" else student_def
+  teacher_config = teacher.config if cfg.teacher == "model" else student.config
+  sizes = [student.config.vocab_size] + ([teacher_config.vocab_size] if cfg.teacher != "none" else [])
+  vocab = cfg.vocab_size or min(sizes)
+  if vocab > min(sizes):
+    raise ValueError(f"vocab_size {vocab} exceeds a model's embedding size {min(sizes)}: the models do not share "
+                     f"the tokenizer")
+  with_nll = cfg.objective == "sft" or cfg.sft_alpha > 0  # the NLL costs a pass over [B, C, V]: only when used
+  student_cap = student.config.final_logit_softcapping or None
+  teacher_cap = teacher_config.final_logit_softcapping or None
+
+  def teacher_side(teacher_params, params, mb):
+    """Everything the loss needs from the teacher, outside the gradient (no teacher activations are kept
+    for the backward pass)."""
+    if cfg.teacher == "server":
+      return {"values": mb["teacher_topk_values"], "indices": mb["teacher_topk_indices"]}
+    teacher = nnx.merge(teacher_def, teacher_params if cfg.teacher == "model" else params)
+    prompt_ids = mb.get("teacher_prompt_ids", mb["prompt_ids"])
+    prompt_mask = mb.get("teacher_prompt_mask", mb["prompt_mask"])
+    _, _, hidden = completion_hidden(teacher, prompt_ids, prompt_mask, mb["completion_ids"], mb["completion_mask"])
+    if cfg.divergence == "fused":
+      return jax.lax.stop_gradient({"hidden": hidden, "head": teacher.lm_head_weight()})
+    logits = jax.lax.stop_gradient(head_logits(teacher, hidden, vocab))
+    if cfg.divergence == "topk":
+      values, indices = losses.teacher_topk(logits, cfg.topk)
+      return {"values": values, "indices": indices}
+    return {"logits": logits}
+
+  def loss_fn(params, mb, teacher, num_items, sft_weight):
+    student = nnx.merge(student_def, params)
+    targets, mask, hidden = completion_hidden(student, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
+                                              mb["completion_mask"])
+    kw = dict(mask=mask, num_items=num_items)
+    sums = {}
+    if cfg.divergence == "fused":
+      head = student.lm_head_weight()
+      nll = (losses.fused_nll_loss(hidden, head, targets, softcap=student_cap, vocab_size=vocab,
+                                   chunk_size=cfg.chunk_size, **kw) if with_nll else None)
+      if cfg.objective == "gkd":
+        distill = losses.fused_generalized_jsd_loss(
+            hidden, head, teacher["hidden"], teacher["head"], beta=cfg.beta, temperature=cfg.temperature,
+            chunk_size=cfg.chunk_size, vocab_size=vocab, student_softcap=student_cap, teacher_softcap=teacher_cap,
+            **kw)
+        sums = _fused_stats(hidden, head, student_cap, teacher["hidden"], teacher["head"], teacher_cap, mask, vocab,
+                            cfg.temperature)
+    else:
+      logits = head_logits(student, hidden, vocab)
+      nll = losses.nll_loss(logits, targets, **kw) if with_nll else None
+      if cfg.objective == "gkd" and cfg.divergence == "full":
+        distill = losses.generalized_jsd_loss(logits, teacher["logits"], beta=cfg.beta,
+                                              temperature=cfg.temperature, **kw)
+        sums = _token_sums(losses.token_stats(logits, teacher["logits"], cfg.temperature), mask)
+      elif cfg.objective == "gkd":
+        distill = losses.topk_generalized_jsd_loss(
+            logits, teacher["values"], teacher["indices"], beta=cfg.beta, temperature=cfg.temperature,
+            values_are_logprobs=cfg.teacher == "server", **kw)
+        top1 = jnp.argmax(logits, -1) == teacher["indices"][..., 0]
+        sums = {"top1_agreement": jnp.sum(jnp.where(mask, top1, False))}
+    if cfg.objective == "sft":
+      return nll, {"sft_loss": nll}
+    loss = distill if nll is None else distill + sft_weight * nll
+    aux = {"distill_loss": distill, **jax.lax.stop_gradient(sums)}
+    return loss, aux if nll is None else {**aux, "sft_loss": nll}
+
+  def train_step(state: TrainState, batch: dict):
+    num_items = jnp.sum(batch["completion_mask"].astype(jnp.int32))  # global: the batch is the global batch
+    sft_weight = jnp.where(batch["student_generated"], 0.0, cfg.sft_alpha)
+    per_row = {k: v for k, v in batch.items() if k != "student_generated"}
+    k = cfg.grad_accum_steps
+
+    def micro_step(carry, mb):
+      grads_acc, aux_acc = carry
+      teacher = None if cfg.teacher == "none" else teacher_side(state.teacher_params, state.params, mb)
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      (loss, aux), grads = grad_fn(state.params, mb, teacher, num_items, sft_weight)
+      aux = {"loss": loss, **aux}
+      return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, aux_acc, aux)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    if k == 1:
+      (grads, aux), _ = micro_step((zeros, _zero_aux(cfg)), per_row)
+    else:
+      # Rows b·k + i form micro-batch i: each device keeps its rows, no resharding.
+      micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), per_row)
+      (grads, aux), _ = jax.lax.scan(micro_step, (zeros, _zero_aux(cfg)), micro)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    denom = jnp.maximum(num_items, 1).astype(jnp.float32)
+    metrics = {name: (value if name in ("loss", "distill_loss", "sft_loss") else value / denom)
+               for name, value in aux.items()}
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=lr_schedule(state.step), tokens=num_items)
+    new_state = dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def _zero_aux(cfg):
+  if cfg.objective == "sft":
+    names = ["loss", "sft_loss"]
+  else:
+    names = ["loss", "distill_loss"] + (["sft_loss"] if cfg.sft_alpha > 0 else [])
+  if cfg.objective == "gkd" and cfg.divergence in ("full", "fused"):
+    names += list(_STAT_NAMES)
+  elif cfg.objective == "gkd":
+    names += ["top1_agreement"]
+  return {n: jnp.zeros((), jnp.float32) for n in names}
+
+
+_STAT_NAMES = ("forward_kl", "reverse_kl", "student_entropy", "teacher_entropy", "top1_agreement")
+
+
+def _token_sums(stats, mask):
+  return {name: jnp.sum(jnp.where(mask, stats[name], 0.0)) for name in _STAT_NAMES}
+
+
+def _fused_stats(hidden, head, cap, t_hidden, t_head, t_cap, mask, vocab, temperature):
+  """Token sums of the diagnostics for the fused path, one sequence at a time ([C, V] logits at most)."""
+  def project(h, w, c):
+    z = jnp.dot(h, w, preferred_element_type=jnp.float32)[:, :vocab]
+    return z if not c else c * jnp.tanh(z / c)
+
+  def row(xs):
+    h, th, m = xs
+    return _token_sums(losses.token_stats(project(h, head, cap), project(th, t_head, t_cap), temperature), m)
+
+  per_row = jax.lax.map(row, jax.lax.stop_gradient((hidden, t_hidden, mask)))
+  return jax.tree.map(jnp.sum, per_row)

@@ -1,0 +1,186 @@
+"""The pure GKD train step on tiny random models: divergence paths agree, sharding and accumulation are
+exact, the teacher is never touched, sft_alpha adds exactly α·NLL, OPSD aligns on completion tokens."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gkd_jax import optim, sharding
+from gkd_jax import train_step as ts
+from gkd_jax.models import CausalLM, ModelConfig
+
+B, P, C = 8, 6, 5
+
+
+def model_config(hidden, heads, kv, vocab, tie):
+  return ModelConfig(model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                     num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv,
+                     head_dim=hidden // heads, qkv_bias=True, tie_word_embeddings=tie)
+
+
+@pytest.fixture(scope="module")
+def models():
+  # Different widths, heads and padded embedding sizes over one 90-token "tokenizer".
+  student = CausalLM(model_config(32, 4, 2, vocab=96, tie=True), rngs=nnx.Rngs(0))
+  teacher = CausalLM(model_config(48, 4, 4, vocab=100, tie=False), rngs=nnx.Rngs(1))
+  return student, teacher
+
+
+def make_batch(seed=0, student_generated=False, batch=B):
+  rng = np.random.default_rng(seed)
+  out = dict(prompt_ids=rng.integers(3, 90, (batch, P)).astype(np.int32), prompt_mask=np.ones((batch, P), bool),
+             completion_ids=rng.integers(3, 90, (batch, C)).astype(np.int32),
+             completion_mask=np.ones((batch, C), bool), student_generated=np.array(student_generated))
+  out["prompt_mask"][0, :2] = False  # left padding
+  out["prompt_ids"][0, :2] = 0
+  out["completion_mask"][1, 3:] = False  # right padding after a stop
+  return out
+
+
+_STEPS = {}  # compiled steps shared across tests: (models, config, lr) -> (tx, jitted step)
+
+
+def compiled_step(models, cfg, lr):
+  key = (id(models[0]), id(models[1]), cfg, lr)
+  if key not in _STEPS:
+    tx, schedule = optim.make_optimizer(lr, 100, schedule="constant", max_grad_norm=None)
+    _STEPS[key] = tx, jax.jit(ts.make_train_step(models[0], tx, schedule, cfg, teacher=models[1]))
+  return _STEPS[key]
+
+
+def run(models, cfg, batch, steps=1, lr=1e-2, shard=None):
+  student, teacher = models
+  tx, step = compiled_step(models, cfg, lr)
+  params, teacher_params = nnx.state(student), nnx.state(teacher) if cfg.teacher == "model" else None
+  if shard is not None:
+    mesh = sharding.make_mesh(*shard)
+    params = sharding.shard_state(params, mesh)
+    teacher_params = None if teacher_params is None else sharding.shard_state(teacher_params, mesh)
+    batch = {k: jax.device_put(v, NamedSharding(mesh, PartitionSpec(*(("data", "fsdp"),) if np.ndim(v) else ())))
+             for k, v in batch.items()}
+  state = ts.create_train_state(params, tx, teacher_params=teacher_params, rng=jax.random.key(0))
+  history = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+def assert_trees_close(a, b, **tol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+BASE = ts.StepConfig(beta=0.5, temperature=0.9, vocab_size=90, sft_alpha=0.1)
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+  return run(models, BASE, make_batch(), steps=2)
+
+
+@pytest.mark.parametrize("variant", ["fused", "topk_full_vocab"])
+def test_divergence_paths_agree(models, reference, variant):
+  cfg = (dataclasses.replace(BASE, divergence="fused", chunk_size=7) if variant == "fused"
+         else dataclasses.replace(BASE, divergence="topk", topk=90))
+  state, history = run(models, cfg, make_batch(), steps=2)
+  ref_state, ref_history = reference
+  for name in history[-1]:
+    np.testing.assert_allclose(history[-1][name], ref_history[-1][name], rtol=2e-5, atol=1e-7, err_msg=name)
+  assert_trees_close(state.params, ref_state.params, rtol=1e-4, atol=3e-5)  # Adam amplifies float noise
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_sharded_step_equals_single_device(models, reference, mesh):
+  state, history = run(models, BASE, make_batch(), steps=2, shard=mesh)
+  ref_state, ref_history = reference
+  for name in ("loss", "distill_loss", "grad_norm", "forward_kl"):
+    np.testing.assert_allclose(history[-1][name], ref_history[-1][name], rtol=1e-5, err_msg=name)
+  assert_trees_close(state.params, ref_state.params, rtol=1e-4, atol=3e-5)  # Adam amplifies float noise
+  embedding = state.params["embed"]["embedding"][...]
+  assert len(embedding.sharding.device_set) == 8
+
+
+def test_gradient_accumulation_equals_one_big_batch(models, reference):
+  state, history = run(models, dataclasses.replace(BASE, grad_accum_steps=4), make_batch(), steps=2)
+  ref_state, ref_history = reference
+  for name in ("loss", "distill_loss", "sft_loss", "grad_norm", "forward_kl", "tokens"):
+    np.testing.assert_allclose(history[-1][name], ref_history[-1][name], rtol=1e-5, err_msg=name)
+  assert_trees_close(state.params, ref_state.params, rtol=1e-4, atol=3e-5)  # Adam amplifies float noise
+
+
+def test_only_the_student_changes(models, reference):
+  student, teacher = models
+  state, _ = reference
+  for x, y in zip(jax.tree.leaves(state.teacher_params), jax.tree.leaves(nnx.state(teacher))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  changed = [not np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(nnx.state(student)))]
+  assert all(changed)
+  assert int(state.step) == 2
+
+
+def test_sft_alpha_adds_exactly_alpha_nll_on_non_student_batches(models):
+  alpha = BASE.sft_alpha
+  cfg = BASE
+  _, (dataset_step,) = run(models, cfg, make_batch(), lr=0.0)
+  np.testing.assert_allclose(dataset_step["loss"], dataset_step["distill_loss"] + alpha * dataset_step["sft_loss"],
+                             rtol=1e-6)
+  _, (plain,) = run(models, dataclasses.replace(BASE, sft_alpha=0.0), make_batch(), lr=0.0)
+  assert "sft_loss" not in plain
+  np.testing.assert_allclose(plain["loss"], plain["distill_loss"], rtol=1e-6)
+  np.testing.assert_allclose(dataset_step["distill_loss"], plain["distill_loss"], rtol=1e-6)
+  _, (student_step,) = run(models, cfg, make_batch(student_generated=True), lr=0.0)
+  np.testing.assert_allclose(student_step["loss"], student_step["distill_loss"], rtol=1e-6)
+
+
+def test_opsd_teacher_prompt_aligns_on_completion_tokens(models):
+  """Self-distillation where the teacher's prompt is the student's with 3 more pad columns: the two
+  distributions at every completion token are the same, so the divergence is 0. A one-column misalignment
+  of the teacher side would make it large."""
+  cfg = dataclasses.replace(BASE, teacher="self")
+  batch = make_batch()
+  pad = np.zeros((B, 3), np.int32)
+  batch.update(teacher_prompt_ids=np.concatenate([pad, batch["prompt_ids"]], 1),
+               teacher_prompt_mask=np.concatenate([pad.astype(bool), batch["prompt_mask"]], 1))
+  _, (same,) = run(models, cfg, batch, lr=0.0)
+  assert same["distill_loss"] < 1e-6
+  assert same["top1_agreement"] == 1.0
+  # A privileged teacher prompt (a different context) gives a real signal.
+  batch["teacher_prompt_ids"] = np.concatenate([np.full((B, 3), 7, np.int32), batch["prompt_ids"]], 1)
+  batch["teacher_prompt_mask"] = np.ones((B, P + 3), bool)
+  _, (privileged,) = run(models, cfg, batch, lr=0.0)
+  assert privileged["distill_loss"] > 1e-4
+
+
+def test_loss_falls_when_the_student_can_match(models):
+  student, teacher = models
+  sharp = nnx.clone(teacher)  # a random teacher is near uniform: sharpen it so there is something to learn
+  sharp.lm_head["kernel"][...] = 40.0 * sharp.lm_head["kernel"][...]
+  _, history = run((student, sharp), dataclasses.replace(BASE, divergence="fused"), make_batch(), steps=25, lr=1e-2)
+  assert history[0]["distill_loss"] > 0.1
+  assert history[-1]["distill_loss"] < 0.5 * history[0]["distill_loss"]
+
+
+def test_sft_objective_is_plain_nll(models):
+  cfg = ts.StepConfig(objective="sft", teacher="none", vocab_size=90)
+  _, history = run(models, cfg, make_batch(), steps=15, lr=1e-2)
+  assert history[0]["loss"] == history[0]["sft_loss"] and "distill_loss" not in history[0]
+  assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+
+
+def test_step_config_errors():
+  with pytest.raises(ValueError, match=r"divergence must be one of .* got 'kl'"):
+    ts.StepConfig(divergence="kl")
+  with pytest.raises(ValueError, match=r"divergence='topk' needs topk ≥ 1, got None"):
+    ts.StepConfig(divergence="topk")
+  with pytest.raises(ValueError, match=r"teacher server .* needs divergence='topk'"):
+    ts.StepConfig(teacher="server")
+  with pytest.raises(ValueError, match=r"objective='sft' needs teacher=none"):
+    ts.StepConfig(objective="sft")
+  with pytest.raises(ValueError, match=r"sft_alpha must be ≥ 0, got -1"):
+    ts.StepConfig(sft_alpha=-1)
