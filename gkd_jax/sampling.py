@@ -336,7 +336,8 @@ def _init_cache(graphdef, state, batch, length, mesh):
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len and length > max_len:
         raise ValueError(f"prompt + max_new_tokens = {length} exceeds max_position_embeddings = {max_len}")
-    mesh = getattr(model, "mesh", None) or mesh
+    if getattr(model, "mesh", None) is not None:
+        mesh = model.mesh
     rules = getattr(model, "rules", None)
 
     def place(x):
@@ -379,10 +380,19 @@ def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens, temperature
     """Samples `max_new_tokens` tokens after each prompt; returns a `SampleOutput`.
 
     model: an nnx `CausalLM` or its `nnx.split` pair (graphdef, state) — pass the state being trained.
+      Any module with the CausalLM call / `init_cache` contract works.
     prompt_ids, prompt_mask: [B, P] ints / 0-1; left padding expected (other padding is left-aligned
-      inside the program). Sharded inputs are fine: the program runs under their shardings.
+      inside the program). Every row needs a real token (checked when the mask is concrete). Sharded
+      inputs are fine: the program runs under their shardings. Use `pad_to_bucket` to bound compiles.
     key: a jax.random key; required (fold the training step into it).
+    temperature: 0 = greedy. top_k (0 = off), top_p (1 = off), min_p (0 = off): see the module docstring.
     eos_token_ids: int or several ints (e.g. Llama 3's two); empty = no early stop.
+    pad_token_id: written after a row's first stop token.
+    return_logprobs: also return the log-probability of each sampled token.
+
+    The jitted program is cached per (graphdef, settings, shapes); the KV cache is allocated once per
+    call and donated to it. Works inside a caller's jit too (then donation is moot and XLA plans memory).
+    Errors (bad settings, empty rows, prompt + max_new_tokens over max_position_embeddings) raise.
     """
     graphdef, state = _split(model)
     config = SamplingConfig(int(max_new_tokens), float(temperature), int(top_k), float(top_p),
