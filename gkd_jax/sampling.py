@@ -20,8 +20,8 @@ under that final renormalized distribution, i.e. exactly the distribution each t
 (the behaviour policy). With temperature 0 (greedy) that distribution is a point mass, so `logprobs`
 are instead the model's own untempered, untruncated log-softmax at the chosen token.
 
-Randomness comes only from `key`: step t of the decode draws with `fold_in(key, t)`, so the same key
-gives the same tokens and the trainer folds its step into the key to sample differently every step.
+Randomness comes only from `key`: token t is drawn with `split(key, max_new_tokens)[t]`, so the same
+key gives the same tokens and the trainer folds its step into the key to sample differently every step.
 """
 import dataclasses
 import functools
@@ -215,10 +215,10 @@ def gumbel_categorical(key, logits, *, block_size=None):
     x = jnp.pad(logits, ((0, 0), (0, num_blocks * block - vocab)), constant_values=-jnp.inf)
     x = x.reshape(batch, num_blocks, block)
     block_lse = jax.nn.logsumexp(x, axis=-1)  # [B, nb]; -inf for fully excluded blocks: never drawn
-    key_block, key_token = jax.random.split(key)
-    j = _argmax(block_lse + jax.random.gumbel(key_block, block_lse.shape, jnp.float32))
+    noise = jax.random.gumbel(key, (batch, num_blocks + block), jnp.float32)  # one RNG call for both levels
+    j = _argmax(block_lse + noise[:, :num_blocks])
     inner = jnp.take_along_axis(x, j[:, None, None], axis=1)[:, 0]  # [B, block]
-    i = _argmax(inner + jax.random.gumbel(key_token, inner.shape, jnp.float32))
+    i = _argmax(inner + noise[:, num_blocks:])
     return j * block + i, jax.nn.logsumexp(block_lse, axis=-1)
 
 
@@ -283,8 +283,10 @@ def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids
     mask = jnp.concatenate([prompt_mask, jnp.zeros((batch, n), jnp.int32)], axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)  # pads get 0; they are masked anyway
 
+    # One key per step, split up front: the loop body then spends no RNG work on key derivation.
+    step_keys = jax.random.split(key, n)
     out = model(prompt_ids, attention_mask=mask, positions=positions, cache=cache, cache_index=0)
-    tok, logp = draw(jax.random.fold_in(key, 0), _last_logits(model, out))
+    tok, logp = draw(step_keys[0], _last_logits(model, out))
     ids = jnp.full((batch, n), pad, jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(logp) if config.return_logprobs else None
     init = _Loop(jnp.int32(1), out.cache, mask, ids, logprobs, is_stop(tok, stops))
@@ -299,7 +301,7 @@ def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids
         mask = lax.dynamic_update_slice_in_dim(c.mask, jnp.ones((batch, 1), jnp.int32), slot, axis=1)
         out = model(last, attention_mask=mask, positions=(num_real + c.step - 1)[:, None],
                     cache=c.cache, cache_index=slot)
-        tok, logp = draw(jax.random.fold_in(key, c.step), _last_logits(model, out))
+        tok, logp = draw(step_keys[c.step], _last_logits(model, out))
         # Finished rows keep emitting pad (their extra work is the price of a batched loop).
         tok = jnp.where(c.done, pad, tok)
         ids = lax.dynamic_update_slice_in_dim(c.ids, tok[:, None], c.step, axis=1)
