@@ -61,6 +61,7 @@ class SamplingConfig:
     eos_token_ids: tuple = ()
     pad_token_id: int = 0
     return_logprobs: bool = False
+    vocab_size: int | None = None   # sample only ids < vocab_size (embedding tables padded past the tokenizer)
 
     def __post_init__(self):
         if not (isinstance(self.max_new_tokens, (int, np.integer)) and self.max_new_tokens >= 1):
@@ -244,7 +245,7 @@ def sample_logits(key, logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
 # The compiled program.
 
 
-def _last_logits(model, out):
+def _last_logits(model, out, vocab_size=None):
     """[B, V] logits of the last position.
 
     Computed from the final hidden state when the model exposes its head (gkd_jax CausalLM does), so the
@@ -253,8 +254,8 @@ def _last_logits(model, out):
     are then dead code and are removed.
     """
     if not hasattr(model, "lm_head_weight"):
-        return out.logits[:, -1]
-    logits = jnp.einsum("bh,hv->bv", out.hidden_states[:, -1], model.lm_head_weight())
+        return out.logits[:, -1, :vocab_size]
+    logits = jnp.einsum("bh,hv->bv", out.hidden_states[:, -1], model.lm_head_weight())[:, :vocab_size]
     cap = getattr(model.config, "final_logit_softcapping", None)
     return jnp.tanh(logits / cap) * cap if cap else logits
 
@@ -286,7 +287,7 @@ def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids
     # One key per step, split up front: the loop body then spends no RNG work on key derivation.
     step_keys = jax.random.split(key, n)
     out = model(prompt_ids, attention_mask=mask, positions=positions, cache=cache, cache_index=0)
-    tok, logp = draw(step_keys[0], _last_logits(model, out))
+    tok, logp = draw(step_keys[0], _last_logits(model, out, config.vocab_size))
     ids = jnp.full((batch, n), pad, jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(logp) if config.return_logprobs else None
     init = _Loop(jnp.int32(1), out.cache, mask, ids, logprobs, is_stop(tok, stops))
@@ -301,7 +302,7 @@ def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids
         mask = lax.dynamic_update_slice_in_dim(c.mask, jnp.ones((batch, 1), jnp.int32), slot, axis=1)
         out = model(last, attention_mask=mask, positions=(num_real + c.step - 1)[:, None],
                     cache=c.cache, cache_index=slot)
-        tok, logp = draw(step_keys[c.step], _last_logits(model, out))
+        tok, logp = draw(step_keys[c.step], _last_logits(model, out, config.vocab_size))
         # Finished rows keep emitting pad (their extra work is the price of a batched loop).
         tok = jnp.where(c.done, pad, tok)
         ids = lax.dynamic_update_slice_in_dim(c.ids, tok[:, None], c.step, axis=1)
@@ -378,7 +379,7 @@ def _check_prompts(prompt_ids, prompt_mask):
 
 
 def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens, temperature=1.0, top_k=0,
-             top_p=1.0, min_p=0.0, eos_token_ids=(), pad_token_id=0, return_logprobs=False):
+             top_p=1.0, min_p=0.0, eos_token_ids=(), pad_token_id=0, return_logprobs=False, vocab_size=None):
     """Samples `max_new_tokens` tokens after each prompt; returns a `SampleOutput`.
 
     model: an nnx `CausalLM` or its `nnx.split` pair (graphdef, state) — pass the state being trained.
@@ -391,6 +392,7 @@ def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens, temperature
     eos_token_ids: int or several ints (e.g. Llama 3's two); empty = no early stop.
     pad_token_id: written after a row's first stop token.
     return_logprobs: also return the log-probability of each sampled token.
+    vocab_size: sample only token ids below it (the tokenizer's size, when the embedding table is padded).
 
     The jitted program is cached per (graphdef, settings, shapes); the KV cache is allocated once per
     call and donated to it. Works inside a caller's jit too (then donation is moot and XLA plans memory).
@@ -399,7 +401,7 @@ def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens, temperature
     graphdef, state = _split(model)
     config = SamplingConfig(int(max_new_tokens), float(temperature), int(top_k), float(top_p),
                             float(min_p), normalize_stop_ids(eos_token_ids), int(pad_token_id),
-                            bool(return_logprobs))
+                            bool(return_logprobs), None if vocab_size is None else int(vocab_size))
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
     _check_prompts(prompt_ids, prompt_mask)
     if key is None:
