@@ -10,7 +10,6 @@ import pytest
 from flax import nnx
 
 from gkd_jax import sampling
-
 from gkd_jax import sharding as shd
 from gkd_jax.models import CausalLM, ModelConfig
 
@@ -190,6 +189,15 @@ def test_greedy_with_cache_equals_recompute(model, prompts):
     np.testing.assert_allclose(out.logprobs[:, 0], ref_lp[np.arange(B), ref[:, 0]], atol=1e-4)
 
 
+def test_right_padded_prompts_are_left_aligned(model, prompts):
+    ids, mask = (np.asarray(x) for x in prompts)
+    order = np.argsort(1 - mask, axis=1, kind="stable")  # real tokens first: right padding
+    right = [np.take_along_axis(x, order, 1) for x in (ids, mask)]
+    kw = dict(key=jax.random.key(0), max_new_tokens=N, temperature=0.0)
+    np.testing.assert_array_equal(sampling.generate(model, *right, **kw).completion_ids,
+                                  sampling.generate(model, ids, mask, **kw).completion_ids)
+
+
 def test_top_k_1_equals_greedy(model, prompts):
     greedy = sampling.generate(model, *prompts, key=jax.random.key(0), max_new_tokens=N, temperature=0.0)
     top1 = sampling.generate(model, *prompts, key=jax.random.key(3), max_new_tokens=N, temperature=1.3,
@@ -288,6 +296,8 @@ def test_errors(model, prompts):
         sampling.generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=2, temperature=-1.0)
     with pytest.raises(ValueError, match="key"):
         sampling.generate(model, ids, mask, key=None, max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        sampling.generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=CONFIG.max_position_embeddings)
 
 
 def test_mesh_matches_single_device(model, prompts):
