@@ -1,0 +1,119 @@
+"""The run configuration: every field with its default, and start-up validation with one clear message.
+
+Recipes in configs/ start from `base_config()` and override fields; `--config.field=value` flags override
+them again. Field names follow TRL / ms-swift where those exist (beta, lmbda, seq_kd, temperature,
+sft_alpha, max_completion_length, gkd_logits_topk, teacher_model, teacher_model_server,
+offload_teacher_model).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from gkd_jax import optim
+
+OBJECTIVES = ("gkd", "sft")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Models. teacher_model: None → OPSD dynamic (the student's current params teach, given teacher_prompt);
+  # equal to `model` → OPSD fixed (a frozen copy of the initial student).
+  c.model = ""
+  c.teacher_model = ml_collections.FieldReference(None, field_type=str)
+  c.tokenizer = ml_collections.FieldReference(None, field_type=str)
+  c.teacher_model_server = ml_collections.FieldReference(None, field_type=str)
+  c.offload_teacher_model = False
+  c.dtype = "float32"          # compute dtype ("bfloat16" on TPU/GPU)
+  c.param_dtype = "float32"    # master weights
+  # Method.
+  c.objective = "gkd"          # "gkd" or "sft" (NLL only, no teacher)
+  c.beta = 0.5                 # 0 = forward KL(teacher‖student), 1 = reverse KL(student‖teacher)
+  c.lmbda = 0.5                # probability of an on-policy (student-sampled) step
+  c.seq_kd = False             # off-policy steps use teacher samples instead of the dataset
+  c.temperature = 0.9          # sampling temperature; also the loss temperature unless loss_temperature is set
+  c.loss_temperature = ml_collections.FieldReference(None, field_type=float)
+  c.sft_alpha = 0.0            # + sft_alpha · NLL on steps the student did not generate
+  c.gkd_logits_topk = ml_collections.FieldReference(None, field_type=int)
+  c.fused_loss = False         # chunked loss from hidden states: no [B, T, V] logits
+  c.loss_chunk_size = ml_collections.FieldReference(None, field_type=int)
+  c.top_k = 0                  # generation truncation (0 = off)
+  c.top_p = 1.0
+  # Data.
+  c.dataset = ""
+  c.dataset_split = "train"
+  c.max_length = 512
+  c.max_prompt_length = 256
+  c.max_completion_length = 128
+  # Optimization.
+  c.batch_size = 8             # global, over all hosts
+  c.grad_accum_steps = 1
+  c.total_steps = 1000
+  c.learning_rate = 1e-5
+  c.warmup_steps = 0
+  c.lr_schedule = "cosine"
+  c.weight_decay = 0.0
+  c.max_grad_norm = 1.0
+  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  # Logging.
+  c.log_every = 10
+  return c
+
+
+def validate(c) -> None:
+  """Raises ValueError naming the field, its value and what is allowed — before anything is loaded."""
+  def fail(field, value, allowed):
+    raise ValueError(f"config.{field}={value!r} is invalid: {allowed}")
+
+  if c.objective not in OBJECTIVES:
+    fail("objective", c.objective, f"must be one of {OBJECTIVES}")
+  if not c.model:
+    fail("model", c.model, "set a local HF checkpoint directory or a hub id")
+  if not c.dataset:
+    fail("dataset", c.dataset, "set a hub dataset name or local json/jsonl/parquet/arrow files")
+  for field in ("beta", "lmbda"):
+    if not 0.0 <= c[field] <= 1.0:
+      fail(field, c[field], "must be in [0, 1]")
+  if not c.temperature > 0:
+    fail("temperature", c.temperature, "must be > 0")
+  if c.loss_temperature is not None and not c.loss_temperature > 0:
+    fail("loss_temperature", c.loss_temperature, "must be > 0 (or None to use temperature)")
+  if c.sft_alpha < 0:
+    fail("sft_alpha", c.sft_alpha, "must be ≥ 0")
+  if c.gkd_logits_topk is not None and c.gkd_logits_topk < 1:
+    fail("gkd_logits_topk", c.gkd_logits_topk, "must be a positive int (or None for the full vocabulary)")
+  if c.teacher_model_server:
+    if not c.gkd_logits_topk:
+      fail("gkd_logits_topk", c.gkd_logits_topk, "must be set with teacher_model_server: the server returns "
+           "top-k log-probs")
+    if c.teacher_model:
+      fail("teacher_model", c.teacher_model, "give either teacher_model or teacher_model_server, not both")
+    if c.seq_kd:
+      fail("seq_kd", c.seq_kd, "needs a local teacher to sample from; a teacher server only scores")
+  if c.fused_loss and c.gkd_logits_topk:
+    fail("fused_loss", c.fused_loss, "cannot be combined with gkd_logits_topk (pick one)")
+  if c.objective == "sft" and (c.teacher_model or c.teacher_model_server or c.lmbda > 0 or c.seq_kd):
+    fail("objective", c.objective, "SFT uses no teacher: unset teacher_model/teacher_model_server and set "
+         "lmbda=0, seq_kd=False")
+  if c.dtype not in DTYPES or c.param_dtype not in DTYPES:
+    fail("dtype" if c.dtype not in DTYPES else "param_dtype", c.dtype if c.dtype not in DTYPES else c.param_dtype,
+         f"must be one of {DTYPES}")
+  for field in ("max_length", "max_prompt_length", "max_completion_length", "batch_size", "grad_accum_steps",
+                "total_steps", "log_every"):
+    if not (isinstance(c[field], int) and c[field] >= 1):
+      fail(field, c[field], "must be a positive int")
+  if c.max_prompt_length + 1 > c.max_length:
+    fail("max_prompt_length", c.max_prompt_length, f"must leave room for a completion within max_length={c.max_length}")
+  if c.batch_size % c.grad_accum_steps:
+    fail("grad_accum_steps", c.grad_accum_steps, f"must divide batch_size={c.batch_size}")
+  if c.learning_rate < 0:
+    fail("learning_rate", c.learning_rate, "must be ≥ 0")
+  if not 0 <= c.warmup_steps <= c.total_steps:
+    fail("warmup_steps", c.warmup_steps, f"must be in [0, total_steps={c.total_steps}]")
+  if c.lr_schedule not in optim.SCHEDULES:
+    fail("lr_schedule", c.lr_schedule, f"must be one of {optim.SCHEDULES}")
+  if not 0 < c.top_p <= 1:
+    fail("top_p", c.top_p, "must be in (0, 1]")
+  if c.top_k < 0:
+    fail("top_k", c.top_k, "must be ≥ 0 (0 = off)")

@@ -1,0 +1,254 @@
+"""The GKD training loop: Algorithm 1 of the paper around the pure train step.
+
+Each optimizer step draws one coin u from a generator seeded by (seed, step): u < lmbda → the student
+samples the completions of the batch's prompts with its current params (on-policy); else, with seq_kd,
+the teacher samples them; else the dataset's completions are used. The coin is the same on every host and
+after a restart. Generation runs on the same mesh with the very params being trained; the train step then
+takes the teacher's distributions on those sequences and updates the student.
+
+    python -m gkd_jax.main --config=configs/NAME.py --workdir=DIR
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gkd_jax import data as data_lib
+from gkd_jax import models, optim, sampling, sharding
+from gkd_jax import train_step as ts
+
+logger = logging.getLogger(__name__)
+
+MODES = ("on_policy", "seq_kd", "dataset")
+
+
+def mode_for_step(seed: int, step: int, lmbda: float, seq_kd: bool) -> str:
+  """Algorithm 1's per-step coin, from a generator seeded by (seed, step): same on every host and resume."""
+  u = np.random.default_rng([seed, step]).random()
+  return "on_policy" if u < lmbda else ("seq_kd" if seq_kd else "dataset")
+
+
+def teacher_kind(config) -> str:
+  """Which teacher the config asks for: "none" (SFT), "server", "self" (OPSD dynamic), or "model"."""
+  if config.objective == "sft":
+    return "none"
+  if config.teacher_model_server:
+    return "server"
+  if not config.teacher_model:
+    return "self"
+  return "model"  # includes OPSD fixed: teacher_model == model gives a frozen copy of the initial student
+
+
+def step_config(config, vocab_size: int) -> ts.StepConfig:
+  kind = teacher_kind(config)
+  if config.gkd_logits_topk:
+    divergence = "topk"
+  else:
+    divergence = "fused" if config.fused_loss else "full"
+  return ts.StepConfig(
+      objective=config.objective, teacher=kind, divergence=divergence, beta=config.beta,
+      temperature=config.temperature if config.loss_temperature is None else config.loss_temperature,
+      topk=config.gkd_logits_topk or None, sft_alpha=config.sft_alpha, vocab_size=vocab_size,
+      chunk_size=config.get("loss_chunk_size"), grad_accum_steps=config.grad_accum_steps)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built once at start-up."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+  student: nnx.Module
+  teacher: nnx.Module | None
+  loader: data_lib.DataLoader
+  step_cfg: ts.StepConfig
+  state: ts.TrainState
+  train_step: Any            # jitted (state, batch) -> (state, metrics), state donated
+  batch_sharding: NamedSharding
+  stop_ids: tuple
+
+
+def _check_same_tokenizer(tokenizer, path: str):
+  """Teacher and student must share one tokenizer (cross-tokenizer distillation is out of scope)."""
+  try:
+    other = models.load_tokenizer(path)
+  except (OSError, ValueError):
+    logger.warning("no tokenizer next to %s; assuming it shares the student's", path)
+    return
+  if other.get_vocab() != tokenizer.get_vocab():
+    raise ValueError(f"teacher_model {path!r} uses a different tokenizer ({len(other)} tokens) than the student "
+                     f"({len(tokenizer)} tokens); GKD needs one shared tokenizer")
+
+
+def build(config) -> Setup:
+  """Loads models, tokenizer and data, and builds the sharded train state and the jitted step."""
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % batch_shards:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the mesh's data×fsdp size "
+                     f"{batch_shards} (the batch is split over both)")
+  dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+  tokenizer = models.load_tokenizer(config.tokenizer or config.model)
+  student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+  kind = teacher_kind(config)
+  teacher = None
+  if kind == "model":
+    if config.teacher_model != config.model:
+      _check_same_tokenizer(tokenizer, config.teacher_model)
+    teacher = models.from_pretrained(config.teacher_model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+  vocab_size = len(tokenizer)
+  cfg = step_config(config, vocab_size)
+
+  rows = data_lib.load_rows(config.dataset, split=config.dataset_split)
+  loader = data_lib.DataLoader(
+      rows, tokenizer, batch_size=config.batch_size, seed=config.seed, max_length=config.max_length,
+      max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
+      require_completion=config.lmbda < 1.0 and not config.seq_kd, drop_remainder=True)
+
+  tx, schedule = optim.make_optimizer(
+      config.learning_rate, config.total_steps, warmup_steps=config.warmup_steps, schedule=config.lr_schedule,
+      weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+  state = ts.create_train_state(nnx.state(student), tx,
+                                teacher_params=None if teacher is None else nnx.state(teacher),
+                                rng=jax.random.key(config.seed))
+  # Params already sit in their logical shardings; scalars (step, counts, rng) are replicated on the mesh.
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state_sharding = jax.tree.map(
+      lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh else replicated,
+      state)
+  state = jax.device_put(state, state_sharding)
+  batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  step_fn = ts.make_train_step(student, tx, schedule, cfg, teacher=teacher)
+  train_step = jax.jit(step_fn, in_shardings=(state_sharding, None), out_shardings=(state_sharding, replicated),
+                       donate_argnums=0)
+  stop_ids = sampling.normalize_stop_ids(
+      config.eos_token_ids if config.get("eos_token_ids") else tokenizer.eos_token_id)
+  return Setup(config, mesh, tokenizer, student, teacher, loader, cfg, state, train_step, batch_sharding, stop_ids)
+
+
+# ----------------------------------------------------------------------------------------- one step
+
+
+def _global(batch_sharding, local: np.ndarray):
+  """A host's rows of the global batch → one global array sharded over (data, fsdp)."""
+  if np.ndim(local) == 0:
+    return jnp.asarray(local)
+  return jax.make_array_from_process_local_data(batch_sharding, np.asarray(local))
+
+
+def sample_completions(setup: Setup, mode: str, batch: dict, step: int):
+  """Completions for an on-policy (student) or seq_kd (teacher) step, from the current params."""
+  config, state = setup.config, setup.state
+  if mode == "on_policy":
+    model, prompt, mask = (nnx.graphdef(setup.student), state.params), "prompt_ids", "prompt_mask"
+  else:
+    params = state.params if setup.teacher is None else state.teacher_params
+    graph = nnx.graphdef(setup.student if setup.teacher is None else setup.teacher)
+    model = (graph, params)
+    prompt, mask = (("teacher_prompt_ids", "teacher_prompt_mask") if "teacher_prompt_ids" in batch
+                    else ("prompt_ids", "prompt_mask"))
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, step), MODES.index(mode))
+  out = sampling.generate(model, _global(setup.batch_sharding, batch[prompt]),
+                          _global(setup.batch_sharding, batch[mask]), key=key,
+                          max_new_tokens=config.max_completion_length, temperature=config.temperature,
+                          top_k=config.get("top_k", 0), top_p=config.get("top_p", 1.0),
+                          eos_token_ids=setup.stop_ids, pad_token_id=setup.tokenizer.pad_token_id,
+                          vocab_size=setup.step_cfg.vocab_size)
+  ids = np.asarray(multihost_utils.process_allgather(out.completion_ids, tiled=True))
+  mask = np.asarray(multihost_utils.process_allgather(out.completion_mask, tiled=True))
+  lo = jax.process_index() * setup.loader.local_batch_size
+  return ids[lo:lo + setup.loader.local_batch_size], mask[lo:lo + setup.loader.local_batch_size]
+
+
+def prepare_batch(setup: Setup, step: int) -> tuple[dict, str, float]:
+  """Host batch for `step` with its completions filled by the step's mode; returns (batch, mode, gen_seconds)."""
+  config = setup.config
+  batch = setup.loader.batch(step)
+  mode = mode_for_step(config.seed, step, config.lmbda, config.seq_kd) if config.objective == "gkd" else "dataset"
+  gen_time = 0.0
+  if mode == "dataset":
+    missing = np.flatnonzero(batch["row_mask"] & ~batch["has_completion"])
+    if len(missing):
+      raise ValueError(f"step {step} is an off-policy step (lmbda={config.lmbda}, seq_kd={config.seq_kd}) but "
+                       f"rows {missing.tolist()} of its batch have no completion; use lmbda=1 or seq_kd for "
+                       f"prompt-only data")
+  else:
+    t0 = time.perf_counter()
+    batch["completion_ids"], batch["completion_mask"] = sample_completions(setup, mode, batch, step)
+    gen_time = time.perf_counter() - t0
+  batch["completion_mask"] = batch["completion_mask"] & batch["row_mask"][:, None]
+  batch["student_generated"] = np.array(mode == "on_policy")
+  keys = ["prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "student_generated"]
+  if setup.step_cfg.teacher in ("model", "self") and "teacher_prompt_ids" in batch:
+    keys += ["teacher_prompt_ids", "teacher_prompt_mask"]
+  return {k: batch[k] for k in keys}, mode, gen_time
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+class MetricsWriter:
+  """JSON lines in the workdir, written by process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.file = None
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write(self, record: dict):
+    if self.file:
+      self.file.write(json.dumps(record) + "\n")
+      self.file.flush()
+
+  def close(self):
+    if self.file:
+      self.file.close()
+
+
+def train(config, workdir: str) -> dict:
+  """Builds everything from `config` and runs it; returns the last step's metrics."""
+  return run(build(config), workdir)
+
+
+def run(setup: Setup, workdir: str) -> dict:
+  """Runs optimizer steps from the state's step up to config.total_steps; returns the last step's record."""
+  from tqdm.auto import tqdm
+  config = setup.config
+  writer = MetricsWriter(workdir)
+  bar = tqdm(total=config.total_steps, initial=int(setup.state.step), disable=jax.process_index() != 0,
+             desc="gkd", dynamic_ncols=True)
+  record = {}
+  try:
+    for step in range(int(setup.state.step), config.total_steps):
+      t0 = time.perf_counter()
+      batch, mode, gen_time = prepare_batch(setup, step)
+      batch = {k: _global(setup.batch_sharding, v) for k, v in batch.items()}
+      setup.state, metrics = setup.train_step(setup.state, batch)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"loss is {metrics['loss']} at step {step} (mode {mode}); stopping")
+      record = {"step": step + 1, "mode": mode, **metrics, "generation_s": round(gen_time, 4),
+                "step_s": round(time.perf_counter() - t0, 4)}
+      writer.write(record)
+      bar.update(1)
+      if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", mode=mode)
+  finally:
+    bar.close()
+    writer.close()
+  return record
