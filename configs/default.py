@@ -17,6 +17,7 @@ import ml_collections
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
+  c.job = "bigram"
   c.seed = 0
   c.vocab_size = 48
   c.seq_len = 24

@@ -28,15 +28,6 @@ def test_default_job_distills(tmp_path):
   assert set(modes) == {"on_policy", "dataset"}  # lmbda=0.5, seq_kd off
 
 
-def test_mode_draw_is_a_function_of_seed_and_step():
-  draws = [gkd_main.mode_for_step(0, s, 0.5, True) for s in range(400)]
-  assert draws == [gkd_main.mode_for_step(0, s, 0.5, True) for s in range(400)]
-  assert 0.4 < draws.count("on_policy") / 400 < 0.6
-  assert set(draws) == {"on_policy", "seq_kd"}
-  assert all(gkd_main.mode_for_step(0, s, 0.0, False) == "dataset" for s in range(50))
-  assert all(gkd_main.mode_for_step(0, s, 1.0, False) == "on_policy" for s in range(50))
-
-
 def test_cli_flags_override_config(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "gkd_jax.main", "--config=configs/default.py:runlocal", f"--workdir={tmp_path}",

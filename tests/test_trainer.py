@@ -90,6 +90,9 @@ def test_mode_draws_follow_lambda_and_survive_restarts():
     draws = [trainer.mode_for_step(3, s, lmbda, False) for s in range(2000)]
     assert draws == [trainer.mode_for_step(3, s, lmbda, False) for s in range(2000)]  # a restart redraws the same
     assert abs(draws.count("on_policy") / 2000 - lmbda) < 0.03
+    assert set(draws) <= {"on_policy", "dataset"}
+  with_seq_kd = [trainer.mode_for_step(3, s, 0.5, True) for s in range(200)]
+  assert set(with_seq_kd) == {"on_policy", "seq_kd"}  # seq_kd replaces the dataset on off-policy steps
 
 
 def test_different_tokenizers_are_an_error(task, tmp_path):

@@ -1,0 +1,1 @@
+"""Self-contained jobs that run offline: the embedded default and small demonstrations."""
