@@ -10,7 +10,8 @@ Columns:
                hidden states and head: what a trainer does without fusion.
   jax_fused    fused_generalized_jsd_loss on the same inputs (chunked, no [tokens, V] logits).
 Temp memory is XLA's temp_size_in_bytes from the compiled executable's memory analysis (JAX only).
-Times are medians over --repeats runs after one warm-up run, on whatever CPU this runs on.
+Times are medians over --repeats runs after one warm-up run, on whatever CPU this runs on. A case whose
+memory would not fit in this machine's available RAM is not timed ("nan"); its temp memory is still shown.
 """
 import argparse
 import os
@@ -65,14 +66,33 @@ def jax_cases(n, v, dtype, beta, chunk_size):
   }, (s_logits, t_logits, mask)
 
 
+def available_bytes():
+  """MemAvailable from /proc/meminfo (Linux); inf elsewhere."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return float("inf")
+
+
 def run_jax(fn, args, repeats):
+  """(median seconds or nan when it would not fit in memory, XLA temp bytes)."""
   compiled = jax.jit(fn).lower(*args).compile()
-  temp = compiled.memory_analysis().temp_size_in_bytes
+  mem = compiled.memory_analysis()
+  temp = mem.temp_size_in_bytes
+  if temp + mem.output_size_in_bytes > 0.8 * available_bytes():
+    return float("nan"), temp
   t = median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
   return t, temp
 
 
 def run_trl(s_logits, t_logits, mask, beta, repeats, dtype):
+  # About eight [tokens, V] float32 tensors live at once in TRL's loss and its backward.
+  if 8 * s_logits.size * 4 > 0.8 * available_bytes():
+    return float("nan")
   import torch
   os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
   from trl.experimental.gkd import GKDTrainer
