@@ -39,6 +39,7 @@ def jax_runner(model, ids, temperature):
                                 max_new_tokens=NEW, temperature=temperature)
         jax.block_until_ready(out)
         assert int(out.num_steps) == NEW and bool(out.completion_mask.all())
+        return np.asarray(out.completion_ids)
 
     return run
 
@@ -54,6 +55,7 @@ def torch_runner(model, ids, temperature, pad_id):
             out = model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=new,
                                  min_new_tokens=new, pad_token_id=pad_id, **kw)
         assert out.shape[1] == PROMPT + new
+        return out[:, PROMPT:].numpy()
 
     return run
 
@@ -98,7 +100,7 @@ def main():
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs), torch {torch.__version__}, "
           f"transformers {transformers.__version__}; prompt {PROMPT}, {NEW} new tokens, float32")
 
-    rows = []
+    rows, agree = [], []
     for mode in args.modes.split(","):
         temperature = 0.9 if mode == "sample" else 0.0
         for batch in map(int, args.batches.split(",")):
@@ -110,12 +112,17 @@ def main():
             pairs = [(timed(run_jax), timed(run_hf)) for _ in range(args.repeats)]
             t_jax, t_hf = np.median(pairs, axis=0)
             rows.append((mode, batch, batch * NEW / t_jax, batch * NEW / t_hf, threads, t_hf / t_jax, t_first))
+            if mode == "greedy":  # same weights, same greedy tokens (until a float near-tie, if any)
+                same = (run_jax() == run_hf()).all(0)
+                agree.append(f"batch {batch}: {int(np.argmin(same)) if not same.all() else NEW}")
             print(f"  done {mode} batch {batch}", file=sys.stderr, flush=True)
 
     print("\n| mode | batch | gkd_jax tok/s | HF generate tok/s (torch threads) | speed-up | JAX compile+1st run (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     for mode, batch, jx, hf, threads, ratio, first in rows:
         print(f"| {mode} | {batch} | {jx:,.0f} | {hf:,.0f} ({threads}) | {ratio:.1f}x | {first:.1f} |")
+    if agree:
+        print(f"\nGreedy tokens identical to HF (first differing step, {NEW} = all): " + ", ".join(agree))
 
 
 if __name__ == "__main__":
