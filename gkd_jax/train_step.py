@@ -42,6 +42,7 @@ class StepConfig:
   vocab_size: int | None = None   # the tokenizer's vocabulary: both heads are cut to it
   chunk_size: int | None = None   # fused path
   grad_accum_steps: int = 1
+  offload_teacher: bool = False   # teacher params live in host memory; brought to the device for its forward
 
   def __post_init__(self):
     for name, value, allowed in (("objective", self.objective, OBJECTIVES), ("teacher", self.teacher, TEACHERS),
@@ -131,6 +132,8 @@ def make_train_step(student, tx, lr_schedule, cfg: StepConfig, teacher=None):
     for the backward pass)."""
     if cfg.teacher == "server":
       return {"values": mb["teacher_topk_values"], "indices": mb["teacher_topk_indices"]}
+    if cfg.teacher == "model" and cfg.offload_teacher:
+      teacher_params = jax.device_put(teacher_params, jax.memory.Space.Device)
     teacher = nnx.merge(teacher_def, teacher_params if cfg.teacher == "model" else params)
     prompt_ids = mb.get("teacher_prompt_ids", mb["prompt_ids"])
     prompt_mask = mb.get("teacher_prompt_mask", mb["prompt_mask"])

@@ -60,7 +60,17 @@ def step_config(config, vocab_size: int) -> ts.StepConfig:
       objective=config.objective, teacher=kind, divergence=divergence, beta=config.beta,
       temperature=config.temperature if config.loss_temperature is None else config.loss_temperature,
       topk=config.gkd_logits_topk or None, sft_alpha=config.sft_alpha, vocab_size=vocab_size,
-      chunk_size=config.get("loss_chunk_size"), grad_accum_steps=config.grad_accum_steps)
+      chunk_size=config.get("loss_chunk_size"), grad_accum_steps=config.grad_accum_steps,
+      offload_teacher=bool(config.offload_teacher_model) and kind == "model" and _host_memory_available())
+
+
+def _host_memory_available() -> bool:
+  kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+  if "pinned_host" in kinds:
+    return True
+  logger.warning("offload_teacher_model: this backend has no pinned_host memory (it has %s); the teacher's "
+                 "params stay in device memory", sorted(kinds))
+  return False
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -122,8 +132,11 @@ def build(config) -> Setup:
   tx, schedule = optim.make_optimizer(
       config.learning_rate, config.total_steps, warmup_steps=config.warmup_steps, schedule=config.lr_schedule,
       weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
-  state = ts.create_train_state(nnx.state(student), tx,
-                                teacher_params=None if teacher is None else nnx.state(teacher),
+  teacher_params = None if teacher is None else nnx.state(teacher)
+  if cfg.offload_teacher:  # kept in host memory between steps; the step moves it in for the forward only
+    teacher_params = jax.device_put(
+        teacher_params, jax.tree.map(lambda x: x.sharding.with_memory_kind("pinned_host"), teacher_params))
+  state = ts.create_train_state(nnx.state(student), tx, teacher_params=teacher_params,
                                 rng=jax.random.key(config.seed))
   # Params already sit in their logical shardings; scalars (step, counts, rng) are replicated on the mesh.
   replicated = NamedSharding(mesh, PartitionSpec())

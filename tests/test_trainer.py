@@ -1,6 +1,8 @@
 """The training loop end to end on the offline arithmetic task with tiny HF checkpoints built here."""
 import json
 
+import jax
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,13 @@ def test_different_tokenizers_are_an_error(task, tmp_path):
   tok.save_pretrained(other)
   with pytest.raises(ValueError, match=r"different tokenizer \(30 tokens\) than the student \(29 tokens\)"):
     trainer.build(make_config(task, teacher_model=str(other)))
+
+
+def test_offloaded_teacher_stays_in_host_memory_and_changes_nothing(task, tmp_path):
+  results = {}
+  for offload in (False, True):
+    setup = trainer.build(make_config(task, lmbda=0.0, offload_teacher_model=offload, total_steps=2))
+    results[offload] = trainer.run(setup, str(tmp_path / str(offload)))
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(setup.state.teacher_params)}
+    assert kinds == ({"pinned_host"} if offload else {"device"})
+  assert results[True]["loss"] == pytest.approx(results[False]["loss"], rel=1e-6)
