@@ -1,0 +1,309 @@
+"""Orbax checkpoints of the whole train state, plus a JSON `extra` (data position, host RNG, fingerprint).
+
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3, save_every=100)
+    if ckpt.latest_step() is not None:
+      state, extra = ckpt.restore(abstract_state, fingerprint=fp)  # arrays land in abstract_state's shardings
+    ...
+    ckpt.save(step, state, {"data": loader.state(step), "fingerprint": fp})  # async; every save_every steps
+    ckpt.close()
+
+Each step directory holds three items: `state` (the arrays, as a nested dict keyed by pytree path, so the
+layout is independent of the Python classes that held them), `extra` (the caller's JSON) and `meta` (how to
+rebuild typed PRNG keys). Orbax writes into a temporary directory and renames it when complete, so an
+interrupted save is never listed as a step. Every process calls save/restore; orbax writes each array shard
+from the process that owns it and the JSON items from process 0 only.
+
+A checkpoint that does not fit the caller's abstract state (tree, shapes, dtypes, fingerprint) or cannot be
+read raises `CheckpointError` naming the step directory, and nothing on disk is touched: a Checkpointer that
+finds checkpoints it has not restored from refuses to save into that directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, unreadable, or incompatible with the state it is restored into."""
+
+
+# --------------------------------------------------------------------------------------------- pytrees
+
+
+def _path_str(path) -> tuple[str, ...]:
+  out = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        out.append(str(getattr(k, attr)))
+        break
+    else:
+      out.append(str(k))
+  return tuple(out)
+
+
+def _is_key(x) -> bool:
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _flatten(tree) -> dict[tuple[str, ...], Any]:
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = _path_str(path)
+    if name in flat:  # e.g. dict keys 0 and "0" side by side: they would share one stored array
+      raise ValueError(f"two leaves of the state map to the checkpoint path {_name(name)!r}")
+    flat[name] = leaf
+  return flat
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+  # Plain nested dicts: orbax then stores the same layout whatever classes (nnx.State, dataclasses, optax
+  # namedtuples) held the arrays, and empty subtrees (teacher_params=None, EmptyState) need no handling.
+  root = {}
+  for path, leaf in flat.items():
+    node = root
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = leaf
+  return root
+
+
+def _key_data_sharding(sharding):
+  # Key data has one trailing (unsharded) axis more than the key array.
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec, None))
+  return sharding
+
+
+def _name(path) -> str:
+  return "/".join(path)
+
+
+def _cause(e: Exception, limit: int = 600) -> str:
+  # Tensorstore errors embed whole JSON specs; the full chain stays on `__cause__`.
+  text = f"{type(e).__name__}: {e}"
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# ------------------------------------------------------------------------------------------ preemption
+
+
+@dataclasses.dataclass
+class PreemptionHandler:
+  """A SIGTERM flag for the train loop; `uninstall()` restores the previous handler."""
+  callback: Callable[[int], None] | None = None
+  _event: threading.Event = dataclasses.field(default_factory=threading.Event)
+  _previous: Any = None
+  _installed: bool = False
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def _handle(self, signum, frame):
+    del frame
+    # Only set a flag (and let a light callback run): the train loop saves at the next step boundary,
+    # outside the signal handler, where jax and orbax calls are safe.
+    self._event.set()
+    if self.callback is not None:
+      self.callback(signum)
+
+  def uninstall(self):
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._installed = False
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.uninstall()
+
+
+_ACTIVE: list[PreemptionHandler] = []  # the installed handler (a signal handler is process-wide anyway)
+
+
+def install_preemption_handler(callback: Callable[[int], None] | None = None) -> PreemptionHandler:
+  """SIGTERM → `handler.requested` becomes True (and `callback(signum)` runs); the process keeps running.
+
+  With several processes, JAX's own preemption service (started by `jax.distributed.initialize`) already
+  turns SIGTERM into a step that all hosts agree on (`Checkpointer.reached_preemption`); replacing its
+  signal handler would break that, and hosts seeing the signal at different steps would deadlock in save.
+  So there the handler is not installed and `requested` stays False.
+  """
+  handler = PreemptionHandler(callback)
+  if jax.process_count() > 1:
+    return handler
+  if threading.current_thread() is not threading.main_thread():
+    raise RuntimeError("install_preemption_handler must be called from the main thread (a Python signal rule)")
+  handler._previous = signal.signal(signal.SIGTERM, handler._handle)
+  handler._installed = True
+  _ACTIVE[:] = [handler]
+  return handler
+
+
+def _preemption_requested() -> bool:
+  return any(h._installed and h.requested for h in _ACTIVE)
+
+
+# ---------------------------------------------------------------------------------------- checkpointer
+
+
+class Checkpointer:
+  """Periodic async saves with keep-N, and validated restores into target shardings."""
+
+  def __init__(self, directory, *, max_to_keep: int | None = 3, save_every: int = 100, async_save: bool = True):
+    if save_every < 1:
+      raise ValueError(f"save_every must be ≥ 1, got {save_every}")
+    self.directory = epath.Path(directory)
+    self.save_every = save_every
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=True)  # leftovers of a save killed mid-write
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+    # Steps present before this run: saving next to them without having resumed from one would let keep-N
+    # delete another run's checkpoints.
+    self._foreign = list(self._manager.all_steps())
+    self._preemption = (None, False)  # (step, answer) of the last reached_preemption query
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def step_dir(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True once SIGTERM arrived (single process, handler installed) or at JAX's multi-host preemption
+    sync point; the train loop saves and exits then. The answer is sampled once per step, so `save(step)`
+    and a later `reached_preemption(step)` agree even when the signal lands between the two calls."""
+    step = int(step)
+    if self._preemption[0] != step:
+      self._preemption = (step, _preemption_requested() or self._manager.reached_preemption(step))
+    return self._preemption[1]
+
+  def save(self, step: int, state, extra: dict | None = None, *, force: bool = False) -> bool:
+    """Starts an async save when `step % save_every == 0`, `force`, or preemption; returns whether it did.
+    A step already on disk is never overwritten."""
+    step = int(step)
+    if not (force or step % self.save_every == 0 or self.reached_preemption(step)):
+      return False
+    if self._foreign:
+      raise CheckpointError(
+          f"{self.directory} holds checkpoints at steps {self._foreign} that this run did not restore from; "
+          f"restore one (restore() checks compatibility) or use another directory, rather than mixing runs")
+    if step in self._manager.all_steps():
+      return False
+    try:  # fail here, not later in the background thread that writes it
+      json.dumps(extra or {})
+    except TypeError as e:
+      raise TypeError(f"checkpoint extra must be JSON-serializable: {e}") from e
+    flat = _flatten(state)
+    keys = {_name(p): {"impl": str(jax.random.key_impl(x)), "dtype": str(x.dtype)}
+            for p, x in flat.items() if _is_key(x)}
+    arrays = {p: jax.random.key_data(x) if _is_key(x) else x for p, x in flat.items()}
+    return self._manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_nest(arrays)),
+        extra=ocp.args.JsonSave(dict(extra or {})),
+        meta=ocp.args.JsonSave({"format": _FORMAT, "keys": keys})))
+
+  def restore(self, abstract_state, step: int | None = None, *, fingerprint: Any = None):
+    """Loads `step` (default: the latest) into the structure, shapes, dtypes and shardings of
+    `abstract_state` (jax.ShapeDtypeStruct leaves, or arrays; typed-key leaves come back as typed keys; a
+    leaf without a sharding lands on the first local device). Returns (state, extra). With `fingerprint`, `extra["fingerprint"]` must equal it."""
+    steps = self._manager.all_steps()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise CheckpointError(f"no checkpoint in {self.directory}")
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (steps: {sorted(steps)})")
+    path = self.step_dir(step)
+    try:
+      info = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore(),
+                                                                 meta=ocp.args.JsonRestore()))
+      extra, meta = info["extra"], info["meta"]
+      stored = self._manager.item_metadata(step)["state"]
+    except Exception as e:  # orbax / tensorstore errors from deep inside: say which checkpoint
+      raise CheckpointError(f"checkpoint {path} is unreadable (corrupt or incomplete): {_cause(e)}") from e
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or stored is None:
+      raise CheckpointError(f"checkpoint {path} was not written by gkd_jax.checkpoints (format {_FORMAT})")
+    if fingerprint is not None and extra.get("fingerprint") != fingerprint:
+      raise CheckpointError(f"checkpoint {path} is from another configuration: fingerprint "
+                            f"{extra.get('fingerprint')!r} (checkpoint) vs {fingerprint!r} (this run)")
+
+    abstract = _flatten(abstract_state)
+    targets = {p: self._target(path, p, x, meta["keys"]) for p, x in abstract.items()}
+    self._check(path, targets, _flatten(stored), meta["keys"])
+    try:
+      arrays = _flatten(self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_nest(targets))))["state"])
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {path} could not be restored (corrupt or incomplete): "
+                            f"{_cause(e)}") from e
+    leaves = []
+    for p, x in abstract.items():
+      value = arrays[p]
+      if _is_key(x):
+        value = jax.random.wrap_key_data(value, impl=meta["keys"][_name(p)]["impl"])
+      leaves.append(value)
+    self._foreign = []  # resumed: later saves continue this run
+    treedef = jax.tree_util.tree_structure(abstract_state)
+    return jax.tree_util.tree_unflatten(treedef, leaves), extra
+
+  @staticmethod
+  def _target(path, p, x, keys) -> jax.ShapeDtypeStruct:
+    """The array orbax reads for one abstract leaf (key data for a typed key), in its target sharding."""
+    sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if not _is_key(x):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    stored = keys.get(_name(p))
+    if stored is None or stored["dtype"] != str(x.dtype):
+      raise CheckpointError(f"checkpoint {path}: leaf {_name(p)!r} is a PRNG key of type {x.dtype} here but "
+                            f"{stored['dtype'] if stored else 'a plain array'} in the checkpoint")
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=_key_data_sharding(sharding))
+
+  @staticmethod
+  def _check(path, targets, stored, keys):
+    missing = sorted(_name(p) for p in targets.keys() - stored.keys())
+    unexpected = sorted(_name(p) for p in stored.keys() - targets.keys())
+    if missing or unexpected:
+      raise CheckpointError(f"checkpoint {path} has a different tree than the state: missing {missing[:10]}"
+                            f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+                            f"{' ...' if len(unexpected) > 10 else ''}")
+    for p, want in targets.items():
+      got = stored[p]
+      if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+        raise CheckpointError(f"checkpoint {path}: leaf {_name(p)!r} is {np.dtype(got.dtype).name}"
+                              f"{list(got.shape)} in the checkpoint but {np.dtype(want.dtype).name}"
+                              f"{list(want.shape)} in the state"
+                              f"{' (a PRNG key in the checkpoint)' if _name(p) in keys else ''}")
+
+  def wait(self):
+    """Blocks until pending async saves are on disk (re-raises a failed background save)."""
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
