@@ -115,7 +115,7 @@ def main():
   ap.add_argument("--vocab", type=int, nargs="+", default=[32768, 151936])
   ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   ap.add_argument("--beta", type=float, default=0.5)
-  ap.add_argument("--chunk-size", type=int, default=512)
+  ap.add_argument("--chunk-size", type=int, default=None, help="default: the library's adaptive choice")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--no-trl", action="store_true")
   args = ap.parse_args()
@@ -128,7 +128,7 @@ def main():
     have_torch = False
 
   print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cpus; H={H}, "
-        f"beta={args.beta}, chunk={args.chunk_size}; median of {args.repeats} fwd+bwd runs")
+        f"beta={args.beta}, chunk={args.chunk_size or 'auto'}; median of {args.repeats} fwd+bwd runs")
   header = (f"| {'B*T':>5} | {'V':>6} | {'dtype':>8} | {'trl_logits s':>12} | {'jax_logits s':>12} | "
             f"{'trl/jax':>7} | {'unfused s':>9} | {'fused s':>7} | {'fused/unf':>9} | "
             f"{'unfused MiB':>11} | {'fused MiB':>9} | {'mem ratio':>9} |")

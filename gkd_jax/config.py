@@ -56,6 +56,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.weight_decay = 0.0
   c.max_grad_norm = 1.0
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  # LoRA (lora_rank 0 = full-parameter training). Target modules: comma-separated module names
+  # (q, k, v, o, gate, up, down, lm_head) or "all-linear".
+  c.lora_rank = 0
+  c.lora_alpha = 16.0
+  c.lora_target_modules = "all-linear"
+  c.lora_rslora = False
   # Logging.
   c.log_every = 10
   return c
@@ -113,6 +119,10 @@ def validate(c) -> None:
     fail("warmup_steps", c.warmup_steps, f"must be in [0, total_steps={c.total_steps}]")
   if c.lr_schedule not in optim.SCHEDULES:
     fail("lr_schedule", c.lr_schedule, f"must be one of {optim.SCHEDULES}")
+  if not (isinstance(c.lora_rank, int) and c.lora_rank >= 0):
+    fail("lora_rank", c.lora_rank, "must be an int ≥ 0 (0 = full-parameter training)")
+  if c.lora_rank and not c.lora_alpha > 0:
+    fail("lora_alpha", c.lora_alpha, "must be > 0")
   if not 0 < c.top_p <= 1:
     fail("top_p", c.top_p, "must be in (0, 1]")
   if c.top_k < 0:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from gkd_jax import losses
+from gkd_jax import lora, losses
 
 DIVERGENCES = ("full", "topk", "fused")
 TEACHERS = ("model", "self", "server", "none")
@@ -70,12 +70,17 @@ class TrainState:
   opt_state: Any            # optax state of the student only
   teacher_params: Any       # frozen teacher params (nnx.State), or None (server / OPSD dynamic / sft)
   rng: jax.Array            # root key; per-step keys are fold_in(rng, step)
+  base_params: Any = None   # with LoRA: the student's frozen weights (params then holds the adapters)
 
 
-def create_train_state(student_params, tx, *, teacher_params=None, rng) -> TrainState:
-  """A fresh state; the optimizer state is built under jit so it inherits the params' shardings."""
+def create_train_state(student_params, tx, *, teacher_params=None, rng, base_params=None) -> TrainState:
+  """A fresh state; the optimizer state is built under jit so it inherits the params' shardings.
+
+  student_params are the trainable params: the whole student, or its LoRA adapters (then base_params
+  holds the frozen weights they are merged into)."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=student_params,
-                    opt_state=jax.jit(tx.init)(student_params), teacher_params=teacher_params, rng=rng)
+                    opt_state=jax.jit(tx.init)(student_params), teacher_params=teacher_params, rng=rng,
+                    base_params=base_params)
 
 
 # --------------------------------------------------------------------------------------------- forwards
@@ -110,9 +115,10 @@ def head_logits(model, hidden, vocab_size):
 # ------------------------------------------------------------------------------------------- the step
 
 
-def make_train_step(student, tx, lr_schedule, cfg: StepConfig, teacher=None):
+def make_train_step(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spec=None):
   """Builds `train_step(state, batch) -> (state, metrics)` for these models (only their graphs and configs
-  are kept; the params live in the state)."""
+  are kept; the params live in the state). With a `lora_spec` the state's params are LoRA adapters merged
+  into `state.base_params` for every forward."""
   if cfg.teacher == "model" and teacher is None:
     raise ValueError("teacher='model' needs a teacher model")
   student_def = nnx.graphdef(student)
@@ -126,6 +132,9 @@ def make_train_step(student, tx, lr_schedule, cfg: StepConfig, teacher=None):
   with_nll = cfg.objective == "sft" or cfg.sft_alpha > 0  # the NLL costs a pass over [B, C, V]: only when used
   student_cap = student.config.final_logit_softcapping or None
   teacher_cap = teacher_config.final_logit_softcapping or None
+
+  def student_weights(params, base_params):
+    return params if lora_spec is None else lora.merge(base_params, params, lora_spec)
 
   def teacher_side(teacher_params, params, mb):
     """Everything the loss needs from the teacher, outside the gradient (no teacher activations are kept
@@ -146,8 +155,8 @@ def make_train_step(student, tx, lr_schedule, cfg: StepConfig, teacher=None):
       return {"values": values, "indices": indices}
     return {"logits": logits}
 
-  def loss_fn(params, mb, teacher, num_items, sft_weight):
-    student = nnx.merge(student_def, params)
+  def loss_fn(params, mb, teacher, num_items, sft_weight, base_params):
+    student = nnx.merge(student_def, student_weights(params, base_params))
     targets, mask, hidden = completion_hidden(student, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
                                               mb["completion_mask"])
     kw = dict(mask=mask, num_items=num_items)
@@ -190,9 +199,10 @@ def make_train_step(student, tx, lr_schedule, cfg: StepConfig, teacher=None):
 
     def micro_step(carry, mb):
       grads_acc, aux_acc = carry
-      teacher = None if cfg.teacher == "none" else teacher_side(state.teacher_params, state.params, mb)
+      teacher = None if cfg.teacher == "none" else teacher_side(
+          state.teacher_params, student_weights(state.params, state.base_params), mb)
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-      (loss, aux), grads = grad_fn(state.params, mb, teacher, num_items, sft_weight)
+      (loss, aux), grads = grad_fn(state.params, mb, teacher, num_items, sft_weight, state.base_params)
       aux = {"loss": loss, **aux}
       return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, aux_acc, aux)), None
 

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd_jax import data as data_lib
-from gkd_jax import models, optim, sampling, sharding
+from gkd_jax import lora, models, optim, sampling, sharding
 from gkd_jax import train_step as ts
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class Setup:
   train_step: Any            # jitted (state, batch) -> (state, metrics), state donated
   batch_sharding: NamedSharding
   stop_ids: tuple
+  lora_spec: lora.LoraSpec | None = None
 
 
 def _check_same_tokenizer(tokenizer, path: str):
@@ -132,12 +133,19 @@ def build(config) -> Setup:
   tx, schedule = optim.make_optimizer(
       config.learning_rate, config.total_steps, warmup_steps=config.warmup_steps, schedule=config.lr_schedule,
       weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+  params, base_params, lora_spec = nnx.state(student), None, lora_spec_from(config)
+  if lora_spec is not None:  # train adapters only; the student's weights become a frozen input
+    base_params = params
+    params = lora.init_adapters(base_params, lora_spec, jax.random.fold_in(jax.random.key(config.seed), 1))
+    params = jax.device_put(params, lora.adapter_shardings(params, mesh))
+    logger.info("LoRA: %d trainable params (rank %d) on %s", lora.count(params), lora_spec.rank,
+                lora_spec.target_modules)
   teacher_params = None if teacher is None else nnx.state(teacher)
   if cfg.offload_teacher:  # kept in host memory between steps; the step moves it in for the forward only
     teacher_params = jax.device_put(
         teacher_params, jax.tree.map(lambda x: x.sharding.with_memory_kind("pinned_host"), teacher_params))
-  state = ts.create_train_state(nnx.state(student), tx, teacher_params=teacher_params,
-                                rng=jax.random.key(config.seed))
+  state = ts.create_train_state(params, tx, teacher_params=teacher_params, rng=jax.random.key(config.seed),
+                                base_params=base_params)
   # Params already sit in their logical shardings; scalars (step, counts, rng) are replicated on the mesh.
   replicated = NamedSharding(mesh, PartitionSpec())
   state_sharding = jax.tree.map(
@@ -145,12 +153,31 @@ def build(config) -> Setup:
       state)
   state = jax.device_put(state, state_sharding)
   batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-  step_fn = ts.make_train_step(student, tx, schedule, cfg, teacher=teacher)
+  step_fn = ts.make_train_step(student, tx, schedule, cfg, teacher=teacher, lora_spec=lora_spec)
   train_step = jax.jit(step_fn, in_shardings=(state_sharding, None), out_shardings=(state_sharding, replicated),
                        donate_argnums=0)
   stop_ids = sampling.normalize_stop_ids(
       config.eos_token_ids if config.get("eos_token_ids") else tokenizer.eos_token_id)
-  return Setup(config, mesh, tokenizer, student, teacher, loader, cfg, state, train_step, batch_sharding, stop_ids)
+  return Setup(config, mesh, tokenizer, student, teacher, loader, cfg, state, train_step, batch_sharding, stop_ids,
+               lora_spec)
+
+
+def lora_spec_from(config) -> lora.LoraSpec | None:
+  if not config.lora_rank:
+    return None
+  targets = config.lora_target_modules
+  return lora.LoraSpec(rank=config.lora_rank, alpha=float(config.lora_alpha), use_rslora=config.lora_rslora,
+                       target_modules=tuple(t.strip() for t in targets.split(",")) if isinstance(targets, str)
+                       else tuple(targets))
+
+
+def student_weights(setup: Setup):
+  """The student's full weights in the current state (LoRA adapters merged in)."""
+  state = setup.state
+  return state.params if setup.lora_spec is None else _merge(state.base_params, state.params, setup.lora_spec)
+
+
+_merge = jax.jit(lora.merge, static_argnums=2)
 
 
 # ----------------------------------------------------------------------------------------- one step
@@ -167,9 +194,9 @@ def sample_completions(setup: Setup, mode: str, batch: dict, step: int):
   """Completions for an on-policy (student) or seq_kd (teacher) step, from the current params."""
   config, state = setup.config, setup.state
   if mode == "on_policy":
-    model, prompt, mask = (nnx.graphdef(setup.student), state.params), "prompt_ids", "prompt_mask"
+    model, prompt, mask = (nnx.graphdef(setup.student), student_weights(setup)), "prompt_ids", "prompt_mask"
   else:
-    params = state.params if setup.teacher is None else state.teacher_params
+    params = student_weights(setup) if setup.teacher is None else state.teacher_params
     graph = nnx.graphdef(setup.student if setup.teacher is None else setup.teacher)
     model = (graph, params)
     prompt, mask = (("teacher_prompt_ids", "teacher_prompt_mask") if "teacher_prompt_ids" in batch

@@ -115,3 +115,17 @@ def test_offloaded_teacher_stays_in_host_memory_and_changes_nothing(task, tmp_pa
     kinds = {x.sharding.memory_kind for x in jax.tree.leaves(setup.state.teacher_params)}
     assert kinds == ({"pinned_host"} if offload else {"device"})
   assert results[True]["loss"] == pytest.approx(results[False]["loss"], rel=1e-6)
+
+
+def test_lora_trains_only_the_adapters(task, tmp_path):
+  setup = trainer.build(make_config(task, lmbda=0.5, lora_rank=4, lora_target_modules="q,v,up", total_steps=3))
+  base_before = jax.tree.map(np.asarray, setup.state.base_params)
+  adapters_before = jax.tree.map(np.asarray, setup.state.params)
+  record = trainer.run(setup, str(tmp_path))
+  assert np.isfinite(record["loss"])
+  for x, y in zip(jax.tree.leaves(setup.state.base_params), jax.tree.leaves(base_before)):
+    np.testing.assert_array_equal(np.asarray(x), y)
+  keys = {".".join(map(str, path)) for path, _ in jax.tree_util.tree_flatten_with_path(setup.state.params)[0]}
+  assert keys and all(any(f".{m}." in k for m in ("q", "v", "up")) for k in keys)
+  assert any(not np.array_equal(np.asarray(x), y)
+             for x, y in zip(jax.tree.leaves(setup.state.params), jax.tree.leaves(adapters_before)))
