@@ -1,14 +1,14 @@
-"""The embedded offline default: GKD between two bigram language models, no network, seconds on a CPU.
+"""GKD between two bigram language models, no network, seconds on a CPU.
 
-This is the smallest real job the package runs today: Algorithm 1 of the GKD paper with bigram LMs
+The smallest real job the package runs: Algorithm 1 of the GKD paper with bigram LMs
 (a token's next-token distribution is one row of a logits table). Each step draws the λ coin from
 (seed, step): the student samples the batch (on-policy), else the teacher does when seq_kd is on, else
 a fixed dataset sampled once from the teacher is used. The generalized JSD(β) between the two models'
-next-token distributions on those sequences is minimized with optax. The full transformer trainer
-replaces this job in `configs/default.py` once it lands.
+next-token distributions on those sequences is minimized with optax.
+(The README's main command, configs/default.py, runs the full transformer pipeline.)
 
-    python -m gkd_jax.main --config=configs/default.py --workdir=/tmp/gkd_default
-    python -m gkd_jax.main --config=configs/default.py --workdir=/tmp/gkd_default --config.beta=1.0 --config.lmbda=1.0
+    python -m gkd_jax.main --config=configs/bigram.py --workdir=/tmp/gkd_bigram
+    python -m gkd_jax.main --config=configs/bigram.py --workdir=/tmp/gkd_bigram --config.beta=1.0 --config.lmbda=1.0
 
 Expected: about 10 s on 2 CPU cores; the JSD falls by more than 10x and top-1 agreement reaches ~1.
 """

@@ -1,7 +1,8 @@
 """Entry point: `python -m gkd_jax.main --config=configs/NAME.py[:arg] --workdir=DIR [--config.key=value]`.
 
-`config.job` picks what runs: "train" (the GKD / SFT trainer, gkd_jax.trainer) or "bigram" (the
-embedded offline demo in gkd_jax.demos.bigram).
+`config.job` picks what runs: "train" (the GKD / SFT trainer, gkd_jax.trainer), "demo" (the embedded
+offline pipeline of configs/default.py, gkd_jax.demos.arithmetic) or "bigram" (GKD between bigram LMs,
+gkd_jax.demos.bigram).
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -12,6 +13,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoi
 
 def run(config, workdir):
   job = config.get("job", "train")
+  if job == "demo":
+    from gkd_jax.demos import arithmetic
+    return arithmetic.run(config, workdir)
   if job == "bigram":
     from gkd_jax.demos import bigram
     return bigram.run(config, workdir)
@@ -20,7 +24,7 @@ def run(config, workdir):
     from gkd_jax import trainer
     config_lib.validate(config)
     return trainer.train(config, workdir)
-  raise ValueError(f"config.job={job!r} is invalid: must be one of ('train', 'bigram')")
+  raise ValueError(f"config.job={job!r} is invalid: must be one of ('train', 'demo', 'bigram')")
 
 
 def main(argv):

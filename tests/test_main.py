@@ -1,4 +1,4 @@
-"""The README's main command (the embedded offline default) runs and distills."""
+"""The entry point: job dispatch and command-line overrides, on the bigram job (configs/bigram.py)."""
 import json
 import os
 import subprocess
@@ -11,13 +11,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(arg=None):
   import importlib.util
-  spec = importlib.util.spec_from_file_location("default_config", os.path.join(ROOT, "configs", "default.py"))
+  spec = importlib.util.spec_from_file_location("bigram_config", os.path.join(ROOT, "configs", "bigram.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
 
 
-def test_default_job_distills(tmp_path):
+def test_bigram_job_distills(tmp_path):
   config = load_config("runlocal")
   final = gkd_main.run(config, str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -30,7 +30,7 @@ def test_default_job_distills(tmp_path):
 
 def test_cli_flags_override_config(tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "gkd_jax.main", "--config=configs/default.py:runlocal", f"--workdir={tmp_path}",
+      [sys.executable, "-m", "gkd_jax.main", "--config=configs/bigram.py:runlocal", f"--workdir={tmp_path}",
        "--config.beta=1.0", "--config.lmbda=1.0", "--config.steps=20", "--config.log_every=10"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -1,0 +1,91 @@
+"""The README's main command (configs/default.py, job "demo"): the whole pipeline at runlocal size."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gkd_jax import evaluate, models
+from gkd_jax import main as gkd_main
+from gkd_jax.demos import arithmetic as demo
+from gkd_jax.tasks import arithmetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(arg=None):
+  spec = importlib.util.spec_from_file_location("default_config", os.path.join(ROOT, "configs", "default.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("demo")
+  config = load_config("runlocal")
+  return config, str(workdir), gkd_main.run(config, str(workdir))
+
+
+def test_demo_writes_the_three_accuracies(demo_run):
+  config, workdir, results = demo_run
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f) == results
+  assert list(results["models"]) == ["teacher", "student_sft", "gkd"]
+  assert results["count"] == config.task.num_test
+  for name, m in results["models"].items():
+    assert 0.0 <= m["chain_accuracy"] <= m["accuracy"] <= 1.0
+    assert os.path.exists(os.path.join(workdir, name, "DONE"))
+    assert models.load_tokenizer(m["checkpoint"]).get_vocab() == arithmetic.make_tokenizer().get_vocab()
+  # The student is the smaller model, and GKD trained the SFT student's architecture.
+  assert results["models"]["student_sft"]["params"] == results["models"]["gkd"]["params"]
+  assert results["models"]["student_sft"]["params"] < results["models"]["teacher"]["params"]
+  # Each training phase went through the trainer (its metrics) for the configured number of steps.
+  for name, phase in (("teacher", config.teacher), ("student_sft", config.student_sft), ("gkd", config.gkd)):
+    records = [json.loads(line) for line in open(os.path.join(workdir, name, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == list(range(1, phase.total_steps + 1))
+  modes = {json.loads(line)["mode"] for line in open(os.path.join(workdir, "gkd", "metrics.jsonl"))}
+  assert "on_policy" in modes  # runlocal keeps lmbda=0.5; its 4 steps draw both kinds with seed 0
+  assert "distill_loss" in json.loads(open(os.path.join(workdir, "gkd", "metrics.jsonl")).readline())
+
+
+def test_rerun_skips_finished_phases(demo_run):
+  config, workdir, _ = demo_run
+  stamps = {name: os.path.getmtime(os.path.join(workdir, name, "DONE")) for name in demo.PHASES}
+  out = subprocess.run([sys.executable, "-m", "gkd_jax.main", "--config=configs/default.py:runlocal",
+                        f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  for name in demo.PHASES:
+    assert f"[{name}] cached" in out.stdout
+    assert os.path.getmtime(os.path.join(workdir, name, "DONE")) == stamps[name]
+  assert "student, distilled (GKD)" in out.stdout
+
+
+def test_changed_gkd_settings_redo_only_gkd(tmp_path):
+  config = load_config("runlocal")
+  workdir = str(tmp_path)
+  demo.run(config, workdir)
+  stamps = {name: os.path.getmtime(os.path.join(workdir, name, "DONE")) for name in demo.PHASES}
+  config.gkd.beta = 1.0
+  demo.run(config, workdir)
+  assert os.path.getmtime(os.path.join(workdir, "teacher", "DONE")) == stamps["teacher"]
+  assert os.path.getmtime(os.path.join(workdir, "student_sft", "DONE")) == stamps["student_sft"]
+  assert os.path.getmtime(os.path.join(workdir, "gkd", "DONE")) > stamps["gkd"]
+
+
+def test_evaluate_scores_generations(demo_run):
+  _, workdir, results = demo_run
+  path = results["models"]["teacher"]["checkpoint"]
+  model, tokenizer = models.from_pretrained(path), models.load_tokenizer(path)
+  rows = arithmetic.load_task(os.path.join(workdir, "task"))["test"].select(range(5))
+  greedy = evaluate.generate_completions(model, tokenizer, rows, max_new_tokens=8, batch_size=4)
+  assert len(greedy) == 5  # a filler-padded last batch is cut back
+  assert greedy == evaluate.generate_completions(model, tokenizer, rows, max_new_tokens=8, batch_size=2)
+  sampled = evaluate.accuracy(model, tokenizer, rows, max_new_tokens=8, batch_size=4, temperature=1.0, seed=3)
+  assert sampled["count"] == 5
+  # The scorer sees exactly the generated text: a checker that counts completions gets them all.
+  count = evaluate.accuracy(model, tokenizer, rows, max_new_tokens=8, batch_size=4,
+                            evaluate_fn=lambda completions, rows: {"n": len(completions)})
+  assert count == {"n": 5}
