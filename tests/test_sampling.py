@@ -341,3 +341,9 @@ def test_one_compile_per_shape(model, prompts):
     for k in range(2):
         sampling.generate(model, ids, mask, key=jax.random.key(k), **kw)
     assert sampling._generate_program._cache_size() == before + 1
+    # The KV cache is donated: its buffers are consumed (reused for the output cache) by the program.
+    graphdef, state = nnx.split(model)
+    cache = sampling._init_cache(graphdef, state, B, P + N, None)
+    sampling._generate_program(graphdef, sampling.SamplingConfig(**kw), state, cache, *prompts, jax.random.key(0))
+    assert sampling._generate_program._cache_size() == before + 1
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(cache))
