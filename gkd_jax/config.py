@@ -62,8 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora_alpha = 16.0
   c.lora_target_modules = "all-linear"
   c.lora_rslora = False
-  # Logging.
+  # Logging and checkpoints (orbax, in workdir/checkpoints; a run resumes from the latest automatically).
   c.log_every = 10
+  c.save_every = 500
+  c.keep_checkpoints = 3
   return c
 
 
@@ -106,7 +108,7 @@ def validate(c) -> None:
     fail("dtype" if c.dtype not in DTYPES else "param_dtype", c.dtype if c.dtype not in DTYPES else c.param_dtype,
          f"must be one of {DTYPES}")
   for field in ("max_length", "max_prompt_length", "max_completion_length", "batch_size", "grad_accum_steps",
-                "total_steps", "log_every"):
+                "total_steps", "log_every", "save_every", "keep_checkpoints"):
     if not (isinstance(c[field], int) and c[field] >= 1):
       fail(field, c[field], "must be a positive int")
   if c.max_prompt_length + 1 > c.max_length:

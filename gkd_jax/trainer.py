@@ -242,13 +242,21 @@ def prepare_batch(setup: Setup, step: int) -> tuple[dict, str, float]:
 
 
 class MetricsWriter:
-  """JSON lines in the workdir, written by process 0 only."""
+  """JSON lines in the workdir, written by process 0 only. On resume, records past the restored step (from
+  a run killed after its last checkpoint) are dropped so the file holds each step once."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resumed_step: int = 0):
     self.file = None
-    if jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
-      self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if jax.process_index() != 0:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "metrics.jsonl")
+    kept = []
+    if os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+    self.file = open(path, "w")
+    self.file.writelines(kept)
 
   def write(self, record: dict):
     if self.file:
@@ -260,35 +268,79 @@ class MetricsWriter:
       self.file.close()
 
 
+# Config fields that fix the state's structure and the run's trajectory: resuming with any of them changed
+# is refused. Everything else (total_steps, logging, eval) may change between restarts.
+FINGERPRINT_FIELDS = ("model", "teacher_model", "teacher_model_server", "objective", "dataset", "dataset_split",
+                      "seed", "batch_size", "grad_accum_steps", "lora_rank", "lora_target_modules", "dtype",
+                      "param_dtype", "gkd_logits_topk", "fused_loss")
+
+
+def fingerprint(config) -> str:
+  return json.dumps({k: config.get(k) for k in FINGERPRINT_FIELDS}, sort_keys=True)
+
+
+def restore_or_start(setup: Setup, ckpt) -> int:
+  """Restores the latest checkpoint into setup.state when there is one; returns the step to start at."""
+  if ckpt.latest_step() is None:
+    return 0
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), setup.state)
+  setup.state, extra = ckpt.restore(abstract, fingerprint=fingerprint(setup.config))
+  step = setup.loader.resume_step(extra["data"])
+  if step != int(setup.state.step):
+    raise ValueError(f"checkpoint {ckpt.step_dir(ckpt.latest_step())}: data position {step} does not match the "
+                     f"state's step {int(setup.state.step)}")
+  logger.info("resumed from step %d", step)
+  return step
+
+
 def train(config, workdir: str) -> dict:
   """Builds everything from `config` and runs it; returns the last step's metrics."""
   return run(build(config), workdir)
 
 
 def run(setup: Setup, workdir: str) -> dict:
-  """Runs optimizer steps from the state's step up to config.total_steps; returns the last step's record."""
+  """Runs optimizer steps up to config.total_steps, resuming from the workdir's latest checkpoint; saves
+  every `save_every` steps, at the end, and on preemption (SIGTERM), then exits cleanly."""
   from tqdm.auto import tqdm
+  from gkd_jax import checkpoints
   config = setup.config
-  writer = MetricsWriter(workdir)
-  bar = tqdm(total=config.total_steps, initial=int(setup.state.step), disable=jax.process_index() != 0,
-             desc="gkd", dynamic_ncols=True)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=1))
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+                                  save_every=config.save_every)
+  start = restore_or_start(setup, ckpt)
+  preemption = checkpoints.install_preemption_handler()
+  writer = MetricsWriter(workdir, resumed_step=start)
+  bar = tqdm(total=config.total_steps, initial=start, disable=jax.process_index() != 0, desc="gkd",
+             dynamic_ncols=True)
   record = {}
   try:
-    for step in range(int(setup.state.step), config.total_steps):
+    for step in range(start, config.total_steps):
       t0 = time.perf_counter()
       batch, mode, gen_time = prepare_batch(setup, step)
       batch = {k: _global(setup.batch_sharding, v) for k, v in batch.items()}
       setup.state, metrics = setup.train_step(setup.state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"loss is {metrics['loss']} at step {step} (mode {mode}); stopping")
+        raise FloatingPointError(f"loss is {metrics['loss']} at step {step} (mode {mode}); stopping with the "
+                                 f"last checkpoint (step {ckpt.latest_step()}) intact")
       record = {"step": step + 1, "mode": mode, **metrics, "generation_s": round(gen_time, 4),
                 "step_s": round(time.perf_counter() - t0, 4)}
       writer.write(record)
       bar.update(1)
       if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", mode=mode)
+      stop = ckpt.reached_preemption(step + 1)
+      ckpt.save(step + 1, setup.state, {"data": setup.loader.state(step + 1), "fingerprint": fingerprint(config)},
+                force=stop or step + 1 == config.total_steps)
+      if stop:
+        logger.warning("preempted: saved step %d and stopping", step + 1)
+        break
   finally:
     bar.close()
     writer.close()
+    ckpt.close()
+    preemption.uninstall()
   return record

@@ -129,3 +129,81 @@ def test_lora_trains_only_the_adapters(task, tmp_path):
   assert keys and all(any(f".{m}." in k for m in ("q", "v", "up")) for k in keys)
   assert any(not np.array_equal(np.asarray(x), y)
              for x, y in zip(jax.tree.leaves(setup.state.params), jax.tree.leaves(adapters_before)))
+
+
+CONFIG_FILE = '''
+import json
+from gkd_jax import config as config_lib
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  c.job = "train"
+  c.update(json.loads({overrides!r}))
+  return c
+'''
+
+
+def write_config(task, path, **overrides):
+  c = make_config(task, **overrides)
+  fields = {k: c[k] for k in ("model", "teacher_model", "dataset", "batch_size", "total_steps", "learning_rate",
+                              "log_every", "max_length", "max_prompt_length", "max_completion_length", "lmbda",
+                              "seq_kd", "save_every")}
+  fields["mesh"] = c.mesh.to_dict()
+  path.write_text(CONFIG_FILE.format(overrides=json.dumps(fields)))
+  return str(path)
+
+
+def losses_by_step(workdir):
+  return {r["step"]: r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl"))}
+
+
+def test_killed_run_resumes_bitwise_identically(task, tmp_path):
+  """A run killed (SIGKILL) after its step-4 checkpoint, then restarted, logs exactly the losses of an
+  uninterrupted run — the real CLI in subprocesses, as on a preempted machine."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  config = write_config(task, tmp_path / "cfg.py", total_steps=7, save_every=2, lmbda=0.5, seq_kd=True)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  cmd = lambda workdir: [sys.executable, "-m", "gkd_jax.main", f"--config={config}", f"--workdir={workdir}"]
+  full = tmp_path / "full"
+  subprocess.run(cmd(full), env=env, check=True, capture_output=True, timeout=600)
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while not (killed / "checkpoints" / "4").exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert (killed / "checkpoints" / "4").exists()
+  subprocess.run(cmd(killed), env=env, check=True, capture_output=True, timeout=600)
+
+  want, got = losses_by_step(full), losses_by_step(killed)
+  assert sorted(got) == list(range(1, 8))
+  assert got == want  # bitwise: the same floats
+
+
+def test_sigterm_saves_and_exits_cleanly(task, tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  config = write_config(task, tmp_path / "cfg.py", total_steps=50, save_every=1000, lmbda=0.0)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, "-m", "gkd_jax.main", f"--config={config}", f"--workdir={workdir}"],
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  while (not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip()) \
+      and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-2000:]
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  logged = max(losses_by_step(workdir))
+  assert steps == [logged] and 0 < logged < 50  # saved off-interval at the step it stopped
