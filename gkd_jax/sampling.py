@@ -74,6 +74,8 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p!r}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int or None, got {self.vocab_size!r}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -277,6 +277,14 @@ def test_stop_tokens_and_early_exit(model, prompts):
     assert int(out.num_steps) == lengths(stops).max() < N
 
 
+def test_vocab_size_limit(model, prompts):
+    """A padded embedding table: ids at or past the tokenizer's vocab_size are never sampled."""
+    out = sampling.generate(model, *prompts, key=jax.random.key(0), max_new_tokens=N, temperature=3.0,
+                            vocab_size=40, return_logprobs=True)
+    assert int(out.completion_ids.max()) < 40 and np.isfinite(out.logprobs).all()
+    assert len(np.unique(out.completion_ids)) > 5
+
+
 def test_early_exit_counts_steps(model, prompts):
     # Every token is a stop token: one step and the loop is over.
     out = sampling.generate(model, *prompts, key=jax.random.key(0), max_new_tokens=N, temperature=1.0,
