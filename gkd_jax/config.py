@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.save_every = 500
   c.keep_checkpoints = 3
+  c.export_on_finish = True    # write the student as a HuggingFace checkpoint to workdir/export at the end
   return c
 
 

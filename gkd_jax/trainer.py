@@ -268,6 +268,14 @@ class MetricsWriter:
       self.file.close()
 
 
+def export_student(setup: Setup, out_dir: str) -> str:
+  """Writes the trained student (LoRA merged) as a HuggingFace checkpoint with the tokenizer (process 0)."""
+  nnx.update(setup.student, jax.device_get(student_weights(setup)))
+  if jax.process_index() == 0:
+    models.save_pretrained(setup.student, out_dir, tokenizer=setup.tokenizer)
+  return out_dir
+
+
 # Config fields that fix the state's structure and the run's trajectory: resuming with any of them changed
 # is refused. Everything else (total_steps, logging, eval) may change between restarts.
 FINGERPRINT_FIELDS = ("model", "teacher_model", "teacher_model_server", "objective", "dataset", "dataset_split",
@@ -279,12 +287,15 @@ def fingerprint(config) -> str:
   return json.dumps({k: config.get(k) for k in FINGERPRINT_FIELDS}, sort_keys=True)
 
 
+def abstract_state(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
 def restore_or_start(setup: Setup, ckpt) -> int:
   """Restores the latest checkpoint into setup.state when there is one; returns the step to start at."""
   if ckpt.latest_step() is None:
     return 0
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), setup.state)
-  setup.state, extra = ckpt.restore(abstract, fingerprint=fingerprint(setup.config))
+  setup.state, extra = ckpt.restore(abstract_state(setup.state), fingerprint=fingerprint(setup.config))
   step = setup.loader.resume_step(extra["data"])
   if step != int(setup.state.step):
     raise ValueError(f"checkpoint {ckpt.step_dir(ckpt.latest_step())}: data position {step} does not match the "
@@ -343,4 +354,6 @@ def run(setup: Setup, workdir: str) -> dict:
     writer.close()
     ckpt.close()
     preemption.uninstall()
+  if config.export_on_finish and int(setup.state.step) == config.total_steps:
+    export_student(setup, os.path.join(workdir, "export"))
   return record

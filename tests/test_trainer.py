@@ -130,6 +130,18 @@ def test_lora_trains_only_the_adapters(task, tmp_path):
   assert any(not np.array_equal(np.asarray(x), y)
              for x, y in zip(jax.tree.leaves(setup.state.params), jax.tree.leaves(adapters_before)))
 
+  # The run exported the merged student; transformers reads it and computes the same logits, and the
+  # export CLI rebuilds the same model from the workdir's checkpoint.
+  from gkd_jax import export
+  from gkd_jax.models import from_pretrained
+  ids = np.array([[1, 9, 12, 7, 5, 2, 30 % 29]])
+  torch_logits = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export")(
+      torch.from_numpy(ids)).logits.detach().numpy()
+  ours = np.asarray(setup.student(ids).logits)
+  np.testing.assert_allclose(torch_logits, ours, atol=1e-4)
+  again = export.export(str(tmp_path), str(tmp_path / "again"))
+  np.testing.assert_allclose(np.asarray(from_pretrained(again)(ids).logits), ours, atol=1e-5)
+
 
 CONFIG_FILE = '''
 import json
