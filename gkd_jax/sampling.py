@@ -283,6 +283,7 @@ def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids
 
     prompt_ids, prompt_mask = left_align(prompt_ids.astype(jnp.int32), prompt_mask.astype(jnp.int32))
     num_real = prompt_mask.sum(-1)  # [B]; position of the first new token
+    filler = num_real == 0  # rows without a prompt (a partial batch's fillers) get an empty completion
     mask = jnp.concatenate([prompt_mask, jnp.zeros((batch, n), jnp.int32)], axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)  # pads get 0; they are masked anyway
 
@@ -290,9 +291,10 @@ def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids
     step_keys = jax.random.split(key, n)
     out = model(prompt_ids, attention_mask=mask, positions=positions, cache=cache, cache_index=0)
     tok, logp = draw(step_keys[0], _last_logits(model, out, config.vocab_size))
+    tok = jnp.where(filler, pad, tok)
     ids = jnp.full((batch, n), pad, jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((batch, n), jnp.float32).at[:, 0].set(logp) if config.return_logprobs else None
-    init = _Loop(jnp.int32(1), out.cache, mask, ids, logprobs, is_stop(tok, stops))
+    init = _Loop(jnp.int32(1), out.cache, mask, ids, logprobs, is_stop(tok, stops) | filler)
 
     def cond(c):
         return (c.step < n) & ~jnp.all(c.done)
@@ -315,7 +317,7 @@ def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids
         return _Loop(c.step + 1, out.cache, mask, ids, logprobs, c.done | is_stop(tok, stops))
 
     final = lax.while_loop(cond, body, init)
-    completion_mask = completion_mask_from_stops(final.ids, stops)
+    completion_mask = completion_mask_from_stops(final.ids, stops) & ~filler[:, None]
     result = SampleOutput(
         completion_ids=jnp.where(completion_mask, final.ids, pad),
         completion_mask=completion_mask,
@@ -370,14 +372,6 @@ def _check_prompts(prompt_ids, prompt_mask):
                          "must both be [batch, prompt_len]")
     if not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
         raise TypeError(f"prompt_ids must be integers, got {prompt_ids.dtype}")
-    # An empty prompt row has no logits to start from; catch it while the mask is still inspectable.
-    if isinstance(prompt_mask, jax.core.Tracer):
-        return
-    if isinstance(prompt_mask, jax.Array) and not prompt_mask.is_fully_addressable:
-        return
-    empty = np.flatnonzero(np.asarray(prompt_mask).sum(-1) == 0)
-    if empty.size:
-        raise ValueError(f"prompt rows {empty.tolist()} have no real token (prompt_mask all 0)")
 
 
 def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens, temperature=1.0, top_k=0,
@@ -387,8 +381,10 @@ def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens, temperature
     model: an nnx `CausalLM` or its `nnx.split` pair (graphdef, state) — pass the state being trained.
       Any module with the CausalLM call / `init_cache` contract works.
     prompt_ids, prompt_mask: [B, P] ints / 0-1; left padding expected (other padding is left-aligned
-      inside the program). Every row needs a real token (checked when the mask is concrete). Sharded
-      inputs are fine: the program runs under their shardings. Use `pad_to_bucket` to bound compiles.
+      inside the program). A row without any real token is a filler row (gkd_jax.data pads partial
+      batches with them): its completion is empty (mask all False, length 0) and it does not keep the
+      loop running. Sharded inputs are fine: the program runs under their shardings. Use
+      `pad_to_bucket` to bound compiles.
     key: a jax.random key; required (fold the training step into it).
     temperature: 0 = greedy. top_k (0 = off), top_p (1 = off), min_p (0 = off): see the module docstring.
     eos_token_ids: int or several ints (e.g. Llama 3's two); empty = no early stop.
@@ -398,7 +394,7 @@ def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens, temperature
 
     The jitted program is cached per (graphdef, settings, shapes); the KV cache is allocated once per
     call and donated to it. Works inside a caller's jit too (then donation is moot and XLA plans memory).
-    Errors (bad settings, empty rows, prompt + max_new_tokens over max_position_embeddings) raise.
+    Errors (bad settings or shapes, prompt + max_new_tokens over max_position_embeddings) raise.
     """
     graphdef, state = _split(model)
     config = SamplingConfig(int(max_new_tokens), float(temperature), int(top_k), float(top_p),

@@ -198,6 +198,20 @@ def test_right_padded_prompts_are_left_aligned(model, prompts):
                                   sampling.generate(model, ids, mask, **kw).completion_ids)
 
 
+def test_filler_rows_get_empty_completions(model, prompts):
+    """Rows without a prompt token (a partial batch's fillers) complete to nothing; others are unchanged."""
+    ids, mask = prompts
+    kw = dict(key=jax.random.key(0), max_new_tokens=N, temperature=0.0)
+    want = sampling.generate(model, ids, mask, **kw)
+    got = sampling.generate(model, ids, mask.at[2].set(0), **kw)
+    keep = np.array([0, 1, 3])
+    np.testing.assert_array_equal(got.completion_ids[keep], want.completion_ids[keep])
+    np.testing.assert_array_equal(got.lengths, np.where(np.arange(B) == 2, 0, want.lengths))
+    assert not got.completion_mask[2].any() and (np.asarray(got.completion_ids[2]) == 0).all()
+    # A batch of fillers only: the loop exits after the prefill.
+    assert int(sampling.generate(model, ids, jnp.zeros_like(mask), **kw).num_steps) == 1
+
+
 def test_top_k_1_equals_greedy(model, prompts):
     greedy = sampling.generate(model, *prompts, key=jax.random.key(0), max_new_tokens=N, temperature=0.0)
     top1 = sampling.generate(model, *prompts, key=jax.random.key(3), max_new_tokens=N, temperature=1.3,
@@ -296,8 +310,8 @@ def test_early_exit_counts_steps(model, prompts):
 
 def test_errors(model, prompts):
     ids, mask = prompts
-    with pytest.raises(ValueError, match="no real token"):
-        sampling.generate(model, ids, mask.at[2].set(0), key=jax.random.key(0), max_new_tokens=2)
+    with pytest.raises(ValueError, match="must both be"):
+        sampling.generate(model, ids, mask[:, 1:], key=jax.random.key(0), max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         sampling.generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
