@@ -91,6 +91,7 @@ class Setup:
   batch_sharding: NamedSharding
   stop_ids: tuple
   lora_spec: lora.LoraSpec | None = None
+  teacher_client: Any = None   # TeacherClient when the teacher is a server
 
 
 def _check_same_tokenizer(tokenizer, path: str):
@@ -158,8 +159,13 @@ def build(config) -> Setup:
                        donate_argnums=0)
   stop_ids = sampling.normalize_stop_ids(
       config.eos_token_ids if config.get("eos_token_ids") else tokenizer.eos_token_id)
+  client = None
+  if kind == "server":
+    from gkd_jax.teacher_client import TeacherClient
+    client = TeacherClient(config.teacher_model_server, config.gkd_logits_topk, vocab_size=vocab_size)
+    client.check()  # fail at start-up, not at the first step
   return Setup(config, mesh, tokenizer, student, teacher, loader, cfg, state, train_step, batch_sharding, stop_ids,
-               lora_spec)
+               lora_spec, client)
 
 
 def lora_spec_from(config) -> lora.LoraSpec | None:
@@ -236,6 +242,51 @@ def prepare_batch(setup: Setup, step: int) -> tuple[dict, str, float]:
   if setup.step_cfg.teacher in ("model", "self") and "teacher_prompt_ids" in batch:
     keys += ["teacher_prompt_ids", "teacher_prompt_mask"]
   return {k: batch[k] for k in keys}, mode, gen_time
+
+
+def request_teacher_topk(setup: Setup, batch: dict):
+  """Starts the teacher server's top-k request for a host batch; returns a future of the batch's
+  (values, indices) [B, C, k] at the completion columns (the positions predicting completion tokens)."""
+  ids = np.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=1)
+  mask = np.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
+  future = setup.teacher_client.submit(ids, mask)
+  p, c = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
+  return _Mapped(future, lambda out: tuple(x[:, p - 1:p + c - 1] for x in out))
+
+
+class _Mapped:
+  """A future whose result goes through `fn`."""
+
+  def __init__(self, future, fn):
+    self.future, self.fn = future, fn
+
+  def result(self):
+    return self.fn(self.future.result())
+
+
+class BatchSource:
+  """Host batches in step order. With a teacher server, the next step's top-k request goes out before the
+  current step runs when the next batch is already known (a dataset step: its completions don't depend
+  on the params being trained), so the HTTP round trip overlaps the device work."""
+
+  def __init__(self, setup: Setup):
+    self.setup, self.ahead = setup, None
+
+  def _prepare(self, step):
+    batch, mode, gen_time = prepare_batch(self.setup, step)
+    topk = request_teacher_topk(self.setup, batch) if self.setup.teacher_client else None
+    return step, batch, mode, gen_time, topk
+
+  def get(self, step: int):
+    ahead, self.ahead = self.ahead, None
+    step_, batch, mode, gen_time, topk = ahead if ahead and ahead[0] == step else self._prepare(step)
+    config = self.setup.config
+    next_mode = mode_for_step(config.seed, step + 1, config.lmbda, config.seq_kd)
+    if self.setup.teacher_client and step + 1 < config.total_steps and next_mode == "dataset":
+      self.ahead = self._prepare(step + 1)
+    if topk is not None:
+      batch["teacher_topk_values"], batch["teacher_topk_indices"] = topk.result()
+    return batch, mode, gen_time
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -327,10 +378,11 @@ def run(setup: Setup, workdir: str) -> dict:
   bar = tqdm(total=config.total_steps, initial=start, disable=jax.process_index() != 0, desc="gkd",
              dynamic_ncols=True)
   record = {}
+  source = BatchSource(setup)
   try:
     for step in range(start, config.total_steps):
       t0 = time.perf_counter()
-      batch, mode, gen_time = prepare_batch(setup, step)
+      batch, mode, gen_time = source.get(step)
       batch = {k: _global(setup.batch_sharding, v) for k, v in batch.items()}
       setup.state, metrics = setup.train_step(setup.state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -354,6 +406,8 @@ def run(setup: Setup, workdir: str) -> dict:
     writer.close()
     ckpt.close()
     preemption.uninstall()
+    if setup.teacher_client is not None:
+      setup.teacher_client.close()
   if config.export_on_finish and int(setup.state.step) == config.total_steps:
     export_student(setup, os.path.join(workdir, "export"))
   return record

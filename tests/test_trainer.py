@@ -29,6 +29,18 @@ def task(tmp_path_factory):
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     checkpoints[name] = path
+  # A teacher over exactly the tokenizer's vocabulary, sharper than a random init, for the server test.
+  torch.manual_seed(3)
+  cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 tie_word_embeddings=False)
+  sharp = transformers.Qwen2ForCausalLM(cfg)
+  with torch.no_grad():
+    sharp.lm_head.weight.mul_(20.0)
+  sharp.save_pretrained(root / "sharp_teacher")
+  tok.save_pretrained(root / "sharp_teacher")
+  checkpoints["sharp_teacher"] = str(root / "sharp_teacher")
   return dict(paths, **checkpoints, root=root)
 
 
@@ -219,3 +231,23 @@ def test_sigterm_saves_and_exits_cleanly(task, tmp_path):
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   logged = max(losses_by_step(workdir))
   assert steps == [logged] and 0 < logged < 50  # saved off-interval at the step it stopped
+
+
+def test_teacher_server_matches_the_local_topk_teacher(task, tmp_path):
+  """The same teacher served over HTTP (top-k log-probs) or loaded locally (top-k of its logits) gives the
+  same losses; dataset steps prefetch the next step's request while the current one trains."""
+  from gkd_jax import serve
+  engine = serve.build_engine(task["sharp_teacher"], dtype="float32", tokenizer=None, max_logprobs=8, max_seq_len=128,
+                              max_batch_size=8)
+  with serve.ServerThread(serve.make_app(engine, "teacher")) as server:
+    remote = make_config(task, teacher_model=None, teacher_model_server=server.url, gkd_logits_topk=4, lmbda=0.0,
+                         total_steps=3)
+    got = trainer.run(trainer.build(remote), str(tmp_path / "remote"))
+    local = make_config(task, teacher_model=task["sharp_teacher"], gkd_logits_topk=4, lmbda=0.0, total_steps=3)
+    want = trainer.run(trainer.build(local), str(tmp_path / "local"))
+  remote_losses, local_losses = losses_by_step(tmp_path / "remote"), losses_by_step(tmp_path / "local")
+  assert sorted(remote_losses) == [1, 2, 3]
+  assert remote_losses[1] > 0.05  # a real signal, not a student matching itself
+  for step in remote_losses:
+    assert remote_losses[step] == pytest.approx(local_losses[step], rel=1e-4)
+  assert got["top1_agreement"] == pytest.approx(want["top1_agreement"])
