@@ -9,6 +9,23 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/NAME.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and exports.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host run: jax.distributed.initialize() (auto-detects TPU pods, SLURM, ...).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def initialize_distributed():
+  """Joins the multi-host runtime when asked: each host then feeds its shard of the global batch and the
+  train step runs as one SPMD program over all hosts' devices."""
+  import jax
+  if _COORDINATOR.value:
+    # CPU hosts need a collectives backend for cross-process reductions (ignored on GPU / TPU).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
 
 
 def run(config, workdir):
@@ -32,6 +49,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  initialize_distributed()
   run(_CONFIG.value, _WORKDIR.value)
 
 

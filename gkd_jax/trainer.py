@@ -137,8 +137,10 @@ def build(config) -> Setup:
   params, base_params, lora_spec = nnx.state(student), None, lora_spec_from(config)
   if lora_spec is not None:  # train adapters only; the student's weights become a frozen input
     base_params = params
-    params = lora.init_adapters(base_params, lora_spec, jax.random.fold_in(jax.random.key(config.seed), 1))
-    params = jax.device_put(params, lora.adapter_shardings(params, mesh))
+    init = lambda base, key: lora.init_adapters(base, lora_spec, key)
+    key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    shardings = lora.adapter_shardings(jax.eval_shape(init, base_params, key), mesh)
+    params = jax.jit(init, out_shardings=shardings)(base_params, key)  # created in place, on every host
     logger.info("LoRA: %d trainable params (rank %d) on %s", lora.count(params), lora_spec.rank,
                 lora_spec.target_modules)
   teacher_params = None if teacher is None else nnx.state(teacher)
@@ -147,12 +149,12 @@ def build(config) -> Setup:
         teacher_params, jax.tree.map(lambda x: x.sharding.with_memory_kind("pinned_host"), teacher_params))
   state = ts.create_train_state(params, tx, teacher_params=teacher_params, rng=jax.random.key(config.seed),
                                 base_params=base_params)
-  # Params already sit in their logical shardings; scalars (step, counts, rng) are replicated on the mesh.
+  # Params already sit in their logical shardings; small host values (step, rng, optimizer counts) are put
+  # on the mesh replicated — through jit, which also works when the mesh spans several processes.
   replicated = NamedSharding(mesh, PartitionSpec())
-  state_sharding = jax.tree.map(
-      lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh else replicated,
-      state)
-  state = jax.device_put(state, state_sharding)
+  on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+  state = jax.tree.map(lambda x: x if on_mesh(x) else jax.jit(lambda: x, out_shardings=replicated)(), state)
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
   step_fn = ts.make_train_step(student, tx, schedule, cfg, teacher=teacher, lora_spec=lora_spec)
   train_step = jax.jit(step_fn, in_shardings=(state_sharding, None), out_shardings=(state_sharding, replicated),
