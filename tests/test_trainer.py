@@ -167,12 +167,12 @@ def get_config(arg=None):
 '''
 
 
-def write_config(task, path, **overrides):
+def write_config(task, path, mesh=(2, 2, 2), **overrides):
   c = make_config(task, **overrides)
   fields = {k: c[k] for k in ("model", "teacher_model", "dataset", "batch_size", "total_steps", "learning_rate",
                               "log_every", "max_length", "max_prompt_length", "max_completion_length", "lmbda",
                               "seq_kd", "save_every")}
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 4, 1
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
   fields["mesh"] = c.mesh.to_dict()
   path.write_text(CONFIG_FILE.format(overrides=json.dumps(fields)))
   return str(path)
@@ -250,7 +250,7 @@ def test_teacher_server_matches_the_local_topk_teacher(task, tmp_path):
   assert sorted(remote_losses) == [1, 2, 3]
   assert remote_losses[1] > 0.05  # a real signal, not a student matching itself
   for step in remote_losses:
-    assert remote_losses[step] == pytest.approx(local_losses[step], rel=1e-4)
+    assert remote_losses[step] == pytest.approx(local_losses[step], rel=1e-5)
   assert got["top1_agreement"] == pytest.approx(want["top1_agreement"])
 
 
@@ -262,7 +262,8 @@ def test_two_processes_equal_one(task, tmp_path):
   import subprocess
   import sys
   from safetensors.numpy import load_file
-  config = write_config(task, tmp_path / "cfg.py", total_steps=3, lmbda=0.5, save_every=1000, batch_size=8)
+  config = write_config(task, tmp_path / "cfg.py", total_steps=3, lmbda=0.5, save_every=1000, batch_size=8,
+                        mesh=(2, 4, 1))
   base = [sys.executable, "-m", "gkd_jax.main", f"--config={config}"]
   single = tmp_path / "single"
   subprocess.run(base + [f"--workdir={single}"], check=True, capture_output=True, timeout=600,
@@ -284,3 +285,33 @@ def test_two_processes_equal_one(task, tmp_path):
   assert ours.keys() == theirs.keys()
   for name in ours:
     np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_teacher_server_lost_mid_run_stops_with_the_checkpoint_intact(task, tmp_path):
+  import threading
+  import time
+  from gkd_jax import checkpoints, serve
+  from gkd_jax.teacher_client import TeacherServerError
+  engine = serve.build_engine(task["sharp_teacher"], dtype="float32", tokenizer=None, max_logprobs=8,
+                              max_seq_len=128, max_batch_size=8)
+  server = serve.ServerThread(serve.make_app(engine, "teacher")).start()
+  config = make_config(task, teacher_model=None, teacher_model_server=server.url, gkd_logits_topk=4, lmbda=0.0,
+                       total_steps=40, save_every=2)
+  setup = trainer.build(config)
+  setup.teacher_client.backoff = 0.05
+
+  def stop_after_first_checkpoint():
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "2").exists() and time.time() < deadline:
+      time.sleep(0.05)
+    server.stop()
+
+  threading.Thread(target=stop_after_first_checkpoint, daemon=True).start()
+  with pytest.raises(TeacherServerError, match=r"teacher server http://127\.0\.0\.1:\d+"):
+    trainer.run(setup, str(tmp_path))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+  last = ckpt.latest_step()
+  assert last is not None and last % 2 == 0 and last < 40
+  state, extra = ckpt.restore(trainer.abstract_state(setup.state), fingerprint=trainer.fingerprint(config))
+  assert int(state.step) == last and extra["data"]["step"] == last
+  ckpt.close()
