@@ -41,8 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.top_k = 0                  # generation truncation (0 = off)
   c.top_p = 1.0
   # Data.
-  c.dataset = ""
+  c.dataset = ""                # hub name, local json/jsonl/parquet/arrow file(s) or a save_to_disk dir
+  c.dataset_config = ml_collections.FieldReference(None, field_type=str)  # hub dataset config ("main" for gsm8k)
   c.dataset_split = "train"
+  c.dataset_columns = ml_collections.ConfigDict()  # renames, e.g. {"question": "prompt", "answer": "completion"}
+  # OPSD: build the teacher's privileged prompt from {prompt} and the reference {completion} of each row.
+  c.teacher_prompt_template = ml_collections.FieldReference(None, field_type=str)
   c.max_length = 512
   c.max_prompt_length = 256
   c.max_completion_length = 128
@@ -67,6 +71,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.save_every = 500
   c.keep_checkpoints = 3
   c.export_on_finish = True    # write the student as a HuggingFace checkpoint to workdir/export at the end
+  return c
+
+
+def parse_arg(arg: str | None) -> tuple[str | None, str | None]:
+  """A recipe's `:arg`: "runlocal" or "runlocal=/path/to/fixture" → ("runlocal", path); anything else as is."""
+  if not arg:
+    return None, None
+  name, _, value = arg.partition("=")
+  return name, value or None
+
+
+def use_local_fixture(c, fixture: str | None = None):
+  """Points a recipe at the offline benchmark fixture (`python experiments/fixture.py DIR`: Qwen2 12M student,
+  65M teacher, arithmetic chat rows) and shrinks it to a quick CPU run."""
+  fixture = fixture or "/tmp/gkd_fixture"
+  self_teacher = c.teacher_model == c.model  # OPSD fixed stays self-distillation
+  c.model = f"{fixture}/student"
+  if c.teacher_model:
+    c.teacher_model = c.model if self_teacher else f"{fixture}/teacher"
+  c.tokenizer = f"{fixture}/tokenizer"
+  c.dataset, c.dataset_config, c.dataset_split = f"{fixture}/train.jsonl", None, "train"
+  c.dataset_columns = ml_collections.ConfigDict()
+  c.dtype = c.param_dtype = "float32"
+  c.batch_size, c.grad_accum_steps, c.total_steps, c.warmup_steps = 8, 1, 20, 2
+  c.learning_rate = 1e-4
+  c.max_length, c.max_prompt_length, c.max_completion_length = 128, 64, 32
+  c.log_every, c.save_every = 5, 10
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   return c
 
 
@@ -100,6 +132,9 @@ def validate(c) -> None:
       fail("teacher_model", c.teacher_model, "give either teacher_model or teacher_model_server, not both")
     if c.seq_kd:
       fail("seq_kd", c.seq_kd, "needs a local teacher to sample from; a teacher server only scores")
+  if c.teacher_prompt_template and ("{prompt}" not in c.teacher_prompt_template
+                                    or "{completion}" not in c.teacher_prompt_template):
+    fail("teacher_prompt_template", c.teacher_prompt_template, "must contain both {prompt} and {completion}")
   if c.fused_loss and c.gkd_logits_topk:
     fail("fused_loss", c.fused_loss, "cannot be combined with gkd_logits_topk (pick one)")
   if c.objective == "sft" and (c.teacher_model or c.teacher_model_server or c.lmbda > 0 or c.seq_kd):

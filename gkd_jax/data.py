@@ -77,6 +77,40 @@ def load_rows(source: str | Sequence[str] | datasets.Dataset, split: str = "trai
     return datasets.load_dataset(first, name, split=split, cache_dir=cache_dir)
 
 
+def prepare_columns(rows: datasets.Dataset, *, columns: dict | None = None,
+                    teacher_prompt_template: str | None = None) -> datasets.Dataset:
+    """Maps a dataset onto the accepted layouts before tokenization.
+
+    columns: renames, e.g. GSM8K's {"question": "prompt", "answer": "completion"}; a missing source column
+      is an error naming it and the columns that exist.
+    teacher_prompt_template: builds OPSD's `teacher_prompt` from each row with str.format fields {prompt}
+      (the last user turn's text) and {completion} (the reference answer), e.g.
+      "{prompt}\n\nReference solution:\n{completion}\n\nNow solve it in your own words." For chat rows the
+      teacher prompt is the same conversation with that last user turn replaced.
+    """
+    if columns:
+        missing = sorted(set(columns) - set(rows.column_names))
+        if missing:
+            raise ValueError(f"dataset_columns renames {missing}, but the dataset's columns are {rows.column_names}")
+        rows = rows.rename_columns(dict(columns))
+    if not teacher_prompt_template:
+        return rows
+    layout = detect_layout(rows.column_names)
+
+    def add_teacher_prompt(row: dict, index: int) -> dict:
+        prompt, completion = split_row(row, index, layout)
+        if completion is None:
+            raise BadRow(index, "completion", "teacher_prompt_template needs a reference completion", None)
+        answer = completion if isinstance(completion, str) else completion[-1]["content"]
+        if isinstance(prompt, str):
+            return {"teacher_prompt": teacher_prompt_template.format(prompt=prompt, completion=answer)}
+        last_user = max(i for i, m in enumerate(prompt) if m["role"] == "user")
+        text = teacher_prompt_template.format(prompt=prompt[last_user]["content"], completion=answer)
+        return {"teacher_prompt": [*prompt[:last_user], {"role": "user", "content": text}, *prompt[last_user + 1:]]}
+
+    return rows.map(add_teacher_prompt, with_indices=True, desc="teacher prompts")
+
+
 def detect_layout(columns: Sequence[str]) -> str:
     """'messages', 'prompt_completion' or 'prompt', from a dataset's column names."""
     cols = set(columns)

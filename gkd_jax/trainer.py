@@ -125,7 +125,9 @@ def build(config) -> Setup:
   vocab_size = len(tokenizer)
   cfg = step_config(config, vocab_size)
 
-  rows = data_lib.load_rows(config.dataset, split=config.dataset_split)
+  rows = data_lib.load_rows(config.dataset, split=config.dataset_split, name=config.dataset_config)
+  rows = data_lib.prepare_columns(rows, columns=config.dataset_columns.to_dict() or None,
+                                  teacher_prompt_template=config.teacher_prompt_template)
   loader = data_lib.DataLoader(
       rows, tokenizer, batch_size=config.batch_size, seed=config.seed, max_length=config.max_length,
       max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,

@@ -306,3 +306,19 @@ def test_load_rows_from_files(tmp_path, tok):
     first = loader(data.load_rows(str(tmp_path / "rows.jsonl")), tok, batch_size=2, shuffle=False).batch(0)
     want = data.tokenize_row(rows[0], 0, tok, "messages")
     np.testing.assert_array_equal(first["completion_ids"][0][first["completion_mask"][0]], want["completion_ids"])
+
+
+def test_prepare_columns_renames_and_builds_opsd_teacher_prompts():
+    import datasets as hf_datasets
+    from gkd_jax.data import prepare_columns
+    gsm = hf_datasets.Dataset.from_list([{"question": "1+1?", "answer": "2"}])
+    rows = prepare_columns(gsm, columns={"question": "prompt", "answer": "completion"},
+                           teacher_prompt_template="{prompt} [ref: {completion}]")
+    assert rows[0] == {"prompt": "1+1?", "completion": "2", "teacher_prompt": "1+1? [ref: 2]"}
+    chat = hf_datasets.Dataset.from_list([{"messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"}]}])
+    out = prepare_columns(chat, teacher_prompt_template="{prompt} [ref: {completion}]")[0]["teacher_prompt"]
+    assert out == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2? [ref: 4]"}]
+    with pytest.raises(ValueError, match=r"dataset_columns renames \['query'\], but the dataset's columns are"):
+        prepare_columns(gsm, columns={"query": "prompt"})

@@ -1,0 +1,43 @@
+"""On-policy distillation: λ=1 (the student always samples), β=1 (reverse KL, mode-seeking).
+
+The setting the Thinking Machines write-up and ms-swift's on-policy recipe use: every step the student
+generates completions for the prompts and is trained on the teacher's reverse-KL signal on exactly those
+tokens. Prompt-only datasets work (no completions are read).
+
+Local smoke run on CPU (offline):
+
+  python experiments/fixture.py /tmp/gkd_fixture
+  python -m gkd_jax.main --config=configs/on_policy_distillation.py:runlocal --workdir=/tmp/gkd_opd_local
+
+One GPU node:
+
+  pip install -e ".[cuda12]"
+  python -m gkd_jax.main --config=configs/on_policy_distillation.py --workdir=/tmp/gkd_opd --config.dtype=bfloat16
+
+A TPU pod slice:
+
+  gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="cd gkd_jax && \\
+    pip install -e '.[tpu]' && python -m gkd_jax.main --config=configs/on_policy_distillation.py \\
+    --workdir=/tmp/gkd_opd --distributed --config.dtype=bfloat16"
+
+Args: "" or "runlocal[=FIXTURE_DIR]".
+Expected: runlocal about a minute on 2 CPU cores (generation dominates: 32 new tokens per step). Full run
+not measured here; generation is most of the step time, so it scales with max_completion_length.
+"""
+from gkd_jax import config as config_lib
+
+
+def get_config(arg=None):
+  name, value = config_lib.parse_arg(arg)
+  c = config_lib.base_config()
+  c.job = "train"
+  c.model = "Qwen/Qwen2.5-0.5B-Instruct"
+  c.teacher_model = "Qwen/Qwen2.5-1.5B-Instruct"
+  c.dataset, c.dataset_config = "openai/gsm8k", "main"
+  c.dataset_columns = {"question": "prompt", "answer": "completion"}
+  c.lmbda, c.beta, c.temperature = 1.0, 1.0, 0.9
+  c.max_length, c.max_prompt_length, c.max_completion_length = 768, 256, 512
+  c.batch_size, c.total_steps, c.learning_rate, c.warmup_steps = 32, 500, 1e-5, 25
+  if name == "runlocal":
+    config_lib.use_local_fixture(c, value)
+  return c

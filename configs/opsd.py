@@ -1,0 +1,47 @@
+"""OPSD: on-policy self-distillation. The student is its own teacher, given privileged context.
+
+The teacher reads a `teacher_prompt` (here built from each row's question and reference answer with
+`teacher_prompt_template`) plus the student's own completion; the student reads the plain prompt. "dynamic"
+(default): the teacher is the student's current weights (no teacher_model). "fixed": teacher_model equals
+model, a frozen copy of the initial student.
+
+Local smoke run on CPU (offline):
+
+  python experiments/fixture.py /tmp/gkd_fixture
+  python -m gkd_jax.main --config=configs/opsd.py:runlocal --workdir=/tmp/gkd_opsd_local
+
+One GPU node (fixed teacher):
+
+  pip install -e ".[cuda12]"
+  python -m gkd_jax.main --config=configs/opsd.py:fixed --workdir=/tmp/gkd_opsd --config.dtype=bfloat16
+
+A TPU pod slice:
+
+  gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="cd gkd_jax && \\
+    pip install -e '.[tpu]' && python -m gkd_jax.main --config=configs/opsd.py --workdir=/tmp/gkd_opsd \\
+    --distributed --config.dtype=bfloat16"
+
+Args: "" (dynamic), "fixed", "runlocal[=FIXTURE_DIR]", "runlocal_fixed[=FIXTURE_DIR]".
+Expected: runlocal about a minute on 2 CPU cores. Full run not measured here; one model in memory (two
+for "fixed").
+"""
+from gkd_jax import config as config_lib
+
+
+def get_config(arg=None):
+  name, value = config_lib.parse_arg(arg)
+  c = config_lib.base_config()
+  c.job = "train"
+  c.model = "Qwen/Qwen2.5-1.5B-Instruct"
+  c.teacher_model = c.model if name in ("fixed", "runlocal_fixed") else None
+  c.dataset, c.dataset_config = "openai/gsm8k", "main"
+  c.dataset_columns = {"question": "prompt", "answer": "completion"}
+  c.teacher_prompt_template = ("{prompt}\n\nReference solution:\n{completion}\n\n"
+                               "Now articulate your own reasoning.")
+  c.lmbda, c.beta, c.temperature = 1.0, 0.5, 0.9
+  c.max_length, c.max_prompt_length, c.max_completion_length = 1024, 512, 512
+  c.batch_size, c.total_steps, c.learning_rate, c.warmup_steps = 32, 500, 5e-6, 25
+  if name in ("runlocal", "runlocal_fixed"):
+    config_lib.use_local_fixture(c, value)
+    c.max_length, c.max_prompt_length = 192, 128  # the teacher prompt carries the reference answer
+  return c
