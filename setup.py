@@ -23,6 +23,8 @@ setup(
         "safetensors>=0.4.3",
         "huggingface_hub>=0.24",
         "aiohttp>=3.9",  # teacher server and client
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "rouge-score>=0.1.2",  # ROUGE for generation-based evaluation
     ],
     extras_require={
         # Reference libraries the tests compare against. torch is pinned to the CPU build.

@@ -71,6 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.save_every = 500
   c.keep_checkpoints = 3
   c.export_on_finish = True    # write the student as a HuggingFace checkpoint to workdir/export at the end
+  c.sample_every = 50          # log a few decoded completions of generating steps (0 = never)
+  c.peak_flops = ml_collections.FieldReference(None, field_type=float)  # per process, for MFU; None = measure
   return c
 
 

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd_jax import data as data_lib
 from gkd_jax import lora, models, optim, sampling, sharding
+from gkd_jax import metrics as metrics_lib
 from gkd_jax import train_step as ts
 
 logger = logging.getLogger(__name__)
@@ -296,31 +297,37 @@ class BatchSource:
 # ------------------------------------------------------------------------------------------------ loop
 
 
-class MetricsWriter:
-  """JSON lines in the workdir, written by process 0 only. On resume, records past the restored step (from
-  a run killed after its last checkpoint) are dropped so the file holds each step once."""
+def throughput(setup: Setup, batch: dict, mode: str, gen_time: float, train_time: float, step_time: float,
+               peak_flops: float) -> dict:
+  """Step timing, tokens/s and an MFU estimate (model FLOPs / (time × measured matmul ceiling)). The train
+  step runs teacher and student in one program: their split is estimated from their FLOP shares."""
+  b, p = setup.config.batch_size, batch["prompt_ids"].shape[1]
+  c = batch["completion_ids"].shape[1]
+  teacher = setup.teacher if setup.teacher is not None else (setup.student if setup.step_cfg.teacher == "self"
+                                                             else None)
+  generator = teacher if mode == "seq_kd" else setup.student
+  flops = metrics_lib.step_flops(setup.student.config, None if teacher is None else teacher.config, b, p + c, c,
+                                 generated=c if mode != "dataset" else 0, generator_config=generator.config)
+  share = flops["teacher"] / max(flops["teacher"] + flops["student"], 1.0)
+  return {"step_s": round(step_time, 4), "generation_s": round(gen_time, 4),
+          "teacher_s_est": round(train_time * share, 4), "student_s_est": round(train_time * (1 - share), 4),
+          "tokens_per_s": round(b * (p + c) / step_time, 1),
+          "mfu": round(sum(flops.values()) / (step_time * peak_flops), 5)}
 
-  def __init__(self, workdir: str, resumed_step: int = 0):
-    self.file = None
-    if jax.process_index() != 0:
-      return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
-    kept = []
-    if os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
-    self.file = open(path, "w")
-    self.file.writelines(kept)
 
-  def write(self, record: dict):
-    if self.file:
-      self.file.write(json.dumps(record) + "\n")
-      self.file.flush()
-
-  def close(self):
-    if self.file:
-      self.file.close()
+def log_samples(setup: Setup, writer, batch: dict, step: int, workdir: str, count: int = 2):
+  """A few sampled completions (decoded) to WORKDIR/samples.jsonl and TensorBoard."""
+  if jax.process_index() != 0:
+    return
+  tok = setup.tokenizer
+  rows = []
+  for i in range(min(count, len(batch["prompt_ids"]))):
+    prompt = batch["prompt_ids"][i][batch["prompt_mask"][i]]
+    completion = batch["completion_ids"][i][batch["completion_mask"][i]]
+    rows.append({"step": step, "prompt": tok.decode(prompt), "completion": tok.decode(completion)})
+  with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  writer.write_text("samples", "\n\n".join(f"{r['prompt']} → {r['completion']}" for r in rows), step)
 
 
 def export_student(setup: Setup, out_dir: str) -> str:
@@ -378,7 +385,8 @@ def run(setup: Setup, workdir: str) -> dict:
                                   save_every=config.save_every)
   start = restore_or_start(setup, ckpt)
   preemption = checkpoints.install_preemption_handler()
-  writer = MetricsWriter(workdir, resumed_step=start)
+  writer = metrics_lib.MetricsWriter(workdir, resumed_step=start)
+  peak = (config.peak_flops or metrics_lib.measure_peak_flops(jnp.dtype(config.dtype))) * jax.process_count()
   bar = tqdm(total=config.total_steps, initial=start, disable=jax.process_index() != 0, desc="gkd",
              dynamic_ncols=True)
   record = {}
@@ -387,15 +395,20 @@ def run(setup: Setup, workdir: str) -> dict:
     for step in range(start, config.total_steps):
       t0 = time.perf_counter()
       batch, mode, gen_time = source.get(step)
+      host_batch = batch
       batch = {k: _global(setup.batch_sharding, v) for k, v in batch.items()}
+      t1 = time.perf_counter()
       setup.state, metrics = setup.train_step(setup.state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      train_time = time.perf_counter() - t1
       if not np.isfinite(metrics["loss"]):
         raise FloatingPointError(f"loss is {metrics['loss']} at step {step} (mode {mode}); stopping with the "
                                  f"last checkpoint (step {ckpt.latest_step()}) intact")
-      record = {"step": step + 1, "mode": mode, **metrics, "generation_s": round(gen_time, 4),
-                "step_s": round(time.perf_counter() - t0, 4)}
+      record = {"step": step + 1, "mode": mode, **metrics,
+                **throughput(setup, host_batch, mode, gen_time, train_time, time.perf_counter() - t0, peak)}
       writer.write(record)
+      if mode != "dataset" and config.sample_every and (step + 1) % config.sample_every == 0:
+        log_samples(setup, writer, host_batch, step + 1, workdir)
       bar.update(1)
       if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", mode=mode)

@@ -1,5 +1,6 @@
 """The training loop end to end on the offline arithmetic task with tiny HF checkpoints built here."""
 import json
+import os
 
 import jax
 
@@ -48,6 +49,7 @@ def make_config(task, **overrides):
   c = config_lib.base_config()
   c.model, c.teacher_model, c.dataset = task["student"], task["teacher"], task["data"]
   c.batch_size, c.total_steps, c.learning_rate, c.log_every = 4, 6, 1e-3, 2
+  c.peak_flops = 1e11  # skip measuring the matmul ceiling in every test
   c.max_length, c.max_prompt_length, c.max_completion_length = 96, 32, 24
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2  # the 8 virtual CPU devices
   for k, v in overrides.items():
@@ -57,7 +59,7 @@ def make_config(task, **overrides):
 
 
 def test_train_runs_the_three_modes(task, tmp_path):
-  config = make_config(task, lmbda=0.5, seq_kd=True, sft_alpha=0.1)
+  config = make_config(task, lmbda=0.5, seq_kd=True, sft_alpha=0.1, sample_every=1)
   final = trainer.train(config, str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in records] == list(range(1, 7))
@@ -71,6 +73,12 @@ def test_train_runs_the_three_modes(task, tmp_path):
     else:
       assert r["loss"] == pytest.approx(r["distill_loss"] + 0.1 * r["sft_loss"], rel=1e-5)
   assert final["step"] == 6
+  for r in records:  # throughput: measured times, FLOP-based split and MFU
+    assert r["step_s"] >= r["generation_s"] >= 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+    assert (r["generation_s"] > 0) == (r["mode"] != "dataset")
+  samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+  assert len(samples) == 2 * 6 and all("Add" in s["prompt"] for s in samples)
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
 
 
 def test_on_policy_batch_masks_exactly_the_generated_tokens(task):
@@ -171,7 +179,7 @@ def write_config(task, path, mesh=(2, 2, 2), **overrides):
   c = make_config(task, **overrides)
   fields = {k: c[k] for k in ("model", "teacher_model", "dataset", "batch_size", "total_steps", "learning_rate",
                               "log_every", "max_length", "max_prompt_length", "max_completion_length", "lmbda",
-                              "seq_kd", "save_every")}
+                              "seq_kd", "save_every", "peak_flops")}
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
   fields["mesh"] = c.mesh.to_dict()
   path.write_text(CONFIG_FILE.format(overrides=json.dumps(fields)))

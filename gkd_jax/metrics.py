@@ -1,0 +1,97 @@
+"""Run metrics: JSON lines + TensorBoard event files in the workdir, FLOP counts and an MFU estimate."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+class MetricsWriter:
+  """Writes each record to WORKDIR/metrics.jsonl and its numbers to TensorBoard (WORKDIR/tensorboard), on
+  process 0 only. On resume, JSON records past the restored step (from a run killed after its last
+  checkpoint) are dropped so the file holds each step once."""
+
+  def __init__(self, workdir: str, resumed_step: int = 0):
+    self.file = self.tb = None
+    if jax.process_index() != 0:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "metrics.jsonl")
+    kept = []
+    if os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+    self.file = open(path, "w")
+    self.file.writelines(kept)
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_step + 1)
+
+  def write(self, record: dict, prefix: str = "train"):
+    if self.file is None:
+      return
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    step = record["step"]
+    for name, value in record.items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
+        self.tb.add_scalar(f"{prefix}/{name}", value, step)
+
+  def write_text(self, tag: str, text: str, step: int):
+    if self.tb is not None:
+      self.tb.add_text(tag, text, step)
+
+  def close(self):
+    if self.file is not None:
+      self.file.close()
+      self.tb.close()
+
+
+# --------------------------------------------------------------------------------------------------- FLOPs
+
+
+def forward_flops_per_token(config, context: int) -> float:
+  """Matmul FLOPs of one token's forward pass: 2·(weights touched) + attention over `context` tokens.
+
+  Weights: q/k/v/o, the gated MLP and the LM head (the embedding lookup is free). Attention: QKᵀ and AV,
+  2·2·heads·head_dim·context per layer.
+  """
+  h, layers = config.hidden_size, config.num_hidden_layers
+  q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+  per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
+  weights = layers * per_layer + h * config.vocab_size
+  attention = layers * 4 * q * context
+  return 2.0 * weights + attention
+
+
+def step_flops(student_config, teacher_config, batch: int, seq_len: int, completion_len: int,
+               generated: int = 0, generator_config=None) -> dict:
+  """Estimated FLOPs of one optimizer step, split by phase.
+
+  student: forward + backward (3× forward) over the whole sequence; teacher: one forward; generation:
+  `generated` decoded tokens per row with a KV cache (context grows to seq_len).
+  """
+  context = seq_len / 2  # mean causal context
+  out = {"student": 3.0 * batch * seq_len * forward_flops_per_token(student_config, context)}
+  out["teacher"] = (batch * seq_len * forward_flops_per_token(teacher_config, context)
+                    if teacher_config is not None else 0.0)
+  gen = generator_config or student_config
+  out["generation"] = batch * generated * forward_flops_per_token(gen, seq_len - completion_len / 2)
+  return out
+
+
+def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 3) -> float:
+  """The machine's matmul ceiling in FLOP/s: the best of a few [n, n]·[n, n] products on all local
+  devices (one per device, in parallel)."""
+  devices = jax.local_devices()
+  x = [jax.device_put(jnp.ones((n, n), dtype), d) for d in devices]
+  matmul = jax.jit(lambda a: a @ a)
+  jax.block_until_ready([matmul(a) for a in x])
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready([matmul(a) for a in x])
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 * len(devices) / best
