@@ -176,10 +176,10 @@ class TeacherClient:
     return self.submit(input_ids, attention_mask).result()
 
   def close(self):
+    """Cancels requests still in flight (e.g. a prefetch for a step that will not run), then stops."""
     if self._loop.is_closed():
       return
-    if self._session is not None:
-      self._run(self._session.close()).result()
+    self._run(self._shutdown()).result()
     self._loop.call_soon_threadsafe(self._loop.stop)
     self._thread.join()
     self._loop.close()
@@ -191,6 +191,14 @@ class TeacherClient:
     self.close()
 
   # -- internals (run on the client's event loop)
+
+  async def _shutdown(self):
+    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in pending:
+      task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    if self._session is not None:
+      await self._session.close()
 
   def _run(self, coro) -> concurrent.futures.Future:
     return asyncio.run_coroutine_threadsafe(coro, self._loop)
