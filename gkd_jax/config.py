@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from gkd_jax import optim
+from gkd_jax import optim, task_metrics
 
 OBJECTIVES = ("gkd", "sft")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -66,6 +66,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora_alpha = 16.0
   c.lora_target_modules = "all-linear"
   c.lora_rslora = False
+  # Evaluation on a held-out split (none when eval_split is None): teacher-forced divergences and NLL, plus a
+  # generation metric ("math" exact match, "arithmetic" checker, "rouge", or "none"), every eval_every steps
+  # (0: only at the end) and with --mode=eval.
+  c.eval_dataset = ml_collections.FieldReference(None, field_type=str)  # default: `dataset`
+  c.eval_split = ml_collections.FieldReference(None, field_type=str)
+  c.eval_rows = 256
+  c.eval_batch_size = 32
+  c.eval_every = 0
+  c.eval_metric = "none"
+  c.eval_max_new_tokens = 128
+  c.eval_temperature = 0.0     # 0 = greedy
   # Logging and checkpoints (orbax, in workdir/checkpoints; a run resumes from the latest automatically).
   c.log_every = 10
   c.save_every = 500
@@ -163,6 +174,14 @@ def validate(c) -> None:
     fail("lora_rank", c.lora_rank, "must be an int ≥ 0 (0 = full-parameter training)")
   if c.lora_rank and not c.lora_alpha > 0:
     fail("lora_alpha", c.lora_alpha, "must be > 0")
+  if c.eval_metric not in task_metrics.METRICS:
+    fail("eval_metric", c.eval_metric, f"must be one of {task_metrics.METRICS}")
+  if c.eval_split is not None:
+    for field in ("eval_rows", "eval_batch_size", "eval_max_new_tokens"):
+      if not (isinstance(c[field], int) and c[field] >= 1):
+        fail(field, c[field], "must be a positive int")
+  if c.eval_temperature < 0:
+    fail("eval_temperature", c.eval_temperature, "must be ≥ 0 (0 = greedy)")
   if not 0 < c.top_p <= 1:
     fail("top_p", c.top_p, "must be in (0, 1]")
   if c.top_k < 0:

@@ -9,6 +9,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/NAME.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and exports.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train, or eval: evaluate the workdir's latest checkpoint (or the initial student).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host run: jax.distributed.initialize() (auto-detects TPU pods, SLURM, ...).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process).")
@@ -28,7 +30,7 @@ def initialize_distributed():
     jax.distributed.initialize()
 
 
-def run(config, workdir):
+def run(config, workdir, mode="train"):
   job = config.get("job", "train")
   if job == "demo":
     from gkd_jax.demos import arithmetic
@@ -40,7 +42,7 @@ def run(config, workdir):
     from gkd_jax import config as config_lib
     from gkd_jax import trainer
     config_lib.validate(config)
-    return trainer.train(config, workdir)
+    return trainer.train(config, workdir) if mode == "train" else trainer.evaluate_workdir(config, workdir)
   raise ValueError(f"config.job={job!r} is invalid: must be one of ('train', 'demo', 'bigram')")
 
 
@@ -50,7 +52,7 @@ def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   initialize_distributed()
-  run(_CONFIG.value, _WORKDIR.value)
+  run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 
 
 if __name__ == "__main__":

@@ -10,30 +10,36 @@ import jax.numpy as jnp
 
 
 class MetricsWriter:
-  """Writes each record to WORKDIR/metrics.jsonl and its numbers to TensorBoard (WORKDIR/tensorboard), on
-  process 0 only. On resume, JSON records past the restored step (from a run killed after its last
-  checkpoint) are dropped so the file holds each step once."""
+  """Writes records as JSON lines — WORKDIR/metrics.jsonl for training, WORKDIR/{prefix}.jsonl otherwise
+  (e.g. eval.jsonl) — and their numbers to TensorBoard (WORKDIR/tensorboard, tags "{prefix}/{name}"), on
+  process 0 only. On resume, records past the restored step (from a run killed after its last checkpoint)
+  are dropped so each file holds each step once."""
 
   def __init__(self, workdir: str, resumed_step: int = 0):
-    self.file = self.tb = None
+    self.workdir, self.resumed_step, self.files, self.tb = workdir, resumed_step, {}, None
     if jax.process_index() != 0:
       return
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
-    kept = []
-    if os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
-    self.file = open(path, "w")
-    self.file.writelines(kept)
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_step + 1)
 
+  def _file(self, prefix: str):
+    if prefix not in self.files:
+      path = os.path.join(self.workdir, "metrics.jsonl" if prefix == "train" else f"{prefix}.jsonl")
+      kept = []
+      if os.path.exists(path):
+        with open(path) as f:
+          kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.resumed_step]
+      self.files[prefix] = open(path, "w")
+      self.files[prefix].writelines(kept)
+    return self.files[prefix]
+
   def write(self, record: dict, prefix: str = "train"):
-    if self.file is None:
+    if self.tb is None:
       return
-    self.file.write(json.dumps(record) + "\n")
-    self.file.flush()
+    f = self._file(prefix)
+    f.write(json.dumps(record) + "\n")
+    f.flush()
     step = record["step"]
     for name, value in record.items():
       if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
@@ -44,8 +50,9 @@ class MetricsWriter:
       self.tb.add_text(tag, text, step)
 
   def close(self):
-    if self.file is not None:
-      self.file.close()
+    for f in self.files.values():
+      f.close()
+    if self.tb is not None:
       self.tb.close()
 
 

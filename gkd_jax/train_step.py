@@ -119,6 +119,12 @@ def make_train_step(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lor
   """Builds `train_step(state, batch) -> (state, metrics)` for these models (only their graphs and configs
   are kept; the params live in the state). With a `lora_spec` the state's params are LoRA adapters merged
   into `state.base_params` for every forward."""
+  return make_steps(student, tx, lr_schedule, cfg, teacher, lora_spec)[0]
+
+
+def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spec=None):
+  """(train_step, eval_step): eval_step(state, batch) -> metrics computes the same teacher-forced losses
+  and diagnostics (plus the student's NLL) without a gradient or an update."""
   if cfg.teacher == "model" and teacher is None:
     raise ValueError("teacher='model' needs a teacher model")
   student_def = nnx.graphdef(student)
@@ -155,7 +161,7 @@ def make_train_step(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lor
       return {"values": values, "indices": indices}
     return {"logits": logits}
 
-  def loss_fn(params, mb, teacher, num_items, sft_weight, base_params):
+  def loss_fn(params, mb, teacher, num_items, sft_weight, base_params, with_nll=with_nll):
     student = nnx.merge(student_def, student_weights(params, base_params))
     targets, mask, hidden = completion_hidden(student, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
                                               mb["completion_mask"])
@@ -223,7 +229,17 @@ def make_train_step(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lor
     new_state = dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
-  return train_step
+  def eval_step(state: TrainState, batch: dict):
+    num_items = jnp.sum(batch["completion_mask"].astype(jnp.int32))
+    weights = student_weights(state.params, state.base_params)
+    teacher = None if cfg.teacher == "none" else teacher_side(state.teacher_params, weights, batch)
+    loss, aux = loss_fn(state.params, batch, teacher, num_items, 0.0, state.base_params, with_nll=True)
+    denom = jnp.maximum(num_items, 1).astype(jnp.float32)
+    metrics = {name: (value if name in ("distill_loss", "sft_loss") else value / denom) for name, value in aux.items()}
+    metrics["nll"] = metrics.pop("sft_loss")
+    return {**metrics, "tokens": num_items}
+
+  return train_step, eval_step
 
 
 def _zero_aux(cfg):

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gkd_jax import data as data_lib
 from gkd_jax import lora, models, optim, sampling, sharding
 from gkd_jax import metrics as metrics_lib
+from gkd_jax import task_metrics
 from gkd_jax import train_step as ts
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class Setup:
   stop_ids: tuple
   lora_spec: lora.LoraSpec | None = None
   teacher_client: Any = None   # TeacherClient when the teacher is a server
+  eval_step: Any = None        # jitted (state, batch) -> teacher-forced eval metrics
+  eval_loader: Any = None      # held-out batches (config.eval_split), or None
+  eval_rows: Any = None        # the held-out rows themselves, for the generation metric
 
 
 def _check_same_tokenizer(tokenizer, path: str):
@@ -159,18 +163,30 @@ def build(config) -> Setup:
   state = jax.tree.map(lambda x: x if on_mesh(x) else jax.jit(lambda: x, out_shardings=replicated)(), state)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-  step_fn = ts.make_train_step(student, tx, schedule, cfg, teacher=teacher, lora_spec=lora_spec)
+  step_fn, eval_fn = ts.make_steps(student, tx, schedule, cfg, teacher=teacher, lora_spec=lora_spec)
   train_step = jax.jit(step_fn, in_shardings=(state_sharding, None), out_shardings=(state_sharding, replicated),
                        donate_argnums=0)
   stop_ids = sampling.normalize_stop_ids(
       config.eos_token_ids if config.get("eos_token_ids") else tokenizer.eos_token_id)
+  eval_loader = eval_rows = None
+  if config.eval_split:
+    eval_rows = data_lib.prepare_columns(
+        data_lib.load_rows(config.eval_dataset or config.dataset, split=config.eval_split,
+                           name=config.dataset_config),
+        columns=config.dataset_columns.to_dict() or None, teacher_prompt_template=config.teacher_prompt_template)
+    eval_rows = eval_rows.select(range(min(config.eval_rows, len(eval_rows))))
+    eval_loader = data_lib.DataLoader(
+        eval_rows, tokenizer, batch_size=config.eval_batch_size, seed=config.seed, max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
+        require_completion=True, shuffle=False, drop_remainder=False)
   client = None
   if kind == "server":
     from gkd_jax.teacher_client import TeacherClient
     client = TeacherClient(config.teacher_model_server, config.gkd_logits_topk, vocab_size=vocab_size)
     client.check()  # fail at start-up, not at the first step
+  eval_step = jax.jit(eval_fn, in_shardings=(state_sharding, None), out_shardings=replicated)
   return Setup(config, mesh, tokenizer, student, teacher, loader, cfg, state, train_step, batch_sharding, stop_ids,
-               lora_spec, client)
+               lora_spec, client, eval_step, eval_loader, eval_rows)
 
 
 def lora_spec_from(config) -> lora.LoraSpec | None:
@@ -297,6 +313,89 @@ class BatchSource:
 # ------------------------------------------------------------------------------------------------ loop
 
 
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(setup: Setup, workdir: str | None = None) -> dict:
+  """Held-out metrics of the current student: teacher-forced divergences (distill loss at the run's β, FKL,
+  RKL, entropies, top-1 agreement) and NLL over the eval split, then the generation metric
+  (config.eval_metric). The teacher's generation metric is computed once and cached in the workdir."""
+  config, loader = setup.config, setup.eval_loader
+  totals, tokens = {}, 0
+  for step in range(loader.steps_per_epoch):
+    batch = loader.batch(step)
+    batch["completion_mask"] = batch["completion_mask"] & batch["row_mask"][:, None]
+    keys = ["prompt_ids", "prompt_mask", "completion_ids", "completion_mask"]
+    if setup.step_cfg.teacher in ("model", "self") and "teacher_prompt_ids" in batch:
+      keys += ["teacher_prompt_ids", "teacher_prompt_mask"]
+    host = {k: batch[k] for k in keys}
+    if setup.teacher_client is not None:
+      host["teacher_topk_values"], host["teacher_topk_indices"] = request_teacher_topk(setup, host).result()
+    out = jax.device_get(setup.eval_step(setup.state, {k: _global(setup.batch_sharding, v) for k, v in host.items()}))
+    n = int(out.pop("tokens"))
+    tokens += n
+    for name, value in out.items():
+      totals[name] = totals.get(name, 0.0) + float(value) * n
+  result = {name: value / max(tokens, 1) for name, value in totals.items()}
+  result["tokens"] = tokens
+  metric = task_metrics.get(config.eval_metric)
+  if metric is not None:
+    if jax.process_count() > 1:
+      logger.warning("eval_metric=%s: generation-based evaluation runs on single-process runs only; skipped",
+                     config.eval_metric)
+    else:
+      rows = list(setup.eval_rows)
+      student = (nnx.graphdef(setup.student), student_weights(setup))
+      result.update({f"student_{k}": v for k, v in _generation_metric(setup, student, rows, metric).items()})
+      result.update({f"teacher_{k}": v for k, v in _teacher_generation_metric(setup, rows, metric, workdir).items()})
+  return result
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+  """--mode=eval: evaluates the workdir's latest checkpoint (or the initial student when there is none) and
+  writes WORKDIR/eval.json."""
+  from gkd_jax import checkpoints
+  if not config.eval_split:
+    raise ValueError("config.eval_split=None is invalid for --mode=eval: name the held-out split to evaluate")
+  setup = build(config)
+  with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    step = restore_or_start(setup, ckpt)
+  result = {"step": step, **evaluate(setup, workdir)}
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+  if setup.teacher_client is not None:
+    setup.teacher_client.close()
+  return result
+
+
+def _generation_metric(setup, model, rows, metric) -> dict:
+  from gkd_jax import evaluate as evaluate_lib
+  config = setup.config
+  completions = evaluate_lib.generate_completions(
+      model, setup.tokenizer, rows, max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size,
+      temperature=config.eval_temperature, seed=config.seed)
+  return {k: v for k, v in metric(completions, rows).items() if k != "count"}
+
+
+def _teacher_generation_metric(setup, rows, metric, workdir) -> dict:
+  """Once per workdir: the teacher does not change (a server teacher is not evaluated; OPSD-dynamic's
+  teacher is the student)."""
+  if setup.teacher is None:
+    return {}
+  path = None if workdir is None else os.path.join(workdir, "teacher_eval.json")
+  if path and os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  result = _generation_metric(setup, (nnx.graphdef(setup.teacher), setup.state.teacher_params), rows, metric)
+  if path and jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(result, f)
+  return result
+
+
 def throughput(setup: Setup, batch: dict, mode: str, gen_time: float, train_time: float, step_time: float,
                peak_flops: float) -> dict:
   """Step timing, tokens/s and an MFU estimate (model FLOPs / (time × measured matmul ceiling)). The train
@@ -409,6 +508,9 @@ def run(setup: Setup, workdir: str) -> dict:
       writer.write(record)
       if mode != "dataset" and config.sample_every and (step + 1) % config.sample_every == 0:
         log_samples(setup, writer, host_batch, step + 1, workdir)
+      last = step + 1 == config.total_steps
+      if setup.eval_loader is not None and ((config.eval_every and (step + 1) % config.eval_every == 0) or last):
+        writer.write({"step": step + 1, **evaluate(setup, workdir)}, prefix="eval")
       bar.update(1)
       if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", mode=mode)

@@ -59,7 +59,8 @@ def make_config(task, **overrides):
 
 
 def test_train_runs_the_three_modes(task, tmp_path):
-  config = make_config(task, lmbda=0.5, seq_kd=True, sft_alpha=0.1, sample_every=1)
+  config = make_config(task, lmbda=0.5, seq_kd=True, sft_alpha=0.1, sample_every=1, eval_split="test",
+                       eval_metric="arithmetic", eval_rows=8, eval_batch_size=4, eval_max_new_tokens=24, eval_every=3)
   final = trainer.train(config, str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in records] == list(range(1, 7))
@@ -79,6 +80,20 @@ def test_train_runs_the_three_modes(task, tmp_path):
   samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
   assert len(samples) == 2 * 6 and all("Add" in s["prompt"] for s in samples)
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
+  # Held-out evaluation at steps 3 and 6: teacher-forced divergences and NLL, generation accuracy of the
+  # student each time and of the teacher once (cached).
+  evals = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+  assert [e["step"] for e in evals] == [3, 6]
+  for e in evals:
+    assert e["tokens"] > 0 and e["forward_kl"] > 0 and e["reverse_kl"] > 0 and e["nll"] > 0
+    assert 0 <= e["student_accuracy"] <= 1 and 0 <= e["teacher_chain_accuracy"] <= 1
+  assert json.load(open(tmp_path / "teacher_eval.json"))["accuracy"] == evals[0]["teacher_accuracy"]
+  # --mode=eval on the finished run reproduces the final evaluation.
+  from gkd_jax import main as gkd_main
+  again = gkd_main.run(config, str(tmp_path), mode="eval")
+  assert again["step"] == 6
+  for name in ("forward_kl", "nll", "distill_loss", "student_accuracy"):
+    assert again[name] == pytest.approx(evals[-1][name], rel=1e-5), name
 
 
 def test_on_policy_batch_masks_exactly_the_generated_tokens(task):
