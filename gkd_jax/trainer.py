@@ -111,6 +111,18 @@ def _check_same_tokenizer(tokenizer, path: str):
                      f"({len(tokenizer)} tokens); GKD needs one shared tokenizer")
 
 
+def _rows(config, source, split):
+  rows = data_lib.load_rows(source, split=split, name=config.dataset_config)
+  return data_lib.prepare_columns(rows, columns=config.dataset_columns.to_dict() or None,
+                                  teacher_prompt_template=config.teacher_prompt_template)
+
+
+def _loader(config, tokenizer, rows, batch_size, **kw):
+  return data_lib.DataLoader(rows, tokenizer, batch_size=batch_size, seed=config.seed, max_length=config.max_length,
+                             max_prompt_length=config.max_prompt_length,
+                             max_completion_length=config.max_completion_length, **kw)
+
+
 def build(config) -> Setup:
   """Loads models, tokenizer and data, and builds the sharded train state and the jitted step."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -130,13 +142,8 @@ def build(config) -> Setup:
   vocab_size = len(tokenizer)
   cfg = step_config(config, vocab_size)
 
-  rows = data_lib.load_rows(config.dataset, split=config.dataset_split, name=config.dataset_config)
-  rows = data_lib.prepare_columns(rows, columns=config.dataset_columns.to_dict() or None,
-                                  teacher_prompt_template=config.teacher_prompt_template)
-  loader = data_lib.DataLoader(
-      rows, tokenizer, batch_size=config.batch_size, seed=config.seed, max_length=config.max_length,
-      max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
-      require_completion=config.lmbda < 1.0 and not config.seq_kd, drop_remainder=True)
+  loader = _loader(config, tokenizer, _rows(config, config.dataset, config.dataset_split), config.batch_size,
+                   require_completion=config.lmbda < 1.0 and not config.seq_kd, drop_remainder=True)
 
   tx, schedule = optim.make_optimizer(
       config.learning_rate, config.total_steps, warmup_steps=config.warmup_steps, schedule=config.lr_schedule,
@@ -170,15 +177,10 @@ def build(config) -> Setup:
       config.eos_token_ids if config.get("eos_token_ids") else tokenizer.eos_token_id)
   eval_loader = eval_rows = None
   if config.eval_split:
-    eval_rows = data_lib.prepare_columns(
-        data_lib.load_rows(config.eval_dataset or config.dataset, split=config.eval_split,
-                           name=config.dataset_config),
-        columns=config.dataset_columns.to_dict() or None, teacher_prompt_template=config.teacher_prompt_template)
+    eval_rows = _rows(config, config.eval_dataset or config.dataset, config.eval_split)
     eval_rows = eval_rows.select(range(min(config.eval_rows, len(eval_rows))))
-    eval_loader = data_lib.DataLoader(
-        eval_rows, tokenizer, batch_size=config.eval_batch_size, seed=config.seed, max_length=config.max_length,
-        max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
-        require_completion=True, shuffle=False, drop_remainder=False)
+    eval_loader = _loader(config, tokenizer, eval_rows, config.eval_batch_size, require_completion=True,
+                          shuffle=False, drop_remainder=False)
   client = None
   if kind == "server":
     from gkd_jax.teacher_client import TeacherClient
