@@ -173,8 +173,11 @@ def build(config) -> Setup:
   step_fn, eval_fn = ts.make_steps(student, tx, schedule, cfg, teacher=teacher, lora_spec=lora_spec)
   train_step = jax.jit(step_fn, in_shardings=(state_sharding, None), out_shardings=(state_sharding, replicated),
                        donate_argnums=0)
+  # Generation stops at the tokenizer's eos and at every eos the model's config names (Llama 3 has two).
+  model_eos = student.config.eos_token_id
   stop_ids = sampling.normalize_stop_ids(
-      config.eos_token_ids if config.get("eos_token_ids") else tokenizer.eos_token_id)
+      [t for t in [tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, (list, tuple)) else [model_eos])]
+       if t is not None])
   eval_loader = eval_rows = None
   if config.eval_split:
     eval_rows = _rows(config, config.eval_dataset or config.dataset, config.eval_split)
