@@ -394,7 +394,9 @@ def fused_generalized_jsd_loss(student_hidden, student_head, teacher_hidden, tea
   The teacher arguments are treated as constants (no gradient flows to them); the trainer stops the
   teacher's gradient anyway and this saves two matmuls per chunk. For "mean"/"sum" the gradient is
   computed in closed form inside the forward chunk loop (a custom VJP), so the backward pass only
-  rescales it and no logits are recomputed: fwd+bwd costs about what the unfused loss does.
+  rescales it and no logits are recomputed: the matmul FLOPs equal the unfused loss's. What it adds is one
+  read-modify-write of the [H, V] head gradient per chunk, which on a CPU makes it slower than the unfused
+  loss at small chunks (experiments/bench_loss.py): a larger chunk_size trades memory for speed.
   reduction="none"/"seq_mean" use a rematerialized scan instead (one extra projection per chunk).
   """
   beta = _check_beta(beta)
