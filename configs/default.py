@@ -1,11 +1,34 @@
-"""The README's main command: a whole GKD pipeline on the offline arithmetic task, offline, on a CPU.
+"""The README's main command: a whole GKD pipeline, offline, minutes on a laptop CPU.
 
-Teacher SFT → student SFT init → GKD (on-policy mixture λ=0.5, JSD β=0.5) → greedy test accuracy of the
-three. See gkd_jax/demos/arithmetic.py for the phases.
+On the arithmetic task (gkd_jax.tasks.arithmetic: "Add 86+67+56" -> "86+67=153 153+56=209 Answer: 209",
+three 2-digit operands, chains in random operand order in train, so the teacher spreads over 6 correct
+chains), gkd_jax.demos.arithmetic runs, each phase cached in the workdir (a rerun skips finished phases):
+
+  teacher      random-init Qwen2, 4 layers x 128 (989K params), SFT 1200 steps      -> high accuracy
+  student_sft  random-init Qwen2, 3 layers x 96 (308K params), SFT 500 steps        -> mediocre accuracy
+  gkd          GKD from student_sft: lmbda=0.5 (half the steps on the student's own samples), JSD(beta=0.5),
+               500 steps
+  eval         greedy accuracy (right answer) and chain accuracy (every step right) of the three on 500
+               test problems; a table on stdout, workdir/results.json
+
+Every model is an HF checkpoint on disk, loaded by the same code (from_pretrained, load_tokenizer, DataLoader,
+trainer, sampler) that loads a hub model. temperature=1.0: on-policy samples come from the student's own
+distribution, and the loss compares the untempered distributions that greedy decoding uses (the trainer divides
+the loss logits by `temperature` too; 0.9 would distill tempered distributions).
+
+Local CPU (no accelerator, no network):
 
     python -m gkd_jax.main --config=configs/default.py --workdir=/tmp/gkd_demo
+    python -m gkd_jax.main --config=configs/default.py --workdir=/tmp/gkd_demo --config.gkd.beta=1.0  # redoes GKD only
+    python -m gkd_jax.main --config=configs/default.py:runlocal --workdir=/tmp/gkd_demo_tiny          # ~30 s smoke run
 
-TODO(timings/results)
+GPU or single-host TPU VM (jax[cuda12] / jax[tpu] installed): the same command. The models are so small that
+an accelerator gains little; the demo exists to run anywhere. It is a single-host pipeline (it writes its
+phases with plain file I/O): for multi-host runs use the `train` recipes (configs/sft.py,
+configs/on_policy_distillation.py) with --distributed.
+
+Expected (measured TIMING):
+TODO
 """
 import ml_collections
 
@@ -23,15 +46,16 @@ def get_config(arg=None):
   c.log_every = 10
   # Three 2-digit operands: 6 equally correct chains per problem in train (a multimodal teacher).
   c.task = dict(seed=0, num_train=20000, num_test=500, num_operands=(3, 3), digits=(2, 2))
-  # Prompts are 18 tokens and completions at most 28: tight widths, no padding to the default 64-buckets.
-  c.lengths = dict(max_length=52, max_prompt_length=20, max_completion_length=32)
+  # Prompts are exactly 18 tokens and completions at most 28 (EOS included): these limits are the batch
+  # widths, so nothing is padded to the data pipeline's 64-token buckets.
+  c.lengths = dict(max_length=46, max_prompt_length=18, max_completion_length=28)
 
   c.teacher = dict(arch=_arch(128, 4, 4, 2, 512), init_seed=1, objective="sft", lmbda=0.0,
-                   batch_size=64, total_steps=600, learning_rate=3e-3, warmup_steps=30, weight_decay=0.01)
+                   batch_size=64, total_steps=1200, learning_rate=3e-3, warmup_steps=50, weight_decay=0.01)
   c.student_sft = dict(arch=_arch(96, 3, 4, 2, 256), init_seed=2, objective="sft", lmbda=0.0,
-                       batch_size=64, total_steps=150, learning_rate=3e-3, warmup_steps=15, weight_decay=0.01)
-  c.gkd = dict(objective="gkd", lmbda=0.5, beta=0.5, temperature=1.0, batch_size=64, total_steps=300,
-               learning_rate=1e-3, warmup_steps=0, weight_decay=0.01)
+                       batch_size=64, total_steps=500, learning_rate=3e-3, warmup_steps=25, weight_decay=0.01)
+  c.gkd = dict(objective="gkd", lmbda=0.5, beta=0.5, temperature=1.0, batch_size=64, total_steps=500,
+               learning_rate=3e-3, warmup_steps=0, weight_decay=0.01)
   c.eval = dict(split="test", num_examples=0, batch_size=250, max_new_tokens=32)
 
   if arg == "runlocal":

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -63,16 +64,38 @@ def test_rerun_skips_finished_phases(demo_run):
   assert "student, distilled (GKD)" in out.stdout
 
 
-def test_changed_gkd_settings_redo_only_gkd(tmp_path):
+def test_moved_workdir_keeps_its_phases(demo_run, tmp_path, capsys):
+  config, workdir, results = demo_run
+  moved = str(tmp_path / "moved")
+  shutil.copytree(workdir, moved)
+  again = demo.run(config, moved)
+  out = capsys.readouterr().out
+  for name in demo.PHASES:
+    assert f"[{name}] cached" in out
+    assert again["models"][name]["accuracy"] == results["models"][name]["accuracy"]
+    assert again["models"][name]["checkpoint"].startswith(moved)
+
+
+def test_interrupted_phase_resumes_and_changed_settings_redo_it(tmp_path):
   config = load_config("runlocal")
   workdir = str(tmp_path)
   demo.run(config, workdir)
-  stamps = {name: os.path.getmtime(os.path.join(workdir, name, "DONE")) for name in demo.PHASES}
+  done = lambda name: os.path.join(workdir, name, "DONE")
+  stamps = {name: os.path.getmtime(done(name)) for name in demo.PHASES}
+  metrics = os.path.join(workdir, "gkd", "metrics.jsonl")
+  log = open(metrics).read()
+  # Killed after its last checkpoint but before DONE: the rerun resumes there instead of training again.
+  os.remove(done("gkd"))
+  demo.run(config, workdir)
+  assert os.path.exists(done("gkd")) and open(metrics).read() == log
+  # Changed GKD settings redo GKD from scratch, and only GKD.
   config.gkd.beta = 1.0
   demo.run(config, workdir)
-  assert os.path.getmtime(os.path.join(workdir, "teacher", "DONE")) == stamps["teacher"]
-  assert os.path.getmtime(os.path.join(workdir, "student_sft", "DONE")) == stamps["student_sft"]
-  assert os.path.getmtime(os.path.join(workdir, "gkd", "DONE")) > stamps["gkd"]
+  assert os.path.getmtime(done("teacher")) == stamps["teacher"]
+  assert os.path.getmtime(done("student_sft")) == stamps["student_sft"]
+  assert os.path.getmtime(done("gkd")) > stamps["gkd"]
+  records = [json.loads(line) for line in open(metrics)]
+  assert [r["step"] for r in records] == list(range(1, config.gkd.total_steps + 1))
 
 
 def test_evaluate_scores_generations(demo_run):

@@ -9,9 +9,10 @@
     eval         greedy accuracy and chain accuracy of the three checkpoints on the test split.
 
 Every phase goes through the real code path: HF checkpoints on disk, the tokenizer via load_tokenizer, the
-DataLoader, the trainer (its tqdm bar and metrics.jsonl in workdir/PHASE) and the sampler. Each phase writes
-workdir/PHASE/DONE last, holding a fingerprint of its settings and of the phases it depends on: a rerun skips
-phases whose DONE matches and redoes the others (an interrupted phase restarts from its beginning).
+DataLoader, the trainer (its tqdm bar, metrics.jsonl, checkpoints and HF export in workdir/PHASE) and the
+sampler. Each phase writes workdir/PHASE/DONE last, holding a fingerprint of its settings and of the phases it
+depends on: a rerun skips phases whose DONE matches and redoes the others; a phase interrupted with unchanged
+settings resumes from the trainer's last checkpoint. Evaluations are cached beside them (PHASE/eval.json).
 Results: a table on stdout and workdir/results.json.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from flax import nnx
 from gkd_jax import config as config_lib
 from gkd_jax import evaluate as evaluate_lib
 from gkd_jax import models, trainer
+from gkd_jax.models import safetensors_io
 from gkd_jax.tasks import arithmetic
 
 PHASES = ("teacher", "student_sft", "gkd")
@@ -42,11 +44,18 @@ def _plain(config) -> dict:
   return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
+def _read(path: str) -> str | None:
+  try:
+    with open(path) as f:
+      return f.read()
+  except OSError:
+    return None
+
+
 def _read_done(phase_dir: str) -> dict | None:
   try:
-    with open(os.path.join(phase_dir, "DONE")) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+    return json.loads(_read(os.path.join(phase_dir, "DONE")) or "null")
+  except ValueError:
     return None
 
 
@@ -66,7 +75,6 @@ def init_checkpoint(arch: dict, tokenizer, out_dir: str, seed: int) -> str:
 
 
 def num_params(model_dir: str) -> int:
-  from gkd_jax.models import safetensors_io
   reader = safetensors_io.CheckpointReader(model_dir)
   return sum(math.prod(reader.shape(k)) for k in reader.keys())
 
@@ -78,6 +86,7 @@ def trainer_config(config, phase: dict, dataset: str, model: str, teacher_model:
   for k, v in config.lengths.items():
     c[k] = v
   c.teacher_model = teacher_model
+  c.export_on_finish, c.keep_checkpoints = True, 1  # the phase's product is the HF export
   for k, v in phase.items():
     if k not in ("arch", "init_seed"):
       c[k] = v
@@ -87,30 +96,39 @@ def trainer_config(config, phase: dict, dataset: str, model: str, teacher_model:
 
 def train_phase(name: str, workdir: str, config, phase, *, dataset: str, tokenizer, init_from: str | None = None,
                 teacher_model: str | None = None, depends: tuple = ()) -> dict:
-  """Runs (or skips, when its DONE matches) one training phase; returns its DONE record (with 'model')."""
+  """Runs (or skips, when its DONE matches) one training phase; returns its DONE record (with 'model').
+
+  A phase interrupted with the same settings resumes from the trainer's last checkpoint in workdir/PHASE;
+  with other settings it restarts clean."""
   phase_dir = os.path.join(workdir, name)
-  fingerprint = _fingerprint([_plain(phase), _plain(config.lengths), config.seed, dataset, list(depends)])
+  # Paths enter relative to the workdir, so a moved or copied workdir keeps its finished phases.
+  fingerprint = _fingerprint([_plain(phase), _plain(config.lengths), config.seed, os.path.relpath(dataset, workdir),
+                              list(depends)])
   done = _read_done(phase_dir)
-  if done and done.get("fingerprint") == fingerprint and os.path.isdir(done["model"]):
-    print(f"[{name}] cached: {done['model']}", flush=True)
-    return done
-  shutil.rmtree(phase_dir, ignore_errors=True)  # a stale or interrupted phase restarts clean
-  os.makedirs(phase_dir)
+  if done and done.get("fingerprint") == fingerprint:
+    done["model"] = os.path.join(workdir, done["model"])
+    if os.path.isdir(done["model"]):
+      print(f"[{name}] cached: {done['model']}", flush=True)
+      return done
+  started = os.path.join(phase_dir, "STARTED")
+  if done or _read(started) != fingerprint:
+    shutil.rmtree(phase_dir, ignore_errors=True)
+  os.makedirs(phase_dir, exist_ok=True)
+  with open(started, "w") as f:
+    f.write(fingerprint)
   t0 = time.perf_counter()
-  if init_from is None:
+  if init_from is None:  # deterministic in init_seed, so a resumed phase rebuilds the same one
     init_from = init_checkpoint(phase.arch.to_dict(), tokenizer, os.path.join(phase_dir, "init"), phase.init_seed)
   run_config = trainer_config(config, phase, dataset, init_from, teacher_model)
   print(f"[{name}] {run_config.objective} from {init_from}: {run_config.total_steps} steps of "
         f"{run_config.batch_size}" + (f", teacher {teacher_model}, lmbda={run_config.lmbda}, "
                                       f"beta={run_config.beta}" if teacher_model else ""), flush=True)
-  setup = trainer.build(run_config)
-  last = trainer.run(setup, phase_dir)
-  nnx.update(setup.student, setup.state.params)
-  model_dir = models.save_pretrained(setup.student, os.path.join(phase_dir, "model"), tokenizer=setup.tokenizer)
-  record = {"fingerprint": fingerprint, "model": model_dir, "params": num_params(model_dir),
+  last = trainer.train(run_config, phase_dir)  # exports the final student to phase_dir/export
+  model_dir = os.path.join(phase_dir, "export")
+  record = {"fingerprint": fingerprint, "model": os.path.relpath(model_dir, workdir), "params": num_params(model_dir),
             "seconds": round(time.perf_counter() - t0, 1), "last": last}
   _write_done(phase_dir, record)
-  return record
+  return dict(record, model=model_dir)
 
 
 def eval_phase(name: str, workdir: str, config, done: dict, rows) -> dict:
