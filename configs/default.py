@@ -27,8 +27,28 @@ an accelerator gains little; the demo exists to run anywhere. It is a single-hos
 phases with plain file I/O): for multi-host runs use the `train` recipes (configs/sft.py,
 configs/on_policy_distillation.py) with --distributed.
 
-Expected (measured TIMING):
-TODO
+Expected (2 CPU cores shared with other jobs, load average 4-6, a 2-minute test suite running alongside
+during the teacher phase; JAX 0.10 CPU): 9.6 min wall, 8.4 min CPU time (user+sys, so about 4-5 min on 2 idle
+cores); teacher 6.6 min, student SFT 1.2, GKD 1.7, the three evals 6 s; about 1 GB resident (0.97 GB peak
+measured for the GKD phase on its own); a rerun with everything cached takes 4 s. Deterministic for a seed
+(separate runs reproduced the table exactly):
+
+    model                       params  greedy accuracy  chain accuracy
+    teacher (SFT)              988,928            0.968           0.312
+    student, initial (SFT)     308,160            0.088           0.000
+    student, distilled (GKD)   308,160            0.316           0.090    (+22.8 points)
+
+Accuracy = right final answer; chain accuracy = every step a correct addition of a new operand. The teacher
+learns the sum long before it copies operands exactly: it often swaps units digits between operands (a swap
+that keeps the total), hence its low chain accuracy. GKD learning rate: 1e-3 gave 0.276, 3e-3 0.316, 6e-3
+diverged (0.022). Not a win over every alternative: from the same initial student with the same 500 steps
+and lr 3e-3, continued SFT reaches 0.796, supervised KD with forward KL (lmbda=0, beta=0) 0.748, and
+supervised KD with JSD(0.5) (lmbda=0, beta=0.5) 0.196. So at this scale JSD(0.5) learns far more slowly per
+step than cross-entropy or forward KL (likely because JSD saturates, its gradient vanishing, where the two
+distributions barely overlap), and the on-policy half of the steps is what lifts it from 0.196 to 0.316. The experiments/ sweeps
+compare the variants over seeds.
+
+runlocal: tiny models and 4 steps per phase, about 30 s: checks that the pipeline runs, not that it learns.
 """
 import ml_collections
 
