@@ -5,17 +5,13 @@
 Rebuilds the run from DIR/config.json, restores its latest (or the given) checkpoint and writes the student,
 LoRA adapters merged, loadable by transformers' AutoModelForCausalLM and by vLLM.
 """
+import argparse
 import json
 import os
 
 import ml_collections
-from absl import app, flags
 
 from gkd_jax import checkpoints, trainer
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (holds config.json and checkpoints/).")
-_OUT = flags.DEFINE_string("out", None, "Output directory for the HuggingFace checkpoint.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:
@@ -32,12 +28,15 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   return trainer.export_student(setup, out)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(export(_WORKDIR.value, _OUT.value, _STEP.value))
+def main(argv=None):
+  # argparse, not absl flags: importing this module next to gkd_jax.main must not redefine --workdir.
+  parser = argparse.ArgumentParser(prog="python -m gkd_jax.export", description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True, help="the run's workdir (holds config.json, checkpoints/)")
+  parser.add_argument("--out", required=True, help="output directory for the HuggingFace checkpoint")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  args = parser.parse_args(argv)
+  print(export(args.workdir, args.out, args.step))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  main()
