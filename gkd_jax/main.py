@@ -4,7 +4,7 @@
 offline pipeline of configs/default.py, gkd_jax.demos.arithmetic) or "bigram" (GKD between bigram LMs,
 gkd_jax.demos.bigram).
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/NAME.py[:arg]).")
@@ -51,6 +51,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  # Orbax and JAX log every checkpoint step at INFO; keep the console to progress bars and warnings.
+  logging.set_verbosity(logging.WARNING)
   initialize_distributed()
   run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 

@@ -491,7 +491,7 @@ def run(setup: Setup, workdir: str) -> dict:
   preemption = checkpoints.install_preemption_handler()
   writer = metrics_lib.MetricsWriter(workdir, resumed_step=start)
   peak = (config.peak_flops or metrics_lib.measure_peak_flops(jnp.dtype(config.dtype))) * jax.process_count()
-  bar = tqdm(total=config.total_steps, initial=start, disable=jax.process_index() != 0, desc="gkd",
+  bar = tqdm(total=config.total_steps, initial=start, disable=jax.process_index() != 0, desc=config.objective,
              dynamic_ncols=True)
   record = {}
   source = BatchSource(setup)
