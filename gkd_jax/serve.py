@@ -134,10 +134,7 @@ class TeacherEngine:
       return None
     text = self._decoded.get(token_id)
     if text is None:
-      try:
-        text = self.tokenizer.decode([token_id])
-      except Exception:  # E.g. an embedding row past the tokenizer's vocabulary.
-        text = ""
+      text = self.tokenizer.decode([token_id])  # ids past the tokenizer (a padded embedding) decode to ""
       self._decoded[token_id] = text
     return text
 
