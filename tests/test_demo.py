@@ -1,5 +1,4 @@
 """The README's main command (configs/default.py, job "demo"): the whole pipeline at runlocal size."""
-import importlib.util
 import json
 import os
 import shutil
@@ -10,6 +9,7 @@ import pytest
 
 from gkd_jax import evaluate, models
 from gkd_jax import main as gkd_main
+import recipe_configs
 from gkd_jax.demos import arithmetic as demo
 from gkd_jax.tasks import arithmetic
 
@@ -17,10 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(arg=None):
-  spec = importlib.util.spec_from_file_location("default_config", os.path.join(ROOT, "configs", "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return recipe_configs.load_config('default', arg)
 
 
 @pytest.fixture(scope="module")

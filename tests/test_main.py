@@ -5,16 +5,13 @@ import subprocess
 import sys
 
 from gkd_jax import main as gkd_main
+import recipe_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(arg=None):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("bigram_config", os.path.join(ROOT, "configs", "bigram.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return recipe_configs.load_config('bigram', arg)
 
 
 def test_bigram_job_distills(tmp_path):

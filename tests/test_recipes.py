@@ -1,5 +1,4 @@
 """Every recipe in configs/ loads and validates for each of its args; local variants run end to end."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ import pytest
 
 from gkd_jax import config as config_lib
 from gkd_jax import trainer
+import recipe_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {
@@ -20,11 +20,7 @@ RECIPES = {
 }
 
 
-def load(name, arg):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+load = recipe_configs.load_config
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n, args in RECIPES.items() for a in args])
