@@ -28,7 +28,9 @@ setup(
     ],
     extras_require={
         # Reference libraries the tests compare against. torch is pinned to the CPU build.
-        "test": ["pytest>=8", "torch==2.13.0", "trl>=0.20"],
+        "test": ["pytest>=8", "torch==2.13.0", "trl>=0.20", "matplotlib>=3.7"],
+        # experiments/sweep.py's figures.
+        "experiments": ["matplotlib>=3.7"],
         # Accelerator wheels: `pip install -e .[cuda12]` on NVIDIA GPUs, `.[tpu]` on Cloud TPU VMs.
         "cuda12": ["jax[cuda12]"],
         "cuda13": ["jax[cuda13]"],
