@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_length = 512
   c.max_prompt_length = 256
   c.max_completion_length = 128
+  # Allowed padded widths of prompts and completions (None: gkd_jax.data.DEFAULT_BUCKETS, powers of two
+  # from 16); each batch takes the smallest that fits, so a run compiles once per width used.
+  c.length_buckets = ml_collections.FieldReference(None, field_type=tuple)
   # Optimization.
   c.batch_size = 8             # global, over all hosts
   c.grad_accum_steps = 1
@@ -160,6 +163,9 @@ def validate(c) -> None:
                 "total_steps", "log_every", "save_every", "keep_checkpoints"):
     if not (isinstance(c[field], int) and c[field] >= 1):
       fail(field, c[field], "must be a positive int")
+  buckets = c.get("length_buckets")
+  if buckets is not None and not (len(buckets) and all(isinstance(b, int) and b >= 1 for b in buckets)):
+    fail("length_buckets", buckets, "must be None or a non-empty tuple of positive ints")
   if c.max_prompt_length + 1 > c.max_length:
     fail("max_prompt_length", c.max_prompt_length, f"must leave room for a completion within max_length={c.max_length}")
   if c.batch_size % c.grad_accum_steps:

@@ -119,6 +119,7 @@ def _rows(config, source, split):
 
 def _loader(config, tokenizer, rows, batch_size, **kw):
   return data_lib.DataLoader(rows, tokenizer, batch_size=batch_size, seed=config.seed, max_length=config.max_length,
+                             buckets=tuple(config.get("length_buckets") or data_lib.DEFAULT_BUCKETS),
                              max_prompt_length=config.max_prompt_length,
                              max_completion_length=config.max_completion_length, **kw)
 

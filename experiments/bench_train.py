@@ -1,0 +1,321 @@
+"""Training throughput of the GKD step (gkd_jax.trainer) against TRL's GKDTrainer, side by side.
+
+On the fixture of experiments/fixture.py (Qwen2 12.3M student, 65M teacher, vocab 32768, chat arithmetic
+rows; built once into --fixture), batch 8, beta 0.5, temperature 0.9, three modes: off-policy (lmbda 0,
+the dataset's completions), on-policy (lmbda 1, 64 new tokens sampled by the student) and mixed (lmbda 0.5).
+
+    python experiments/bench_train.py                                   # ours only
+    python experiments/bench_train.py --compare-trl /root/venv/bin/python --steps 10 --warmup 3
+    python experiments/bench_train.py --modes off --steps 3 --warmup 2  # a quick smoke run
+    python experiments/bench_train.py --modes off --set fused_loss=True  # any config field
+
+What runs is the real trainer: `trainer.build(config)` and, per step, the loop body of `trainer.run`
+(`BatchSource.get` → host batch, with the student's sampler call on generating steps; the jitted, donated
+`setup.train_step`; metrics fetched to the host), without checkpoints or metric files. Timings:
+
+  step      wall time of that loop body (median over the timed steps is "s/step").
+  gen       the sampler call inside it (`trainer.prepare_batch`'s own timer; it blocks on the result).
+  teacher   the teacher's part of the train step, timed on its own right after each step: the same teacher
+            forward the step runs (`train_step.completion_hidden` + the head, or the hidden states for the
+            fused loss), jitted separately, on the same batch and params.
+  student   step - gen - teacher: the student forward + loss + backward + optimizer, and host overhead.
+
+The split columns are means per step (so they add up to the mean step, which for mixed differs from the
+median). MFU = model FLOPs / time / peak, where the peak is the best f32 matmul rate this machine reaches in
+this run (`metrics.measure_peak_flops`, a 2048² matmul, measured at the start and at the end; the larger is
+kept) and FLOPs count the shapes the step runs (padded): teacher forward, student forward + backward (3×)
+and the decode steps, with the LM head only where its logits are used (the completion columns, and the
+last position of the prefill). "step MFU" leaves out generation: the train step's FLOPs over its own time.
+
+The number of XLA compiles after the warm-up is counted (jax.monitoring backend-compile events) and must
+be 0. The warm-up lasts `--warmup` steps, and longer for mixed until both kinds of step have run once.
+
+With --compare-trl PYTHON, each mode runs experiments/trl_train_timing.py under PYTHON right after ours
+(the same fixture, batch, steps and warm-up), with torch at 1 and at 2 threads; the faster is reported
+(a busy shared machine can make torch's spinning threads slower than one), and a markdown table is printed.
+"""
+import argparse
+import ast
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import fixture  # noqa: E402
+
+from gkd_jax import config as config_lib  # noqa: E402
+from gkd_jax import metrics as metrics_lib  # noqa: E402
+from gkd_jax import train_step as ts  # noqa: E402
+from gkd_jax import trainer  # noqa: E402
+
+MODES = {"off": 0.0, "on": 1.0, "mixed": 0.5}
+NAMES = {"off": "off-policy (λ=0)", "on": "on-policy (λ=1)", "mixed": "mixed (λ=0.5)"}
+
+
+# ------------------------------------------------------------------------------------------ compiles
+
+_compiles = [0]
+
+
+def _count_compile(event, duration, **kw):
+  if event == "/jax/core/compile/backend_compile_duration":
+    _compiles[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def make_config(fixture_dir, lmbda, total_steps, max_new_tokens, overrides, peak):
+  c = config_lib.base_config()
+  c.model, c.teacher_model = "student", "teacher"  # use_local_fixture points both at the fixture
+  config_lib.use_local_fixture(c, fixture_dir)
+  c.lmbda, c.beta, c.temperature = lmbda, 0.5, 0.9
+  c.batch_size, c.total_steps, c.warmup_steps, c.learning_rate = 8, total_steps, 0, 1e-5
+  c.max_length, c.max_prompt_length, c.max_completion_length = 128, 64, max_new_tokens
+  c.peak_flops = peak
+  for item in overrides:
+    key, _, value = item.partition("=")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a plain string
+    c[key] = value
+  config_lib.validate(c)
+  return c
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+def _body(cfg, context):
+  """Forward FLOPs per token without the LM head."""
+  return metrics_lib.forward_flops_per_token(cfg, context) - 2.0 * cfg.hidden_size * cfg.vocab_size
+
+
+def _head_columns(model, vocab):
+  try:
+    return model.lm_head_weight(vocab).shape[1]
+  except TypeError:  # a gkd_jax from before the head was cut to the vocabulary (for A/B runs)
+    return model.lm_head_weight().shape[1]
+
+
+def step_flops(setup, p, c, generated):
+  """(train-step FLOPs, generation FLOPs) of one step at prompt width p and completion width c. The LM head
+  counts the columns the program multiplies (the vocabulary when the head is cut to it)."""
+  b, s, t = setup.config.batch_size, setup.student.config, setup.teacher.config
+  vocab = setup.step_cfg.vocab_size
+  head_s, head_t = (2.0 * m.config.hidden_size * _head_columns(m, vocab) for m in (setup.student, setup.teacher))
+  seq = p + c
+  student = 3.0 * b * (seq * _body(s, seq / 2) + c * head_s)
+  teacher = b * (seq * _body(t, seq / 2) + c * head_t)
+  gen = 0.0
+  if generated:  # prefill of the prompt (head at its last position), then one token per decode step
+    gen = b * (p * _body(s, p / 2) + head_s + (generated - 1) * (_body(s, p + generated / 2) + head_s))
+  return student + teacher, gen
+
+
+# ------------------------------------------------------------------------------------------ ours
+
+
+def teacher_forward_fn(setup):
+  """The teacher's part of the train step as its own program (what `teacher_side` computes in the step)."""
+  graph, vocab, fused = nnx.graphdef(setup.teacher), setup.step_cfg.vocab_size, setup.step_cfg.divergence == "fused"
+
+  @jax.jit
+  def forward(params, batch):
+    teacher = nnx.merge(graph, params)
+    _, _, hidden = ts.completion_hidden(teacher, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                                        batch["completion_mask"])
+    return hidden if fused else ts.head_logits(teacher, hidden, vocab)
+
+  return forward
+
+
+class Runner:
+  """One trainer setup stepping through its run; several runners (variants) take turns step by step."""
+
+  def __init__(self, args, mode, overrides, peak):
+    lmbda = MODES[mode]
+    self.expected = {"on_policy"} if lmbda == 1 else ({"dataset"} if lmbda == 0 else {"on_policy", "dataset"})
+    self.setup = trainer.build(make_config(args.fixture, lmbda, 10 ** 6, args.max_new_tokens, overrides, peak))
+    self.source = trainer.BatchSource(self.setup)
+    self.teacher_forward = teacher_forward_fn(self.setup)
+    self.mode, self.next_step, self.seen, self.records = mode, 0, set(), []
+
+  def step(self, record=True):
+    setup, step = self.setup, self.next_step
+    t0 = time.perf_counter()
+    host, kind, gen_s = self.source.get(step)
+    batch = {k: trainer._global(setup.batch_sharding, v) for k, v in host.items()}
+    setup.state, metrics = setup.train_step(setup.state, batch)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    step_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    jax.block_until_ready(self.teacher_forward(setup.state.teacher_params, batch))
+    teacher_s = time.perf_counter() - t1
+    if not np.isfinite(metrics["loss"]):
+      raise FloatingPointError(f"{self.mode}: loss {metrics['loss']} at step {step}")
+    self.seen.add(kind)
+    self.next_step += 1
+    if record:
+      p, c = host["prompt_ids"].shape[1], host["completion_ids"].shape[1]
+      train_flops, gen_flops = step_flops(setup, p, c, c if kind == "on_policy" else 0)
+      self.records.append(dict(kind=kind, step_s=step_s, gen_s=gen_s, teacher_s=teacher_s, shape=(p, c),
+                               tokens=int(host["prompt_mask"].sum() + host["completion_mask"].sum()),
+                               train_flops=train_flops, gen_flops=gen_flops))
+
+  def warm_up(self, steps):
+    while self.next_step < steps or not self.seen >= self.expected:
+      self.step(record=False)
+
+
+def run_ours(args, mode, peak, variants):
+  """Builds and warms up one runner per variant, then times `steps` steps of each, taking turns."""
+  runners = [Runner(args, mode, overrides, peak) for overrides in variants]
+  for r in runners:
+    r.warm_up(args.warmup)
+  before = _compiles[0]
+  for _ in range(args.steps):
+    for r in runners:
+      r.step()
+  compiles = _compiles[0] - before
+  return [summarize(r.records, peak, compiles, r.next_step - len(r.records)) for r in runners]
+
+
+def summarize(records, peak, compiles, warm_steps):
+  mean = lambda key: statistics.fmean(r[key] for r in records)
+  step_s, gen_s, teacher_s = mean("step_s"), mean("gen_s"), mean("teacher_s")
+  train_s = step_s - gen_s
+  return {
+      "median_step_s": statistics.median(r["step_s"] for r in records), "mean_step_s": step_s,
+      "gen_s": gen_s, "teacher_s": teacher_s, "student_s": train_s - teacher_s,
+      "tokens_per_s": sum(r["tokens"] for r in records) / sum(r["step_s"] for r in records),
+      "mfu": (mean("train_flops") + mean("gen_flops")) / step_s / peak,
+      "step_mfu": mean("train_flops") / train_s / peak,
+      "gflops_per_step": (mean("train_flops") + mean("gen_flops")) / 1e9,
+      "shapes": sorted({r["shape"] for r in records}), "kinds": sorted({r["kind"] for r in records}),
+      "compiles_after_warmup": compiles, "warmup_steps": warm_steps, "steps": len(records),
+      "step_s": [round(r["step_s"], 3) for r in records],
+  }
+
+
+# ------------------------------------------------------------------------------------------ TRL
+
+
+def run_trl(args, mode):
+  script = os.path.join(HERE, "trl_train_timing.py")
+  best = None
+  for threads in args.trl_threads:
+    cmd = [args.compare_trl, script, args.fixture, "--lmbda", str(MODES[mode]), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--batch", "8", "--max-new-tokens", str(args.max_new_tokens),
+           "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  TRL {mode}, {threads} thread(s): {result['median_step_s']:.3f} s/step", file=sys.stderr, flush=True)
+    if best is None or result["median_step_s"] < best["median_step_s"]:
+      best = result
+  return best
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def measure_peak():
+  """The f32 matmul ceiling: best of 10 products of 2048² matrices (on a shared machine, the best is the
+  closest to what the cores can do)."""
+  return metrics_lib.measure_peak_flops(jnp.float32, n=2048, repeats=10)
+
+
+def split(r):
+  return f"{r['gen_s']:.2f} / {r['teacher_s']:.2f} / {r['student_s']:.2f}"
+
+
+def table(rows, compare):
+  lines = []
+  if compare:
+    lines.append("| mode | ours s/step | TRL s/step | ratio (TRL/ours) | tokens/s | gen / teacher / student s | "
+                 "MFU (step MFU) | TRL gen / teacher / student s |")
+    lines.append("|---|---:|---:|---:|---:|---|---:|---|")
+  else:
+    lines.append("| mode | ours s/step | tokens/s | gen / teacher / student s | MFU (step MFU) |")
+    lines.append("|---|---:|---:|---|---:|")
+  for mode, label, ours, trl in rows:
+    mfu = f"{100 * ours['mfu']:.0f}% ({100 * ours['step_mfu']:.0f}%)"
+    if compare:
+      lines.append(f"| {NAMES[mode]}{label} | {ours['median_step_s']:.3f} | {trl['median_step_s']:.3f} | "
+                   f"{trl['median_step_s'] / ours['median_step_s']:.1f}× | {ours['tokens_per_s']:,.0f} | "
+                   f"{split(ours)} | {mfu} | {split(trl)} ({trl['threads']} thr) |")
+    else:
+      lines.append(f"| {NAMES[mode]}{label} | {ours['median_step_s']:.3f} | {ours['tokens_per_s']:,.0f} | {split(ours)} | "
+                   f"{mfu} |")
+  return "\n".join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--fixture", default="/tmp/gkd_bench_fixture")
+  ap.add_argument("--modes", default="off,on,mixed")
+  ap.add_argument("--steps", type=int, default=10, help="timed steps per mode, after the warm-up")
+  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--max-new-tokens", type=int, default=64)
+  ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override (repeatable)")
+  ap.add_argument("--variant", action="append", default=[], metavar="LABEL:FIELD=VALUE;...",
+                  help="also run ours with these overrides, right after the base run of each mode (A/B)")
+  ap.add_argument("--compare-trl", metavar="PYTHON", help="interpreter with torch + trl: also time TRL's GKDTrainer")
+  ap.add_argument("--trl-threads", default="1,2", help="torch thread counts to try; the faster is reported")
+  ap.add_argument("--json", help="also write all results to this file")
+  args = ap.parse_args()
+  args.trl_threads = [int(t) for t in args.trl_threads.split(",")]
+  fixture.build(args.fixture)
+
+  variants = [("", args.set)] + [(f" [{v.partition(':')[0]}]", args.set + v.partition(":")[2].split(";"))
+                                  for v in args.variant]
+  peaks = [measure_peak()]
+  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+        f"overrides {args.set or 'none'}", file=sys.stderr, flush=True)
+  rows = []
+  for mode in args.modes.split(","):
+    results = run_ours(args, mode, peaks[0], [overrides for _, overrides in variants])
+    for (label, _), ours in zip(variants, results):
+      print(f"  ours {mode}{label}: {ours['median_step_s']:.3f} s/step, shapes {ours['shapes']}, "
+            f"{ours['compiles_after_warmup']} compiles after {ours['warmup_steps']} warm-up steps", file=sys.stderr,
+            flush=True)
+    trl = run_trl(args, mode) if args.compare_trl else None
+    rows += [(mode, label, ours, trl) for (label, _), ours in zip(variants, results)]
+    peaks.append(measure_peak())
+  peak = max(peaks)
+  for _, _, ours, _ in rows:  # the ceiling is the best rate seen in this run
+    ours["mfu"] *= peaks[0] / peak
+    ours["step_mfu"] *= peaks[0] / peak
+  print(f"\nbatch 8, {args.steps} timed steps after ≥{args.warmup} warm-up, {args.max_new_tokens} new tokens on "
+        f"generating steps; f32 matmul ceiling {peak / 1e9:.0f} GFLOP/s; load {os.getloadavg()[0]:.1f}")
+  print(table(rows, bool(args.compare_trl)))
+  print("compiles after warm-up: " + ", ".join(f"{m}{l} {o['compiles_after_warmup']}" for m, l, o, _ in rows)
+        + "; shapes (P, C): " + ", ".join(f"{m}{l} {o['shapes']}" for m, l, o, _ in rows)
+        + "; GFLOP/step: " + ", ".join(f"{m}{l} {o['gflops_per_step']:.1f}" for m, l, o, _ in rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"peak_flops": peak, "peaks": peaks, "overrides": args.set,
+                 "rows": [{"mode": m, "variant": l, "ours": o, "trl": t} for m, l, o, t in rows]}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
