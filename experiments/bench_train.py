@@ -115,12 +115,11 @@ def _head_columns(model, vocab):
     return model.lm_head_weight().shape[1]
 
 
-def step_flops(setup, p, c, generated):
+def step_flops(setup, head_columns, p, c, generated):
   """(train-step FLOPs, generation FLOPs) of one step at prompt width p and completion width c. The LM head
   counts the columns the program multiplies (the vocabulary when the head is cut to it)."""
   b, s, t = setup.config.batch_size, setup.student.config, setup.teacher.config
-  vocab = setup.step_cfg.vocab_size
-  head_s, head_t = (2.0 * m.config.hidden_size * _head_columns(m, vocab) for m in (setup.student, setup.teacher))
+  head_s, head_t = 2.0 * s.hidden_size * head_columns[0], 2.0 * t.hidden_size * head_columns[1]
   seq = p + c
   student = 3.0 * b * (seq * _body(s, seq / 2) + c * head_s)
   teacher = b * (seq * _body(t, seq / 2) + c * head_t)
@@ -156,6 +155,8 @@ class Runner:
     self.setup = trainer.build(make_config(args.fixture, lmbda, 10 ** 6, args.max_new_tokens, overrides, peak))
     self.source = trainer.BatchSource(self.setup)
     self.teacher_forward = teacher_forward_fn(self.setup)
+    vocab = self.setup.step_cfg.vocab_size  # (before the first step donates the modules' arrays)
+    self.head_columns = [_head_columns(m, vocab) for m in (self.setup.student, self.setup.teacher)]
     self.mode, self.next_step, self.seen, self.records = mode, 0, set(), []
 
   def step(self, record=True):
@@ -175,7 +176,7 @@ class Runner:
     self.next_step += 1
     if record:
       p, c = host["prompt_ids"].shape[1], host["completion_ids"].shape[1]
-      train_flops, gen_flops = step_flops(setup, p, c, c if kind == "on_policy" else 0)
+      train_flops, gen_flops = step_flops(setup, self.head_columns, p, c, c if kind == "on_policy" else 0)
       self.records.append(dict(kind=kind, step_s=step_s, gen_s=gen_s, teacher_s=teacher_s, shape=(p, c),
                                tokens=int(host["prompt_mask"].sum() + host["completion_mask"].sum()),
                                train_flops=train_flops, gen_flops=gen_flops))

@@ -257,7 +257,9 @@ def _last_logits(model, out, vocab_size=None):
     """
     if not hasattr(model, "lm_head_weight"):
         return out.logits[:, -1, :vocab_size]
-    logits = jnp.einsum("bh,hv->bv", out.hidden_states[:, -1], model.lm_head_weight())[:, :vocab_size]
+    # The head comes cut to the vocabulary where that pays (CausalLM.lm_head_weight): fewer columns per step.
+    head = model.lm_head_weight(vocab_size)
+    logits = jnp.einsum("bh,hv->bv", out.hidden_states[:, -1], head)[:, :vocab_size]
     cap = getattr(model.config, "final_logit_softcapping", None)
     return jnp.tanh(logits / cap) * cap if cap else logits
 

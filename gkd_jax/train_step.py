@@ -104,8 +104,9 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
 
 
 def head_logits(model, hidden, vocab_size):
-  """The LM head applied to some hidden states (incl. final-logit softcapping), cut to the vocabulary."""
-  logits = jnp.einsum("...h,hv->...v", hidden, model.lm_head_weight(), preferred_element_type=jnp.float32)
+  """The LM head applied to some hidden states (incl. final-logit softcapping), cut to the vocabulary (the
+  head itself is cut first where that pays: no product for columns the loss never reads)."""
+  logits = jnp.einsum("...h,hv->...v", hidden, model.lm_head_weight(vocab_size), preferred_element_type=jnp.float32)
   cap = model.config.final_logit_softcapping
   if cap:
     logits = cap * jnp.tanh(logits / cap)
@@ -154,7 +155,7 @@ def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spe
     prompt_mask = mb.get("teacher_prompt_mask", mb["prompt_mask"])
     _, _, hidden = completion_hidden(teacher, prompt_ids, prompt_mask, mb["completion_ids"], mb["completion_mask"])
     if cfg.divergence == "fused":
-      return jax.lax.stop_gradient({"hidden": hidden, "head": teacher.lm_head_weight()})
+      return jax.lax.stop_gradient({"hidden": hidden, "head": teacher.lm_head_weight(vocab)})
     logits = jax.lax.stop_gradient(head_logits(teacher, hidden, vocab))
     if cfg.divergence == "topk":
       values, indices = losses.teacher_topk(logits, cfg.topk)
@@ -168,7 +169,7 @@ def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spe
     kw = dict(mask=mask, num_items=num_items)
     sums = {}
     if cfg.divergence == "fused":
-      head = student.lm_head_weight()
+      head = student.lm_head_weight(vocab)
       nll = (losses.fused_nll_loss(hidden, head, targets, softcap=student_cap, vocab_size=vocab,
                                    chunk_size=cfg.chunk_size, **kw) if with_nll else None)
       if cfg.objective == "gkd":

@@ -369,3 +369,19 @@ def test_random_init_exports_to_transformers(model_type, tmp_path):
     ids, mask = left_padded_batch()
     assert max_diff_real(model(jnp.asarray(ids), jnp.asarray(mask)).logits, hf_logits(hf, ids, mask), mask) <= 1e-4
     assert ModelConfig.from_hf_config(str(tmp_path)) == cfg
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lm_head_cut_to_vocabulary(tied):
+    """lm_head_weight(vocab) drops the columns past the tokenizer when that removes ≥ 1/8 of them, and the
+    logits it gives are the first `vocab` columns of the full head's."""
+    cfg = ModelConfig(model_type="qwen2", vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied)
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    full = model.lm_head_weight()
+    assert full.shape == (H, V) and model.lm_head_weight(None).shape == (H, V)
+    assert model.lm_head_weight(V * 7 // 8 + 1).shape == (H, V)  # barely padded: not worth a copy
+    cut = model.lm_head_weight(V // 2)
+    np.testing.assert_array_equal(cut, full[:, :V // 2])
+    h = jax.random.normal(jax.random.key(0), (5, H))
+    np.testing.assert_allclose(h @ cut, (h @ full)[:, :V // 2], rtol=1e-6, atol=1e-7)

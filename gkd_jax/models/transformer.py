@@ -160,9 +160,24 @@ class CausalLM(nnx.Module):
             self.lm_head = nnx.Dict(kernel=param(  # [H, V], like a Dense kernel
                 rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), param_dtype, "normal"))
 
-    def lm_head_weight(self) -> jax.Array:
-        """[H, V] in the compute dtype: logits = hidden_states @ lm_head_weight() (then softcap if set)."""
-        w = self.embed.embedding[...].T if self.lm_head is None else self.lm_head["kernel"][...]
+    def lm_head_weight(self, vocab_size: int | None = None) -> jax.Array:
+        """[H, V] in the compute dtype: logits = hidden_states @ lm_head_weight() (then softcap if set).
+
+        With `vocab_size` (the tokenizer's size; callers then use only logits[..., :vocab_size]) the head may
+        come back cut to its first vocab_size columns, so the product skips logits nobody reads. It is cut
+        only when that drops at least 1/8 of the columns: the cut is a copy of the kept columns, which costs
+        more than it saves when the embedding is barely padded (e.g. Qwen2.5's 151,936 rows for 151,665 tokens).
+        Callers slice the logits to vocab_size either way.
+        """
+        if self.lm_head is None:
+            w = self.embed.embedding[...]
+            if vocab_size is not None and vocab_size <= w.shape[0] * 7 // 8:
+                w = w[:vocab_size]
+            w = w.T
+        else:
+            w = self.lm_head["kernel"][...]
+            if vocab_size is not None and vocab_size <= w.shape[1] * 7 // 8:
+                w = w[:, :vocab_size]
         return w.astype(self.dtype)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> Cache:
