@@ -31,8 +31,12 @@ The number of XLA compiles after the warm-up is counted (jax.monitoring backend-
 be 0. The warm-up lasts `--warmup` steps, and longer for mixed until both kinds of step have run once.
 
 With --compare-trl PYTHON, each mode runs experiments/trl_train_timing.py under PYTHON right after ours
-(the same fixture, batch, steps and warm-up), with torch at 1 and at 2 threads; the faster is reported
-(a busy shared machine can make torch's spinning threads slower than one), and a markdown table is printed.
+(the same fixture, batch, steps and warm-up) and a markdown table is printed. torch's thread count is the
+faster of --trl-threads (default 1 and 2) on a short off-policy probe first: on a busy shared machine
+torch's spinning threads can be several times slower than one thread.
+
+--variant LABEL:FIELD=VALUE;... builds one more trainer per variant; the base run and the variants then
+take turns step by step, so an A/B of a config field sees the same machine load on both sides.
 """
 import argparse
 import ast
@@ -219,21 +223,26 @@ def summarize(records, peak, compiles, warm_steps):
 # ------------------------------------------------------------------------------------------ TRL
 
 
-def run_trl(args, mode):
+def run_trl(args, mode, threads, steps=None, warmup=None):
   script = os.path.join(HERE, "trl_train_timing.py")
-  best = None
-  for threads in args.trl_threads:
-    cmd = [args.compare_trl, script, args.fixture, "--lmbda", str(MODES[mode]), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch", "8", "--max-new-tokens", str(args.max_new_tokens),
-           "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-      raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  TRL {mode}, {threads} thread(s): {result['median_step_s']:.3f} s/step", file=sys.stderr, flush=True)
-    if best is None or result["median_step_s"] < best["median_step_s"]:
-      best = result
-  return best
+  cmd = [args.compare_trl, script, args.fixture, "--lmbda", str(MODES[mode]), "--steps", str(steps or args.steps),
+         "--warmup", str(warmup or args.warmup), "--batch", "8", "--max-new-tokens", str(args.max_new_tokens),
+         "--threads", str(threads)]
+  out = subprocess.run(cmd, capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  print(f"  TRL {mode}, {threads} thread(s): {result['median_step_s']:.3f} s/step", file=sys.stderr, flush=True)
+  return result
+
+
+def pick_trl_threads(args):
+  """The faster torch thread count on a short off-policy run: on a busy shared machine torch's spinning
+  OpenMP threads can be several times slower than one thread, so this is the fair baseline."""
+  if len(args.trl_threads) == 1:
+    return args.trl_threads[0]
+  probe = {t: run_trl(args, "off", t, steps=2, warmup=1)["median_step_s"] for t in args.trl_threads}
+  return min(probe, key=probe.get)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -265,8 +274,8 @@ def table(rows, compare):
                    f"{trl['median_step_s'] / ours['median_step_s']:.1f}× | {ours['tokens_per_s']:,.0f} | "
                    f"{split(ours)} | {mfu} | {split(trl)} ({trl['threads']} thr) |")
     else:
-      lines.append(f"| {NAMES[mode]}{label} | {ours['median_step_s']:.3f} | {ours['tokens_per_s']:,.0f} | {split(ours)} | "
-                   f"{mfu} |")
+      lines.append(f"| {NAMES[mode]}{label} | {ours['median_step_s']:.3f} | {ours['tokens_per_s']:,.0f} | "
+                   f"{split(ours)} | {mfu} |")
   return "\n".join(lines)
 
 
@@ -281,7 +290,8 @@ def main():
   ap.add_argument("--variant", action="append", default=[], metavar="LABEL:FIELD=VALUE;...",
                   help="also run ours with these overrides, right after the base run of each mode (A/B)")
   ap.add_argument("--compare-trl", metavar="PYTHON", help="interpreter with torch + trl: also time TRL's GKDTrainer")
-  ap.add_argument("--trl-threads", default="1,2", help="torch thread counts to try; the faster is reported")
+  ap.add_argument("--trl-threads", default="1,2",
+                  help="torch thread counts to try on a short probe; the faster is used for every mode")
   ap.add_argument("--json", help="also write all results to this file")
   args = ap.parse_args()
   args.trl_threads = [int(t) for t in args.trl_threads.split(",")]
@@ -292,6 +302,7 @@ def main():
   peaks = [measure_peak()]
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
         f"overrides {args.set or 'none'}", file=sys.stderr, flush=True)
+  trl_threads = pick_trl_threads(args) if args.compare_trl else None
   rows = []
   for mode in args.modes.split(","):
     results = run_ours(args, mode, peaks[0], [overrides for _, overrides in variants])
@@ -299,7 +310,7 @@ def main():
       print(f"  ours {mode}{label}: {ours['median_step_s']:.3f} s/step, shapes {ours['shapes']}, "
             f"{ours['compiles_after_warmup']} compiles after {ours['warmup_steps']} warm-up steps", file=sys.stderr,
             flush=True)
-    trl = run_trl(args, mode) if args.compare_trl else None
+    trl = run_trl(args, mode, trl_threads) if args.compare_trl else None
     rows += [(mode, label, ours, trl) for (label, _), ours in zip(variants, results)]
     peaks.append(measure_peak())
   peak = max(peaks)
