@@ -139,6 +139,8 @@ def figures(results: dict, temperatures, out_dir: str) -> list[str]:
 
 def write(config, results: dict, out_dir: str) -> None:
   os.makedirs(out_dir, exist_ok=True)
+  order = list(LABELS) + sorted(set(results) - set(LABELS))  # baselines, divergences, λ, data efficiency
+  results = {arm: results[arm] for arm in order if arm in results}
   temperatures = tuple(config.eval.temperatures)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1, sort_keys=True)
