@@ -8,6 +8,7 @@ the dataset's completions), on-policy (lmbda 1, 64 new tokens sampled by the stu
     python experiments/bench_train.py --compare-trl /root/venv/bin/python --steps 10 --warmup 3
     python experiments/bench_train.py --modes off --steps 3 --warmup 2  # a quick smoke run
     python experiments/bench_train.py --modes off --set fused_loss=True  # any config field
+    python experiments/bench_train.py --modes off --variant "bf16:dtype='bfloat16'"  # A/B, interleaved
 
 What runs is the real trainer: `trainer.build(config)` and, per step, the loop body of `trainer.run`
 (`BatchSource.get` → host batch, with the student's sampler call on generating steps; the jitted, donated
@@ -22,10 +23,12 @@ What runs is the real trainer: `trainer.build(config)` and, per step, the loop b
 
 The split columns are means per step (so they add up to the mean step, which for mixed differs from the
 median). MFU = model FLOPs / time / peak, where the peak is the best f32 matmul rate this machine reaches in
-this run (`metrics.measure_peak_flops`, a 2048² matmul, measured at the start and at the end; the larger is
-kept) and FLOPs count the shapes the step runs (padded): teacher forward, student forward + backward (3×)
-and the decode steps, with the LM head only where its logits are used (the completion columns, and the
-last position of the prefill). "step MFU" leaves out generation: the train step's FLOPs over its own time.
+this run (`metrics.measure_peak_flops`, best of 10 2048² f32 matmuls, measured at the start and after each
+mode; the largest is kept) and FLOPs count the shapes the step runs (padded): teacher forward, student
+forward + backward (3×) and the decode steps, with the LM head only where its logits are used (the
+completion columns, and the last position of the prefill) and over the columns it multiplies (the
+tokenizer's vocabulary when the head is cut to it). "step MFU" leaves out generation: the train step's
+FLOPs over its own time. tokens/s counts real (unpadded) prompt + completion tokens.
 
 The number of XLA compiles after the warm-up is counted (jax.monitoring backend-compile events) and must
 be 0. The warm-up lasts `--warmup` steps, and longer for mixed until both kinds of step have run once.
