@@ -218,7 +218,7 @@ def train_and_evaluate(config, workdir: str, base: dict, name: str, seed: int) -
       rel, workdir, seeded, ml_collections.ConfigDict(phase), dataset=dataset,
       tokenizer=models.load_tokenizer(base["student"]["model"]), init_from=base["student"]["model"],
       teacher_model=base["teacher"]["model"] if gkd else None,
-      depends=(base["task_id"], base["teacher"]["fingerprint"], base["student"]["fingerprint"], dataset))
+      depends=(base["task_id"], base["teacher"]["fingerprint"], base["student"]["fingerprint"]))
   t0 = time.perf_counter()
   metrics = evaluate_product(config, run_dir(workdir, name, seed), done, base["data"]["full"])
   return {"train_seconds": done["seconds"], "eval_seconds": round(time.perf_counter() - t0, 1), **metrics}
