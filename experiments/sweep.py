@@ -165,8 +165,11 @@ def evaluate_product(config, directory: str, done: dict, task_data: str) -> dict
   """evaluate_model of a phase's product, cached in directory/metrics.json."""
   from gkd_jax.demos import arithmetic as demo
   fingerprint = demo._fingerprint([done["fingerprint"], config.eval.to_dict()])
-  return _json_cache(os.path.join(directory, "metrics.json"), fingerprint,
-                     lambda: evaluate_model(done["model"], task_data, config.eval))
+
+  def compute():
+    t0 = time.perf_counter()
+    return dict(evaluate_model(done["model"], task_data, config.eval), eval_seconds=round(time.perf_counter() - t0, 1))
+  return _json_cache(os.path.join(directory, "metrics.json"), fingerprint, compute)
 
 
 # ------------------------------------------------------------------------------------------------------ runs
@@ -219,30 +222,26 @@ def train_and_evaluate(config, workdir: str, base: dict, name: str, seed: int) -
       tokenizer=models.load_tokenizer(base["student"]["model"]), init_from=base["student"]["model"],
       teacher_model=base["teacher"]["model"] if gkd else None,
       depends=(base["task_id"], base["teacher"]["fingerprint"], base["student"]["fingerprint"]))
-  t0 = time.perf_counter()
   metrics = evaluate_product(config, run_dir(workdir, name, seed), done, base["data"]["full"])
-  return {"train_seconds": done["seconds"], "eval_seconds": round(time.perf_counter() - t0, 1), **metrics}
+  return {"train_seconds": done["seconds"], **metrics}
 
 
 def work(config, workdir: str, base: dict, only=None) -> int:
-  """Trains and evaluates every unclaimed, unfinished job; returns how many this process did."""
+  """Trains and evaluates every unclaimed job (finished phases and evaluations are cached by fingerprint, so
+  a job whose settings did not change returns at once); returns how many this process went through."""
   done = 0
   for name, seed in jobs(config, only):
     directory = run_dir(workdir, name, seed)
-    if os.path.exists(os.path.join(directory, "result.json")):
-      continue
     # The lock lives outside the run directory: train_phase may wipe that directory to restart a run.
     with _claim(os.path.join(workdir, "locks", f"{name}.seed{seed}")) as mine:
-      if not mine or os.path.exists(os.path.join(directory, "result.json")):
+      if not mine:
         continue
-      t0 = time.perf_counter()
       print(f"=== {name} seed {seed}", flush=True)
       result = train_and_evaluate(config, workdir, base, name, seed)
-      result["seconds"] = round(time.perf_counter() - t0, 1)
       with open(os.path.join(directory, "result.json.tmp"), "w") as f:
         json.dump(result, f, indent=1)
       os.replace(os.path.join(directory, "result.json.tmp"), os.path.join(directory, "result.json"))
-      print(f"=== {name} seed {seed}: greedy {result['greedy']:.3f} ({result['seconds']:.0f} s)", flush=True)
+      print(f"=== {name} seed {seed}: greedy {result['greedy']:.3f}", flush=True)
       done += 1
   return done
 
@@ -254,8 +253,13 @@ def spawn_workers(count: int, workdir: str, todo: list) -> None:
   logs = [os.path.join(workdir, f"worker{i}.log") for i in range(count)]
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--worker"],
                             stdout=open(log, "a"), stderr=subprocess.STDOUT) for log in logs]
-  finished = lambda: sum(os.path.exists(os.path.join(run_dir(workdir, n, s), "result.json")) for n, s in todo)
-  with tqdm(total=len(todo), initial=finished(), desc="runs") as bar:
+  start = time.time()
+
+  def finished():  # result files (re)written by this invocation's workers
+    paths = [os.path.join(run_dir(workdir, n, s), "result.json") for n, s in todo]
+    return sum(os.path.exists(p) and os.path.getmtime(p) >= start for p in paths)
+
+  with tqdm(total=len(todo), desc="runs") as bar:
     while any(p.poll() is None for p in procs):
       time.sleep(5)
       bar.update(finished() - bar.n)
