@@ -1,4 +1,5 @@
 """gkd_jax: Generalized Knowledge Distillation for language models in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 setup(

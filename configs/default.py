@@ -50,13 +50,22 @@ compare the variants over seeds.
 
 runlocal: tiny models and 4 steps per phase, about 30 s: checks that the pipeline runs, not that it learns.
 """
+
 import ml_collections
 
 
 def _arch(hidden, layers, heads, kv_heads, intermediate):
-  return ml_collections.ConfigDict(dict(
-      hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-      head_dim=hidden // heads, intermediate_size=intermediate, max_position_embeddings=64))
+  return ml_collections.ConfigDict(
+      dict(
+          hidden_size=hidden,
+          num_hidden_layers=layers,
+          num_attention_heads=heads,
+          num_key_value_heads=kv_heads,
+          head_dim=hidden // heads,
+          intermediate_size=intermediate,
+          max_position_embeddings=64,
+      )
+  )
 
 
 def get_config(arg=None):
@@ -70,12 +79,39 @@ def get_config(arg=None):
   # widths, so nothing is padded to the data pipeline's 64-token buckets.
   c.lengths = dict(max_length=46, max_prompt_length=18, max_completion_length=28)
 
-  c.teacher = dict(arch=_arch(128, 4, 4, 2, 512), init_seed=1, objective="sft", lmbda=0.0,
-                   batch_size=64, total_steps=1200, learning_rate=3e-3, warmup_steps=50, weight_decay=0.01)
-  c.student_sft = dict(arch=_arch(96, 3, 4, 2, 256), init_seed=2, objective="sft", lmbda=0.0,
-                       batch_size=64, total_steps=500, learning_rate=3e-3, warmup_steps=25, weight_decay=0.01)
-  c.gkd = dict(objective="gkd", lmbda=0.5, beta=0.5, temperature=1.0, batch_size=64, total_steps=500,
-               learning_rate=3e-3, warmup_steps=0, weight_decay=0.01)
+  c.teacher = dict(
+      arch=_arch(128, 4, 4, 2, 512),
+      init_seed=1,
+      objective="sft",
+      lmbda=0.0,
+      batch_size=64,
+      total_steps=1200,
+      learning_rate=3e-3,
+      warmup_steps=50,
+      weight_decay=0.01,
+  )
+  c.student_sft = dict(
+      arch=_arch(96, 3, 4, 2, 256),
+      init_seed=2,
+      objective="sft",
+      lmbda=0.0,
+      batch_size=64,
+      total_steps=500,
+      learning_rate=3e-3,
+      warmup_steps=25,
+      weight_decay=0.01,
+  )
+  c.gkd = dict(
+      objective="gkd",
+      lmbda=0.5,
+      beta=0.5,
+      temperature=1.0,
+      batch_size=64,
+      total_steps=500,
+      learning_rate=3e-3,
+      warmup_steps=0,
+      weight_decay=0.01,
+  )
   c.eval = dict(split="test", num_examples=0, batch_size=250, max_new_tokens=32)
 
   if arg == "runlocal":

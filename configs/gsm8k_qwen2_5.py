@@ -25,6 +25,7 @@ Expected: runlocal takes about a minute on 2 CPU cores and under 2 GiB of RAM (m
 80 GB GPU with the 1.5B teacher, with the student's and teacher's weights (~8 GiB in f32/bf16) plus
 activations well within memory; use the 7B teacher with offload_teacher_model or an FSDP mesh.
 """
+
 from gkd_jax import config as config_lib
 
 

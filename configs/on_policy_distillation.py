@@ -24,6 +24,7 @@ Args: "" or "runlocal[=FIXTURE_DIR]".
 Expected: runlocal about a minute on 2 CPU cores (generation dominates: 32 new tokens per step). Full run
 not measured here; generation is most of the step time, so it scales with max_completion_length.
 """
+
 from gkd_jax import config as config_lib
 
 

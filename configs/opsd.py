@@ -25,6 +25,7 @@ Args: "" (dynamic), "fixed", "runlocal[=FIXTURE_DIR]", "runlocal_fixed[=FIXTURE_
 Expected: runlocal about a minute on 2 CPU cores. Full run not measured here; one model in memory (two
 for "fixed").
 """
+
 from gkd_jax import config as config_lib
 
 
@@ -36,8 +37,7 @@ def get_config(arg=None):
   c.teacher_model = c.model if name in ("fixed", "runlocal_fixed") else None
   c.dataset, c.dataset_config = "openai/gsm8k", "main"
   c.dataset_columns = {"question": "prompt", "answer": "completion"}
-  c.teacher_prompt_template = ("{prompt}\n\nReference solution:\n{completion}\n\n"
-                               "Now articulate your own reasoning.")
+  c.teacher_prompt_template = "{prompt}\n\nReference solution:\n{completion}\n\n" "Now articulate your own reasoning."
   c.lmbda, c.beta, c.temperature = 1.0, 0.5, 0.9
   c.max_length, c.max_prompt_length, c.max_completion_length = 1024, 512, 512
   c.batch_size, c.total_steps, c.learning_rate, c.warmup_steps = 32, 500, 5e-6, 25

@@ -22,6 +22,7 @@ A TPU pod slice:
 Args: "", "lora" (rank-16 adapters on every projection), "runlocal[=FIXTURE_DIR]".
 Expected: runlocal well under a minute on 2 CPU cores. The trained model is written to WORKDIR/export.
 """
+
 from gkd_jax import config as config_lib
 
 

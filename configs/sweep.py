@@ -23,14 +23,14 @@ problems (4 operands) than any trained on.
 
 Args: "" or "runlocal" (tiny models, 4 steps, 2 runs x 2 seeds: checks the machinery, not the findings).
 """
+
 import importlib.util
 import os
 
 import ml_collections
 
 # The base phases are exactly the demo's: one definition of the teacher and the initial student.
-_spec = importlib.util.spec_from_file_location("_default_config", os.path.join(os.path.dirname(__file__),
-                                                                                "default.py"))
+_spec = importlib.util.spec_from_file_location("_default_config", os.path.join(os.path.dirname(__file__), "default.py"))
 _default = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_default)
 
@@ -50,8 +50,16 @@ def get_config(arg=None):
   c.steps = 300
   c.data_fraction = 0.05
   c.seqkd = dict(temperature=1.0, batch_size=500)
-  gkd = dict(objective="gkd", temperature=1.0, batch_size=64, learning_rate=3e-3, warmup_steps=0,
-             weight_decay=0.01, lmbda=0.0, beta=0.0)
+  gkd = dict(
+      objective="gkd",
+      temperature=1.0,
+      batch_size=64,
+      learning_rate=3e-3,
+      warmup_steps=0,
+      weight_decay=0.01,
+      lmbda=0.0,
+      beta=0.0,
+  )
   sft = dict(gkd, objective="sft")
   runs = {"sft": dict(sft), "seqkd": dict(sft, data="seqkd"), "supkd": dict(gkd)}
   for name, beta in DIVERGENCES.items():
@@ -60,8 +68,15 @@ def get_config(arg=None):
     runs[f"lambda_{round(100 * lmbda):03d}"] = dict(gkd, lmbda=lmbda)
   runs["onpolicy_fkl_5pct"] = dict(gkd, lmbda=1.0, data="fraction")
   c.runs = runs
-  c.eval.update(num_test=500, batch_size=256, max_new_tokens=48, temperatures=(0.1, 0.5, 1.0), num_samples=8,
-                diversity_problems=64, num_test_long=200)
+  c.eval.update(
+      num_test=500,
+      batch_size=256,
+      max_new_tokens=48,
+      temperatures=(0.1, 0.5, 1.0),
+      num_samples=8,
+      diversity_problems=64,
+      num_test_long=200,
+  )
 
   if arg == "runlocal":
     c.task.update(num_test_long=8)

@@ -32,6 +32,7 @@ Local smoke run on CPU (offline): serve the fixture's teacher, then train agains
 Args: "" or "runlocal[=FIXTURE_DIR]". gkd_logits_topk must not exceed the server's --max-logprobs.
 Expected: runlocal about a minute on 2 CPU cores.
 """
+
 from gkd_jax import config as config_lib
 
 

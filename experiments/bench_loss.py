@@ -13,6 +13,7 @@ Temp memory is XLA's temp_size_in_bytes from the compiled executable's memory an
 Times are medians over --repeats runs after one warm-up run, on whatever CPU this runs on. A case whose
 memory would not fit in this machine's available RAM is not timed ("nan"); its temp memory is still shown.
 """
+
 import argparse
 import os
 import statistics
@@ -94,8 +95,10 @@ def run_trl(s_logits, t_logits, mask, beta, repeats, dtype):
   if 8 * s_logits.size * 4 > 0.8 * available_bytes():
     return float("nan")
   import torch
+
   os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
   from trl.experimental.gkd import GKDTrainer
+
   tdtype = {jnp.float32: torch.float32, jnp.bfloat16: torch.bfloat16}[dtype]
   s = torch.from_numpy(np.asarray(s_logits, np.float32)).to(tdtype)
   t = torch.from_numpy(np.asarray(t_logits, np.float32)).to(tdtype)
@@ -122,16 +125,21 @@ def main():
 
   try:
     import torch
+
     torch.set_num_threads(os.cpu_count())
     have_torch = not args.no_trl
   except ImportError:
     have_torch = False
 
-  print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cpus; H={H}, "
-        f"beta={args.beta}, chunk={args.chunk_size or 'auto'}; median of {args.repeats} fwd+bwd runs")
-  header = (f"| {'B*T':>5} | {'V':>6} | {'dtype':>8} | {'trl_logits s':>12} | {'jax_logits s':>12} | "
-            f"{'trl/jax':>7} | {'unfused s':>9} | {'fused s':>7} | {'fused/unf':>9} | "
-            f"{'unfused MiB':>11} | {'fused MiB':>9} | {'mem ratio':>9} |")
+  print(
+      f"# jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cpus; H={H}, "
+      f"beta={args.beta}, chunk={args.chunk_size or 'auto'}; median of {args.repeats} fwd+bwd runs"
+  )
+  header = (
+      f"| {'B*T':>5} | {'V':>6} | {'dtype':>8} | {'trl_logits s':>12} | {'jax_logits s':>12} | "
+      f"{'trl/jax':>7} | {'unfused s':>9} | {'fused s':>7} | {'fused/unf':>9} | "
+      f"{'unfused MiB':>11} | {'fused MiB':>9} | {'mem ratio':>9} |"
+  )
   print(header)
   print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
   for n in args.tokens:
@@ -143,9 +151,12 @@ def main():
         trl = run_trl(*logits, args.beta, args.repeats, dtype) if have_torch else float("nan")
         del cases, logits
         (tl, _), (tu, mu), (tf, mf) = res["jax_logits"], res["jax_unfused"], res["jax_fused"]
-        print(f"| {n:>5} | {v:>6} | {dname:>8} | {trl:>12.3f} | {tl:>12.3f} | {trl / tl:>7.2f} | "
-              f"{tu:>9.3f} | {tf:>7.3f} | {tf / tu:>9.2f} | {mu / 2**20:>11.1f} | {mf / 2**20:>9.1f} | "
-              f"{mf / mu:>9.3f} |", flush=True)
+        print(
+            f"| {n:>5} | {v:>6} | {dname:>8} | {trl:>12.3f} | {tl:>12.3f} | {trl / tl:>7.2f} | "
+            f"{tu:>9.3f} | {tf:>7.3f} | {tf / tu:>9.2f} | {mu / 2**20:>11.1f} | {mf / 2**20:>9.1f} | "
+            f"{mf / mu:>9.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ torch's spinning threads can be several times slower than one thread.
 --variant LABEL:FIELD=VALUE;... builds one more trainer per variant; the base run and the variants then
 take turns step by step, so an A/B of a config field sees the same machine load on both sides.
 """
+
 import argparse
 import ast
 import json
@@ -146,8 +147,9 @@ def teacher_forward_fn(setup):
   @jax.jit
   def forward(params, batch):
     teacher = nnx.merge(graph, params)
-    _, _, hidden = ts.completion_hidden(teacher, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-                                        batch["completion_mask"])
+    _, _, hidden = ts.completion_hidden(
+        teacher, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"]
+    )
     return hidden if fused else ts.head_logits(teacher, hidden, vocab)
 
   return forward
@@ -159,7 +161,7 @@ class Runner:
   def __init__(self, args, mode, overrides, peak):
     lmbda = MODES[mode]
     self.expected = {"on_policy"} if lmbda == 1 else ({"dataset"} if lmbda == 0 else {"on_policy", "dataset"})
-    self.setup = trainer.build(make_config(args.fixture, lmbda, 10 ** 6, args.max_new_tokens, overrides, peak))
+    self.setup = trainer.build(make_config(args.fixture, lmbda, 10**6, args.max_new_tokens, overrides, peak))
     self.source = trainer.BatchSource(self.setup)
     self.teacher_forward = teacher_forward_fn(self.setup)
     vocab = self.setup.step_cfg.vocab_size  # (before the first step donates the modules' arrays)
@@ -184,9 +186,18 @@ class Runner:
     if record:
       p, c = host["prompt_ids"].shape[1], host["completion_ids"].shape[1]
       train_flops, gen_flops = step_flops(setup, self.head_columns, p, c, c if kind == "on_policy" else 0)
-      self.records.append(dict(kind=kind, step_s=step_s, gen_s=gen_s, teacher_s=teacher_s, shape=(p, c),
-                               tokens=int(host["prompt_mask"].sum() + host["completion_mask"].sum()),
-                               train_flops=train_flops, gen_flops=gen_flops))
+      self.records.append(
+          dict(
+              kind=kind,
+              step_s=step_s,
+              gen_s=gen_s,
+              teacher_s=teacher_s,
+              shape=(p, c),
+              tokens=int(host["prompt_mask"].sum() + host["completion_mask"].sum()),
+              train_flops=train_flops,
+              gen_flops=gen_flops,
+          )
+      )
 
   def warm_up(self, steps):
     while self.next_step < steps or not self.seen >= self.expected:
@@ -211,14 +222,20 @@ def summarize(records, peak, compiles, warm_steps):
   step_s, gen_s, teacher_s = mean("step_s"), mean("gen_s"), mean("teacher_s")
   train_s = step_s - gen_s
   return {
-      "median_step_s": statistics.median(r["step_s"] for r in records), "mean_step_s": step_s,
-      "gen_s": gen_s, "teacher_s": teacher_s, "student_s": train_s - teacher_s,
+      "median_step_s": statistics.median(r["step_s"] for r in records),
+      "mean_step_s": step_s,
+      "gen_s": gen_s,
+      "teacher_s": teacher_s,
+      "student_s": train_s - teacher_s,
       "tokens_per_s": sum(r["tokens"] for r in records) / sum(r["step_s"] for r in records),
       "mfu": (mean("train_flops") + mean("gen_flops")) / step_s / peak,
       "step_mfu": mean("train_flops") / train_s / peak,
       "gflops_per_step": (mean("train_flops") + mean("gen_flops")) / 1e9,
-      "shapes": sorted({r["shape"] for r in records}), "kinds": sorted({r["kind"] for r in records}),
-      "compiles_after_warmup": compiles, "warmup_steps": warm_steps, "steps": len(records),
+      "shapes": sorted({r["shape"] for r in records}),
+      "kinds": sorted({r["kind"] for r in records}),
+      "compiles_after_warmup": compiles,
+      "warmup_steps": warm_steps,
+      "steps": len(records),
       "step_s": [round(r["step_s"], 3) for r in records],
   }
 
@@ -228,9 +245,23 @@ def summarize(records, peak, compiles, warm_steps):
 
 def run_trl(args, mode, threads, steps=None, warmup=None):
   script = os.path.join(HERE, "trl_train_timing.py")
-  cmd = [args.compare_trl, script, args.fixture, "--lmbda", str(MODES[mode]), "--steps", str(steps or args.steps),
-         "--warmup", str(warmup or args.warmup), "--batch", "8", "--max-new-tokens", str(args.max_new_tokens),
-         "--threads", str(threads)]
+  cmd = [
+      args.compare_trl,
+      script,
+      args.fixture,
+      "--lmbda",
+      str(MODES[mode]),
+      "--steps",
+      str(steps or args.steps),
+      "--warmup",
+      str(warmup or args.warmup),
+      "--batch",
+      "8",
+      "--max-new-tokens",
+      str(args.max_new_tokens),
+      "--threads",
+      str(threads),
+  ]
   out = subprocess.run(cmd, capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -264,8 +295,10 @@ def split(r):
 def table(rows, compare):
   lines = []
   if compare:
-    lines.append("| mode | ours s/step | TRL s/step | ratio (TRL/ours) | tokens/s | gen / teacher / student s | "
-                 "MFU (step MFU) | TRL gen / teacher / student s |")
+    lines.append(
+        "| mode | ours s/step | TRL s/step | ratio (TRL/ours) | tokens/s | gen / teacher / student s | "
+        "MFU (step MFU) | TRL gen / teacher / student s |"
+    )
     lines.append("|---|---:|---:|---:|---:|---|---:|---|")
   else:
     lines.append("| mode | ours s/step | tokens/s | gen / teacher / student s | MFU (step MFU) |")
@@ -273,12 +306,16 @@ def table(rows, compare):
   for mode, label, ours, trl in rows:
     mfu = f"{100 * ours['mfu']:.0f}% ({100 * ours['step_mfu']:.0f}%)"
     if compare:
-      lines.append(f"| {NAMES[mode]}{label} | {ours['median_step_s']:.3f} | {trl['median_step_s']:.3f} | "
-                   f"{trl['median_step_s'] / ours['median_step_s']:.1f}× | {ours['tokens_per_s']:,.0f} | "
-                   f"{split(ours)} | {mfu} | {split(trl)} ({trl['threads']} thr) |")
+      lines.append(
+          f"| {NAMES[mode]}{label} | {ours['median_step_s']:.3f} | {trl['median_step_s']:.3f} | "
+          f"{trl['median_step_s'] / ours['median_step_s']:.1f}× | {ours['tokens_per_s']:,.0f} | "
+          f"{split(ours)} | {mfu} | {split(trl)} ({trl['threads']} thr) |"
+      )
     else:
-      lines.append(f"| {NAMES[mode]}{label} | {ours['median_step_s']:.3f} | {ours['tokens_per_s']:,.0f} | "
-                   f"{split(ours)} | {mfu} |")
+      lines.append(
+          f"| {NAMES[mode]}{label} | {ours['median_step_s']:.3f} | {ours['tokens_per_s']:,.0f} | "
+          f"{split(ours)} | {mfu} |"
+      )
   return "\n".join(lines)
 
 
@@ -290,29 +327,45 @@ def main():
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--max-new-tokens", type=int, default=64)
   ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override (repeatable)")
-  ap.add_argument("--variant", action="append", default=[], metavar="LABEL:FIELD=VALUE;...",
-                  help="also run ours with these overrides, right after the base run of each mode (A/B)")
+  ap.add_argument(
+      "--variant",
+      action="append",
+      default=[],
+      metavar="LABEL:FIELD=VALUE;...",
+      help="also run ours with these overrides, right after the base run of each mode (A/B)",
+  )
   ap.add_argument("--compare-trl", metavar="PYTHON", help="interpreter with torch + trl: also time TRL's GKDTrainer")
-  ap.add_argument("--trl-threads", default="1,2",
-                  help="torch thread counts to try on a short probe; the faster is used for every mode")
+  ap.add_argument(
+      "--trl-threads",
+      default="1,2",
+      help="torch thread counts to try on a short probe; the faster is used for every mode",
+  )
   ap.add_argument("--json", help="also write all results to this file")
   args = ap.parse_args()
   args.trl_threads = [int(t) for t in args.trl_threads.split(",")]
   fixture.build(args.fixture)
 
-  variants = [("", args.set)] + [(f" [{v.partition(':')[0]}]", args.set + v.partition(":")[2].split(";"))
-                                  for v in args.variant]
+  variants = [("", args.set)] + [
+      (f" [{v.partition(':')[0]}]", args.set + v.partition(":")[2].split(";")) for v in args.variant
+  ]
   peaks = [measure_peak()]
-  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
-        f"overrides {args.set or 'none'}", file=sys.stderr, flush=True)
+  print(
+      f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+      f"overrides {args.set or 'none'}",
+      file=sys.stderr,
+      flush=True,
+  )
   trl_threads = pick_trl_threads(args) if args.compare_trl else None
   rows = []
   for mode in args.modes.split(","):
     results = run_ours(args, mode, peaks[0], [overrides for _, overrides in variants])
     for (label, _), ours in zip(variants, results):
-      print(f"  ours {mode}{label}: {ours['median_step_s']:.3f} s/step, shapes {ours['shapes']}, "
-            f"{ours['compiles_after_warmup']} compiles after {ours['warmup_steps']} warm-up steps", file=sys.stderr,
-            flush=True)
+      print(
+          f"  ours {mode}{label}: {ours['median_step_s']:.3f} s/step, shapes {ours['shapes']}, "
+          f"{ours['compiles_after_warmup']} compiles after {ours['warmup_steps']} warm-up steps",
+          file=sys.stderr,
+          flush=True,
+      )
     trl = run_trl(args, mode, trl_threads) if args.compare_trl else None
     rows += [(mode, label, ours, trl) for (label, _), ours in zip(variants, results)]
     peaks.append(measure_peak())
@@ -320,16 +373,31 @@ def main():
   for _, _, ours, _ in rows:  # the ceiling is the best rate seen in this run
     ours["mfu"] *= peaks[0] / peak
     ours["step_mfu"] *= peaks[0] / peak
-  print(f"\nbatch 8, {args.steps} timed steps after ≥{args.warmup} warm-up, {args.max_new_tokens} new tokens on "
-        f"generating steps; f32 matmul ceiling {peak / 1e9:.0f} GFLOP/s; load {os.getloadavg()[0]:.1f}")
+  print(
+      f"\nbatch 8, {args.steps} timed steps after ≥{args.warmup} warm-up, {args.max_new_tokens} new tokens on "
+      f"generating steps; f32 matmul ceiling {peak / 1e9:.0f} GFLOP/s; load {os.getloadavg()[0]:.1f}"
+  )
   print(table(rows, bool(args.compare_trl)))
-  print("compiles after warm-up: " + ", ".join(f"{m}{l} {o['compiles_after_warmup']}" for m, l, o, _ in rows)
-        + "; shapes (P, C): " + ", ".join(f"{m}{l} {o['shapes']}" for m, l, o, _ in rows)
-        + "; GFLOP/step: " + ", ".join(f"{m}{l} {o['gflops_per_step']:.1f}" for m, l, o, _ in rows))
+  print(
+      "compiles after warm-up: "
+      + ", ".join(f"{m}{l} {o['compiles_after_warmup']}" for m, l, o, _ in rows)
+      + "; shapes (P, C): "
+      + ", ".join(f"{m}{l} {o['shapes']}" for m, l, o, _ in rows)
+      + "; GFLOP/step: "
+      + ", ".join(f"{m}{l} {o['gflops_per_step']:.1f}" for m, l, o, _ in rows)
+  )
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"peak_flops": peak, "peaks": peaks, "overrides": args.set,
-                 "rows": [{"mode": m, "variant": l, "ours": o, "trl": t} for m, l, o, t in rows]}, f, indent=1)
+      json.dump(
+          {
+              "peak_flops": peak,
+              "peaks": peaks,
+              "overrides": args.set,
+              "rows": [{"mode": m, "variant": l, "ours": o, "trl": t} for m, l, o, t in rows],
+          },
+          f,
+          indent=1,
+      )
 
 
 if __name__ == "__main__":

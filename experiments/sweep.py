@@ -19,6 +19,7 @@ checkpoint, as the demo's phases do):
 `--only=a,b` restricts the runs (names from configs/sweep.py), e.g. to add seeds to one arm:
 `--config.seeds='(0,1,2,3)' --only=onpolicy_rkl`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,6 +37,7 @@ BASE = "base"
 
 
 # ----------------------------------------------------------------------------------------------- base stage
+
 
 def _json_cache(path: str, fingerprint: str, compute):
   """compute() once per fingerprint, stored at path (written atomically)."""
@@ -56,10 +58,13 @@ def _json_cache(path: str, fingerprint: str, compute):
 
 def _tasks(config, workdir: str) -> dict:
   from gkd_jax.tasks import arithmetic
+
   task = config.task.to_dict()
   fraction = dict(task, num_train=max(1, round(config.data_fraction * task["num_train"])))
-  return {"full": arithmetic.make_task(os.path.join(workdir, BASE, "task"), **task),
-          "fraction": arithmetic.make_task(os.path.join(workdir, BASE, "task_fraction"), **fraction)}
+  return {
+      "full": arithmetic.make_task(os.path.join(workdir, BASE, "task"), **task),
+      "fraction": arithmetic.make_task(os.path.join(workdir, BASE, "task_fraction"), **fraction),
+  }
 
 
 def _seqkd_dataset(config, workdir: str, teacher: dict, task_data: str) -> str:
@@ -69,6 +74,7 @@ def _seqkd_dataset(config, workdir: str, teacher: dict, task_data: str) -> str:
   from gkd_jax import models
   from gkd_jax.demos import arithmetic as demo
   from gkd_jax.tasks import arithmetic
+
   path = os.path.join(workdir, BASE, "seqkd", "train.jsonl")
   fingerprint = demo._fingerprint([teacher["fingerprint"], config.seqkd.to_dict(), config.lengths.to_dict()])
 
@@ -76,12 +82,18 @@ def _seqkd_dataset(config, workdir: str, teacher: dict, task_data: str) -> str:
     rows = list(arithmetic.load_task(os.path.dirname(task_data))["train"])
     model, tokenizer = models.from_pretrained(teacher["model"]), models.load_tokenizer(teacher["model"])
     texts = evaluate_lib.generate_completions(
-        model, tokenizer, rows, max_new_tokens=config.lengths.max_completion_length,
-        batch_size=config.seqkd.batch_size, temperature=config.seqkd.temperature, seed=config.seed)
+        model,
+        tokenizer,
+        rows,
+        max_new_tokens=config.lengths.max_completion_length,
+        batch_size=config.seqkd.batch_size,
+        temperature=config.seqkd.temperature,
+        seed=config.seed,
+    )
     kept = 0
     with open(path + ".tmp", "w") as f:
       for row, text in zip(rows, texts):
-        content = text[:-len(arithmetic.EOS_TOKEN)].strip()
+        content = text[: -len(arithmetic.EOS_TOKEN)].strip()
         if text.endswith(arithmetic.EOS_TOKEN) and content:
           messages = [m for m in row["messages"] if m["role"] != "assistant"]
           messages.append({"role": "assistant", "content": content})
@@ -95,8 +107,11 @@ def _seqkd_dataset(config, workdir: str, teacher: dict, task_data: str) -> str:
   if not os.path.exists(path) and os.path.exists(path + ".stats.json"):  # the data was removed: redo it
     os.remove(path + ".stats.json")
   stats = _json_cache(path + ".stats.json", fingerprint, compute)
-  print(f"[seqkd] {stats['rows']} teacher samples ({stats['dropped']} cut at the length limit or empty, dropped), "
-        f"answer accuracy {stats['answer_accuracy']:.3f}", flush=True)
+  print(
+      f"[seqkd] {stats['rows']} teacher samples ({stats['dropped']} cut at the length limit or empty, dropped), "
+      f"answer accuracy {stats['answer_accuracy']:.3f}",
+      flush=True,
+  )
   return path
 
 
@@ -112,22 +127,36 @@ def prepare(config, workdir: str) -> dict:
 def _prepare(config, workdir: str) -> dict:
   from gkd_jax import models
   from gkd_jax.demos import arithmetic as demo
+
   tasks = _tasks(config, workdir)
   tokenizer = models.load_tokenizer(tasks["full"]["tokenizer"])
   task_id = demo._fingerprint(config.task.to_dict())
   base = os.path.join(workdir, BASE)
-  teacher = demo.train_phase("teacher", base, config, config.teacher, dataset=tasks["full"]["data"],
-                             tokenizer=tokenizer, depends=(task_id,))
-  student = demo.train_phase("student_sft", base, config, config.student_sft, dataset=tasks["full"]["data"],
-                             tokenizer=tokenizer, depends=(task_id,))
+  teacher = demo.train_phase(
+      "teacher", base, config, config.teacher, dataset=tasks["full"]["data"], tokenizer=tokenizer, depends=(task_id,)
+  )
+  student = demo.train_phase(
+      "student_sft",
+      base,
+      config,
+      config.student_sft,
+      dataset=tasks["full"]["data"],
+      tokenizer=tokenizer,
+      depends=(task_id,),
+  )
   seqkd = _seqkd_dataset(config, workdir, teacher, tasks["full"]["data"])
   for name, done in (("teacher", teacher), ("initial", student)):
     evaluate_product(config, os.path.join(base, name), done, tasks["full"]["data"])
-  return {"task_id": task_id, "teacher": teacher, "student": student,
-          "data": {"full": tasks["full"]["data"], "fraction": tasks["fraction"]["data"], "seqkd": seqkd}}
+  return {
+      "task_id": task_id,
+      "teacher": teacher,
+      "student": student,
+      "data": {"full": tasks["full"]["data"], "fraction": tasks["fraction"]["data"], "seqkd": seqkd},
+  }
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+
 
 def evaluate_model(model_dir: str, task_data: str, ev) -> dict:
   """Every metric of the sweep for one checkpoint (keys: greedy, greedy_chain, long, long_chain, and per
@@ -136,26 +165,34 @@ def evaluate_model(model_dir: str, task_data: str, ev) -> dict:
   from gkd_jax import evaluate as evaluate_lib
   from gkd_jax import models
   from gkd_jax.tasks import arithmetic
+
   model, tokenizer = models.from_pretrained(model_dir), models.load_tokenizer(model_dir)
   splits = arithmetic.load_task(os.path.dirname(task_data))
-  test = list(splits["test"])[:ev.num_test]
-  long = list(splits["test_long"])[:ev.num_test_long]
+  test = list(splits["test"])[: ev.num_test]
+  long = list(splits["test_long"])[: ev.num_test_long]
 
   def complete(rows, temperature=0.0, seed=0):
-    return evaluate_lib.generate_completions(model, tokenizer, rows, max_new_tokens=ev.max_new_tokens,
-                                             batch_size=ev.batch_size, temperature=temperature, seed=seed)
+    return evaluate_lib.generate_completions(
+        model,
+        tokenizer,
+        rows,
+        max_new_tokens=ev.max_new_tokens,
+        batch_size=ev.batch_size,
+        temperature=temperature,
+        seed=seed,
+    )
 
   out = {}
   m = arithmetic.evaluate(complete(test), test)
   out["greedy"], out["greedy_chain"] = m["accuracy"], m["chain_accuracy"]
   m = arithmetic.evaluate(complete(long), long)
   out["long"], out["long_chain"] = m["accuracy"], m["chain_accuracy"]
-  n, problems = ev.num_samples, test[:ev.diversity_problems]
+  n, problems = ev.num_samples, test[: ev.diversity_problems]
   for i, t in enumerate(ev.temperatures):
     m = arithmetic.evaluate(complete(test, t, seed=1 + i), test)
     out[f"sample_{t}"], out[f"sample_chain_{t}"] = m["accuracy"], m["chain_accuracy"]
     texts = complete([p for p in problems for _ in range(n)], t, seed=101 + i)
-    groups = [texts[j * n:(j + 1) * n] for j in range(len(problems))]
+    groups = [texts[j * n : (j + 1) * n] for j in range(len(problems))]
     out[f"distinct_{t}"] = float(np.mean([arithmetic.distinct_valid_chains(g, p) for g, p in zip(groups, problems)]))
     out[f"valid_{t}"] = float(np.mean([arithmetic.check_chain(p, c) for g, p in zip(groups, problems) for c in g]))
   return out
@@ -164,15 +201,18 @@ def evaluate_model(model_dir: str, task_data: str, ev) -> dict:
 def evaluate_product(config, directory: str, done: dict, task_data: str) -> dict:
   """evaluate_model of a phase's product, cached in directory/metrics.json."""
   from gkd_jax.demos import arithmetic as demo
+
   fingerprint = demo._fingerprint([done["fingerprint"], config.eval.to_dict()])
 
   def compute():
     t0 = time.perf_counter()
     return dict(evaluate_model(done["model"], task_data, config.eval), eval_seconds=round(time.perf_counter() - t0, 1))
+
   return _json_cache(os.path.join(directory, "metrics.json"), fingerprint, compute)
 
 
 # ------------------------------------------------------------------------------------------------------ runs
+
 
 def jobs(config, only=None) -> list[tuple[str, int]]:
   """(run, seed) pairs, seed-major: a partial sweep has every arm at its first seeds."""
@@ -209,6 +249,7 @@ def train_and_evaluate(config, workdir: str, base: dict, name: str, seed: int) -
   import ml_collections
   from gkd_jax import models
   from gkd_jax.demos import arithmetic as demo
+
   run = config.runs[name]
   phase = {k: v for k, v in run.items() if k != "data"}
   phase["total_steps"] = config.steps
@@ -218,10 +259,16 @@ def train_and_evaluate(config, workdir: str, base: dict, name: str, seed: int) -
   gkd = run.objective == "gkd"
   rel = os.path.relpath(run_dir(workdir, name, seed), workdir)
   done = demo.train_phase(
-      rel, workdir, seeded, ml_collections.ConfigDict(phase), dataset=dataset,
-      tokenizer=models.load_tokenizer(base["student"]["model"]), init_from=base["student"]["model"],
+      rel,
+      workdir,
+      seeded,
+      ml_collections.ConfigDict(phase),
+      dataset=dataset,
+      tokenizer=models.load_tokenizer(base["student"]["model"]),
+      init_from=base["student"]["model"],
       teacher_model=base["teacher"]["model"] if gkd else None,
-      depends=(base["task_id"], base["teacher"]["fingerprint"], base["student"]["fingerprint"]))
+      depends=(base["task_id"], base["teacher"]["fingerprint"], base["student"]["fingerprint"]),
+  )
   metrics = evaluate_product(config, run_dir(workdir, name, seed), done, base["data"]["full"])
   return {"train_seconds": done["seconds"], **metrics}
 
@@ -249,10 +296,17 @@ def work(config, workdir: str, base: dict, only=None) -> int:
 def spawn_workers(count: int, workdir: str, todo: list) -> None:
   """count worker processes of this sweep (same flags); waits for them, showing finished jobs."""
   from tqdm.auto import tqdm
+
   argv = [a for a in sys.argv[1:] if not a.startswith("--workers")]
   logs = [os.path.join(workdir, f"worker{i}.log") for i in range(count)]
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--worker"],
-                            stdout=open(log, "a"), stderr=subprocess.STDOUT) for log in logs]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, os.path.abspath(__file__), *argv, "--worker"],
+          stdout=open(log, "a"),
+          stderr=subprocess.STDOUT,
+      )
+      for log in logs
+  ]
   start = time.time()
 
   def finished():  # result files (re)written by this invocation's workers
@@ -270,6 +324,7 @@ def spawn_workers(count: int, workdir: str, todo: list) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- report
+
 
 def collect(config, workdir: str) -> dict:
   """{arm: {metric: [value per seed]}} for every finished run, plus 'teacher' and 'initial' (one value)."""
@@ -302,6 +357,7 @@ def main(argv):
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import sweep_report
+
   results_dir = _RESULTS_DIR.value or os.path.join(workdir, "report")
   if not _REPORT.value:
     t0 = time.perf_counter()

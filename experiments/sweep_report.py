@@ -8,6 +8,7 @@ Figures, each the toy counterpart of a figure of the GKD paper (arXiv 2306.13649
   fig8_divergence.png       on-policy GKD (λ=1) per divergence, greedy and at each sampling temperature
   fig_data_efficiency.png   on-policy GKD on 5% of the prompts against supervised KD on all of them
 """
+
 from __future__ import annotations
 
 import json
@@ -15,13 +16,29 @@ import os
 
 import numpy as np
 
-LABELS = {"teacher": "teacher", "initial": "initial student", "sft": "continued SFT", "seqkd": "SeqKD",
-          "supkd": "supervised KD (λ=0, FKL)", "onpolicy_fkl": "on-policy FKL", "onpolicy_jsd01": "on-policy JSD(0.1)",
-          "onpolicy_jsd05": "on-policy JSD(0.5)", "onpolicy_jsd09": "on-policy JSD(0.9)",
-          "onpolicy_rkl": "on-policy RKL", "lambda_025": "λ=0.25, FKL", "lambda_050": "λ=0.5, FKL",
-          "lambda_075": "λ=0.75, FKL", "onpolicy_fkl_5pct": "on-policy FKL, 5% prompts"}
-DIVERGENCE_ARMS = (("onpolicy_fkl", 0.0), ("onpolicy_jsd01", 0.1), ("onpolicy_jsd05", 0.5), ("onpolicy_jsd09", 0.9),
-                   ("onpolicy_rkl", 1.0))
+LABELS = {
+    "teacher": "teacher",
+    "initial": "initial student",
+    "sft": "continued SFT",
+    "seqkd": "SeqKD",
+    "supkd": "supervised KD (λ=0, FKL)",
+    "onpolicy_fkl": "on-policy FKL",
+    "onpolicy_jsd01": "on-policy JSD(0.1)",
+    "onpolicy_jsd05": "on-policy JSD(0.5)",
+    "onpolicy_jsd09": "on-policy JSD(0.9)",
+    "onpolicy_rkl": "on-policy RKL",
+    "lambda_025": "λ=0.25, FKL",
+    "lambda_050": "λ=0.5, FKL",
+    "lambda_075": "λ=0.75, FKL",
+    "onpolicy_fkl_5pct": "on-policy FKL, 5% prompts",
+}
+DIVERGENCE_ARMS = (
+    ("onpolicy_fkl", 0.0),
+    ("onpolicy_jsd01", 0.1),
+    ("onpolicy_jsd05", 0.5),
+    ("onpolicy_jsd09", 0.9),
+    ("onpolicy_rkl", 1.0),
+)
 LAMBDA_ARMS = (("supkd", 0.0), ("lambda_025", 0.25), ("lambda_050", 0.5), ("lambda_075", 0.75), ("onpolicy_fkl", 1.0))
 
 
@@ -41,14 +58,19 @@ def fmt(values, scale: float = 100.0, digits: int = 1) -> str:
 def table(results: dict, temperatures) -> str:
   cols = [("greedy", "greedy acc"), ("greedy_chain", "greedy chain")]
   cols += [(f"sample_{t}", f"acc τ={t}") for t in temperatures]
-  cols += [(f"distinct_{temperatures[-1]}", f"distinct chains τ={temperatures[-1]}"),
-           (f"valid_{temperatures[-1]}", f"valid chains τ={temperatures[-1]}"), ("long", "long acc (4 ops)")]
+  cols += [
+      (f"distinct_{temperatures[-1]}", f"distinct chains τ={temperatures[-1]}"),
+      (f"valid_{temperatures[-1]}", f"valid chains τ={temperatures[-1]}"),
+      ("long", "long acc (4 ops)"),
+  ]
   head = "| run | seeds | " + " | ".join(c[1] for c in cols) + " | train s |"
   lines = [head, "|" + "---|" * (len(cols) + 3)]
   for arm, metrics in results.items():
     n = len(metrics.get("greedy", []))
-    cells = [fmt(metrics.get(k, []), scale=1.0, digits=2) if k.startswith("distinct") else fmt(metrics.get(k, []))
-             for k, _ in cols]
+    cells = [
+        fmt(metrics.get(k, []), scale=1.0, digits=2) if k.startswith("distinct") else fmt(metrics.get(k, []))
+        for k, _ in cols
+    ]
     seconds = f"{np.mean(metrics['train_seconds']):.0f}" if "train_seconds" in metrics else "–"
     lines.append(f"| {LABELS.get(arm, arm)} | {n} | " + " | ".join(cells) + f" | {seconds} |")
   return "\n".join(lines)
@@ -70,14 +92,23 @@ def _curve(ax, results, arms, key, label, **kw):
   pts = [(x, results[a][key]) for a, x in arms if a in results and key in results[a]]
   if pts:
     xs = [p[0] for p in pts]
-    ax.errorbar(xs, [100 * stats(v)[0] for _, v in pts], yerr=[100 * stats(v)[1] for _, v in pts],
-                marker="o", capsize=3, label=label, **kw)
+    ax.errorbar(
+        xs,
+        [100 * stats(v)[0] for _, v in pts],
+        yerr=[100 * stats(v)[1] for _, v in pts],
+        marker="o",
+        capsize=3,
+        label=label,
+        **kw,
+    )
 
 
 def figures(results: dict, temperatures, out_dir: str) -> list[str]:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   hot = f"sample_{temperatures[-1]}"
   written = []
 
@@ -93,8 +124,13 @@ def figures(results: dict, temperatures, out_dir: str) -> list[str]:
   onpolicy = [a for a, _ in DIVERGENCE_ARMS if a in results]
   best = max(onpolicy, key=lambda a: stats(results[a]["greedy"])[0]) if onpolicy else None
   fig, ax = plt.subplots(figsize=(8, 4.2))
-  _bar(ax, results, ["initial", "sft", "seqkd", "supkd"] + ([best] if best else []), ["greedy", hot],
-       ["greedy", f"sampled τ={temperatures[-1]}"])
+  _bar(
+      ax,
+      results,
+      ["initial", "sft", "seqkd", "supkd"] + ([best] if best else []),
+      ["greedy", hot],
+      ["greedy", f"sampled τ={temperatures[-1]}"],
+  )
   ax.set_title("GKD vs baselines (student from its SFT checkpoint; best on-policy divergence shown)")
   save(fig, "fig1_methods.png")
 
@@ -130,8 +166,13 @@ def figures(results: dict, temperatures, out_dir: str) -> list[str]:
   save(fig, "fig8_divergence.png")
 
   fig, ax = plt.subplots(figsize=(7, 4))
-  _bar(ax, results, ["initial", "supkd", "onpolicy_fkl_5pct", "onpolicy_fkl"], ["greedy", hot],
-       ["greedy", f"sampled τ={temperatures[-1]}"])
+  _bar(
+      ax,
+      results,
+      ["initial", "supkd", "onpolicy_fkl_5pct", "onpolicy_fkl"],
+      ["greedy", hot],
+      ["greedy", f"sampled τ={temperatures[-1]}"],
+  )
   ax.set_title("Data efficiency: on-policy on 5% of the prompts")
   save(fig, "fig_data_efficiency.png")
   return written
@@ -146,9 +187,11 @@ def write(config, results: dict, out_dir: str) -> None:
     json.dump(results, f, indent=1, sort_keys=True)
   md = table(results, temperatures)
   with open(os.path.join(out_dir, "sweep.md"), "w") as f:
-    f.write(f"{config.steps} steps of batch 64 per run from the initial student; accuracy in %, mean ± std "
-            f"over seeds ({config.eval.num_test} test problems, {config.eval.num_test_long} long ones; diversity on "
-            f"{config.eval.diversity_problems} problems x {config.eval.num_samples} samples).\n\n{md}\n")
+    f.write(
+        f"{config.steps} steps of batch 64 per run from the initial student; accuracy in %, mean ± std "
+        f"over seeds ({config.eval.num_test} test problems, {config.eval.num_test_long} long ones; diversity on "
+        f"{config.eval.diversity_problems} problems x {config.eval.num_samples} samples).\n\n{md}\n"
+    )
   names = figures(results, temperatures, out_dir) if results else []
   print(md, flush=True)
   print(f"report: {out_dir}/sweep.md, results.json, " + ", ".join(names), flush=True)

@@ -11,6 +11,7 @@ Prints one JSON line: median and per-step seconds after `warmup` steps, and the 
 generation (the trainer's on-policy sampling call), teacher forward (a forward hook on the teacher) and the
 rest (student forward + loss + backward + optimizer), plus real (unpadded) tokens per step.
 """
+
 import argparse
 import json
 import os
@@ -55,12 +56,19 @@ def main():
   steps = []
 
   class StepClock(TrainerCallback):
+
     def on_step_begin(self, *a, **kw):
       clock.update(gen=0.0, teacher=0.0, tokens=0, start=time.perf_counter())
 
     def on_step_end(self, *a, **kw):
-      steps.append({"step_s": time.perf_counter() - clock["start"], "gen_s": clock["gen"],
-                    "teacher_s": clock["teacher"], "tokens": clock["tokens"]})
+      steps.append(
+          {
+              "step_s": time.perf_counter() - clock["start"],
+              "gen_s": clock["gen"],
+              "teacher_s": clock["teacher"],
+              "tokens": clock["tokens"],
+          }
+      )
 
   def before_teacher(module, inputs, kwargs):
     clock["teacher_start"] = time.perf_counter()
@@ -73,13 +81,34 @@ def main():
   teacher.register_forward_hook(after_teacher, with_kwargs=True)
 
   total = args.warmup + args.steps
-  config = GKDConfig(output_dir=tempfile.mkdtemp(prefix="trl_timing_"), per_device_train_batch_size=args.batch,
-                     max_steps=total, lmbda=args.lmbda, beta=args.beta, temperature=0.9,
-                     max_new_tokens=args.max_new_tokens, learning_rate=1e-5, max_length=256, bf16=False,
-                     use_cpu=True, gradient_checkpointing=False, save_strategy="no", logging_steps=10 ** 6,
-                     report_to=[], dataloader_num_workers=0, disable_tqdm=True, seed=0)
-  trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, processing_class=tokenizer,
-                       train_dataset=rows, callbacks=[StepClock()])
+  config = GKDConfig(
+      output_dir=tempfile.mkdtemp(prefix="trl_timing_"),
+      per_device_train_batch_size=args.batch,
+      max_steps=total,
+      lmbda=args.lmbda,
+      beta=args.beta,
+      temperature=0.9,
+      max_new_tokens=args.max_new_tokens,
+      learning_rate=1e-5,
+      max_length=256,
+      bf16=False,
+      use_cpu=True,
+      gradient_checkpointing=False,
+      save_strategy="no",
+      logging_steps=10**6,
+      report_to=[],
+      dataloader_num_workers=0,
+      disable_tqdm=True,
+      seed=0,
+  )
+  trainer = GKDTrainer(
+      model=student,
+      teacher_model=teacher,
+      args=config,
+      processing_class=tokenizer,
+      train_dataset=rows,
+      callbacks=[StepClock()],
+  )
   sample = trainer.generate_on_policy_outputs
 
   def timed_sample(*a, **kw):
@@ -91,16 +120,26 @@ def main():
   trainer.generate_on_policy_outputs = timed_sample  # an instance attribute shadows the static method
   trainer.train()
 
-  timed = steps[args.warmup:]
+  timed = steps[args.warmup :]
   mean = lambda key: statistics.fmean(s[key] for s in timed)
   step_s = [round(s["step_s"], 4) for s in timed]
-  print(json.dumps({
-      "impl": "trl", "lmbda": args.lmbda, "batch": args.batch, "threads": torch.get_num_threads(),
-      "median_step_s": round(statistics.median(step_s), 4), "step_s": step_s,
-      "mean_step_s": round(mean("step_s"), 4), "gen_s": round(mean("gen_s"), 4),
-      "teacher_s": round(mean("teacher_s"), 4),
-      "student_s": round(mean("step_s") - mean("gen_s") - mean("teacher_s"), 4),
-      "tokens_per_step": mean("tokens")}))
+  print(
+      json.dumps(
+          {
+              "impl": "trl",
+              "lmbda": args.lmbda,
+              "batch": args.batch,
+              "threads": torch.get_num_threads(),
+              "median_step_s": round(statistics.median(step_s), 4),
+              "step_s": step_s,
+              "mean_step_s": round(mean("step_s"), 4),
+              "gen_s": round(mean("gen_s"), 4),
+              "teacher_s": round(mean("teacher_s"), 4),
+              "student_s": round(mean("step_s") - mean("gen_s") - mean("teacher_s"), 4),
+              "tokens_per_step": mean("tokens"),
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

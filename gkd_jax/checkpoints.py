@@ -17,6 +17,7 @@ A checkpoint that does not fit the caller's abstract state (tree, shapes, dtypes
 read raises `CheckpointError` naming the step directory, and nothing on disk is touched: a Checkpointer that
 finds checkpoints it has not restored from refuses to save into that directory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,6 +102,7 @@ def _cause(e: Exception, limit: int = 600) -> str:
 @dataclasses.dataclass
 class PreemptionHandler:
   """A SIGTERM flag for the train loop; `uninstall()` restores the previous handler."""
+
   callback: Callable[[int], None] | None = None
   _event: threading.Event = dataclasses.field(default_factory=threading.Event)
   _previous: Any = None
@@ -168,12 +170,17 @@ class Checkpointer:
     self.directory = epath.Path(directory)
     self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
-        cleanup_tmp_directories=True)  # leftovers of a save killed mid-write
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
+    )  # leftovers of a save killed mid-write
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+        self.directory,
+        options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "extra": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
+    )
     # Steps present before this run: saving next to them without having resumed from one would let keep-N
     # delete another run's checkpoints.
     self._foreign = list(self._manager.all_steps())
@@ -206,7 +213,8 @@ class Checkpointer:
     if self._foreign:
       raise CheckpointError(
           f"{self.directory} holds checkpoints at steps {self._foreign} that this run did not restore from; "
-          f"restore one (restore() checks compatibility) or use another directory, rather than mixing runs")
+          f"restore one (restore() checks compatibility) or use another directory, rather than mixing runs"
+      )
     if step in self._manager.all_steps():
       return False
     try:  # fail here, not later in the background thread that writes it
@@ -214,18 +222,25 @@ class Checkpointer:
     except TypeError as e:
       raise TypeError(f"checkpoint extra must be JSON-serializable: {e}") from e
     flat = _flatten(state)
-    keys = {_name(p): {"impl": str(jax.random.key_impl(x)), "dtype": str(x.dtype)}
-            for p, x in flat.items() if _is_key(x)}
+    keys = {
+        _name(p): {"impl": str(jax.random.key_impl(x)), "dtype": str(x.dtype)} for p, x in flat.items() if _is_key(x)
+    }
     arrays = {p: jax.random.key_data(x) if _is_key(x) else x for p, x in flat.items()}
-    return self._manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_nest(arrays)),
-        extra=ocp.args.JsonSave(dict(extra or {})),
-        meta=ocp.args.JsonSave({"format": _FORMAT, "keys": keys})))
+    return self._manager.save(
+        step,
+        force=True,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_nest(arrays)),
+            extra=ocp.args.JsonSave(dict(extra or {})),
+            meta=ocp.args.JsonSave({"format": _FORMAT, "keys": keys}),
+        ),
+    )
 
   def restore(self, abstract_state, step: int | None = None, *, fingerprint: Any = None):
     """Loads `step` (default: the latest) into the structure, shapes, dtypes and shardings of
     `abstract_state` (jax.ShapeDtypeStruct leaves, or arrays; typed-key leaves come back as typed keys; a
-    leaf without a sharding lands on the first local device). Returns (state, extra). With `fingerprint`, `extra["fingerprint"]` must equal it."""
+    leaf without a sharding lands on the first local device). Returns (state, extra). With `fingerprint`, `extra["fingerprint"]` must equal it.
+    """
     steps = self._manager.all_steps()
     if step is None:
       step = self.latest_step()
@@ -235,8 +250,9 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (steps: {sorted(steps)})")
     path = self.step_dir(step)
     try:
-      info = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore(),
-                                                                 meta=ocp.args.JsonRestore()))
+      info = self._manager.restore(
+          step, args=ocp.args.Composite(extra=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+      )
       extra, meta = info["extra"], info["meta"]
       stored = self._manager.item_metadata(step)["state"]
     except Exception as e:  # orbax / tensorstore errors from deep inside: say which checkpoint
@@ -244,18 +260,20 @@ class Checkpointer:
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT or stored is None:
       raise CheckpointError(f"checkpoint {path} was not written by gkd_jax.checkpoints (format {_FORMAT})")
     if fingerprint is not None and extra.get("fingerprint") != fingerprint:
-      raise CheckpointError(f"checkpoint {path} is from another configuration: fingerprint "
-                            f"{extra.get('fingerprint')!r} (checkpoint) vs {fingerprint!r} (this run)")
+      raise CheckpointError(
+          f"checkpoint {path} is from another configuration: fingerprint "
+          f"{extra.get('fingerprint')!r} (checkpoint) vs {fingerprint!r} (this run)"
+      )
 
     abstract = _flatten(abstract_state)
     targets = {p: self._target(path, p, x, meta["keys"]) for p, x in abstract.items()}
     self._check(path, targets, _flatten(stored), meta["keys"])
     try:
-      arrays = _flatten(self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_nest(targets))))["state"])
+      arrays = _flatten(
+          self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nest(targets))))["state"]
+      )
     except Exception as e:
-      raise CheckpointError(f"checkpoint {path} could not be restored (corrupt or incomplete): "
-                            f"{_cause(e)}") from e
+      raise CheckpointError(f"checkpoint {path} could not be restored (corrupt or incomplete): " f"{_cause(e)}") from e
     leaves = []
     for p, x in abstract.items():
       value = arrays[p]
@@ -274,8 +292,10 @@ class Checkpointer:
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
     stored = keys.get(_name(p))
     if stored is None or stored["dtype"] != str(x.dtype):
-      raise CheckpointError(f"checkpoint {path}: leaf {_name(p)!r} is a PRNG key of type {x.dtype} here but "
-                            f"{stored['dtype'] if stored else 'a plain array'} in the checkpoint")
+      raise CheckpointError(
+          f"checkpoint {path}: leaf {_name(p)!r} is a PRNG key of type {x.dtype} here but "
+          f"{stored['dtype'] if stored else 'a plain array'} in the checkpoint"
+      )
     data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
     return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=_key_data_sharding(sharding))
 
@@ -284,16 +304,20 @@ class Checkpointer:
     missing = sorted(_name(p) for p in targets.keys() - stored.keys())
     unexpected = sorted(_name(p) for p in stored.keys() - targets.keys())
     if missing or unexpected:
-      raise CheckpointError(f"checkpoint {path} has a different tree than the state: missing {missing[:10]}"
-                            f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
-                            f"{' ...' if len(unexpected) > 10 else ''}")
+      raise CheckpointError(
+          f"checkpoint {path} has a different tree than the state: missing {missing[:10]}"
+          f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+          f"{' ...' if len(unexpected) > 10 else ''}"
+      )
     for p, want in targets.items():
       got = stored[p]
       if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
-        raise CheckpointError(f"checkpoint {path}: leaf {_name(p)!r} is {np.dtype(got.dtype).name}"
-                              f"{list(got.shape)} in the checkpoint but {np.dtype(want.dtype).name}"
-                              f"{list(want.shape)} in the state"
-                              f"{' (a PRNG key in the checkpoint)' if _name(p) in keys else ''}")
+        raise CheckpointError(
+            f"checkpoint {path}: leaf {_name(p)!r} is {np.dtype(got.dtype).name}"
+            f"{list(got.shape)} in the checkpoint but {np.dtype(want.dtype).name}"
+            f"{list(want.shape)} in the state"
+            f"{' (a PRNG key in the checkpoint)' if _name(p) in keys else ''}"
+        )
 
   def wait(self):
     """Blocks until pending async saves are on disk (re-raises a failed background save)."""

@@ -5,6 +5,7 @@ them again. Field names follow TRL / ms-swift where those exist (beta, lmbda, se
 sft_alpha, max_completion_length, gkd_logits_topk, teacher_model, teacher_model_server,
 offload_teacher_model).
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -25,23 +26,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer = ml_collections.FieldReference(None, field_type=str)
   c.teacher_model_server = ml_collections.FieldReference(None, field_type=str)
   c.offload_teacher_model = False
-  c.dtype = "float32"          # compute dtype ("bfloat16" on TPU/GPU)
-  c.param_dtype = "float32"    # master weights
+  c.dtype = "float32"  # compute dtype ("bfloat16" on TPU/GPU)
+  c.param_dtype = "float32"  # master weights
   # Method.
-  c.objective = "gkd"          # "gkd" or "sft" (NLL only, no teacher)
-  c.beta = 0.5                 # 0 = forward KL(teacher‖student), 1 = reverse KL(student‖teacher)
-  c.lmbda = 0.5                # probability of an on-policy (student-sampled) step
-  c.seq_kd = False             # off-policy steps use teacher samples instead of the dataset
-  c.temperature = 0.9          # sampling temperature; also the loss temperature unless loss_temperature is set
+  c.objective = "gkd"  # "gkd" or "sft" (NLL only, no teacher)
+  c.beta = 0.5  # 0 = forward KL(teacher‖student), 1 = reverse KL(student‖teacher)
+  c.lmbda = 0.5  # probability of an on-policy (student-sampled) step
+  c.seq_kd = False  # off-policy steps use teacher samples instead of the dataset
+  c.temperature = 0.9  # sampling temperature; also the loss temperature unless loss_temperature is set
   c.loss_temperature = ml_collections.FieldReference(None, field_type=float)
-  c.sft_alpha = 0.0            # + sft_alpha · NLL on steps the student did not generate
+  c.sft_alpha = 0.0  # + sft_alpha · NLL on steps the student did not generate
   c.gkd_logits_topk = ml_collections.FieldReference(None, field_type=int)
-  c.fused_loss = False         # chunked loss from hidden states: no [B, T, V] logits
+  c.fused_loss = False  # chunked loss from hidden states: no [B, T, V] logits
   c.loss_chunk_size = ml_collections.FieldReference(None, field_type=int)
-  c.top_k = 0                  # generation truncation (0 = off)
+  c.top_k = 0  # generation truncation (0 = off)
   c.top_p = 1.0
   # Data.
-  c.dataset = ""                # hub name, local json/jsonl/parquet/arrow file(s) or a save_to_disk dir
+  c.dataset = ""  # hub name, local json/jsonl/parquet/arrow file(s) or a save_to_disk dir
   c.dataset_config = ml_collections.FieldReference(None, field_type=str)  # hub dataset config ("main" for gsm8k)
   c.dataset_split = "train"
   c.dataset_columns = ml_collections.ConfigDict()  # renames, e.g. {"question": "prompt", "answer": "completion"}
@@ -54,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   # from 16); each batch takes the smallest that fits, so a run compiles once per width used.
   c.length_buckets = ml_collections.FieldReference(None, field_type=tuple)
   # Optimization.
-  c.batch_size = 8             # global, over all hosts
+  c.batch_size = 8  # global, over all hosts
   c.grad_accum_steps = 1
   c.total_steps = 1000
   c.learning_rate = 1e-5
@@ -79,13 +80,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0
   c.eval_metric = "none"
   c.eval_max_new_tokens = 128
-  c.eval_temperature = 0.0     # 0 = greedy
+  c.eval_temperature = 0.0  # 0 = greedy
   # Logging and checkpoints (orbax, in workdir/checkpoints; a run resumes from the latest automatically).
   c.log_every = 10
   c.save_every = 500
   c.keep_checkpoints = 3
-  c.export_on_finish = True    # write the student as a HuggingFace checkpoint to workdir/export at the end
-  c.sample_every = 50          # log a few decoded completions of generating steps (0 = never)
+  c.export_on_finish = True  # write the student as a HuggingFace checkpoint to workdir/export at the end
+  c.sample_every = 50  # log a few decoded completions of generating steps (0 = never)
   c.peak_flops = ml_collections.FieldReference(None, field_type=float)  # per process, for MFU; None = measure
   return c
 
@@ -120,6 +121,7 @@ def use_local_fixture(c, fixture: str | None = None):
 
 def validate(c) -> None:
   """Raises ValueError naming the field, its value and what is allowed — before anything is loaded."""
+
   def fail(field, value, allowed):
     raise ValueError(f"config.{field}={value!r} is invalid: {allowed}")
 
@@ -142,25 +144,44 @@ def validate(c) -> None:
     fail("gkd_logits_topk", c.gkd_logits_topk, "must be a positive int (or None for the full vocabulary)")
   if c.teacher_model_server:
     if not c.gkd_logits_topk:
-      fail("gkd_logits_topk", c.gkd_logits_topk, "must be set with teacher_model_server: the server returns "
-           "top-k log-probs")
+      fail(
+          "gkd_logits_topk",
+          c.gkd_logits_topk,
+          "must be set with teacher_model_server: the server returns " "top-k log-probs",
+      )
     if c.teacher_model:
       fail("teacher_model", c.teacher_model, "give either teacher_model or teacher_model_server, not both")
     if c.seq_kd:
       fail("seq_kd", c.seq_kd, "needs a local teacher to sample from; a teacher server only scores")
-  if c.teacher_prompt_template and ("{prompt}" not in c.teacher_prompt_template
-                                    or "{completion}" not in c.teacher_prompt_template):
+  if c.teacher_prompt_template and (
+      "{prompt}" not in c.teacher_prompt_template or "{completion}" not in c.teacher_prompt_template
+  ):
     fail("teacher_prompt_template", c.teacher_prompt_template, "must contain both {prompt} and {completion}")
   if c.fused_loss and c.gkd_logits_topk:
     fail("fused_loss", c.fused_loss, "cannot be combined with gkd_logits_topk (pick one)")
   if c.objective == "sft" and (c.teacher_model or c.teacher_model_server or c.lmbda > 0 or c.seq_kd):
-    fail("objective", c.objective, "SFT uses no teacher: unset teacher_model/teacher_model_server and set "
-         "lmbda=0, seq_kd=False")
+    fail(
+        "objective",
+        c.objective,
+        "SFT uses no teacher: unset teacher_model/teacher_model_server and set " "lmbda=0, seq_kd=False",
+    )
   if c.dtype not in DTYPES or c.param_dtype not in DTYPES:
-    fail("dtype" if c.dtype not in DTYPES else "param_dtype", c.dtype if c.dtype not in DTYPES else c.param_dtype,
-         f"must be one of {DTYPES}")
-  for field in ("max_length", "max_prompt_length", "max_completion_length", "batch_size", "grad_accum_steps",
-                "total_steps", "log_every", "save_every", "keep_checkpoints"):
+    fail(
+        "dtype" if c.dtype not in DTYPES else "param_dtype",
+        c.dtype if c.dtype not in DTYPES else c.param_dtype,
+        f"must be one of {DTYPES}",
+    )
+  for field in (
+      "max_length",
+      "max_prompt_length",
+      "max_completion_length",
+      "batch_size",
+      "grad_accum_steps",
+      "total_steps",
+      "log_every",
+      "save_every",
+      "keep_checkpoints",
+  ):
     if not (isinstance(c[field], int) and c[field] >= 1):
       fail(field, c[field], "must be a positive int")
   buckets = c.get("length_buckets")

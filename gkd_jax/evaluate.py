@@ -9,6 +9,7 @@ Prompts are the rows' chat prompts (the assistant turn dropped), rendered and to
 pipeline does for training, left-padded to one width and run in fixed-size batches, so each (model, batch,
 width) compiles one sampling program however many rows there are.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -26,8 +27,9 @@ def encode_prompts(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
   return [data_lib.encode_prompt(tokenizer, data_lib.split_row(row, i, layout)[0]) for i, row in enumerate(rows)]
 
 
-def generate_completions(model, tokenizer, rows, *, max_new_tokens: int, batch_size: int = 256,
-                         temperature: float = 0.0, seed: int = 0) -> list[str]:
+def generate_completions(
+    model, tokenizer, rows, *, max_new_tokens: int, batch_size: int = 256, temperature: float = 0.0, seed: int = 0
+) -> list[str]:
   """One decoded completion per row (text up to and including the first stop token).
 
   temperature 0 is greedy; otherwise batch i samples with fold_in(key(seed), i), so a call is reproducible.
@@ -50,22 +52,41 @@ def generate_completions(model, tokenizer, rows, *, max_new_tokens: int, batch_s
     if real < batch_size:  # filler rows: same shape as every other batch, no recompile
       b_ids = np.concatenate([b_ids, np.repeat(b_ids[:1], batch_size - real, 0)])
       b_mask = np.concatenate([b_mask, np.repeat(b_mask[:1], batch_size - real, 0)])
-    out = sampling.generate(model, b_ids, b_mask, key=jax.random.fold_in(key, i), max_new_tokens=max_new_tokens,
-                            temperature=temperature, eos_token_ids=stop_ids,
-                            pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+    out = sampling.generate(
+        model,
+        b_ids,
+        b_mask,
+        key=jax.random.fold_in(key, i),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_ids=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+    )
     out_ids, out_mask = jax.device_get((out.completion_ids, out.completion_mask))
     for row_ids, row_mask in zip(out_ids[:real], out_mask[:real]):
       texts.append(tokenizer.decode(row_ids[row_mask], skip_special_tokens=False))
   return texts
 
 
-def accuracy(model, tokenizer, rows, *, max_new_tokens: int, evaluate_fn: Callable[[list, list], dict] | None = None,
-             batch_size: int = 256, temperature: float = 0.0, seed: int = 0) -> dict[str, Any]:
+def accuracy(
+    model,
+    tokenizer,
+    rows,
+    *,
+    max_new_tokens: int,
+    evaluate_fn: Callable[[list, list], dict] | None = None,
+    batch_size: int = 256,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> dict[str, Any]:
   """evaluate_fn(completions, rows) of the model's completions (default: the arithmetic task's checker)."""
   if evaluate_fn is None:
     from gkd_jax.tasks import arithmetic
+
     evaluate_fn = arithmetic.evaluate
   rows = list(rows)
-  completions = generate_completions(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                     temperature=temperature, seed=seed)
+  completions = generate_completions(
+      model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed
+  )
   return evaluate_fn(completions, rows)

@@ -5,6 +5,7 @@
 Rebuilds the run from DIR/config.json, restores its latest (or the given) checkpoint and writes the student,
 LoRA adapters merged, loadable by transformers' AutoModelForCausalLM and by vLLM.
 """
+
 import argparse
 import json
 import os

@@ -18,6 +18,7 @@ ordinary pytrees for jax.grad and optax, and `adapter_shardings` places them on 
 Cost note: merging inside the train step materializes each targeted kernel once more (and its full-size
 gradient transiently), like a full fine-tune's per-layer gradient, but the optimizer state is adapter-sized.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,7 @@ from jax.sharding import Mesh
 
 from gkd_jax import sharding as shd
 
-ALL_LINEAR = "all-linear"   # every projection kernel except the LM head (PEFT's spelling)
+ALL_LINEAR = "all-linear"  # every projection kernel except the LM head (PEFT's spelling)
 _KERNEL = "kernel"
 _LM_HEAD = "lm_head"
 
@@ -47,6 +48,7 @@ class LoraSpec:
   use_rslora: scale by alpha/sqrt(rank) (rank-stabilized LoRA, Kalajdzievski 2023) instead of alpha/rank.
   dtype: the adapters' dtype (float32 master weights by default, whatever the base dtype).
   """
+
   rank: int = 8
   alpha: float = 16.0
   target_modules: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
@@ -99,8 +101,11 @@ def _kernels(params) -> list[tuple[tuple[str, ...], Any]]:
   if isinstance(params, nnx.Module):
     params = nnx.state(params, nnx.Param)
   leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_var)[0]
-  return [(_path(keys), leaf) for keys, leaf in leaves
-          if _path(keys)[-1] == _KERNEL and len(_path(keys)) >= 2 and np.ndim(_value(leaf)) >= 2]
+  return [
+      (_path(keys), leaf)
+      for keys, leaf in leaves
+      if _path(keys)[-1] == _KERNEL and len(_path(keys)) >= 2 and np.ndim(_value(leaf)) >= 2
+  ]
 
 
 def _num_in_dims(names, shape) -> int:
@@ -111,8 +116,10 @@ def _num_in_dims(names, shape) -> int:
     return 1
   if names[-1] == "embed":
     return len(shape) - 1
-  raise ValueError(f"cannot tell the input dims of a kernel with logical names {names}: LoRA needs [in..., out...] "
-                   f"kernels that read or write the 'embed' dim")
+  raise ValueError(
+      f"cannot tell the input dims of a kernel with logical names {names}: LoRA needs [in..., out...] "
+      f"kernels that read or write the 'embed' dim"
+  )
 
 
 def targetable_modules(params) -> list[str]:
@@ -127,8 +134,9 @@ def _targets(params, spec: LoraSpec) -> list[tuple[tuple[str, ...], Any]]:
     wanted = (wanted - {ALL_LINEAR}) | (set(found) - {_LM_HEAD})
   unknown = sorted(wanted - set(found))
   if unknown:
-    raise ValueError(f"LoRA target_modules {unknown} not found in the model; targetable names: {found} "
-                     f"(or '{ALL_LINEAR}')")
+    raise ValueError(
+        f"LoRA target_modules {unknown} not found in the model; targetable names: {found} " f"(or '{ALL_LINEAR}')"
+    )
   return [(path, leaf) for path, leaf in _kernels(params) if path[-2] in wanted]
 
 
@@ -154,7 +162,8 @@ def init_adapters(params, spec: LoraSpec, key: jax.Array) -> nnx.State:
     b = jnp.zeros((spec.rank, *shape[n_in:]), spec.dtype)
     adapters[".".join(path)] = {
         "a": nnx.LoRAParam(a, out_sharding=(*names[:n_in], None), eager_sharding=False),
-        "b": nnx.LoRAParam(b, out_sharding=(None, *names[n_in:]), eager_sharding=False)}
+        "b": nnx.LoRAParam(b, out_sharding=(None, *names[n_in:]), eager_sharding=False),
+    }
   return nnx.State(adapters)
 
 
@@ -162,10 +171,11 @@ def delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
   """scale · A·B in float32 with W's structured shape [*in, *out] (no reshape: sharded dims stay put)."""
   n_in, n_out = a.ndim - 1, b.ndim - 1
   letters = string.ascii_letters
-  ins, outs = letters[:n_in], letters[n_in:n_in + n_out]
+  ins, outs = letters[:n_in], letters[n_in : n_in + n_out]
   # HIGHEST: on TPU a default-precision f32 einsum runs in bf16; the contraction is only rank-long, so cheap.
-  ab = jnp.einsum(f"{ins}z,z{outs}->{ins}{outs}", a.astype(jnp.float32), b.astype(jnp.float32),
-                  precision=jax.lax.Precision.HIGHEST)
+  ab = jnp.einsum(
+      f"{ins}z,z{outs}->{ins}{outs}", a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+  )
   return scale * ab
 
 

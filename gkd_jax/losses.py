@@ -12,6 +12,7 @@ Conventions (see README):
 All math runs in at least float32 (bf16 inputs are upcast). `beta`, `temperature`, `reduction` and sizes are static
 Python values: they select the program, so bad values fail while tracing.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,9 @@ def _static_float(name, value):
   try:
     return float(value)
   except TypeError:  # also a traced value (ConcretizationTypeError is a TypeError)
-    raise TypeError(f"{name} must be a static Python number (it selects the program), "
-                    f"got {type(value).__name__}") from None
+    raise TypeError(
+        f"{name} must be a static Python number (it selects the program), " f"got {type(value).__name__}"
+    ) from None
 
 
 def _check_beta(beta):
@@ -64,8 +66,10 @@ def _check_same_shape(name_a, a, name_b, b):
 
 def _check_mask(mask, token_shape, what="logits"):
   if mask is not None and tuple(mask.shape) != tuple(token_shape):
-    raise ValueError(f"mask shape {tuple(mask.shape)} must equal the token shape of {what} "
-                     f"{tuple(token_shape)} (all dims but the last)")
+    raise ValueError(
+        f"mask shape {tuple(mask.shape)} must equal the token shape of {what} "
+        f"{tuple(token_shape)} (all dims but the last)"
+    )
 
 
 # --------------------------------------------------------------------------------------- core divergence
@@ -90,8 +94,7 @@ def jsd_from_logprobs(student_logp, teacher_logp, beta):
   if beta == 1.0:
     return _kl_from_logprobs(student_logp, teacher_logp)
   log_m = _mixture_logprobs(student_logp, teacher_logp, beta)
-  return (beta * _kl_from_logprobs(teacher_logp, log_m)
-          + (1.0 - beta) * _kl_from_logprobs(student_logp, log_m))
+  return beta * _kl_from_logprobs(teacher_logp, log_m) + (1.0 - beta) * _kl_from_logprobs(student_logp, log_m)
 
 
 def _f32(x):
@@ -145,8 +148,9 @@ def reduce_tokens(per_token, mask=None, reduction="mean", num_items=None):
 # ------------------------------------------------------------------------------------------- public losses
 
 
-def generalized_jsd_loss(student_logits, teacher_logits, mask=None, *, beta=0.5, temperature=1.0,
-                         reduction="mean", num_items=None):
+def generalized_jsd_loss(
+    student_logits, teacher_logits, mask=None, *, beta=0.5, temperature=1.0, reduction="mean", num_items=None
+):
   """Generalized JSD(β) between teacher and student next-token distributions over logits [..., V].
 
   Args:
@@ -164,8 +168,9 @@ def generalized_jsd_loss(student_logits, teacher_logits, mask=None, *, beta=0.5,
   _check_reduction(reduction)
   _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
   _check_mask(mask, student_logits.shape[:-1])
-  per_token = _jsd_tokens(_f32(_sanitize(student_logits, mask)), _f32(_sanitize(teacher_logits, mask)),
-                         beta, temperature)
+  per_token = _jsd_tokens(
+      _f32(_sanitize(student_logits, mask)), _f32(_sanitize(teacher_logits, mask)), beta, temperature
+  )
   return reduce_tokens(per_token, mask, reduction, num_items)
 
 
@@ -216,8 +221,9 @@ def _mixture_logprobs(student_logp, teacher_logp, beta):
   """log M = log(β·P_T + (1−β)·P_S), in log space. Where both are −inf (a blocked vocabulary entry) M is
   unused; logaddexp gets finite stand-ins there, since its gradient at (−inf, −inf) is NaN."""
   blocked = (teacher_logp == -jnp.inf) & (student_logp == -jnp.inf)
-  return jnp.logaddexp(jnp.where(blocked, 0.0, teacher_logp) + math.log(beta),
-                       jnp.where(blocked, 0.0, student_logp) + math.log1p(-beta))
+  return jnp.logaddexp(
+      jnp.where(blocked, 0.0, teacher_logp) + math.log(beta), jnp.where(blocked, 0.0, student_logp) + math.log1p(-beta)
+  )
 
 
 def teacher_topk(teacher_logits, k):
@@ -228,9 +234,18 @@ def teacher_topk(teacher_logits, k):
   return jax.lax.top_k(teacher_logits, k)
 
 
-def topk_generalized_jsd_loss(student_logits, teacher_topk_values, teacher_topk_indices, mask=None, *,
-                              beta=0.5, temperature=1.0, reduction="mean", num_items=None,
-                              values_are_logprobs=False):
+def topk_generalized_jsd_loss(
+    student_logits,
+    teacher_topk_values,
+    teacher_topk_indices,
+    mask=None,
+    *,
+    beta=0.5,
+    temperature=1.0,
+    reduction="mean",
+    num_items=None,
+    values_are_logprobs=False,
+):
   """JSD(β) restricted to the teacher's top-k tokens, both distributions renormalized over those k.
 
   Args:
@@ -250,8 +265,10 @@ def topk_generalized_jsd_loss(student_logits, teacher_topk_values, teacher_topk_
   _check_reduction(reduction)
   _check_same_shape("teacher_topk_values", teacher_topk_values, "teacher_topk_indices", teacher_topk_indices)
   if tuple(teacher_topk_values.shape[:-1]) != tuple(student_logits.shape[:-1]):
-    raise ValueError(f"teacher top-k shape {tuple(teacher_topk_values.shape)} and student_logits shape "
-                     f"{tuple(student_logits.shape)} must agree on all dims but the last")
+    raise ValueError(
+        f"teacher top-k shape {tuple(teacher_topk_values.shape)} and student_logits shape "
+        f"{tuple(student_logits.shape)} must agree on all dims but the last"
+    )
   k, vocab = teacher_topk_values.shape[-1], student_logits.shape[-1]
   if not 1 <= k <= vocab:
     raise ValueError(f"k (last dim of the teacher top-k arrays) must be in [1, {vocab}], got {k}")
@@ -286,8 +303,10 @@ def nll_loss(logits, targets, mask=None, *, reduction="mean", num_items=None):
   """Negative log-likelihood of `targets` [...] under `logits` [..., V] (the SFT term, temperature 1)."""
   _check_reduction(reduction)
   if tuple(targets.shape) != tuple(logits.shape[:-1]):
-    raise ValueError(f"targets shape {tuple(targets.shape)} must equal logits shape without the vocab dim "
-                     f"{tuple(logits.shape[:-1])}")
+    raise ValueError(
+        f"targets shape {tuple(targets.shape)} must equal logits shape without the vocab dim "
+        f"{tuple(logits.shape[:-1])}"
+    )
   _check_mask(mask, logits.shape[:-1])
   logp = jax.nn.log_softmax(_f32(_sanitize(logits, mask)), axis=-1)
   token_logp = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -314,16 +333,19 @@ def shift_for_next_token(input_ids, loss_mask, *per_position, first_target=1):
     columns [s-1, T-1) paired with the tokens at [s, T) and their mask.
   """
   if tuple(input_ids.shape) != tuple(loss_mask.shape):
-    raise ValueError(f"input_ids shape {tuple(input_ids.shape)} and loss_mask shape "
-                     f"{tuple(loss_mask.shape)} must be equal")
+    raise ValueError(
+        f"input_ids shape {tuple(input_ids.shape)} and loss_mask shape " f"{tuple(loss_mask.shape)} must be equal"
+    )
   for i, a in enumerate(per_position):
     if tuple(a.shape[:2]) != tuple(input_ids.shape):
-      raise ValueError(f"per-position array {i} has shape {tuple(a.shape)}; its first two dims must equal "
-                       f"input_ids shape {tuple(input_ids.shape)}")
+      raise ValueError(
+          f"per-position array {i} has shape {tuple(a.shape)}; its first two dims must equal "
+          f"input_ids shape {tuple(input_ids.shape)}"
+      )
   s = first_target
   if not isinstance(s, int) or not 1 <= s < input_ids.shape[1]:
     raise ValueError(f"first_target must be an int in [1, {input_ids.shape[1] - 1}], got {s!r}")
-  return (input_ids[:, s:], loss_mask[:, s:].astype(bool), *(a[:, s - 1:-1] for a in per_position))
+  return (input_ids[:, s:], loss_mask[:, s:].astype(bool), *(a[:, s - 1 : -1] for a in per_position))
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -374,11 +396,26 @@ def _head_activation(logits, scale, softcap):
   return logits
 
 
-def fused_generalized_jsd_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, *,
-                               beta=0.5, temperature=1.0, chunk_size=None, reduction="mean",
-                               num_items=None, student_bias=None, teacher_bias=None,
-                               student_logit_scale=1.0, teacher_logit_scale=1.0,
-                               student_softcap=None, teacher_softcap=None, vocab_size=None):
+def fused_generalized_jsd_loss(
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    mask=None,
+    *,
+    beta=0.5,
+    temperature=1.0,
+    chunk_size=None,
+    reduction="mean",
+    num_items=None,
+    student_bias=None,
+    teacher_bias=None,
+    student_logit_scale=1.0,
+    teacher_logit_scale=1.0,
+    student_softcap=None,
+    teacher_softcap=None,
+    vocab_size=None,
+):
   """JSD(β) computed from final hidden states chunk by chunk: no [tokens, V] logits tensor ever exists.
 
   Args:
@@ -403,23 +440,32 @@ def fused_generalized_jsd_loss(student_hidden, student_head, teacher_hidden, tea
   temperature = _check_temperature(temperature)
   _check_reduction(reduction)
   if student_head.ndim != 2 or teacher_head.ndim != 2:
-    raise ValueError(f"heads must be [hidden, vocab], got {tuple(student_head.shape)} and "
-                     f"{tuple(teacher_head.shape)}")
+    raise ValueError(
+        f"heads must be [hidden, vocab], got {tuple(student_head.shape)} and " f"{tuple(teacher_head.shape)}"
+    )
   if student_hidden.shape[-1] != student_head.shape[0]:
-    raise ValueError(f"student_hidden width {student_hidden.shape[-1]} != student_head rows "
-                     f"{student_head.shape[0]} (shapes {tuple(student_hidden.shape)}, {tuple(student_head.shape)})")
+    raise ValueError(
+        f"student_hidden width {student_hidden.shape[-1]} != student_head rows "
+        f"{student_head.shape[0]} (shapes {tuple(student_hidden.shape)}, {tuple(student_head.shape)})"
+    )
   if teacher_hidden.shape[-1] != teacher_head.shape[0]:
-    raise ValueError(f"teacher_hidden width {teacher_hidden.shape[-1]} != teacher_head rows "
-                     f"{teacher_head.shape[0]} (shapes {tuple(teacher_hidden.shape)}, {tuple(teacher_head.shape)})")
+    raise ValueError(
+        f"teacher_hidden width {teacher_hidden.shape[-1]} != teacher_head rows "
+        f"{teacher_head.shape[0]} (shapes {tuple(teacher_hidden.shape)}, {tuple(teacher_head.shape)})"
+    )
   if tuple(student_hidden.shape[:-1]) != tuple(teacher_hidden.shape[:-1]):
-    raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
-                     f"{tuple(teacher_hidden.shape)} must agree on all dims but the last")
+    raise ValueError(
+        f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+        f"{tuple(teacher_hidden.shape)} must agree on all dims but the last"
+    )
   _check_mask(mask, student_hidden.shape[:-1], what="hidden states")
   shared = min(student_head.shape[1], teacher_head.shape[1])
   vocab_size = shared if vocab_size is None else int(vocab_size)
   if not 1 <= vocab_size <= shared:
-    raise ValueError(f"vocab_size {vocab_size} must be in [1, min(student {student_head.shape[1]}, "
-                     f"teacher {teacher_head.shape[1]})]")
+    raise ValueError(
+        f"vocab_size {vocab_size} must be in [1, min(student {student_head.shape[1]}, "
+        f"teacher {teacher_head.shape[1]})]"
+    )
   chunk_size = _default_chunk(chunk_size, vocab_size)
 
   token_shape = student_hidden.shape[:-1]
@@ -430,16 +476,22 @@ def fused_generalized_jsd_loss(student_hidden, student_head, teacher_hidden, tea
   pad = n_chunks * chunk - n
 
   def chunked(x):  # [..., D] -> [n_chunks, chunk, D] with zero rows (masked out) as padding
-    x = x.reshape(n, *x.shape[len(token_shape):])
+    x = x.reshape(n, *x.shape[len(token_shape) :])
     x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
     return x.reshape(n_chunks, chunk, *x.shape[1:])
 
   hs, ht, m = chunked(student_hidden), chunked(teacher_hidden), chunked(mask)
   teacher = jax.lax.stop_gradient((teacher_head, teacher_bias))
   ht = jax.lax.stop_gradient(ht)
-  spec = _FusedSpec(beta, temperature, vocab_size, float(student_logit_scale), float(teacher_logit_scale),
-                    None if student_softcap is None else float(student_softcap),
-                    None if teacher_softcap is None else float(teacher_softcap))
+  spec = _FusedSpec(
+      beta,
+      temperature,
+      vocab_size,
+      float(student_logit_scale),
+      float(teacher_logit_scale),
+      None if student_softcap is None else float(student_softcap),
+      None if teacher_softcap is None else float(teacher_softcap),
+  )
 
   if reduction in ("mean", "sum"):
     total = _fused_sum(spec, (student_head, student_bias), hs, teacher, ht, m)
@@ -455,6 +507,7 @@ def fused_generalized_jsd_loss(student_hidden, student_head, teacher_hidden, tea
 
 class _FusedSpec(NamedTuple):
   """Static settings of the fused loss (hashable, so it can be a nondiff argument of the custom VJP)."""
+
   beta: float
   temperature: float
   vocab_size: int
@@ -527,12 +580,13 @@ def _fused_sum_fwd(spec, student, hs, teacher, ht, m):
     # that the [chunk, V] cotangent lives only inside this iteration.
     t_head, t_bias = teacher
     t_logits = _head_activation(_raw_logits(h_t, t_head, t_bias, spec.vocab_size), spec.t_scale, spec.t_cap)
-    s_logits, activation_vjp = jax.vjp(lambda z: _head_activation(z, spec.s_scale, spec.s_cap),
-                                       _raw_logits(h, head, bias, spec.vocab_size))
+    s_logits, activation_vjp = jax.vjp(
+        lambda z: _head_activation(z, spec.s_scale, spec.s_cap), _raw_logits(h, head, bias, spec.vocab_size)
+    )
     per_token, dz = _jsd_and_student_logit_grad(s_logits, t_logits, spec.beta, spec.temperature)
     mm = mm.astype(acc)
     loss = jnp.sum(per_token * mm)
-    dz, = activation_vjp(dz * mm[:, None])
+    (dz,) = activation_vjp(dz * mm[:, None])
     # Columns past the shared vocabulary get zero gradient.
     dz = jnp.pad(dz, [(0, 0), (0, head.shape[1] - spec.vocab_size)]).astype(h.dtype)
     dh = jnp.dot(dz, head.T, preferred_element_type=acc)
@@ -558,8 +612,9 @@ def _add_outer_product(acc, h, dz):
 
   def add_block(start, acc, size):
     block = jax.lax.dynamic_slice_in_dim(acc, start, size, axis=1)
-    block = block + jnp.dot(h.T, jax.lax.dynamic_slice_in_dim(dz, start, size, axis=1),
-                            preferred_element_type=acc.dtype)
+    block = block + jnp.dot(
+        h.T, jax.lax.dynamic_slice_in_dim(dz, start, size, axis=1), preferred_element_type=acc.dtype
+    )
     return jax.lax.dynamic_update_slice_in_dim(acc, block, start, axis=1)
 
   acc = jax.lax.fori_loop(0, n_blocks, lambda j, a: add_block(j * size, a, size), acc)
@@ -572,8 +627,7 @@ def _fused_sum_bwd(spec, residuals, g):
   (d_head, d_bias), d_hs, teacher, ht, m = residuals
   scale = lambda x: None if x is None else (g * x).astype(x.dtype)
   zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-  return ((scale(d_head), scale(d_bias)), scale(d_hs), zeros(teacher), zeros(ht),
-          np.zeros(m.shape, jax.dtypes.float0))
+  return ((scale(d_head), scale(d_bias)), scale(d_hs), zeros(teacher), zeros(ht), np.zeros(m.shape, jax.dtypes.float0))
 
 
 _fused_sum.defvjp(_fused_sum_fwd, _fused_sum_bwd)
@@ -587,16 +641,30 @@ def _default_chunk(chunk_size, vocab_size):
   return chunk_size
 
 
-def fused_nll_loss(hidden, head, targets, mask=None, *, chunk_size=None, bias=None, logit_scale=1.0,
-                   softcap=None, vocab_size=None, reduction="mean", num_items=None):
+def fused_nll_loss(
+    hidden,
+    head,
+    targets,
+    mask=None,
+    *,
+    chunk_size=None,
+    bias=None,
+    logit_scale=1.0,
+    softcap=None,
+    vocab_size=None,
+    reduction="mean",
+    num_items=None,
+):
   """`nll_loss` computed from hidden states [..., H] and an LM head [H, V] chunk by chunk (the SFT term of
   the fused path): a rematerialized scan, so no [tokens, V] logits exist in the forward or backward pass."""
   _check_reduction(reduction)
   if head.ndim != 2 or hidden.shape[-1] != head.shape[0]:
     raise ValueError(f"hidden width {hidden.shape[-1]} must equal the head's rows (head shape {tuple(head.shape)})")
   if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-    raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden shape without the last dim "
-                     f"{tuple(hidden.shape[:-1])}")
+    raise ValueError(
+        f"targets shape {tuple(targets.shape)} must equal hidden shape without the last dim "
+        f"{tuple(hidden.shape[:-1])}"
+    )
   _check_mask(mask, hidden.shape[:-1], what="hidden states")
   vocab_size = head.shape[1] if vocab_size is None else int(vocab_size)
   chunk_size = _default_chunk(chunk_size, vocab_size)
@@ -606,7 +674,7 @@ def fused_nll_loss(hidden, head, targets, mask=None, *, chunk_size=None, bias=No
   n_chunks = -(-n // chunk)
 
   def chunked(x):
-    x = x.reshape(n, *x.shape[len(token_shape):])
+    x = x.reshape(n, *x.shape[len(token_shape) :])
     x = jnp.pad(x, [(0, n_chunks * chunk - n)] + [(0, 0)] * (x.ndim - 1))
     return x.reshape(n_chunks, chunk, *x.shape[1:])
 

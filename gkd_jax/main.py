@@ -4,15 +4,21 @@
 offline pipeline of configs/default.py, gkd_jax.demos.arithmetic) or "bigram" (GKD between bigram LMs,
 gkd_jax.demos.bigram).
 """
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/NAME.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and exports.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train, or eval: evaluate the workdir's latest checkpoint (or the initial student).")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval"],
+    "train, or eval: evaluate the workdir's latest checkpoint (or the initial student).",
+)
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Multi-host run: jax.distributed.initialize() (auto-detects TPU pods, SLURM, ...).")
+    "distributed", False, "Multi-host run: jax.distributed.initialize() (auto-detects TPU pods, SLURM, ...)."
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
@@ -22,6 +28,7 @@ def initialize_distributed():
   """Joins the multi-host runtime when asked: each host then feeds its shard of the global batch and the
   train step runs as one SPMD program over all hosts' devices."""
   import jax
+
   if _COORDINATOR.value:
     # CPU hosts need a collectives backend for cross-process reductions (ignored on GPU / TPU).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -34,13 +41,16 @@ def run(config, workdir, mode="train"):
   job = config.get("job", "train")
   if job == "demo":
     from gkd_jax.demos import arithmetic
+
     return arithmetic.run(config, workdir)
   if job == "bigram":
     from gkd_jax.demos import bigram
+
     return bigram.run(config, workdir)
   if job == "train":
     from gkd_jax import config as config_lib
     from gkd_jax import trainer
+
     config_lib.validate(config)
     return trainer.train(config, workdir) if mode == "train" else trainer.evaluate_workdir(config, workdir)
   raise ValueError(f"config.job={job!r} is invalid: must be one of ('train', 'demo', 'bigram')")

@@ -1,4 +1,5 @@
 """Run metrics: JSON lines + TensorBoard event files in the workdir, FLOP counts and an MFU estimate."""
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ class MetricsWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     from tensorboardX import SummaryWriter
+
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_step + 1)
 
   def _file(self, prefix: str):
@@ -73,8 +75,15 @@ def forward_flops_per_token(config, context: int) -> float:
   return 2.0 * weights + attention
 
 
-def step_flops(student_config, teacher_config, batch: int, seq_len: int, completion_len: int,
-               generated: int = 0, generator_config=None) -> dict:
+def step_flops(
+    student_config,
+    teacher_config,
+    batch: int,
+    seq_len: int,
+    completion_len: int,
+    generated: int = 0,
+    generator_config=None,
+) -> dict:
   """Estimated FLOPs of one optimizer step, split by phase.
 
   student: forward + backward (3× forward) over the whole sequence; teacher: one forward; generation:
@@ -82,8 +91,9 @@ def step_flops(student_config, teacher_config, batch: int, seq_len: int, complet
   """
   context = seq_len / 2  # mean causal context
   out = {"student": 3.0 * batch * seq_len * forward_flops_per_token(student_config, context)}
-  out["teacher"] = (batch * seq_len * forward_flops_per_token(teacher_config, context)
-                    if teacher_config is not None else 0.0)
+  out["teacher"] = (
+      batch * seq_len * forward_flops_per_token(teacher_config, context) if teacher_config is not None else 0.0
+  )
   gen = generator_config or student_config
   out["generation"] = batch * generated * forward_flops_per_token(gen, seq_len - completion_len / 2)
   return out
@@ -101,4 +111,4 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 3) -> fl
     t0 = time.perf_counter()
     jax.block_until_ready([matmul(a) for a in x])
     best = min(best, time.perf_counter() - t0)
-  return 2.0 * n ** 3 * len(devices) / best
+  return 2.0 * n**3 * len(devices) / best

@@ -1,4 +1,5 @@
 """Optimizer and learning-rate schedule from config values (optax)."""
+
 from __future__ import annotations
 
 import jax
@@ -7,14 +8,17 @@ import optax
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def learning_rate_schedule(learning_rate: float, total_steps: int, *, warmup_steps: int = 0,
-                           schedule: str = "cosine", end_factor: float = 0.0) -> optax.Schedule:
+def learning_rate_schedule(
+    learning_rate: float, total_steps: int, *, warmup_steps: int = 0, schedule: str = "cosine", end_factor: float = 0.0
+) -> optax.Schedule:
   """Linear warmup from 0 to `learning_rate`, then cosine/linear decay to end_factor·lr, or constant."""
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   if learning_rate < 0 or total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-    raise ValueError(f"need learning_rate ≥ 0, total_steps ≥ 1 and 0 ≤ warmup_steps ≤ total_steps, got "
-                     f"learning_rate={learning_rate}, total_steps={total_steps}, warmup_steps={warmup_steps}")
+    raise ValueError(
+        f"need learning_rate ≥ 0, total_steps ≥ 1 and 0 ≤ warmup_steps ≤ total_steps, got "
+        f"learning_rate={learning_rate}, total_steps={total_steps}, warmup_steps={warmup_steps}"
+    )
   decay_steps = max(total_steps - warmup_steps, 1)
   end = learning_rate * end_factor
   if schedule == "cosine":
@@ -28,9 +32,18 @@ def learning_rate_schedule(learning_rate: float, total_steps: int, *, warmup_ste
   return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps])
 
 
-def make_optimizer(learning_rate: float, total_steps: int, *, warmup_steps: int = 0, schedule: str = "cosine",
-                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   max_grad_norm: float | None = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    learning_rate: float,
+    total_steps: int,
+    *,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    max_grad_norm: float | None = 1.0,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW behind global-norm clipping. Weight decay skips 1-D params (norm scales, biases)."""
   lr = learning_rate_schedule(learning_rate, total_steps, warmup_steps=warmup_steps, schedule=schedule)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)

@@ -17,6 +17,7 @@ Concurrent requests are queued and batched into one jitted forward, padded to bu
 in batch and length) so the number of compilations stays bounded. The forward runs in a worker thread so the
 event loop keeps answering. Bad requests get HTTP 400 with a message naming the field; a full queue gets 503.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,10 +60,11 @@ def _bucket(n: int, lo: int, hi: int) -> int:
 class Scored:
   """One prompt's result (numpy, length n = number of prompt tokens). Row t is the distribution that
   predicts token t+1, so `token_logprob[t]` / `token_rank[t]` refer to prompt token t+1."""
-  top_logprobs: np.ndarray   # [n, K] float32, descending
-  top_ids: np.ndarray        # [n, K] int32
+
+  top_logprobs: np.ndarray  # [n, K] float32, descending
+  top_ids: np.ndarray  # [n, K] int32
   token_logprob: np.ndarray  # [n-1] float32
-  token_rank: np.ndarray     # [n-1] int32, 1 = most likely
+  token_rank: np.ndarray  # [n-1] int32, 1 = most likely
 
 
 class TeacherEngine:
@@ -71,8 +73,17 @@ class TeacherEngine:
   `score(prompts)` is blocking and not thread-safe; the server calls it from a single worker thread.
   """
 
-  def __init__(self, model, *, max_logprobs: int, max_seq_len: int, max_batch_size: int,
-               max_batch_tokens: int | None = None, min_len_bucket: int = 16, tokenizer=None):
+  def __init__(
+      self,
+      model,
+      *,
+      max_logprobs: int,
+      max_seq_len: int,
+      max_batch_size: int,
+      max_batch_tokens: int | None = None,
+      min_len_bucket: int = 16,
+      tokenizer=None,
+  ):
     self.vocab_size = int(model.config.vocab_size)
     if not 1 <= max_logprobs <= self.vocab_size:
       raise ValueError(f"max_logprobs must be in [1, {self.vocab_size}] (the vocabulary), got {max_logprobs}")
@@ -81,8 +92,10 @@ class TeacherEngine:
     self.max_logprobs, self.max_seq_len, self.max_batch_size = max_logprobs, max_seq_len, max_batch_size
     self.max_batch_tokens = max_batch_tokens or max_seq_len * max_batch_size
     if self.max_batch_tokens < max_seq_len:
-      raise ValueError(f"max_batch_tokens {self.max_batch_tokens} < max_seq_len {max_seq_len}: a longest "
-                       "prompt would never fit in a batch")
+      raise ValueError(
+          f"max_batch_tokens {self.max_batch_tokens} < max_seq_len {max_seq_len}: a longest "
+          "prompt would never fit in a batch"
+      )
     self.min_len_bucket = min(min_len_bucket, max_seq_len)
     self.tokenizer = tokenizer
     self._decoded: dict[int, str] = {}
@@ -115,18 +128,20 @@ class TeacherEngine:
     b, t = self.batch_bucket(len(prompts)), self.len_bucket(max(len(p) for p in prompts))
     ids = np.zeros((b, t), np.int32)
     mask = np.zeros((b, t), np.int32)
-    mask[len(prompts):, 0] = 1  # Filler rows get one real token so no row attends to nothing.
+    mask[len(prompts) :, 0] = 1  # Filler rows get one real token so no row attends to nothing.
     for row, p in enumerate(prompts):
-      ids[row, :len(p)] = p
-      mask[row, :len(p)] = 1  # Right padding: causal attention keeps real positions exact.
+      ids[row, : len(p)] = p
+      mask[row, : len(p)] = 1  # Right padding: causal attention keeps real positions exact.
     self.compiled_shapes.add((b, t))
     top_v, top_i, tok_lp, rank = jax.device_get(self._score(self._state, ids, mask))
-    if np.isnan(top_v[:len(prompts)]).any():
+    if np.isnan(top_v[: len(prompts)]).any():
       raise FloatingPointError("the teacher forward produced NaN log-probabilities")
     # Strict JSON has no -inf; vLLM clamps the same way.
     top_v, tok_lp = np.maximum(top_v, -9999.0), np.maximum(tok_lp, -9999.0)
-    return [Scored(top_v[r, :len(p)], top_i[r, :len(p)], tok_lp[r, :len(p) - 1], rank[r, :len(p) - 1])
-            for r, p in enumerate(prompts)]
+    return [
+        Scored(top_v[r, : len(p)], top_i[r, : len(p)], tok_lp[r, : len(p) - 1], rank[r, : len(p) - 1])
+        for r, p in enumerate(prompts)
+    ]
 
   def decode(self, token_id: int) -> str | None:
     """The token's text (vLLM's decoded_token); None without a tokenizer. Cached per id."""
@@ -141,8 +156,12 @@ class TeacherEngine:
   def buckets(self) -> list[tuple[int, int]]:
     """Every (batch, length) shape the server can compile, within max_batch_tokens."""
     sizes = lambda lo, hi: sorted({_bucket(1 << i, lo, hi) for i in range(hi.bit_length() + 1)})
-    return [(b, t) for b in sizes(1, self.max_batch_size) for t in sizes(self.min_len_bucket, self.max_seq_len)
-            if b == 1 or b * t <= self.max_batch_tokens]
+    return [
+        (b, t)
+        for b in sizes(1, self.max_batch_size)
+        for t in sizes(self.min_len_bucket, self.max_seq_len)
+        if b == 1 or b * t <= self.max_batch_tokens
+    ]
 
   def warmup(self, which: str = "largest"):
     """Compiles before serving: "largest" (the biggest and the smallest shapes), "all" buckets, or "none"."""
@@ -174,8 +193,16 @@ class Batcher:
     self._wake: asyncio.Event | None = None
     self._task: asyncio.Task | None = None
     self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="teacher-forward")
-    self.stats = dict(requests=0, prompts=0, tokens=0, forwards=0, max_batch=0, rejected=0, errors=0,
-                      batch_sizes=collections.Counter())
+    self.stats = dict(
+        requests=0,
+        prompts=0,
+        tokens=0,
+        forwards=0,
+        max_batch=0,
+        rejected=0,
+        errors=0,
+        batch_sizes=collections.Counter(),
+    )
 
   async def start(self):
     self._wake = asyncio.Event()
@@ -263,8 +290,9 @@ def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
-def parse_request(body, *, vocab_size: int, max_logprobs: int, max_seq_len: int, max_prompts: int,
-                  model_names: tuple[str, ...]):
+def parse_request(
+    body, *, vocab_size: int, max_logprobs: int, max_seq_len: int, max_prompts: int, model_names: tuple[str, ...]
+):
   """Validates a /v1/completions body -> (prompts, k or None, max_tokens). Raises BadRequest naming the field."""
   if not isinstance(body, dict):
     raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
@@ -294,13 +322,15 @@ def parse_request(body, *, vocab_size: int, max_logprobs: int, max_seq_len: int,
         raise BadRequest(f"'{name}[{j}]' = {tok} is outside the vocabulary [0, {vocab_size})")
   k = body.get("prompt_logprobs")
   if k is not None and (not _is_int(k) or not 0 <= k <= max_logprobs):
-    raise BadRequest(f"'prompt_logprobs' must be an integer in [0, {max_logprobs}] (the server's "
-                     f"--max-logprobs), got {k!r}")
+    raise BadRequest(
+        f"'prompt_logprobs' must be an integer in [0, {max_logprobs}] (the server's " f"--max-logprobs), got {k!r}"
+    )
   max_tokens = body.get("max_tokens")
   max_tokens = 1 if max_tokens is None else max_tokens  # OpenAI's "as many as allowed": one here.
   if not _is_int(max_tokens) or max_tokens not in (0, 1):
-    raise BadRequest(f"'max_tokens' must be 0 or 1 (this server scores prompts, it does not generate), "
-                     f"got {max_tokens!r}")
+    raise BadRequest(
+        f"'max_tokens' must be 0 or 1 (this server scores prompts, it does not generate), " f"got {max_tokens!r}"
+    )
   if body.get("stream"):
     raise BadRequest("'stream' is not supported")
   if body.get("n", 1) != 1 or body.get("best_of") not in (None, 1):
@@ -317,8 +347,9 @@ def prompt_logprobs_json(engine: TeacherEngine, prompt: list[int], res: Scored, 
   tok_lp, tok_rank = res.token_logprob.tolist(), res.token_rank.tolist()
   for t in range(1, len(prompt)):
     # The actual token first (vLLM's order); a top-k duplicate keeps its top-k entry, which is identical.
-    entry = {str(prompt[t]): {"logprob": tok_lp[t - 1], "rank": tok_rank[t - 1],
-                              "decoded_token": engine.decode(prompt[t])}}
+    entry = {
+        str(prompt[t]): {"logprob": tok_lp[t - 1], "rank": tok_rank[t - 1], "decoded_token": engine.decode(prompt[t])}
+    }
     for r, (v, i) in enumerate(zip(top_v[t - 1], top_i[t - 1])):
       entry[str(i)] = {"logprob": v, "rank": r + 1, "decoded_token": engine.decode(i)}
     out.append(entry)
@@ -331,20 +362,43 @@ def completion_json(engine, model_name, prompts, results, k, max_tokens) -> dict
     text = ""
     if max_tokens:
       text = engine.decode(int(res.top_ids[-1, 0])) or ""  # Greedy next token.
-    choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None,
-                    "prompt_logprobs": None if k is None else prompt_logprobs_json(engine, p, res, k)})
+    choices.append(
+        {
+            "index": i,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": "length",
+            "stop_reason": None,
+            "prompt_logprobs": None if k is None else prompt_logprobs_json(engine, p, res, k),
+        }
+    )
   n_prompt = sum(map(len, prompts))
-  return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-          "model": model_name, "choices": choices,
-          "usage": {"prompt_tokens": n_prompt, "completion_tokens": max_tokens * len(prompts),
-                    "total_tokens": n_prompt + max_tokens * len(prompts)}}
+  return {
+      "id": f"cmpl-{uuid.uuid4().hex}",
+      "object": "text_completion",
+      "created": int(time.time()),
+      "model": model_name,
+      "choices": choices,
+      "usage": {
+          "prompt_tokens": n_prompt,
+          "completion_tokens": max_tokens * len(prompts),
+          "total_tokens": n_prompt + max_tokens * len(prompts),
+      },
+  }
 
 
 # --------------------------------------------------------------------------------------------- the app
 
 
-def make_app(engine: TeacherEngine, model_name: str, *, max_queue: int = 256, max_prompts: int = 64,
-             max_body_bytes: int = 64 << 20, batch_wait_s: float = 0.002):
+def make_app(
+    engine: TeacherEngine,
+    model_name: str,
+    *,
+    max_queue: int = 256,
+    max_prompts: int = 64,
+    max_body_bytes: int = 64 << 20,
+    batch_wait_s: float = 0.002,
+):
   """The aiohttp application. The batcher starts and stops with the app."""
   web = _aiohttp_web()
   batcher = Batcher(engine, max_queue=max_queue, batch_wait_s=batch_wait_s)
@@ -352,21 +406,32 @@ def make_app(engine: TeacherEngine, model_name: str, *, max_queue: int = 256, ma
   created = int(time.time())
 
   def error(status, message, kind):
-    return web.json_response({"object": "error", "message": message, "type": kind, "code": status},
-                             status=status)
+    return web.json_response({"object": "error", "message": message, "type": kind, "code": status}, status=status)
 
   async def health(_):
     return web.json_response({"status": "ok"})
 
   async def models(_):
-    card = {"id": model_name, "object": "model", "created": created, "owned_by": "gkd_jax", "root": model_name,
-            "parent": None, "max_model_len": engine.max_seq_len, "max_logprobs": engine.max_logprobs,
-            "vocab_size": engine.vocab_size}
+    card = {
+        "id": model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "gkd_jax",
+        "root": model_name,
+        "parent": None,
+        "max_model_len": engine.max_seq_len,
+        "max_logprobs": engine.max_logprobs,
+        "vocab_size": engine.vocab_size,
+    }
     return web.json_response({"object": "list", "data": [card]})
 
   async def stats(_):
-    s = dict(batcher.stats, batch_sizes={str(b): c for b, c in sorted(batcher.stats["batch_sizes"].items())},
-             queued=len(batcher._pending), compiled_shapes=sorted(engine.compiled_shapes))
+    s = dict(
+        batcher.stats,
+        batch_sizes={str(b): c for b, c in sorted(batcher.stats["batch_sizes"].items())},
+        queued=len(batcher._pending),
+        compiled_shapes=sorted(engine.compiled_shapes),
+    )
     return web.json_response(s)
 
   async def completions(request):
@@ -378,8 +443,13 @@ def make_app(engine: TeacherEngine, model_name: str, *, max_queue: int = 256, ma
       return error(400, f"request body is not valid JSON: {e}", "BadRequestError")
     try:
       prompts, k, max_tokens = parse_request(
-          body, vocab_size=engine.vocab_size, max_logprobs=engine.max_logprobs, max_seq_len=engine.max_seq_len,
-          max_prompts=max_prompts, model_names=(model_name,))
+          body,
+          vocab_size=engine.vocab_size,
+          max_logprobs=engine.max_logprobs,
+          max_seq_len=engine.max_seq_len,
+          max_prompts=max_prompts,
+          model_names=(model_name,),
+      )
     except BadRequest as e:
       return error(400, str(e), "BadRequestError")
     try:
@@ -397,7 +467,8 @@ def make_app(engine: TeacherEngine, model_name: str, *, max_queue: int = 256, ma
         f.cancel()  # No-op when done; frees queue slots of a request that was cancelled mid-way.
     # Building and encoding the JSON is the other heavy part: keep it off the event loop too.
     text = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: json.dumps(completion_json(engine, model_name, prompts, results, k, max_tokens)))
+        None, lambda: json.dumps(completion_json(engine, model_name, prompts, results, k, max_tokens))
+    )
     return web.Response(text=text, content_type="application/json")
 
   async def on_startup(_):
@@ -418,8 +489,8 @@ def make_app(engine: TeacherEngine, model_name: str, *, max_queue: int = 256, ma
 class ServerThread:
   """Runs an app on host:port (0 = a free port) in a background thread: tests, notebooks, one-process setups.
 
-      with ServerThread(app) as server:
-        client = TeacherClient(server.url, k=8)
+  with ServerThread(app) as server:
+    client = TeacherClient(server.url, k=8)
   """
 
   def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
@@ -468,11 +539,13 @@ class ServerThread:
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
-def build_engine(model_path: str, *, dtype: str = "bfloat16", mesh: str | None = None, tokenizer: str | None = "",
-                 **engine_kw) -> TeacherEngine:
+def build_engine(
+    model_path: str, *, dtype: str = "bfloat16", mesh: str | None = None, tokenizer: str | None = "", **engine_kw
+) -> TeacherEngine:
   """Loads the checkpoint (and its tokenizer, for decoded_token; "" = the model's own, None = none)."""
   from gkd_jax import sharding
   from gkd_jax.models import from_pretrained, load_tokenizer
+
   jax_mesh = None
   if mesh:
     sizes = [int(s) for s in mesh.split(",")]
@@ -505,22 +578,44 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype (float32 for exactness)")
   p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 1,-1,1 (default: one device)")
   p.add_argument("--tokenizer", default="", help="for decoded_token (default: the model's)")
-  p.add_argument("--warmup", default="largest", choices=("largest", "all", "none"),
-                 help="shapes to compile before serving: all buckets avoids compile stalls mid-run")
+  p.add_argument(
+      "--warmup",
+      default="largest",
+      choices=("largest", "all", "none"),
+      help="shapes to compile before serving: all buckets avoids compile stalls mid-run",
+  )
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-  engine = build_engine(args.model, dtype=args.dtype, mesh=args.mesh, tokenizer=args.tokenizer,
-                        max_logprobs=args.max_logprobs, max_seq_len=args.max_seq_len,
-                        max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens)
+  engine = build_engine(
+      args.model,
+      dtype=args.dtype,
+      mesh=args.mesh,
+      tokenizer=args.tokenizer,
+      max_logprobs=args.max_logprobs,
+      max_seq_len=args.max_seq_len,
+      max_batch_size=args.max_batch_size,
+      max_batch_tokens=args.max_batch_tokens,
+  )
   t0 = time.time()
   engine.warmup(args.warmup)
   log.info("warm-up (%s) compiled in %.1fs", args.warmup, time.time() - t0)
-  app = make_app(engine, args.served_model_name or args.model, max_queue=args.max_queue,
-                 max_prompts=args.max_prompts_per_request, max_body_bytes=int(args.max_body_mb * 2**20),
-                 batch_wait_s=args.batch_wait_ms / 1000)
-  log.info("serving %s on http://%s:%d (max_logprobs=%d, vocab=%d)", args.model, args.host, args.port,
-           engine.max_logprobs, engine.vocab_size)
+  app = make_app(
+      engine,
+      args.served_model_name or args.model,
+      max_queue=args.max_queue,
+      max_prompts=args.max_prompts_per_request,
+      max_body_bytes=int(args.max_body_mb * 2**20),
+      batch_wait_s=args.batch_wait_ms / 1000,
+  )
+  log.info(
+      "serving %s on http://%s:%d (max_logprobs=%d, vocab=%d)",
+      args.model,
+      args.host,
+      args.port,
+      engine.max_logprobs,
+      engine.vocab_size,
+  )
   _aiohttp_web().run_app(app, host=args.host, port=args.port, access_log=None, print=None)
 
 

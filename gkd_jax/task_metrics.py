@@ -1,9 +1,10 @@
 """Generation-based task metrics, chosen by `config.eval_metric`: completions (text) against dataset rows.
 
-  "math":       exact match of the final answer (GSM8K's "#### 42", else "answer is 42", else the last number)
-  "arithmetic": the offline arithmetic task's checker (answer and chain accuracy)
-  "rouge":      ROUGE-1/2/L F1 against the reference completion (rouge-score)
+"math":       exact match of the final answer (GSM8K's "#### 42", else "answer is 42", else the last number)
+"arithmetic": the offline arithmetic task's checker (answer and chain accuracy)
+"rouge":      ROUGE-1/2/L F1 against the reference completion (rouge-score)
 """
+
 from __future__ import annotations
 
 import re
@@ -40,13 +41,16 @@ def extract_answer(text: str) -> str | None:
 
 
 def math_exact_match(completions: Sequence[str], rows: Sequence[dict]) -> dict:
-  hits = [extract_answer(c) is not None and extract_answer(c) == extract_answer(reference_text(r, i))
-          for i, (c, r) in enumerate(zip(completions, rows))]
+  hits = [
+      extract_answer(c) is not None and extract_answer(c) == extract_answer(reference_text(r, i))
+      for i, (c, r) in enumerate(zip(completions, rows))
+  ]
   return {"accuracy": sum(hits) / len(hits), "count": len(hits)}
 
 
 def rouge(completions: Sequence[str], rows: Sequence[dict]) -> dict:
   from rouge_score import rouge_scorer
+
   scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
   totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
   for i, (c, r) in enumerate(zip(completions, rows)):
@@ -63,5 +67,6 @@ def get(name: str) -> Callable[[Sequence[str], Sequence[dict]], dict] | None:
     return None
   if name == "arithmetic":
     from gkd_jax.tasks import arithmetic
+
     return arithmetic.evaluate
   return {"math": math_exact_match, "rouge": rouge}[name]

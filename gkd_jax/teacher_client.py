@@ -18,6 +18,7 @@ flight) on a private event loop in a background thread; transient failures (conn
 HTTP 408/429/5xx) are retried with exponential backoff; anything else, or a response that does not match
 what was sent, raises `TeacherServerError` naming the URL and the problem.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -50,8 +51,9 @@ def _is_number(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def parse_prompt_logprobs(prompt_logprobs, token_ids, k: int, *, vocab_size: int | None = None,
-                          where: str = "response"):
+def parse_prompt_logprobs(
+    prompt_logprobs, token_ids, k: int, *, vocab_size: int | None = None, where: str = "response"
+):
   """One row's vLLM `prompt_logprobs` -> (values [n, k] float32, indices [n, k] int32) for its n tokens.
 
   Row t is the teacher's top-k for token t+1 (the server's entry t+1), sorted by log-prob; the last row and
@@ -71,11 +73,14 @@ def parse_prompt_logprobs(prompt_logprobs, token_ids, k: int, *, vocab_size: int
   for t in range(1, n):
     entry = prompt_logprobs[t]
     if not isinstance(entry, dict):
-      raise ValueError(f"{where}: prompt_logprobs[{t}] should be an object token-id -> logprob info, "
-                       f"got {repr(entry)[:60]}")
+      raise ValueError(
+          f"{where}: prompt_logprobs[{t}] should be an object token-id -> logprob info, " f"got {repr(entry)[:60]}"
+      )
     if str(token_ids[t]) not in entry:
-      raise ValueError(f"{where}: prompt_logprobs[{t}] lacks the prompt token {token_ids[t]}: the server did not "
-                       "score the tokens that were sent")
+      raise ValueError(
+          f"{where}: prompt_logprobs[{t}] lacks the prompt token {token_ids[t]}: the server did not "
+          "score the tokens that were sent"
+      )
     items = []
     for key, info in entry.items():
       try:
@@ -84,8 +89,10 @@ def parse_prompt_logprobs(prompt_logprobs, token_ids, k: int, *, vocab_size: int
         tok = -1
       lp = info.get("logprob") if isinstance(info, dict) else None
       if tok < 0 or not _is_number(lp) or math.isnan(lp) or lp > 1e-3:
-        raise ValueError(f"{where}: prompt_logprobs[{t}][{key!r}] = {repr(info)[:80]} is not a token id with a "
-                         "log-probability ≤ 0")
+        raise ValueError(
+            f"{where}: prompt_logprobs[{t}][{key!r}] = {repr(info)[:80]} is not a token id with a "
+            "log-probability ≤ 0"
+        )
       rank = info.get("rank")
       items.append((lp, tok, rank if _is_number(rank) else None))
     if len(items) > k:
@@ -134,9 +141,20 @@ class TeacherClient:
     api_key: sent as a Bearer token (vLLM `--api-key`).
   """
 
-  def __init__(self, url: str, k: int, *, model: str | None = None, timeout: float = 120.0, max_retries: int = 3,
-               backoff: float = 0.5, max_parallel: int = 8, rows_per_request: int = 1, vocab_size: int | None = None,
-               api_key: str | None = None):
+  def __init__(
+      self,
+      url: str,
+      k: int,
+      *,
+      model: str | None = None,
+      timeout: float = 120.0,
+      max_retries: int = 3,
+      backoff: float = 0.5,
+      max_parallel: int = 8,
+      rows_per_request: int = 1,
+      vocab_size: int | None = None,
+      api_key: str | None = None,
+  ):
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
       raise ValueError(f"k (gkd_logits_topk) must be a positive int for a teacher server, got {k!r}")
     if max_parallel < 1 or rows_per_request < 1 or max_retries < 0:
@@ -218,8 +236,9 @@ class TeacherClient:
         await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
       try:
         async with self._slots:
-          async with self._session.request(method, self.url + path, json=payload,
-                                           timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
+          async with self._session.request(
+              method, self.url + path, json=payload, timeout=aiohttp.ClientTimeout(total=self.timeout)
+          ) as resp:
             body = await resp.read()
             status = resp.status
       except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
@@ -269,8 +288,13 @@ class TeacherClient:
   async def _score(self, prompts: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Sends prompts in one request; returns each one's parsed (values [n, k], indices [n, k])."""
     await self._ensure_model()
-    payload = {"model": self.model, "prompt": prompts if len(prompts) > 1 else prompts[0],
-               "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": self.k}
+    payload = {
+        "model": self.model,
+        "prompt": prompts if len(prompts) > 1 else prompts[0],
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "prompt_logprobs": self.k,
+    }
     response = await self._request("POST", "/v1/completions", payload)
     choices = response.get("choices") if isinstance(response, dict) else None
     if not isinstance(choices, list) or len(choices) != len(prompts):
@@ -282,8 +306,11 @@ class TeacherClient:
       try:
         if not isinstance(choice, dict):
           raise ValueError(f"choices[{i}] is not an object")
-        out.append(parse_prompt_logprobs(choice.get("prompt_logprobs"), p, self.k, vocab_size=self.vocab_size,
-                                         where=f"choices[{i}]"))
+        out.append(
+            parse_prompt_logprobs(
+                choice.get("prompt_logprobs"), p, self.k, vocab_size=self.vocab_size, where=f"choices[{i}]"
+            )
+        )
       except ValueError as e:
         raise self._error(f"malformed /v1/completions response: {e}") from None
     return out
@@ -293,8 +320,8 @@ class TeacherClient:
     values = np.full((b, t, self.k), -np.inf, np.float32)
     indices = np.zeros((b, t, self.k), np.int32)
     rows = [r for r, (_, n) in enumerate(spans) if n > 0]
-    groups = [rows[i:i + self.rows_per_request] for i in range(0, len(rows), self.rows_per_request)]
-    prompts = lambda g: [ids[r, spans[r][0]:spans[r][0] + spans[r][1]].tolist() for r in g]
+    groups = [rows[i : i + self.rows_per_request] for i in range(0, len(rows), self.rows_per_request)]
+    prompts = lambda g: [ids[r, spans[r][0] : spans[r][0] + spans[r][1]].tolist() for r in g]
     tasks = [asyncio.ensure_future(self._score(prompts(g))) for g in groups]
     try:
       results = await asyncio.gather(*tasks)
@@ -305,5 +332,5 @@ class TeacherClient:
     for g, res in zip(groups, results):
       for r, (v, i) in zip(g, res):
         start, n = spans[r]
-        values[r, start:start + n], indices[r, start:start + n] = v, i
+        values[r, start : start + n], indices[r, start : start + n] = v, i
     return values, indices

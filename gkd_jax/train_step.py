@@ -11,6 +11,7 @@ Batch keys: prompt_ids, prompt_mask [B, P]; completion_ids, completion_mask [B, 
 (bool scalar: the sft term applies only when False); optional teacher_prompt_ids/_mask [B, Pt]; optional
 teacher_topk_values/_indices [B, C, k] (a teacher server's log-probs, aligned to completion columns).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,27 +32,33 @@ OBJECTIVES = ("gkd", "sft")
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static settings of the train step (hashable: a change compiles a new step)."""
-  objective: str = "gkd"          # "gkd": divergence (+ sft_alpha·NLL); "sft": NLL only, no teacher
-  teacher: str = "model"          # "model" (own params), "self" (OPSD dynamic: the student's params),
-                                  # "server" (top-k log-probs in the batch), "none" (sft)
-  divergence: str = "full"        # "full" vocabulary, "topk" (teacher's top-k), "fused" (chunked from hidden)
+
+  objective: str = "gkd"  # "gkd": divergence (+ sft_alpha·NLL); "sft": NLL only, no teacher
+  teacher: str = "model"  # "model" (own params), "self" (OPSD dynamic: the student's params),
+  # "server" (top-k log-probs in the batch), "none" (sft)
+  divergence: str = "full"  # "full" vocabulary, "topk" (teacher's top-k), "fused" (chunked from hidden)
   beta: float = 0.5
-  temperature: float = 0.9        # loss temperature (divides both logits)
+  temperature: float = 0.9  # loss temperature (divides both logits)
   topk: int | None = None
   sft_alpha: float = 0.0
-  vocab_size: int | None = None   # the tokenizer's vocabulary: both heads are cut to it
-  chunk_size: int | None = None   # fused path
+  vocab_size: int | None = None  # the tokenizer's vocabulary: both heads are cut to it
+  chunk_size: int | None = None  # fused path
   grad_accum_steps: int = 1
-  offload_teacher: bool = False   # teacher params live in host memory; brought to the device for its forward
+  offload_teacher: bool = False  # teacher params live in host memory; brought to the device for its forward
 
   def __post_init__(self):
-    for name, value, allowed in (("objective", self.objective, OBJECTIVES), ("teacher", self.teacher, TEACHERS),
-                                 ("divergence", self.divergence, DIVERGENCES)):
+    for name, value, allowed in (
+        ("objective", self.objective, OBJECTIVES),
+        ("teacher", self.teacher, TEACHERS),
+        ("divergence", self.divergence, DIVERGENCES),
+    ):
       if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     if (self.objective == "sft") != (self.teacher == "none"):
-      raise ValueError(f"objective={self.objective!r} needs teacher={'none' if self.objective == 'sft' else 'a teacher'}"
-                       f", got teacher={self.teacher!r}")
+      raise ValueError(
+          f"objective={self.objective!r} needs teacher={'none' if self.objective == 'sft' else 'a teacher'}"
+          f", got teacher={self.teacher!r}"
+      )
     if self.divergence == "topk" and not (isinstance(self.topk, int) and self.topk >= 1):
       raise ValueError(f"divergence='topk' needs topk ≥ 1, got {self.topk!r}")
     if self.teacher == "server" and self.divergence != "topk":
@@ -65,12 +72,12 @@ class StepConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
-  step: jax.Array           # int32 scalar: optimizer steps taken
-  params: Any               # the student's trainable params (nnx.State)
-  opt_state: Any            # optax state of the student only
-  teacher_params: Any       # frozen teacher params (nnx.State), or None (server / OPSD dynamic / sft)
-  rng: jax.Array            # root key; per-step keys are fold_in(rng, step)
-  base_params: Any = None   # with LoRA: the student's frozen weights (params then holds the adapters)
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any  # the student's trainable params (nnx.State)
+  opt_state: Any  # optax state of the student only
+  teacher_params: Any  # frozen teacher params (nnx.State), or None (server / OPSD dynamic / sft)
+  rng: jax.Array  # root key; per-step keys are fold_in(rng, step)
+  base_params: Any = None  # with LoRA: the student's frozen weights (params then holds the adapters)
 
 
 def create_train_state(student_params, tx, *, teacher_params=None, rng, base_params=None) -> TrainState:
@@ -78,9 +85,14 @@ def create_train_state(student_params, tx, *, teacher_params=None, rng, base_par
 
   student_params are the trainable params: the whole student, or its LoRA adapters (then base_params
   holds the frozen weights they are merged into)."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=student_params,
-                    opt_state=jax.jit(tx.init)(student_params), teacher_params=teacher_params, rng=rng,
-                    base_params=base_params)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=student_params,
+      opt_state=jax.jit(tx.init)(student_params),
+      teacher_params=teacher_params,
+      rng=rng,
+      base_params=base_params,
+  )
 
 
 # --------------------------------------------------------------------------------------------- forwards
@@ -134,8 +146,9 @@ def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spe
   sizes = [student.config.vocab_size] + ([teacher_config.vocab_size] if cfg.teacher != "none" else [])
   vocab = cfg.vocab_size or min(sizes)
   if vocab > min(sizes):
-    raise ValueError(f"vocab_size {vocab} exceeds a model's embedding size {min(sizes)}: the models do not share "
-                     f"the tokenizer")
+    raise ValueError(
+        f"vocab_size {vocab} exceeds a model's embedding size {min(sizes)}: the models do not share " f"the tokenizer"
+    )
   with_nll = cfg.objective == "sft" or cfg.sft_alpha > 0  # the NLL costs a pass over [B, C, V]: only when used
   student_cap = student.config.final_logit_softcapping or None
   teacher_cap = teacher_config.final_logit_softcapping or None
@@ -164,32 +177,55 @@ def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spe
 
   def loss_fn(params, mb, teacher, num_items, sft_weight, base_params, with_nll=with_nll):
     student = nnx.merge(student_def, student_weights(params, base_params))
-    targets, mask, hidden = completion_hidden(student, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
-                                              mb["completion_mask"])
+    targets, mask, hidden = completion_hidden(
+        student, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"], mb["completion_mask"]
+    )
     kw = dict(mask=mask, num_items=num_items)
     sums = {}
     if cfg.divergence == "fused":
       head = student.lm_head_weight(vocab)
-      nll = (losses.fused_nll_loss(hidden, head, targets, softcap=student_cap, vocab_size=vocab,
-                                   chunk_size=cfg.chunk_size, **kw) if with_nll else None)
+      nll = (
+          losses.fused_nll_loss(
+              hidden, head, targets, softcap=student_cap, vocab_size=vocab, chunk_size=cfg.chunk_size, **kw
+          )
+          if with_nll
+          else None
+      )
       if cfg.objective == "gkd":
         distill = losses.fused_generalized_jsd_loss(
-            hidden, head, teacher["hidden"], teacher["head"], beta=cfg.beta, temperature=cfg.temperature,
-            chunk_size=cfg.chunk_size, vocab_size=vocab, student_softcap=student_cap, teacher_softcap=teacher_cap,
-            **kw)
-        sums = _fused_stats(hidden, head, student_cap, teacher["hidden"], teacher["head"], teacher_cap, mask, vocab,
-                            cfg.temperature)
+            hidden,
+            head,
+            teacher["hidden"],
+            teacher["head"],
+            beta=cfg.beta,
+            temperature=cfg.temperature,
+            chunk_size=cfg.chunk_size,
+            vocab_size=vocab,
+            student_softcap=student_cap,
+            teacher_softcap=teacher_cap,
+            **kw,
+        )
+        sums = _fused_stats(
+            hidden, head, student_cap, teacher["hidden"], teacher["head"], teacher_cap, mask, vocab, cfg.temperature
+        )
     else:
       logits = head_logits(student, hidden, vocab)
       nll = losses.nll_loss(logits, targets, **kw) if with_nll else None
       if cfg.objective == "gkd" and cfg.divergence == "full":
-        distill = losses.generalized_jsd_loss(logits, teacher["logits"], beta=cfg.beta,
-                                              temperature=cfg.temperature, **kw)
+        distill = losses.generalized_jsd_loss(
+            logits, teacher["logits"], beta=cfg.beta, temperature=cfg.temperature, **kw
+        )
         sums = _token_sums(losses.token_stats(logits, teacher["logits"], cfg.temperature), mask)
       elif cfg.objective == "gkd":
         distill = losses.topk_generalized_jsd_loss(
-            logits, teacher["values"], teacher["indices"], beta=cfg.beta, temperature=cfg.temperature,
-            values_are_logprobs=cfg.teacher == "server", **kw)
+            logits,
+            teacher["values"],
+            teacher["indices"],
+            beta=cfg.beta,
+            temperature=cfg.temperature,
+            values_are_logprobs=cfg.teacher == "server",
+            **kw,
+        )
         top1 = jnp.argmax(logits, -1) == teacher["indices"][..., 0]
         sums = {"top1_agreement": jnp.sum(jnp.where(mask, top1, False))}
     if cfg.objective == "sft":
@@ -206,8 +242,11 @@ def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spe
 
     def micro_step(carry, mb):
       grads_acc, aux_acc = carry
-      teacher = None if cfg.teacher == "none" else teacher_side(
-          state.teacher_params, student_weights(state.params, state.base_params), mb)
+      teacher = (
+          None
+          if cfg.teacher == "none"
+          else teacher_side(state.teacher_params, student_weights(state.params, state.base_params), mb)
+      )
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
       (loss, aux), grads = grad_fn(state.params, mb, teacher, num_items, sft_weight, state.base_params)
       aux = {"loss": loss, **aux}
@@ -224,8 +263,9 @@ def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spe
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     denom = jnp.maximum(num_items, 1).astype(jnp.float32)
-    metrics = {name: (value if name in ("loss", "distill_loss", "sft_loss") else value / denom)
-               for name, value in aux.items()}
+    metrics = {
+        name: (value if name in ("loss", "distill_loss", "sft_loss") else value / denom) for name, value in aux.items()
+    }
     metrics.update(grad_norm=optax.tree.norm(grads), lr=lr_schedule(state.step), tokens=num_items)
     new_state = dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
@@ -264,6 +304,7 @@ def _token_sums(stats, mask):
 
 def _fused_stats(hidden, head, cap, t_hidden, t_head, t_cap, mask, vocab, temperature):
   """Token sums of the diagnostics for the fused path, one sequence at a time ([C, V] logits at most)."""
+
   def project(h, w, c):
     z = jnp.dot(h, w, preferred_element_type=jnp.float32)[:, :vocab]
     return z if not c else c * jnp.tanh(z / c)

@@ -8,6 +8,7 @@ takes the teacher's distributions on those sequences and updates the student.
 
     python -m gkd_jax.main --config=configs/NAME.py --workdir=DIR
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,19 +60,29 @@ def step_config(config, vocab_size: int) -> ts.StepConfig:
   else:
     divergence = "fused" if config.fused_loss else "full"
   return ts.StepConfig(
-      objective=config.objective, teacher=kind, divergence=divergence, beta=config.beta,
+      objective=config.objective,
+      teacher=kind,
+      divergence=divergence,
+      beta=config.beta,
       temperature=config.temperature if config.loss_temperature is None else config.loss_temperature,
-      topk=config.gkd_logits_topk or None, sft_alpha=config.sft_alpha, vocab_size=vocab_size,
-      chunk_size=config.get("loss_chunk_size"), grad_accum_steps=config.grad_accum_steps,
-      offload_teacher=bool(config.offload_teacher_model) and kind == "model" and _host_memory_available())
+      topk=config.gkd_logits_topk or None,
+      sft_alpha=config.sft_alpha,
+      vocab_size=vocab_size,
+      chunk_size=config.get("loss_chunk_size"),
+      grad_accum_steps=config.grad_accum_steps,
+      offload_teacher=bool(config.offload_teacher_model) and kind == "model" and _host_memory_available(),
+  )
 
 
 def _host_memory_available() -> bool:
   kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
   if "pinned_host" in kinds:
     return True
-  logger.warning("offload_teacher_model: this backend has no pinned_host memory (it has %s); the teacher's "
-                 "params stay in device memory", sorted(kinds))
+  logger.warning(
+      "offload_teacher_model: this backend has no pinned_host memory (it has %s); the teacher's "
+      "params stay in device memory",
+      sorted(kinds),
+  )
   return False
 
 
@@ -81,6 +92,7 @@ def _host_memory_available() -> bool:
 @dataclasses.dataclass
 class Setup:
   """Everything built once at start-up."""
+
   config: Any
   mesh: jax.sharding.Mesh
   tokenizer: Any
@@ -89,14 +101,14 @@ class Setup:
   loader: data_lib.DataLoader
   step_cfg: ts.StepConfig
   state: ts.TrainState
-  train_step: Any            # jitted (state, batch) -> (state, metrics), state donated
+  train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
   batch_sharding: NamedSharding
   stop_ids: tuple
   lora_spec: lora.LoraSpec | None = None
-  teacher_client: Any = None   # TeacherClient when the teacher is a server
-  eval_step: Any = None        # jitted (state, batch) -> teacher-forced eval metrics
-  eval_loader: Any = None      # held-out batches (config.eval_split), or None
-  eval_rows: Any = None        # the held-out rows themselves, for the generation metric
+  teacher_client: Any = None  # TeacherClient when the teacher is a server
+  eval_step: Any = None  # jitted (state, batch) -> teacher-forced eval metrics
+  eval_loader: Any = None  # held-out batches (config.eval_split), or None
+  eval_rows: Any = None  # the held-out rows themselves, for the generation metric
 
 
 def _check_same_tokenizer(tokenizer, path: str):
@@ -107,21 +119,31 @@ def _check_same_tokenizer(tokenizer, path: str):
     logger.warning("no tokenizer next to %s; assuming it shares the student's", path)
     return
   if other.get_vocab() != tokenizer.get_vocab():
-    raise ValueError(f"teacher_model {path!r} uses a different tokenizer ({len(other)} tokens) than the student "
-                     f"({len(tokenizer)} tokens); GKD needs one shared tokenizer")
+    raise ValueError(
+        f"teacher_model {path!r} uses a different tokenizer ({len(other)} tokens) than the student "
+        f"({len(tokenizer)} tokens); GKD needs one shared tokenizer"
+    )
 
 
 def _rows(config, source, split):
   rows = data_lib.load_rows(source, split=split, name=config.dataset_config)
-  return data_lib.prepare_columns(rows, columns=config.dataset_columns.to_dict() or None,
-                                  teacher_prompt_template=config.teacher_prompt_template)
+  return data_lib.prepare_columns(
+      rows, columns=config.dataset_columns.to_dict() or None, teacher_prompt_template=config.teacher_prompt_template
+  )
 
 
 def _loader(config, tokenizer, rows, batch_size, **kw):
-  return data_lib.DataLoader(rows, tokenizer, batch_size=batch_size, seed=config.seed, max_length=config.max_length,
-                             buckets=tuple(config.get("length_buckets") or data_lib.DEFAULT_BUCKETS),
-                             max_prompt_length=config.max_prompt_length,
-                             max_completion_length=config.max_completion_length, **kw)
+  return data_lib.DataLoader(
+      rows,
+      tokenizer,
+      batch_size=batch_size,
+      seed=config.seed,
+      max_length=config.max_length,
+      buckets=tuple(config.get("length_buckets") or data_lib.DEFAULT_BUCKETS),
+      max_prompt_length=config.max_prompt_length,
+      max_completion_length=config.max_completion_length,
+      **kw,
+  )
 
 
 def build(config) -> Setup:
@@ -129,8 +151,10 @@ def build(config) -> Setup:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % batch_shards:
-    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the mesh's data×fsdp size "
-                     f"{batch_shards} (the batch is split over both)")
+    raise ValueError(
+        f"config.batch_size={config.batch_size} must be divisible by the mesh's data×fsdp size "
+        f"{batch_shards} (the batch is split over both)"
+    )
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
   tokenizer = models.load_tokenizer(config.tokenizer or config.model)
   student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
@@ -143,12 +167,23 @@ def build(config) -> Setup:
   vocab_size = len(tokenizer)
   cfg = step_config(config, vocab_size)
 
-  loader = _loader(config, tokenizer, _rows(config, config.dataset, config.dataset_split), config.batch_size,
-                   require_completion=config.lmbda < 1.0 and not config.seq_kd, drop_remainder=True)
+  loader = _loader(
+      config,
+      tokenizer,
+      _rows(config, config.dataset, config.dataset_split),
+      config.batch_size,
+      require_completion=config.lmbda < 1.0 and not config.seq_kd,
+      drop_remainder=True,
+  )
 
   tx, schedule = optim.make_optimizer(
-      config.learning_rate, config.total_steps, warmup_steps=config.warmup_steps, schedule=config.lr_schedule,
-      weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+      config.learning_rate,
+      config.total_steps,
+      warmup_steps=config.warmup_steps,
+      schedule=config.lr_schedule,
+      weight_decay=config.weight_decay,
+      max_grad_norm=config.max_grad_norm,
+  )
   params, base_params, lora_spec = nnx.state(student), None, lora_spec_from(config)
   if lora_spec is not None:  # train adapters only; the student's weights become a frozen input
     base_params = params
@@ -156,14 +191,17 @@ def build(config) -> Setup:
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     shardings = lora.adapter_shardings(jax.eval_shape(init, base_params, key), mesh)
     params = jax.jit(init, out_shardings=shardings)(base_params, key)  # created in place, on every host
-    logger.info("LoRA: %d trainable params (rank %d) on %s", lora.count(params), lora_spec.rank,
-                lora_spec.target_modules)
+    logger.info(
+        "LoRA: %d trainable params (rank %d) on %s", lora.count(params), lora_spec.rank, lora_spec.target_modules
+    )
   teacher_params = None if teacher is None else nnx.state(teacher)
   if cfg.offload_teacher:  # kept in host memory between steps; the step moves it in for the forward only
     teacher_params = jax.device_put(
-        teacher_params, jax.tree.map(lambda x: x.sharding.with_memory_kind("pinned_host"), teacher_params))
-  state = ts.create_train_state(params, tx, teacher_params=teacher_params, rng=jax.random.key(config.seed),
-                                base_params=base_params)
+        teacher_params, jax.tree.map(lambda x: x.sharding.with_memory_kind("pinned_host"), teacher_params)
+    )
+  state = ts.create_train_state(
+      params, tx, teacher_params=teacher_params, rng=jax.random.key(config.seed), base_params=base_params
+  )
   # Params already sit in their logical shardings; small host values (step, rng, optimizer counts) are put
   # on the mesh replicated — through jit, which also works when the mesh spans several processes.
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -172,36 +210,68 @@ def build(config) -> Setup:
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
   step_fn, eval_fn = ts.make_steps(student, tx, schedule, cfg, teacher=teacher, lora_spec=lora_spec)
-  train_step = jax.jit(step_fn, in_shardings=(state_sharding, None), out_shardings=(state_sharding, replicated),
-                       donate_argnums=0)
+  train_step = jax.jit(
+      step_fn, in_shardings=(state_sharding, None), out_shardings=(state_sharding, replicated), donate_argnums=0
+  )
   # Generation stops at the tokenizer's eos and at every eos the model's config names (Llama 3 has two).
   model_eos = student.config.eos_token_id
   stop_ids = sampling.normalize_stop_ids(
-      [t for t in [tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, (list, tuple)) else [model_eos])]
-       if t is not None])
+      [
+          t
+          for t in [tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, (list, tuple)) else [model_eos])]
+          if t is not None
+      ]
+  )
   eval_loader = eval_rows = None
   if config.eval_split:
     eval_rows = _rows(config, config.eval_dataset or config.dataset, config.eval_split)
     eval_rows = eval_rows.select(range(min(config.eval_rows, len(eval_rows))))
-    eval_loader = _loader(config, tokenizer, eval_rows, config.eval_batch_size, require_completion=True,
-                          shuffle=False, drop_remainder=False)
+    eval_loader = _loader(
+        config,
+        tokenizer,
+        eval_rows,
+        config.eval_batch_size,
+        require_completion=True,
+        shuffle=False,
+        drop_remainder=False,
+    )
   client = None
   if kind == "server":
     from gkd_jax.teacher_client import TeacherClient
+
     client = TeacherClient(config.teacher_model_server, config.gkd_logits_topk, vocab_size=vocab_size)
     client.check()  # fail at start-up, not at the first step
   eval_step = jax.jit(eval_fn, in_shardings=(state_sharding, None), out_shardings=replicated)
-  return Setup(config, mesh, tokenizer, student, teacher, loader, cfg, state, train_step, batch_sharding, stop_ids,
-               lora_spec, client, eval_step, eval_loader, eval_rows)
+  return Setup(
+      config,
+      mesh,
+      tokenizer,
+      student,
+      teacher,
+      loader,
+      cfg,
+      state,
+      train_step,
+      batch_sharding,
+      stop_ids,
+      lora_spec,
+      client,
+      eval_step,
+      eval_loader,
+      eval_rows,
+  )
 
 
 def lora_spec_from(config) -> lora.LoraSpec | None:
   if not config.lora_rank:
     return None
   targets = config.lora_target_modules
-  return lora.LoraSpec(rank=config.lora_rank, alpha=float(config.lora_alpha), use_rslora=config.lora_rslora,
-                       target_modules=tuple(t.strip() for t in targets.split(",")) if isinstance(targets, str)
-                       else tuple(targets))
+  return lora.LoraSpec(
+      rank=config.lora_rank,
+      alpha=float(config.lora_alpha),
+      use_rslora=config.lora_rslora,
+      target_modules=tuple(t.strip() for t in targets.split(",")) if isinstance(targets, str) else tuple(targets),
+  )
 
 
 def student_weights(setup: Setup):
@@ -232,19 +302,29 @@ def sample_completions(setup: Setup, mode: str, batch: dict, step: int):
     params = student_weights(setup) if setup.teacher is None else state.teacher_params
     graph = nnx.graphdef(setup.student if setup.teacher is None else setup.teacher)
     model = (graph, params)
-    prompt, mask = (("teacher_prompt_ids", "teacher_prompt_mask") if "teacher_prompt_ids" in batch
-                    else ("prompt_ids", "prompt_mask"))
+    prompt, mask = (
+        ("teacher_prompt_ids", "teacher_prompt_mask")
+        if "teacher_prompt_ids" in batch
+        else ("prompt_ids", "prompt_mask")
+    )
   key = jax.random.fold_in(jax.random.fold_in(state.rng, step), MODES.index(mode))
-  out = sampling.generate(model, _global(setup.batch_sharding, batch[prompt]),
-                          _global(setup.batch_sharding, batch[mask]), key=key,
-                          max_new_tokens=config.max_completion_length, temperature=config.temperature,
-                          top_k=config.get("top_k", 0), top_p=config.get("top_p", 1.0),
-                          eos_token_ids=setup.stop_ids, pad_token_id=setup.tokenizer.pad_token_id,
-                          vocab_size=setup.step_cfg.vocab_size)
+  out = sampling.generate(
+      model,
+      _global(setup.batch_sharding, batch[prompt]),
+      _global(setup.batch_sharding, batch[mask]),
+      key=key,
+      max_new_tokens=config.max_completion_length,
+      temperature=config.temperature,
+      top_k=config.get("top_k", 0),
+      top_p=config.get("top_p", 1.0),
+      eos_token_ids=setup.stop_ids,
+      pad_token_id=setup.tokenizer.pad_token_id,
+      vocab_size=setup.step_cfg.vocab_size,
+  )
   ids = np.asarray(multihost_utils.process_allgather(out.completion_ids, tiled=True))
   mask = np.asarray(multihost_utils.process_allgather(out.completion_mask, tiled=True))
   lo = jax.process_index() * setup.loader.local_batch_size
-  return ids[lo:lo + setup.loader.local_batch_size], mask[lo:lo + setup.loader.local_batch_size]
+  return ids[lo : lo + setup.loader.local_batch_size], mask[lo : lo + setup.loader.local_batch_size]
 
 
 def prepare_batch(setup: Setup, step: int) -> tuple[dict, str, float]:
@@ -256,9 +336,11 @@ def prepare_batch(setup: Setup, step: int) -> tuple[dict, str, float]:
   if mode == "dataset":
     missing = np.flatnonzero(batch["row_mask"] & ~batch["has_completion"])
     if len(missing):
-      raise ValueError(f"step {step} is an off-policy step (lmbda={config.lmbda}, seq_kd={config.seq_kd}) but "
-                       f"rows {missing.tolist()} of its batch have no completion; use lmbda=1 or seq_kd for "
-                       f"prompt-only data")
+      raise ValueError(
+          f"step {step} is an off-policy step (lmbda={config.lmbda}, seq_kd={config.seq_kd}) but "
+          f"rows {missing.tolist()} of its batch have no completion; use lmbda=1 or seq_kd for "
+          f"prompt-only data"
+      )
   else:
     t0 = time.perf_counter()
     batch["completion_ids"], batch["completion_mask"] = sample_completions(setup, mode, batch, step)
@@ -278,7 +360,7 @@ def request_teacher_topk(setup: Setup, batch: dict):
   mask = np.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
   future = setup.teacher_client.submit(ids, mask)
   p, c = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
-  return _Mapped(future, lambda out: tuple(x[:, p - 1:p + c - 1] for x in out))
+  return _Mapped(future, lambda out: tuple(x[:, p - 1 : p + c - 1] for x in out))
 
 
 class _Mapped:
@@ -347,8 +429,9 @@ def evaluate(setup: Setup, workdir: str | None = None) -> dict:
   metric = task_metrics.get(config.eval_metric)
   if metric is not None:
     if jax.process_count() > 1:
-      logger.warning("eval_metric=%s: generation-based evaluation runs on single-process runs only; skipped",
-                     config.eval_metric)
+      logger.warning(
+          "eval_metric=%s: generation-based evaluation runs on single-process runs only; skipped", config.eval_metric
+      )
     else:
       rows = list(setup.eval_rows)
       student = (nnx.graphdef(setup.student), student_weights(setup))
@@ -361,6 +444,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
   """--mode=eval: evaluates the workdir's latest checkpoint (or the initial student when there is none) and
   writes WORKDIR/eval.json."""
   from gkd_jax import checkpoints
+
   if not config.eval_split:
     raise ValueError("config.eval_split=None is invalid for --mode=eval: name the held-out split to evaluate")
   setup = build(config)
@@ -379,10 +463,17 @@ def evaluate_workdir(config, workdir: str) -> dict:
 
 def _generation_metric(setup, model, rows, metric) -> dict:
   from gkd_jax import evaluate as evaluate_lib
+
   config = setup.config
   completions = evaluate_lib.generate_completions(
-      model, setup.tokenizer, rows, max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size,
-      temperature=config.eval_temperature, seed=config.seed)
+      model,
+      setup.tokenizer,
+      rows,
+      max_new_tokens=config.eval_max_new_tokens,
+      batch_size=config.eval_batch_size,
+      temperature=config.eval_temperature,
+      seed=config.seed,
+  )
   return {k: v for k, v in metric(completions, rows).items() if k != "count"}
 
 
@@ -402,22 +493,35 @@ def _teacher_generation_metric(setup, rows, metric, workdir) -> dict:
   return result
 
 
-def throughput(setup: Setup, batch: dict, mode: str, gen_time: float, train_time: float, step_time: float,
-               peak_flops: float) -> dict:
+def throughput(
+    setup: Setup, batch: dict, mode: str, gen_time: float, train_time: float, step_time: float, peak_flops: float
+) -> dict:
   """Step timing, tokens/s and an MFU estimate (model FLOPs / (time × measured matmul ceiling)). The train
   step runs teacher and student in one program: their split is estimated from their FLOP shares."""
   b, p = setup.config.batch_size, batch["prompt_ids"].shape[1]
   c = batch["completion_ids"].shape[1]
-  teacher = setup.teacher if setup.teacher is not None else (setup.student if setup.step_cfg.teacher == "self"
-                                                             else None)
+  teacher = (
+      setup.teacher if setup.teacher is not None else (setup.student if setup.step_cfg.teacher == "self" else None)
+  )
   generator = teacher if mode == "seq_kd" else setup.student
-  flops = metrics_lib.step_flops(setup.student.config, None if teacher is None else teacher.config, b, p + c, c,
-                                 generated=c if mode != "dataset" else 0, generator_config=generator.config)
+  flops = metrics_lib.step_flops(
+      setup.student.config,
+      None if teacher is None else teacher.config,
+      b,
+      p + c,
+      c,
+      generated=c if mode != "dataset" else 0,
+      generator_config=generator.config,
+  )
   share = flops["teacher"] / max(flops["teacher"] + flops["student"], 1.0)
-  return {"step_s": round(step_time, 4), "generation_s": round(gen_time, 4),
-          "teacher_s_est": round(train_time * share, 4), "student_s_est": round(train_time * (1 - share), 4),
-          "tokens_per_s": round(b * (p + c) / step_time, 1),
-          "mfu": round(sum(flops.values()) / (step_time * peak_flops), 5)}
+  return {
+      "step_s": round(step_time, 4),
+      "generation_s": round(gen_time, 4),
+      "teacher_s_est": round(train_time * share, 4),
+      "student_s_est": round(train_time * (1 - share), 4),
+      "tokens_per_s": round(b * (p + c) / step_time, 1),
+      "mfu": round(sum(flops.values()) / (step_time * peak_flops), 5),
+  }
 
 
 def log_samples(setup: Setup, writer, batch: dict, step: int, workdir: str, count: int = 2):
@@ -445,9 +549,23 @@ def export_student(setup: Setup, out_dir: str) -> str:
 
 # Config fields that fix the state's structure and the run's trajectory: resuming with any of them changed
 # is refused. Everything else (total_steps, logging, eval) may change between restarts.
-FINGERPRINT_FIELDS = ("model", "teacher_model", "teacher_model_server", "objective", "dataset", "dataset_split",
-                      "seed", "batch_size", "grad_accum_steps", "lora_rank", "lora_target_modules", "dtype",
-                      "param_dtype", "gkd_logits_topk", "fused_loss")
+FINGERPRINT_FIELDS = (
+    "model",
+    "teacher_model",
+    "teacher_model_server",
+    "objective",
+    "dataset",
+    "dataset_split",
+    "seed",
+    "batch_size",
+    "grad_accum_steps",
+    "lora_rank",
+    "lora_target_modules",
+    "dtype",
+    "param_dtype",
+    "gkd_logits_topk",
+    "fused_loss",
+)
 
 
 def fingerprint(config) -> str:
@@ -465,8 +583,10 @@ def restore_or_start(setup: Setup, ckpt) -> int:
   setup.state, extra = ckpt.restore(abstract_state(setup.state), fingerprint=fingerprint(setup.config))
   step = setup.loader.resume_step(extra["data"])
   if step != int(setup.state.step):
-    raise ValueError(f"checkpoint {ckpt.step_dir(ckpt.latest_step())}: data position {step} does not match the "
-                     f"state's step {int(setup.state.step)}")
+    raise ValueError(
+        f"checkpoint {ckpt.step_dir(ckpt.latest_step())}: data position {step} does not match the "
+        f"state's step {int(setup.state.step)}"
+    )
   logger.info("resumed from step %d", step)
   return step
 
@@ -481,19 +601,26 @@ def run(setup: Setup, workdir: str) -> dict:
   every `save_every` steps, at the end, and on preemption (SIGTERM), then exits cleanly."""
   from tqdm.auto import tqdm
   from gkd_jax import checkpoints
+
   config = setup.config
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=1))
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
-                                  save_every=config.save_every)
+  ckpt = checkpoints.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints, save_every=config.save_every
+  )
   start = restore_or_start(setup, ckpt)
   preemption = checkpoints.install_preemption_handler()
   writer = metrics_lib.MetricsWriter(workdir, resumed_step=start)
   peak = (config.peak_flops or metrics_lib.measure_peak_flops(jnp.dtype(config.dtype))) * jax.process_count()
-  bar = tqdm(total=config.total_steps, initial=start, disable=jax.process_index() != 0, desc=config.objective,
-             dynamic_ncols=True)
+  bar = tqdm(
+      total=config.total_steps,
+      initial=start,
+      disable=jax.process_index() != 0,
+      desc=config.objective,
+      dynamic_ncols=True,
+  )
   record = {}
   source = BatchSource(setup)
   try:
@@ -507,10 +634,16 @@ def run(setup: Setup, workdir: str) -> dict:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       train_time = time.perf_counter() - t1
       if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"loss is {metrics['loss']} at step {step} (mode {mode}); stopping with the "
-                                 f"last checkpoint (step {ckpt.latest_step()}) intact")
-      record = {"step": step + 1, "mode": mode, **metrics,
-                **throughput(setup, host_batch, mode, gen_time, train_time, time.perf_counter() - t0, peak)}
+        raise FloatingPointError(
+            f"loss is {metrics['loss']} at step {step} (mode {mode}); stopping with the "
+            f"last checkpoint (step {ckpt.latest_step()}) intact"
+        )
+      record = {
+          "step": step + 1,
+          "mode": mode,
+          **metrics,
+          **throughput(setup, host_batch, mode, gen_time, train_time, time.perf_counter() - t0, peak),
+      }
       writer.write(record)
       if mode != "dataset" and config.sample_every and (step + 1) % config.sample_every == 0:
         log_samples(setup, writer, host_batch, step + 1, workdir)
@@ -521,8 +654,12 @@ def run(setup: Setup, workdir: str) -> dict:
       if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", mode=mode)
       stop = ckpt.reached_preemption(step + 1)
-      ckpt.save(step + 1, setup.state, {"data": setup.loader.state(step + 1), "fingerprint": fingerprint(config)},
-                force=stop or step + 1 == config.total_steps)
+      ckpt.save(
+          step + 1,
+          setup.state,
+          {"data": setup.loader.state(step + 1), "fingerprint": fingerprint(config)},
+          force=stop or step + 1 == config.total_steps,
+      )
       if stop:
         logger.warning("preempted: saved step %d and stopping", step + 1)
         break

@@ -1,5 +1,6 @@
 """Test setup: 8 virtual CPU devices (for mesh tests), no network, and one persistent compilation cache
 for the whole session so that the CLI tests' subprocesses reuse each other's compiled programs."""
+
 import os
 import tempfile
 

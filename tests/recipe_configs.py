@@ -1,4 +1,5 @@
 """Loads a recipe from configs/ the way `--config=configs/NAME.py:arg` does, for tests."""
+
 import importlib.util
 import os
 

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume of a real train state, target shardings, keep-N, clear errors for incompatible
 or corrupt checkpoints (which stay on disk), SIGTERM → save at the next step and exit cleanly."""
+
 import os
 import shutil
 import signal
@@ -23,16 +24,30 @@ CFG = ts.StepConfig(beta=0.5, vocab_size=90, sft_alpha=0.1)
 
 
 def tiny(seed, vocab=96):
-  return CausalLM(ModelConfig(model_type="qwen2", vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8),
-                  rngs=nnx.Rngs(seed))
+  return CausalLM(
+      ModelConfig(
+          model_type="qwen2",
+          vocab_size=vocab,
+          hidden_size=32,
+          intermediate_size=64,
+          num_hidden_layers=2,
+          num_attention_heads=4,
+          num_key_value_heads=2,
+          head_dim=8,
+      ),
+      rngs=nnx.Rngs(seed),
+  )
 
 
 def batch(step):
   rng = np.random.default_rng(step)
-  return dict(prompt_ids=rng.integers(3, 90, (B, P)).astype(np.int32), prompt_mask=np.ones((B, P), bool),
-              completion_ids=rng.integers(3, 90, (B, C)).astype(np.int32), completion_mask=np.ones((B, C), bool),
-              student_generated=np.array(False))
+  return dict(
+      prompt_ids=rng.integers(3, 90, (B, P)).astype(np.int32),
+      prompt_mask=np.ones((B, P), bool),
+      completion_ids=rng.integers(3, 90, (B, C)).astype(np.int32),
+      completion_mask=np.ones((B, C), bool),
+      student_generated=np.array(False),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +131,12 @@ def test_restore_into_mesh_shardings(setup, saved):
   mesh = sharding.make_mesh(2, 2, 2)
   state = fresh()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  target = ts.create_train_state(sharding.shard_state(state.params, mesh), optim.make_optimizer(1e-2, 100)[0],
-                                 teacher_params=sharding.shard_state(state.teacher_params, mesh),
-                                 rng=jax.device_put(jax.random.key(0), replicated))
+  target = ts.create_train_state(
+      sharding.shard_state(state.params, mesh),
+      optim.make_optimizer(1e-2, 100)[0],
+      teacher_params=sharding.shard_state(state.teacher_params, mesh),
+      rng=jax.device_put(jax.random.key(0), replicated),
+  )
   target = abstract(jax.tree.map(lambda x: jax.device_put(x, replicated) if x.ndim == 0 else x, target))
   with checkpoints.Checkpointer(directory) as ckpt:
     restored, _ = ckpt.restore(target, step=3)
@@ -133,8 +151,13 @@ def test_restore_into_mesh_shardings(setup, saved):
 def sft_state(step=0, vocab=96):
   tx = optim.make_optimizer(1e-2, 100)[0]
   state = ts.create_train_state(nnx.state(tiny(0, vocab)), tx, rng=jax.random.key(1))  # teacher_params=None
-  return ts.TrainState(step=jnp.asarray(step, jnp.int32), params=state.params, opt_state=state.opt_state,
-                       teacher_params=None, rng=state.rng)
+  return ts.TrainState(
+      step=jnp.asarray(step, jnp.int32),
+      params=state.params,
+      opt_state=state.opt_state,
+      teacher_params=None,
+      rng=state.rng,
+  )
 
 
 def test_interval_keep_n_async_and_latest(tmp_path):
@@ -187,8 +210,9 @@ def test_shape_mismatch_names_leaf_and_shapes(one_checkpoint):
 def test_tree_and_dtype_mismatch(one_checkpoint):
   directory, state = one_checkpoint
   with checkpoints.Checkpointer(directory) as ckpt:
-    with_teacher = ts.TrainState(step=state.step, params=state.params, opt_state=state.opt_state,
-                                 teacher_params=state.params, rng=state.rng)
+    with_teacher = ts.TrainState(
+        step=state.step, params=state.params, opt_state=state.opt_state, teacher_params=state.params, rng=state.rng
+    )
     with pytest.raises(checkpoints.CheckpointError, match=r"different tree.*missing \['teacher_params/"):
       ckpt.restore(abstract(with_teacher))
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state.params)
@@ -284,8 +308,7 @@ _CHILD = textwrap.dedent("""
 def preempted_run(directory, after):
   """Runs the child loop until it passed step `after`, SIGTERMs it; returns its output lines."""
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(directory)], stdout=subprocess.PIPE, text=True,
-                          env=env)
+  proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(directory)], stdout=subprocess.PIPE, text=True, env=env)
   lines = []
   for line in proc.stdout:
     lines.append(line.strip())
@@ -306,8 +329,9 @@ def test_sigterm_in_a_real_process_saves_and_exits(tmp_path):
   last = int(second[-1].split()[1])
   with checkpoints.Checkpointer(tmp_path) as ckpt:
     assert ckpt.latest_step() == last
-    state, extra = ckpt.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32),
-                                 "rng": jax.ShapeDtypeStruct((), jax.random.key(0).dtype)})
+    state, extra = ckpt.restore(
+        {"w": jax.ShapeDtypeStruct((3,), jnp.float32), "rng": jax.ShapeDtypeStruct((), jax.random.key(0).dtype)}
+    )
   assert extra == {"step": last}
   np.testing.assert_array_equal(np.asarray(state["w"]), np.full(3, last, np.float32))
   expected = jax.random.key(0)

@@ -1,4 +1,5 @@
 """Start-up validation: each bad value or combination fails with one message naming field, value and rule."""
+
 import pytest
 
 from gkd_jax import config as config_lib
@@ -21,15 +22,23 @@ BAD = [
     ({"loss_temperature": -1.0}, r"config.loss_temperature=-1.0 is invalid: must be > 0"),
     ({"sft_alpha": -0.5}, r"config.sft_alpha=-0.5 is invalid: must be ≥ 0"),
     ({"gkd_logits_topk": 0}, r"config.gkd_logits_topk=0 is invalid: must be a positive int"),
-    ({"teacher_model_server": "http://127.0.0.1:8000"},
-     r"config.gkd_logits_topk=None is invalid: must be set with teacher_model_server"),
-    ({"teacher_model_server": "http://127.0.0.1:8000", "gkd_logits_topk": 8, "teacher_model": "/models/t"},
-     r"config.teacher_model='/models/t' is invalid: give either teacher_model or teacher_model_server"),
-    ({"teacher_model_server": "http://127.0.0.1:8000", "gkd_logits_topk": 8, "seq_kd": True},
-     r"config.seq_kd=True is invalid: needs a local teacher"),
+    (
+        {"teacher_model_server": "http://127.0.0.1:8000"},
+        r"config.gkd_logits_topk=None is invalid: must be set with teacher_model_server",
+    ),
+    (
+        {"teacher_model_server": "http://127.0.0.1:8000", "gkd_logits_topk": 8, "teacher_model": "/models/t"},
+        r"config.teacher_model='/models/t' is invalid: give either teacher_model or teacher_model_server",
+    ),
+    (
+        {"teacher_model_server": "http://127.0.0.1:8000", "gkd_logits_topk": 8, "seq_kd": True},
+        r"config.seq_kd=True is invalid: needs a local teacher",
+    ),
     ({"fused_loss": True, "gkd_logits_topk": 4}, r"config.fused_loss=True is invalid: cannot be combined"),
-    ({"objective": "sft", "teacher_model": "/models/t", "lmbda": 0.0},
-     r"config.objective='sft' is invalid: SFT uses no teacher"),
+    (
+        {"objective": "sft", "teacher_model": "/models/t", "lmbda": 0.0},
+        r"config.objective='sft' is invalid: SFT uses no teacher",
+    ),
     ({"objective": "sft"}, r"config.objective='sft' is invalid: SFT uses no teacher"),  # lmbda 0.5 default
     ({"dtype": "float8"}, r"config.dtype='float8' is invalid: must be one of"),
     ({"max_completion_length": 0}, r"config.max_completion_length=0 is invalid: must be a positive int"),

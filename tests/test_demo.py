@@ -1,4 +1,5 @@
 """The README's main command (configs/default.py, job "demo"): the whole pipeline at runlocal size."""
+
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(arg=None):
-  return recipe_configs.load_config('default', arg)
+  return recipe_configs.load_config("default", arg)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,13 @@ def test_demo_writes_the_three_accuracies(demo_run):
 def test_rerun_skips_finished_phases(demo_run):
   config, workdir, _ = demo_run
   stamps = {name: os.path.getmtime(os.path.join(workdir, name, "DONE")) for name in demo.PHASES}
-  out = subprocess.run([sys.executable, "-m", "gkd_jax.main", "--config=configs/default.py:runlocal",
-                        f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+      [sys.executable, "-m", "gkd_jax.main", "--config=configs/default.py:runlocal", f"--workdir={workdir}"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   for name in demo.PHASES:
     assert f"[{name}] cached" in out.stdout
@@ -106,6 +112,12 @@ def test_evaluate_scores_generations(demo_run):
   sampled = evaluate.accuracy(model, tokenizer, rows, max_new_tokens=8, batch_size=4, temperature=1.0, seed=3)
   assert sampled["count"] == 5
   # The scorer sees exactly the generated text: a checker that counts completions gets them all.
-  count = evaluate.accuracy(model, tokenizer, rows, max_new_tokens=8, batch_size=4,
-                            evaluate_fn=lambda completions, rows: {"n": len(completions)})
+  count = evaluate.accuracy(
+      model,
+      tokenizer,
+      rows,
+      max_new_tokens=8,
+      batch_size=4,
+      evaluate_fn=lambda completions, rows: {"n": len(completions)},
+  )
   assert count == {"n": 5}

@@ -1,5 +1,6 @@
 """Functional LoRA on a tiny Qwen2: exact identity at init, merge math, adapter-only training, HF export of the
 merged weights, sharded adapters."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,9 +25,16 @@ ATTN_MLP = ("q", "k", "v", "o", "gate", "up", "down")
 def hf_dir(tmp_path_factory):
   """A tiny random Qwen2 saved by transformers' PyTorch classes (the real loading path is exercised)."""
   torch.manual_seed(0)
-  config = transformers.Qwen2Config(vocab_size=V, hidden_size=H, intermediate_size=M, num_hidden_layers=L,
-                                    num_attention_heads=N, num_key_value_heads=KV, max_position_embeddings=64,
-                                    tie_word_embeddings=False)
+  config = transformers.Qwen2Config(
+      vocab_size=V,
+      hidden_size=H,
+      intermediate_size=M,
+      num_hidden_layers=L,
+      num_attention_heads=N,
+      num_key_value_heads=KV,
+      max_position_embeddings=64,
+      tie_word_embeddings=False,
+  )
   directory = str(tmp_path_factory.mktemp("qwen2"))
   transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").save_pretrained(directory)
   return directory
@@ -56,8 +64,15 @@ def randomize_b(adapters, seed=1, std=0.05):
 
 
 def expected_count(rank, modules=ATTN_MLP):
-  per_layer = {"q": H + N * D, "k": H + KV * D, "v": H + KV * D, "o": N * D + H, "gate": H + M, "up": H + M,
-               "down": M + H}
+  per_layer = {
+      "q": H + N * D,
+      "k": H + KV * D,
+      "v": H + KV * D,
+      "o": N * D + H,
+      "gate": H + M,
+      "up": H + M,
+      "down": M + H,
+  }
   return L * rank * sum(per_layer[m] for m in modules)
 
 
@@ -65,8 +80,12 @@ def test_zero_b_merge_is_the_base_exactly(model):
   params = nnx.state(model)
   spec = lora.LoraSpec(rank=4, alpha=8)
   adapters = lora.init_adapters(params, spec, jax.random.key(0))
-  assert sorted(adapters) == sorted(f"layers.{i}.{blk}.{m}.kernel" for i in range(L)
-                                    for blk, mods in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for m in mods)
+  assert sorted(adapters) == sorted(
+      f"layers.{i}.{blk}.{m}.kernel"
+      for i in range(L)
+      for blk, mods in (("attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+      for m in mods
+  )
   q = adapters["layers.0.attn.q.kernel"]
   assert q["a"].shape == (H, 4) and q["b"].shape == (4, N, D)
   assert adapters["layers.1.attn.o.kernel"]["a"].shape == (N, D, 4)  # o reads [heads, head_dim]
@@ -74,8 +93,9 @@ def test_zero_b_merge_is_the_base_exactly(model):
   assert lora.count(adapters) == expected_count(4)
 
   merged = lora.merge(params, adapters, spec)
-  assert jax.tree.structure(merged, is_leaf=lambda x: isinstance(x, nnx.Variable)) == \
-         jax.tree.structure(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert jax.tree.structure(merged, is_leaf=lambda x: isinstance(x, nnx.Variable)) == jax.tree.structure(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(merged)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # Works under jit with the spec static, and gives a usable model.
@@ -93,7 +113,10 @@ def test_merge_math_matches_numpy(model, rslora):
   merged = lora.merge(params, adapters, spec)
   scale = 5.0 / (np.sqrt(3) if rslora else 3)
   assert spec.scale == pytest.approx(scale)
-  for name, (n_in, shape) in {"layers.1.attn.o.kernel": (2, (N, D, H)), "layers.0.attn.q.kernel": (1, (H, N, D))}.items():
+  for name, (n_in, shape) in {
+      "layers.1.attn.o.kernel": (2, (N, D, H)),
+      "layers.0.attn.q.kernel": (1, (H, N, D)),
+  }.items():
     path = name.split(".")
     w = np.asarray(params["layers"][int(path[1])]["attn"][path[3]]["kernel"][...], np.float64)
     a = np.asarray(adapters[name]["a"][...], np.float64)
@@ -105,7 +128,9 @@ def test_merge_math_matches_numpy(model, rslora):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
     assert np.abs(want - w).max() > 1e-3  # the delta is not negligible
   # Untargeted kernels pass through untouched.
-  np.testing.assert_array_equal(merged["layers"][0]["attn"]["k"]["kernel"][...], params["layers"][0]["attn"]["k"]["kernel"][...])
+  np.testing.assert_array_equal(
+      merged["layers"][0]["attn"]["k"]["kernel"][...], params["layers"][0]["attn"]["k"]["kernel"][...]
+  )
 
   # bf16 base weights: the sum is formed in f32 and cast back, so the merged kernel keeps W's dtype.
   w16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -183,8 +208,11 @@ def test_merged_export_loads_in_transformers(model, hf_dir, tmp_path):
   ids, mask = batch(4)
   with torch.no_grad():
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    hf_logits = hf(input_ids=torch.tensor(np.asarray(ids)), attention_mask=torch.tensor(np.asarray(mask)),
-                   position_ids=torch.tensor(positions)).logits.numpy()
+    hf_logits = hf(
+        input_ids=torch.tensor(np.asarray(ids)),
+        attention_mask=torch.tensor(np.asarray(mask)),
+        position_ids=torch.tensor(positions),
+    ).logits.numpy()
   jax_logits = np.asarray(merged(ids, mask).logits)
   real = np.asarray(mask)[..., None].astype(bool)
   assert np.abs(np.where(real, jax_logits - hf_logits, 0)).max() <= 1e-4

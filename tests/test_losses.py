@@ -1,4 +1,5 @@
 """The GKD losses against a float64 NumPy reference written from the paper's formulas, and against TRL."""
+
 import functools
 
 import jax
@@ -96,13 +97,19 @@ def test_gradient_accumulation_with_global_count_equals_full_batch():
   s, t, mask = random_inputs(1, shape=(4, T, V))
   full = L.generalized_jsd_loss(s, t, mask, beta=0.9)
   total = int(mask.sum())
-  micro = sum(L.generalized_jsd_loss(s[i:i + 2], t[i:i + 2], mask[i:i + 2], beta=0.9, num_items=total)
-              for i in (0, 2))
+  micro = sum(
+      L.generalized_jsd_loss(s[i : i + 2], t[i : i + 2], mask[i : i + 2], beta=0.9, num_items=total) for i in (0, 2)
+  )
   np.testing.assert_allclose(micro, full, rtol=1e-6)
   g_full = jax.grad(lambda x: L.generalized_jsd_loss(x, t, mask, beta=0.9))(s)
-  g_micro = jnp.concatenate([
-      jax.grad(lambda x: L.generalized_jsd_loss(x, t[i:i + 2], mask[i:i + 2], beta=0.9, num_items=total))(
-          s[i:i + 2]) for i in (0, 2)])
+  g_micro = jnp.concatenate(
+      [
+          jax.grad(lambda x: L.generalized_jsd_loss(x, t[i : i + 2], mask[i : i + 2], beta=0.9, num_items=total))(
+              s[i : i + 2]
+          )
+          for i in (0, 2)
+      ]
+  )
   np.testing.assert_allclose(g_micro, g_full, rtol=1e-5, atol=1e-8)
 
 
@@ -134,8 +141,12 @@ def test_symmetric_at_half():
   b = L.generalized_jsd_loss(t, s, mask, beta=0.5, reduction="none")
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   # and the β ↔ 1−β swap holds for every β
-  np.testing.assert_allclose(L.generalized_jsd_loss(s, t, beta=0.1, reduction="none"),
-                             L.generalized_jsd_loss(t, s, beta=0.9, reduction="none"), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+      L.generalized_jsd_loss(s, t, beta=0.1, reduction="none"),
+      L.generalized_jsd_loss(t, s, beta=0.9, reduction="none"),
+      rtol=1e-5,
+      atol=1e-7,
+  )
 
 
 @pytest.mark.parametrize("beta", BETAS)
@@ -245,10 +256,12 @@ def test_topk_server_logprobs_and_unfilled_slots():
   logprobs[:, :, 4:] = -np.inf  # the server returned only 4 entries
   idx = np.asarray(idx).copy()
   idx[:, :, 4:] = 0  # and the ids there are placeholders
-  got = L.topk_generalized_jsd_loss(s, logprobs, idx, mask, beta=0.5, temperature=0.9, reduction="none",
-                                    values_are_logprobs=True)
-  first4 = L.topk_generalized_jsd_loss(s, logprobs[..., :4], idx[..., :4], mask, beta=0.5, temperature=0.9,
-                                       reduction="none", values_are_logprobs=True)
+  got = L.topk_generalized_jsd_loss(
+      s, logprobs, idx, mask, beta=0.5, temperature=0.9, reduction="none", values_are_logprobs=True
+  )
+  first4 = L.topk_generalized_jsd_loss(
+      s, logprobs[..., :4], idx[..., :4], mask, beta=0.5, temperature=0.9, reduction="none", values_are_logprobs=True
+  )
   np.testing.assert_allclose(got, first4, rtol=1e-6, atol=1e-8)
   expected = ref_topk_jsd(s, logprobs[..., :4], idx[..., :4], 0.5, 0.9)
   np.testing.assert_allclose(got, np.where(mask, expected, 0.0), rtol=2e-5, atol=2e-7)
@@ -270,8 +283,14 @@ def _fused_case(seed, n_tokens_shape, hs_dim, ht_dim, vs, vt, dtype=np.float32, 
   )
   kw = {}
   if extras:
-    kw = dict(student_bias=rng.normal(size=(vs,)).astype(dtype), teacher_bias=rng.normal(size=(vt,)).astype(dtype),
-              student_logit_scale=0.7, teacher_logit_scale=1.3, student_softcap=5.0, teacher_softcap=4.0)
+    kw = dict(
+        student_bias=rng.normal(size=(vs,)).astype(dtype),
+        teacher_bias=rng.normal(size=(vt,)).astype(dtype),
+        student_logit_scale=0.7,
+        teacher_logit_scale=1.3,
+        student_softcap=5.0,
+        teacher_softcap=4.0,
+    )
   return d, kw
 
 
@@ -283,10 +302,16 @@ def _unfused_from_hidden(d, kw, vocab_size, **loss_kw):
 
   def fn(hs, ws, bs):
     s = head(hs, ws, bs, kw.get("student_logit_scale", 1.0), kw.get("student_softcap"))
-    t = head(d["teacher_hidden"], d["teacher_head"], kw.get("teacher_bias"), kw.get("teacher_logit_scale", 1.0),
-             kw.get("teacher_softcap"))
+    t = head(
+        d["teacher_hidden"],
+        d["teacher_head"],
+        kw.get("teacher_bias"),
+        kw.get("teacher_logit_scale", 1.0),
+        kw.get("teacher_softcap"),
+    )
     s, t = L.align_vocab(s, t, vocab_size)
     return L.generalized_jsd_loss(s, t, d["mask"], **loss_kw)
+
   return fn
 
 
@@ -300,12 +325,23 @@ def test_fused_equals_unfused_values_and_gradients(chunk_size, reduction):
 
   def fused(hs, ws, bs):
     extra = dict(kw, student_bias=bs) if bs is not None else kw
-    return L.fused_generalized_jsd_loss(hs, ws, d["teacher_hidden"], d["teacher_head"], d["mask"],
-                                        chunk_size=chunk_size, vocab_size=20, **loss_kw, **extra)
+    return L.fused_generalized_jsd_loss(
+        hs,
+        ws,
+        d["teacher_hidden"],
+        d["teacher_head"],
+        d["mask"],
+        chunk_size=chunk_size,
+        vocab_size=20,
+        **loss_kw,
+        **extra
+    )
 
   args = (d["student_hidden"], d["student_head"], bias)
   np.testing.assert_allclose(jax.jit(fused)(*args), unfused(*args), rtol=2e-5, atol=1e-7)
-  scalar = (lambda f: f) if reduction != "none" else (lambda f: lambda *a: jnp.sum(f(*a) * np.arange(28).reshape(2, 14)))
+  scalar = (
+      (lambda f: f) if reduction != "none" else (lambda f: lambda *a: jnp.sum(f(*a) * np.arange(28).reshape(2, 14)))
+  )
   argnums = (0, 1, 2) if bias is not None else (0, 1)
   g_fused = jax.jit(jax.grad(scalar(fused), argnums))(*args)
   g_unfused = jax.grad(scalar(unfused), argnums)(*args)
@@ -319,19 +355,32 @@ def test_fused_equals_unfused_values_and_gradients(chunk_size, reduction):
 def test_fused_float64_and_num_items(beta):
   with jax.enable_x64(True):
     d, kw = _fused_case(15, (3, 5), hs_dim=6, ht_dim=6, vs=11, vt=11, dtype=np.float64)
-    fn = lambda hs, ws: L.fused_generalized_jsd_loss(hs, ws, d["teacher_hidden"], d["teacher_head"], d["mask"],
-                                                     beta=beta, temperature=1.7, chunk_size=4, num_items=40)
+    fn = lambda hs, ws: L.fused_generalized_jsd_loss(
+        hs,
+        ws,
+        d["teacher_hidden"],
+        d["teacher_head"],
+        d["mask"],
+        beta=beta,
+        temperature=1.7,
+        chunk_size=4,
+        num_items=40,
+    )
     unfused = _unfused_from_hidden(d, kw, None, beta=beta, temperature=1.7, num_items=40)
-    np.testing.assert_allclose(fn(d["student_hidden"], d["student_head"]),
-                               unfused(d["student_hidden"], d["student_head"], None), rtol=1e-12)
+    np.testing.assert_allclose(
+        fn(d["student_hidden"], d["student_head"]), unfused(d["student_hidden"], d["student_head"], None), rtol=1e-12
+    )
     check_grads(fn, (d["student_hidden"], d["student_head"]), order=1, modes=("rev",), eps=1e-5)
 
 
 def test_fused_bf16_close_to_f32():
   d, _ = _fused_case(16, (2, 9), hs_dim=16, ht_dim=16, vs=32, vt=32)
   call = lambda cast: L.fused_generalized_jsd_loss(
-      *(cast(d[k]) for k in ("student_hidden", "student_head", "teacher_hidden", "teacher_head")), d["mask"],
-      beta=0.5, chunk_size=5)
+      *(cast(d[k]) for k in ("student_hidden", "student_head", "teacher_hidden", "teacher_head")),
+      d["mask"],
+      beta=0.5,
+      chunk_size=5
+  )
   np.testing.assert_allclose(call(lambda x: jnp.asarray(x, jnp.bfloat16)), call(jnp.asarray), rtol=3e-2)
 
 
@@ -341,8 +390,9 @@ def test_fused_never_materializes_full_logits():
   hs = jax.ShapeDtypeStruct((n, h), jnp.float32)
   w = jax.ShapeDtypeStruct((h, v), jnp.float32)
   mask = jax.ShapeDtypeStruct((n,), jnp.bool_)
-  fused = jax.jit(jax.grad(lambda a, b, c, e, m: L.fused_generalized_jsd_loss(a, b, c, e, m, chunk_size=chunk),
-                           argnums=(0, 1)))
+  fused = jax.jit(
+      jax.grad(lambda a, b, c, e, m: L.fused_generalized_jsd_loss(a, b, c, e, m, chunk_size=chunk), argnums=(0, 1))
+  )
   unfused = jax.jit(jax.grad(lambda a, b, c, e, m: L.generalized_jsd_loss(a @ b, c @ e, m), argnums=(0, 1)))
   temp = lambda f: f.lower(hs, w, hs, w, mask).compile().memory_analysis().temp_size_in_bytes
   full_logits = n * v * 4
@@ -357,8 +407,10 @@ def test_fused_never_materializes_full_logits():
 def trl_loss():
   torch = pytest.importorskip("torch")
   import os
+
   os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
   from trl.experimental.gkd import GKDTrainer
+
   return torch, GKDTrainer.generalized_jsd_loss
 
 
@@ -389,8 +441,9 @@ def test_nll_matches_reference():
   s, _, mask = random_inputs(18)
   targets = np.random.default_rng(0).integers(0, V, size=(B, T))
   expected = -np.take_along_axis(np_log_softmax(s), targets[..., None], -1)[..., 0]
-  np.testing.assert_allclose(L.nll_loss(s, targets, mask, reduction="none"), np.where(mask, expected, 0.0),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      L.nll_loss(s, targets, mask, reduction="none"), np.where(mask, expected, 0.0), rtol=1e-5, atol=1e-6
+  )
   np.testing.assert_allclose(L.nll_loss(s, targets, mask), ref_reduce(expected, mask, "mean"), rtol=1e-5)
 
 
@@ -398,13 +451,24 @@ def test_nll_matches_reference():
 def test_fused_nll_equals_nll_on_logits(chunk_size):
   d, kw = _fused_case(21, (2, 9), hs_dim=8, ht_dim=8, vs=24, vt=24, extras=True)
   targets = np.random.default_rng(0).integers(0, 20, size=(2, 9))
+
   def unfused(h, w):
     z = (h @ w + kw["student_bias"]) * kw["student_logit_scale"]
     z = kw["student_softcap"] * jnp.tanh(z / kw["student_softcap"])
     return L.nll_loss(z[..., :20], targets, d["mask"], num_items=11)
-  fused = lambda h, w: L.fused_nll_loss(h, w, targets, d["mask"], chunk_size=chunk_size, bias=kw["student_bias"],
-                                        logit_scale=kw["student_logit_scale"], softcap=kw["student_softcap"],
-                                        vocab_size=20, num_items=11)
+
+  fused = lambda h, w: L.fused_nll_loss(
+      h,
+      w,
+      targets,
+      d["mask"],
+      chunk_size=chunk_size,
+      bias=kw["student_bias"],
+      logit_scale=kw["student_logit_scale"],
+      softcap=kw["student_softcap"],
+      vocab_size=20,
+      num_items=11,
+  )
   args = (d["student_hidden"], d["student_head"])
   np.testing.assert_allclose(fused(*args), unfused(*args), rtol=1e-5)
   for a, b in zip(jax.grad(fused, (0, 1))(*args), jax.grad(unfused, (0, 1))(*args)):
@@ -446,8 +510,9 @@ def test_token_stats_values():
   np.testing.assert_allclose(stats["student_entropy"], -np.sum(np.exp(ls) * ls, -1), rtol=1e-5)
   np.testing.assert_allclose(stats["teacher_entropy"], -np.sum(np.exp(lt) * lt, -1), rtol=1e-5)
   np.testing.assert_array_equal(stats["top1_agreement"], (s.argmax(-1) == t.argmax(-1)).astype(np.float32))
-  np.testing.assert_allclose(L.masked_mean(stats["top1_agreement"], np.ones((B, T), bool)),
-                             (s.argmax(-1) == t.argmax(-1)).mean(), rtol=1e-6)
+  np.testing.assert_allclose(
+      L.masked_mean(stats["top1_agreement"], np.ones((B, T), bool)), (s.argmax(-1) == t.argmax(-1)).mean(), rtol=1e-6
+  )
 
 
 def test_align_vocab_cuts_padding():

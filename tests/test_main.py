@@ -1,4 +1,5 @@
 """The entry point: job dispatch and command-line overrides, on the bigram job (configs/bigram.py)."""
+
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(arg=None):
-  return recipe_configs.load_config('bigram', arg)
+  return recipe_configs.load_config("bigram", arg)
 
 
 def test_bigram_job_distills(tmp_path):
@@ -27,9 +28,22 @@ def test_bigram_job_distills(tmp_path):
 
 def test_cli_flags_override_config(tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "gkd_jax.main", "--config=configs/bigram.py:runlocal", f"--workdir={tmp_path}",
-       "--config.beta=1.0", "--config.lmbda=1.0", "--config.steps=20", "--config.log_every=10"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "gkd_jax.main",
+          "--config=configs/bigram.py:runlocal",
+          f"--workdir={tmp_path}",
+          "--config.beta=1.0",
+          "--config.lmbda=1.0",
+          "--config.steps=20",
+          "--config.log_every=10",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert "beta=1.0, lmbda=1.0" in out.stdout
   assert "'on_policy': 20" in out.stdout

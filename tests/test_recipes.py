@@ -1,4 +1,5 @@
 """Every recipe in configs/ loads and validates for each of its args; local variants run end to end."""
+
 import json
 import os
 import subprocess
@@ -45,14 +46,26 @@ def test_opsd_modes():
 def fixture_dir(tmp_path_factory):
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import fixture
+
   return fixture.build(str(tmp_path_factory.mktemp("fixture")), vocab_size=2048, num_rows=256)
 
 
 def test_runlocal_recipe_through_the_cli(fixture_dir, tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "gkd_jax.main", f"--config=configs/gsm8k_qwen2_5.py:runlocal={fixture_dir}",
-       f"--workdir={tmp_path}", "--config.total_steps=3", "--config.max_completion_length=8"],
-      cwd=ROOT, capture_output=True, text=True, timeout=900)
+      [
+          sys.executable,
+          "-m",
+          "gkd_jax.main",
+          f"--config=configs/gsm8k_qwen2_5.py:runlocal={fixture_dir}",
+          f"--workdir={tmp_path}",
+          "--config.total_steps=3",
+          "--config.max_completion_length=8",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in records] == [1, 2, 3]

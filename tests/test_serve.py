@@ -1,5 +1,6 @@
 """Teacher server + client on loopback: values vs a direct JAX forward, loss vs the local top-k teacher,
 batching, validation (400), overload (503), retries, unreachable / malformed servers, vLLM-format parsing."""
+
 import concurrent.futures
 import json
 import os
@@ -31,9 +32,16 @@ V, K_MAX, MAX_LEN, NAME = 128, 16, 32, "tiny-teacher"
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
   torch.manual_seed(0)
-  config = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                    tie_word_embeddings=False)
+  config = transformers.Qwen2Config(
+      vocab_size=V,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+      tie_word_embeddings=False,
+  )
   directory = str(tmp_path_factory.mktemp("teacher"))
   model = transformers.Qwen2ForCausalLM(config).eval()
   with torch.no_grad():
@@ -44,8 +52,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(ckpt):
-  return serve.build_engine(ckpt, dtype="float32", tokenizer=None, max_logprobs=K_MAX, max_seq_len=MAX_LEN,
-                            max_batch_size=8)
+  return serve.build_engine(
+      ckpt, dtype="float32", tokenizer=None, max_logprobs=K_MAX, max_seq_len=MAX_LEN, max_batch_size=8
+  )
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +71,9 @@ def local_logp(local_logits):
 
   def logp(prompt):
     ids, mask = np.zeros((1, MAX_LEN), np.int32), np.arange(MAX_LEN)[None] < len(prompt)
-    ids[0, :len(prompt)] = prompt
-    return np.asarray(forward(ids, mask))[:len(prompt)]
+    ids[0, : len(prompt)] = prompt
+    return np.asarray(forward(ids, mask))[: len(prompt)]
+
   return logp
 
 
@@ -100,8 +110,11 @@ def test_prompt_logprobs_match_direct_forward_and_requests_batch(server, local_l
   prompts, k = prompts_of((2, 5, 9, 17, 32, 3, 12, 7)), 5
   before = get(server.url, "/stats")["forwards"]
   with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-    answers = list(pool.map(lambda p: post(server.url, {"model": NAME, "prompt": p, "max_tokens": 1,
-                                                        "prompt_logprobs": k}), prompts))
+    answers = list(
+        pool.map(
+            lambda p: post(server.url, {"model": NAME, "prompt": p, "max_tokens": 1, "prompt_logprobs": k}), prompts
+        )
+    )
   for p, (status, body) in zip(prompts, answers):
     assert status == 200, body
     plp = body["choices"][0]["prompt_logprobs"]
@@ -131,8 +144,7 @@ def test_list_of_prompts_one_choice_each_and_no_logprobs(server, local_logp):
   assert body["choices"][1]["prompt_logprobs"] == [None]
   entry = body["choices"][0]["prompt_logprobs"][2]
   assert list(entry) == [str(prompts[0][2])]  # k=0: only the actual token, like vLLM.
-  np.testing.assert_allclose(entry[str(prompts[0][2])]["logprob"], local_logp(prompts[0])[1, prompts[0][2]],
-                             atol=2e-5)
+  np.testing.assert_allclose(entry[str(prompts[0][2])]["logprob"], local_logp(prompts[0])[1, prompts[0][2]], atol=2e-5)
   status, body = post(server.url, {"prompt": prompts[0]})
   assert status == 200 and body["choices"][0]["prompt_logprobs"] is None
   assert get(server.url, "/health") == {"status": "ok"}
@@ -140,24 +152,31 @@ def test_list_of_prompts_one_choice_each_and_no_logprobs(server, local_logp):
   assert card["id"] == NAME and card["max_logprobs"] == K_MAX
 
 
-@pytest.mark.parametrize("body, status, words", [
-    (b"{not json", 400, "not valid JSON"),
-    ([1, 2, 3], 400, "JSON object"),
-    ({"prompt_logprobs": 2}, 400, "missing field 'prompt'"),
-    ({"prompt": "hello"}, 400, "text prompts"),
-    ({"prompt": []}, 400, "non-empty"),
-    ({"prompt": [[1, 2], []]}, 400, "'prompt[1]' must be a non-empty"),
-    ({"prompt": [1, V]}, 400, f"'prompt[1]' = {V} is outside the vocabulary [0, {V})"),
-    ({"prompt": [[3], [1, -1]]}, 400, "'prompt[1][1]' = -1 is outside"),
-    ({"prompt": [1, 2.5]}, 400, "'prompt[1]' must be an integer"),
-    ({"prompt": [1, True]}, 400, "'prompt[1]' must be an integer"),
-    ({"prompt": [1] * (MAX_LEN + 1)}, 400, "max_seq_len"),
-    ({"prompt": [1, 2], "prompt_logprobs": K_MAX + 1}, 400, f"'prompt_logprobs' must be an integer in [0, {K_MAX}]"),
-    ({"prompt": [1, 2], "prompt_logprobs": "5"}, 400, "'prompt_logprobs'"),
-    ({"prompt": [1, 2], "max_tokens": 16}, 400, "'max_tokens' must be 0 or 1"),
-    ({"prompt": [1, 2], "model": "other"}, 400, "'other' is not served"),
-    ({"prompt": [1, 2], "stream": True}, 400, "'stream'"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ([1, 2, 3], 400, "JSON object"),
+        ({"prompt_logprobs": 2}, 400, "missing field 'prompt'"),
+        ({"prompt": "hello"}, 400, "text prompts"),
+        ({"prompt": []}, 400, "non-empty"),
+        ({"prompt": [[1, 2], []]}, 400, "'prompt[1]' must be a non-empty"),
+        ({"prompt": [1, V]}, 400, f"'prompt[1]' = {V} is outside the vocabulary [0, {V})"),
+        ({"prompt": [[3], [1, -1]]}, 400, "'prompt[1][1]' = -1 is outside"),
+        ({"prompt": [1, 2.5]}, 400, "'prompt[1]' must be an integer"),
+        ({"prompt": [1, True]}, 400, "'prompt[1]' must be an integer"),
+        ({"prompt": [1] * (MAX_LEN + 1)}, 400, "max_seq_len"),
+        (
+            {"prompt": [1, 2], "prompt_logprobs": K_MAX + 1},
+            400,
+            f"'prompt_logprobs' must be an integer in [0, {K_MAX}]",
+        ),
+        ({"prompt": [1, 2], "prompt_logprobs": "5"}, 400, "'prompt_logprobs'"),
+        ({"prompt": [1, 2], "max_tokens": 16}, 400, "'max_tokens' must be 0 or 1"),
+        ({"prompt": [1, 2], "model": "other"}, 400, "'other' is not served"),
+        ({"prompt": [1, 2], "stream": True}, 400, "'stream'"),
+    ],
+)
 def test_bad_requests_get_400_naming_the_field(server, body, status, words):
   code, answer = post(server.url, body)
   assert code == status and words in answer["message"], answer
@@ -169,8 +188,10 @@ def test_overload_answers_503_and_keeps_serving(engine):
     code, answer = post(s.url, {"prompt": [[1, 2]] * 4})  # More prompts than the whole queue.
     assert code == 503 and "queue full" in answer["message"]
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-      codes = [c for c, _ in pool.map(lambda p: post(s.url, {"prompt": p, "prompt_logprobs": 2}),
-                                      prompts_of([6] * 12, seed=3))]
+      codes = [
+          c
+          for c, _ in pool.map(lambda p: post(s.url, {"prompt": p, "prompt_logprobs": 2}), prompts_of([6] * 12, seed=3))
+      ]
     assert set(codes) == {200, 503} and codes.count(200) >= 3, codes
     code, answer = post(s.url, b'{"prompt": [' + b"1," * 3000 + b"1]}")
     assert code == 413, answer
@@ -215,8 +236,25 @@ def test_cli_serves_a_checkpoint(ckpt):
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-  cmd = [sys.executable, "-m", "gkd_jax.serve", "--model", ckpt, "--port", str(port), "--max-logprobs", "4",
-         "--max-seq-len", "16", "--max-batch-size", "2", "--dtype", "float32", "--warmup", "none"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "gkd_jax.serve",
+      "--model",
+      ckpt,
+      "--port",
+      str(port),
+      "--max-logprobs",
+      "4",
+      "--max-seq-len",
+      "16",
+      "--max-batch-size",
+      "2",
+      "--dtype",
+      "float32",
+      "--warmup",
+      "none",
+  ]
   env = dict(os.environ, XLA_FLAGS="")  # One CPU device is enough for the server process.
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   try:
@@ -247,7 +285,7 @@ def test_client_loss_equals_local_topk_teacher(local_logits, server):
   rng = np.random.RandomState(0)
   ids = rng.randint(0, V, (b, t)).astype(np.int32)
   mask = np.ones((b, t), bool)
-  mask[1, :9] = False   # left-padded
+  mask[1, :9] = False  # left-padded
   mask[2, 17:] = False  # right-padded
   mask[3, :20] = False  # short
   ids[~mask] = 0
@@ -271,11 +309,13 @@ def test_client_loss_equals_local_topk_teacher(local_logits, server):
   np.testing.assert_allclose(values[predicts], local_logp[predicts], atol=2e-5)
 
   for beta in (0.0, 0.5, 1.0):
+
     def loss(v, i):
-      _, tmask, s, tv, ti = losses.shift_for_next_token(jnp.asarray(ids), jnp.asarray(loss_mask), student_logits,
-                                                        jnp.asarray(v), jnp.asarray(i))
-      return losses.topk_generalized_jsd_loss(s, tv, ti, tmask, beta=beta, temperature=0.9,
-                                              values_are_logprobs=True)
+      _, tmask, s, tv, ti = losses.shift_for_next_token(
+          jnp.asarray(ids), jnp.asarray(loss_mask), student_logits, jnp.asarray(v), jnp.asarray(i)
+      )
+      return losses.topk_generalized_jsd_loss(s, tv, ti, tmask, beta=beta, temperature=0.9, values_are_logprobs=True)
+
     remote, local = loss(values, indices), loss(local_v, local_i)
     assert abs(float(remote) - float(local)) <= 1e-5, (beta, remote, local)
     shifted = loss(np.roll(values, 1, axis=1), np.roll(indices, 1, axis=1))  # An off-by-one would show.
@@ -291,7 +331,7 @@ def test_load_8_clients_x_50_requests_each_matched(server, engine, local_logp):
   def run(c):
     with TeacherClient(server.url, k, model=NAME, max_parallel=1) as client:
       out = []
-      for p in prompts[c * per:(c + 1) * per]:
+      for p in prompts[c * per : (c + 1) * per]:
         t0 = time.perf_counter()
         out.append(client.topk_logprobs(np.array([p])))
         latencies.append(time.perf_counter() - t0)
@@ -305,8 +345,10 @@ def test_load_8_clients_x_50_requests_each_matched(server, engine, local_logp):
     ref = local_logp(p)
     np.testing.assert_allclose(v[0, :-1], np.take_along_axis(ref[:-1], i[0, :-1], -1), atol=2e-5)
     np.testing.assert_array_equal(i[0, :-1, 0], ref[:-1].argmax(-1))
-  print(f"\nload: {len(prompts)} requests, {len(prompts) / wall:.0f} req/s, p50 {1e3 * np.median(latencies):.1f} ms, "
-        f"p99 {1e3 * np.quantile(latencies, 0.99):.1f} ms; stats {get(server.url, '/stats')['batch_sizes']}")
+  print(
+      f"\nload: {len(prompts)} requests, {len(prompts) / wall:.0f} req/s, p50 {1e3 * np.median(latencies):.1f} ms, "
+      f"p99 {1e3 * np.quantile(latencies, 0.99):.1f} ms; stats {get(server.url, '/stats')['batch_sizes']}"
+  )
 
 
 # ----------------------------------------------------------------------------------- fake / broken servers
@@ -375,13 +417,16 @@ def test_client_retries_then_succeeds_and_aligns_padding():
   assert np.isneginf(values[0, :2]).all() and values[0, 2, 0] == -0.25
 
 
-@pytest.mark.parametrize("replies, words, calls", [
-    ([(200, "{not json")], "malformed JSON", 1),
-    ([(200, '{"choices": []}')], "should answer 1 choices", 1),
-    ([(200, VLLM_RESPONSE.replace('"7": {', '"x7": {'))], "malformed /v1/completions response", 1),
-    ([(400, '{"message": "k too big"}')], "refused with HTTP 400: {\"message\": \"k too big\"}", 1),
-    ([(503, '{"message": "busy"}')], "failed after 3 attempts; last error: HTTP 503", 3),
-])
+@pytest.mark.parametrize(
+    "replies, words, calls",
+    [
+        ([(200, "{not json")], "malformed JSON", 1),
+        ([(200, '{"choices": []}')], "should answer 1 choices", 1),
+        ([(200, VLLM_RESPONSE.replace('"7": {', '"x7": {'))], "malformed /v1/completions response", 1),
+        ([(400, '{"message": "k too big"}')], 'refused with HTTP 400: {"message": "k too big"}', 1),
+        ([(503, '{"message": "busy"}')], "failed after 3 attempts; last error: HTTP 503", 3),
+    ],
+)
 def test_client_clear_errors_from_a_bad_server(replies, words, calls):
   with Fake(replies) as fake:
     with TeacherClient(fake.url, k=2, max_retries=2, backoff=0.01) as client:

@@ -1,6 +1,7 @@
 """The sweep's bookkeeping (experiments/sweep.py, sweep_report.py): job order, run claims, the report's numbers.
 
 The sweep's training path is the demo's (tests/test_demo.py runs it); these are the parts only the sweep has."""
+
 import json
 import os
 import sys
@@ -17,9 +18,20 @@ import sweep_report  # noqa: E402
 
 def test_config_has_every_arm_of_the_issue():
   c = load_config("sweep")
-  assert set(c.runs) == {"sft", "seqkd", "supkd", "onpolicy_fkl", "onpolicy_jsd01", "onpolicy_jsd05",
-                         "onpolicy_jsd09", "onpolicy_rkl", "lambda_025", "lambda_050", "lambda_075",
-                         "onpolicy_fkl_5pct"}
+  assert set(c.runs) == {
+      "sft",
+      "seqkd",
+      "supkd",
+      "onpolicy_fkl",
+      "onpolicy_jsd01",
+      "onpolicy_jsd05",
+      "onpolicy_jsd09",
+      "onpolicy_rkl",
+      "lambda_025",
+      "lambda_050",
+      "lambda_075",
+      "onpolicy_fkl_5pct",
+  }
   assert len(c.seeds) >= 3
   assert [c.runs[a].beta for a, _ in sweep_report.DIVERGENCE_ARMS] == [b for _, b in sweep_report.DIVERGENCE_ARMS]
   assert [c.runs[a].lmbda for a, _ in sweep_report.LAMBDA_ARMS] == [lam for _, lam in sweep_report.LAMBDA_ARMS]
@@ -56,8 +68,14 @@ def test_report_table_and_figures(tmp_path):
   def metrics(n):
     m = {k: list(rng.random(n)) for k in ("greedy", "greedy_chain", "long", "long_chain")}
     for t in temps:
-      m.update({f"sample_{t}": list(rng.random(n)), f"sample_chain_{t}": list(rng.random(n)),
-                f"distinct_{t}": list(6 * rng.random(n)), f"valid_{t}": list(rng.random(n))})
+      m.update(
+          {
+              f"sample_{t}": list(rng.random(n)),
+              f"sample_chain_{t}": list(rng.random(n)),
+              f"distinct_{t}": list(6 * rng.random(n)),
+              f"valid_{t}": list(rng.random(n)),
+          }
+      )
     return m
 
   results = {"teacher": metrics(1), "initial": metrics(1)}

@@ -1,24 +1,31 @@
 """Generation metrics: answer extraction, exact match, ROUGE."""
+
 import pytest
 
 from gkd_jax import task_metrics
 
 
-@pytest.mark.parametrize("text,answer", [
-    ("Natalia sold 48/2 = 24 clips.\n#### 72", "72"),
-    ("so the answer is 1,234.", "1234"),
-    ("The answer is $18.00 total", "18"),
-    ("first 3, then 5, finally 12<|im_end|>99", "12"),
-    ("no digits here", None),
-    ("#### -7", "-7"),
-])
+@pytest.mark.parametrize(
+    "text,answer",
+    [
+        ("Natalia sold 48/2 = 24 clips.\n#### 72", "72"),
+        ("so the answer is 1,234.", "1234"),
+        ("The answer is $18.00 total", "18"),
+        ("first 3, then 5, finally 12<|im_end|>99", "12"),
+        ("no digits here", None),
+        ("#### -7", "-7"),
+    ],
+)
 def test_extract_answer(text, answer):
   assert task_metrics.extract_answer(text) == answer
 
 
 def test_math_exact_match_against_rows():
-  rows = [{"prompt": "q1", "completion": "work\n#### 72"}, {"prompt": "q2", "completion": "#### 5"},
-          {"messages": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "#### 10"}]}]
+  rows = [
+      {"prompt": "q1", "completion": "work\n#### 72"},
+      {"prompt": "q2", "completion": "#### 5"},
+      {"messages": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "#### 10"}]},
+  ]
   out = task_metrics.math_exact_match(["... 72", "#### 6", "the answer is 10"], rows)
   assert out == {"accuracy": pytest.approx(2 / 3), "count": 3}
 

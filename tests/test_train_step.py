@@ -1,5 +1,6 @@
 """The pure GKD train step on tiny random models: divergence paths agree, sharding and accumulation are
 exact, the teacher is never touched, sft_alpha adds exactly α·NLL, OPSD aligns on completion tokens."""
+
 import dataclasses
 
 import jax
@@ -17,9 +18,18 @@ B, P, C = 8, 6, 5
 
 
 def model_config(hidden, heads, kv, vocab, tie):
-  return ModelConfig(model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                     num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv,
-                     head_dim=hidden // heads, qkv_bias=True, tie_word_embeddings=tie)
+  return ModelConfig(
+      model_type="qwen2",
+      vocab_size=vocab,
+      hidden_size=hidden,
+      intermediate_size=2 * hidden,
+      num_hidden_layers=2,
+      num_attention_heads=heads,
+      num_key_value_heads=kv,
+      head_dim=hidden // heads,
+      qkv_bias=True,
+      tie_word_embeddings=tie,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +42,13 @@ def models():
 
 def make_batch(seed=0, student_generated=False, batch=B):
   rng = np.random.default_rng(seed)
-  out = dict(prompt_ids=rng.integers(3, 90, (batch, P)).astype(np.int32), prompt_mask=np.ones((batch, P), bool),
-             completion_ids=rng.integers(3, 90, (batch, C)).astype(np.int32),
-             completion_mask=np.ones((batch, C), bool), student_generated=np.array(student_generated))
+  out = dict(
+      prompt_ids=rng.integers(3, 90, (batch, P)).astype(np.int32),
+      prompt_mask=np.ones((batch, P), bool),
+      completion_ids=rng.integers(3, 90, (batch, C)).astype(np.int32),
+      completion_mask=np.ones((batch, C), bool),
+      student_generated=np.array(student_generated),
+  )
   out["prompt_mask"][0, :2] = False  # left padding
   out["prompt_ids"][0, :2] = 0
   out["completion_mask"][1, 3:] = False  # right padding after a stop
@@ -60,8 +74,10 @@ def run(models, cfg, batch, steps=1, lr=1e-2, shard=None):
     mesh = sharding.make_mesh(*shard)
     params = sharding.shard_state(params, mesh)
     teacher_params = None if teacher_params is None else sharding.shard_state(teacher_params, mesh)
-    batch = {k: jax.device_put(v, NamedSharding(mesh, PartitionSpec(*(("data", "fsdp"),) if np.ndim(v) else ())))
-             for k, v in batch.items()}
+    batch = {
+        k: jax.device_put(v, NamedSharding(mesh, PartitionSpec(*(("data", "fsdp"),) if np.ndim(v) else ())))
+        for k, v in batch.items()
+    }
   state = ts.create_train_state(params, tx, teacher_params=teacher_params, rng=jax.random.key(0))
   history = []
   for _ in range(steps):
@@ -85,8 +101,11 @@ def reference(models):
 
 @pytest.mark.parametrize("variant", ["fused", "topk_full_vocab"])
 def test_divergence_paths_agree(models, reference, variant):
-  cfg = (dataclasses.replace(BASE, divergence="fused", chunk_size=7) if variant == "fused"
-         else dataclasses.replace(BASE, divergence="topk", topk=90))
+  cfg = (
+      dataclasses.replace(BASE, divergence="fused", chunk_size=7)
+      if variant == "fused"
+      else dataclasses.replace(BASE, divergence="topk", topk=90)
+  )
   state, history = run(models, cfg, make_batch(), steps=2)
   ref_state, ref_history = reference
   for name in history[-1]:
@@ -118,8 +137,10 @@ def test_only_the_student_changes(models, reference):
   state, _ = reference
   for x, y in zip(jax.tree.leaves(state.teacher_params), jax.tree.leaves(nnx.state(teacher))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  changed = [not np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(nnx.state(student)))]
+  changed = [
+      not np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(nnx.state(student)))
+  ]
   assert all(changed)
   assert int(state.step) == 2
 
@@ -128,8 +149,9 @@ def test_sft_alpha_adds_exactly_alpha_nll_on_non_student_batches(models):
   alpha = BASE.sft_alpha
   cfg = BASE
   _, (dataset_step,) = run(models, cfg, make_batch(), lr=0.0)
-  np.testing.assert_allclose(dataset_step["loss"], dataset_step["distill_loss"] + alpha * dataset_step["sft_loss"],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      dataset_step["loss"], dataset_step["distill_loss"] + alpha * dataset_step["sft_loss"], rtol=1e-6
+  )
   _, (plain,) = run(models, dataclasses.replace(BASE, sft_alpha=0.0), make_batch(), lr=0.0)
   assert "sft_loss" not in plain
   np.testing.assert_allclose(plain["loss"], plain["distill_loss"], rtol=1e-6)
@@ -145,8 +167,10 @@ def test_opsd_teacher_prompt_aligns_on_completion_tokens(models):
   cfg = dataclasses.replace(BASE, teacher="self")
   batch = make_batch()
   pad = np.zeros((B, 3), np.int32)
-  batch.update(teacher_prompt_ids=np.concatenate([pad, batch["prompt_ids"]], 1),
-               teacher_prompt_mask=np.concatenate([pad.astype(bool), batch["prompt_mask"]], 1))
+  batch.update(
+      teacher_prompt_ids=np.concatenate([pad, batch["prompt_ids"]], 1),
+      teacher_prompt_mask=np.concatenate([pad.astype(bool), batch["prompt_mask"]], 1),
+  )
   _, (same,) = run(models, cfg, batch, lr=0.0)
   assert same["distill_loss"] < 1e-6
   assert same["top1_agreement"] == 1.0

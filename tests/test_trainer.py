@@ -1,4 +1,5 @@
 """The training loop end to end on the offline arithmetic task with tiny HF checkpoints built here."""
+
 import json
 import os
 
@@ -22,20 +23,36 @@ def task(tmp_path_factory):
   checkpoints = {}
   for name, (hidden, layers, vocab) in {"student": (32, 2, len(tok)), "teacher": (48, 2, len(tok) + 3)}.items():
     torch.manual_seed(len(name))
-    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id, tie_word_embeddings=name == "student")
+    cfg = transformers.Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=name == "student",
+    )
     path = str(root / name)
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     checkpoints[name] = path
   # A teacher over exactly the tokenizer's vocabulary, sharper than a random init, for the server test.
   torch.manual_seed(3)
-  cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                 tie_word_embeddings=False)
+  cfg = transformers.Qwen2Config(
+      vocab_size=len(tok),
+      hidden_size=48,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=256,
+      eos_token_id=tok.eos_token_id,
+      pad_token_id=tok.pad_token_id,
+      tie_word_embeddings=False,
+  )
   sharp = transformers.Qwen2ForCausalLM(cfg)
   with torch.no_grad():
     sharp.lm_head.weight.mul_(20.0)
@@ -59,8 +76,19 @@ def make_config(task, **overrides):
 
 
 def test_train_runs_the_three_modes(task, tmp_path):
-  config = make_config(task, lmbda=0.5, seq_kd=True, sft_alpha=0.1, sample_every=1, eval_split="test",
-                       eval_metric="arithmetic", eval_rows=8, eval_batch_size=4, eval_max_new_tokens=24, eval_every=3)
+  config = make_config(
+      task,
+      lmbda=0.5,
+      seq_kd=True,
+      sft_alpha=0.1,
+      sample_every=1,
+      eval_split="test",
+      eval_metric="arithmetic",
+      eval_rows=8,
+      eval_batch_size=4,
+      eval_max_new_tokens=24,
+      eval_every=3,
+  )
   final = trainer.train(config, str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in records] == list(range(1, 7))
@@ -90,6 +118,7 @@ def test_train_runs_the_three_modes(task, tmp_path):
   assert json.load(open(tmp_path / "teacher_eval.json"))["accuracy"] == evals[0]["teacher_accuracy"]
   # --mode=eval on the finished run reproduces the final evaluation.
   from gkd_jax import main as gkd_main
+
   again = gkd_main.run(config, str(tmp_path), mode="eval")
   assert again["step"] == 6
   for name in ("forward_kl", "nll", "distill_loss", "student_accuracy"):
@@ -105,8 +134,9 @@ def test_on_policy_batch_masks_exactly_the_generated_tokens(task):
   np.testing.assert_array_equal(mask, np.asarray(sampling.completion_mask_from_stops(ids, setup.stop_ids)))
   # Different steps sample differently (the key folds in the step).
   again, _, _ = trainer.prepare_batch(setup, step=1)
-  assert not np.array_equal(again["completion_ids"], ids) or not np.array_equal(again["prompt_ids"],
-                                                                                   batch["prompt_ids"])
+  assert not np.array_equal(again["completion_ids"], ids) or not np.array_equal(
+      again["prompt_ids"], batch["prompt_ids"]
+  )
 
 
 def test_off_policy_step_on_prompt_only_rows_fails_clearly(task, tmp_path):
@@ -162,23 +192,29 @@ def test_lora_trains_only_the_adapters(task, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), y)
   keys = {".".join(map(str, path)) for path, _ in jax.tree_util.tree_flatten_with_path(setup.state.params)[0]}
   assert keys and all(any(f".{m}." in k for m in ("q", "v", "up")) for k in keys)
-  assert any(not np.array_equal(np.asarray(x), y)
-             for x, y in zip(jax.tree.leaves(setup.state.params), jax.tree.leaves(adapters_before)))
+  assert any(
+      not np.array_equal(np.asarray(x), y)
+      for x, y in zip(jax.tree.leaves(setup.state.params), jax.tree.leaves(adapters_before))
+  )
 
   # The run exported the merged student; transformers reads it and computes the same logits, and the
   # export CLI rebuilds the same model from the workdir's checkpoint.
   from gkd_jax import export
   from gkd_jax.models import from_pretrained
+
   ids = np.array([[1, 9, 12, 7, 5, 2, 30 % 29]])
-  torch_logits = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export")(
-      torch.from_numpy(ids)).logits.detach().numpy()
+  torch_logits = (
+      transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export")(torch.from_numpy(ids))
+      .logits.detach()
+      .numpy()
+  )
   ours = np.asarray(setup.student(ids).logits)
   np.testing.assert_allclose(torch_logits, ours, atol=1e-4)
   again = export.export(str(tmp_path), str(tmp_path / "again"))
   np.testing.assert_allclose(np.asarray(from_pretrained(again)(ids).logits), ours, atol=1e-5)
 
 
-CONFIG_FILE = '''
+CONFIG_FILE = """
 import json
 from gkd_jax import config as config_lib
 
@@ -187,14 +223,30 @@ def get_config(arg=None):
   c.job = "train"
   c.update(json.loads({overrides!r}))
   return c
-'''
+"""
 
 
 def write_config(task, path, mesh=(2, 2, 2), **overrides):
   c = make_config(task, **overrides)
-  fields = {k: c[k] for k in ("model", "teacher_model", "dataset", "batch_size", "total_steps", "learning_rate",
-                              "log_every", "max_length", "max_prompt_length", "max_completion_length", "lmbda",
-                              "seq_kd", "save_every", "peak_flops")}
+  fields = {
+      k: c[k]
+      for k in (
+          "model",
+          "teacher_model",
+          "dataset",
+          "batch_size",
+          "total_steps",
+          "learning_rate",
+          "log_every",
+          "max_length",
+          "max_prompt_length",
+          "max_completion_length",
+          "lmbda",
+          "seq_kd",
+          "save_every",
+          "peak_flops",
+      )
+  }
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
   fields["mesh"] = c.mesh.to_dict()
   path.write_text(CONFIG_FILE.format(overrides=json.dumps(fields)))
@@ -213,6 +265,7 @@ def test_killed_run_resumes_bitwise_identically(task, tmp_path):
   import subprocess
   import sys
   import time
+
   config = write_config(task, tmp_path / "cfg.py", total_steps=7, save_every=2, lmbda=0.5, seq_kd=True)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   cmd = lambda workdir: [sys.executable, "-m", "gkd_jax.main", f"--config={config}", f"--workdir={workdir}"]
@@ -240,14 +293,22 @@ def test_sigterm_saves_and_exits_cleanly(task, tmp_path):
   import subprocess
   import sys
   import time
+
   config = write_config(task, tmp_path / "cfg.py", total_steps=50, save_every=1000, lmbda=0.0)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   workdir = tmp_path / "run"
-  proc = subprocess.Popen([sys.executable, "-m", "gkd_jax.main", f"--config={config}", f"--workdir={workdir}"],
-                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "gkd_jax.main", f"--config={config}", f"--workdir={workdir}"],
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+  )
   deadline = time.time() + 600
-  while (not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip()) \
-      and proc.poll() is None and time.time() < deadline:
+  while (
+      (not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip())
+      and proc.poll() is None
+      and time.time() < deadline
+  ):
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=600)
@@ -261,11 +322,14 @@ def test_teacher_server_matches_the_local_topk_teacher(task, tmp_path):
   """The same teacher served over HTTP (top-k log-probs) or loaded locally (top-k of its logits) gives the
   same losses; dataset steps prefetch the next step's request while the current one trains."""
   from gkd_jax import serve
-  engine = serve.build_engine(task["sharp_teacher"], dtype="float32", tokenizer=None, max_logprobs=8, max_seq_len=128,
-                              max_batch_size=8)
+
+  engine = serve.build_engine(
+      task["sharp_teacher"], dtype="float32", tokenizer=None, max_logprobs=8, max_seq_len=128, max_batch_size=8
+  )
   with serve.ServerThread(serve.make_app(engine, "teacher")) as server:
-    remote = make_config(task, teacher_model=None, teacher_model_server=server.url, gkd_logits_topk=4, lmbda=0.0,
-                         total_steps=3)
+    remote = make_config(
+        task, teacher_model=None, teacher_model_server=server.url, gkd_logits_topk=4, lmbda=0.0, total_steps=3
+    )
     got = trainer.run(trainer.build(remote), str(tmp_path / "remote"))
     local = make_config(task, teacher_model=task["sharp_teacher"], gkd_logits_topk=4, lmbda=0.0, total_steps=3)
     want = trainer.run(trainer.build(local), str(tmp_path / "local"))
@@ -285,26 +349,41 @@ def test_two_processes_equal_one(task, tmp_path):
   import subprocess
   import sys
   from safetensors.numpy import load_file
-  config = write_config(task, tmp_path / "cfg.py", total_steps=3, lmbda=0.5, save_every=1000, batch_size=8,
-                        mesh=(2, 4, 1))
+
+  config = write_config(
+      task, tmp_path / "cfg.py", total_steps=3, lmbda=0.5, save_every=1000, batch_size=8, mesh=(2, 4, 1)
+  )
   base = [sys.executable, "-m", "gkd_jax.main", f"--config={config}"]
   single = tmp_path / "single"
-  subprocess.run(base + [f"--workdir={single}"], check=True, capture_output=True, timeout=600,
-                 env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"))
+  subprocess.run(
+      base + [f"--workdir={single}"],
+      check=True,
+      capture_output=True,
+      timeout=600,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"),
+  )
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   multi = tmp_path / "multi"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen(base + [f"--workdir={multi}", f"--coordinator_address=127.0.0.1:{port}",
-                                    "--num_processes=2", f"--process_id={i}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          base
+          + [f"--workdir={multi}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+          env=env,
+          stdout=subprocess.DEVNULL,
+          stderr=subprocess.PIPE,
+      )
+      for i in range(2)
+  ]
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err.decode()[-3000:]
   assert losses_by_step(multi) == pytest.approx(losses_by_step(single), rel=1e-5)
   ours, theirs = load_file(str(multi / "export" / "model.safetensors")), load_file(
-      str(single / "export" / "model.safetensors"))
+      str(single / "export" / "model.safetensors")
+  )
   assert ours.keys() == theirs.keys()
   for name in ours:
     np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-6, err_msg=name)
@@ -315,11 +394,20 @@ def test_teacher_server_lost_mid_run_stops_with_the_checkpoint_intact(task, tmp_
   import time
   from gkd_jax import checkpoints, serve
   from gkd_jax.teacher_client import TeacherServerError
-  engine = serve.build_engine(task["sharp_teacher"], dtype="float32", tokenizer=None, max_logprobs=8,
-                              max_seq_len=128, max_batch_size=8)
+
+  engine = serve.build_engine(
+      task["sharp_teacher"], dtype="float32", tokenizer=None, max_logprobs=8, max_seq_len=128, max_batch_size=8
+  )
   server = serve.ServerThread(serve.make_app(engine, "teacher")).start()
-  config = make_config(task, teacher_model=None, teacher_model_server=server.url, gkd_logits_topk=4, lmbda=0.0,
-                       total_steps=40, save_every=2)
+  config = make_config(
+      task,
+      teacher_model=None,
+      teacher_model_server=server.url,
+      gkd_logits_topk=4,
+      lmbda=0.0,
+      total_steps=40,
+      save_every=2,
+  )
   setup = trainer.build(config)
   setup.teacher_client.backoff = 0.05
 

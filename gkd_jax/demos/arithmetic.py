@@ -15,6 +15,7 @@ depends on: a rerun skips phases whose DONE matches and redoes the others; a pha
 settings resumes from the trainer's last checkpoint. Evaluations are cached beside them (PHASE/eval.json).
 Results: a table on stdout and workdir/results.json.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,8 +69,14 @@ def _write_done(phase_dir: str, record: dict):
 
 def init_checkpoint(arch: dict, tokenizer, out_dir: str, seed: int) -> str:
   """A random-init Qwen2 (HF config fields in `arch`) saved with the tokenizer, as a hub model would be."""
-  hf = {"model_type": "qwen2", "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": True, **arch}
+  hf = {
+      "model_type": "qwen2",
+      "vocab_size": len(tokenizer),
+      "eos_token_id": tokenizer.eos_token_id,
+      "pad_token_id": tokenizer.pad_token_id,
+      "tie_word_embeddings": True,
+      **arch,
+  }
   model = models.CausalLM(models.ModelConfig.from_hf_dict(hf), rngs=nnx.Rngs(seed))
   return models.save_pretrained(model, out_dir, tokenizer=tokenizer)
 
@@ -94,16 +101,27 @@ def trainer_config(config, phase: dict, dataset: str, model: str, teacher_model:
   return c
 
 
-def train_phase(name: str, workdir: str, config, phase, *, dataset: str, tokenizer, init_from: str | None = None,
-                teacher_model: str | None = None, depends: tuple = ()) -> dict:
+def train_phase(
+    name: str,
+    workdir: str,
+    config,
+    phase,
+    *,
+    dataset: str,
+    tokenizer,
+    init_from: str | None = None,
+    teacher_model: str | None = None,
+    depends: tuple = (),
+) -> dict:
   """Runs (or skips, when its DONE matches) one training phase; returns its DONE record (with 'model').
 
   A phase interrupted with the same settings resumes from the trainer's last checkpoint in workdir/PHASE;
   with other settings it restarts clean."""
   phase_dir = os.path.join(workdir, name)
   # Paths enter relative to the workdir, so a moved or copied workdir keeps its finished phases.
-  fingerprint = _fingerprint([_plain(phase), _plain(config.lengths), config.seed, os.path.relpath(dataset, workdir),
-                              list(depends)])
+  fingerprint = _fingerprint(
+      [_plain(phase), _plain(config.lengths), config.seed, os.path.relpath(dataset, workdir), list(depends)]
+  )
   done = _read_done(phase_dir)
   if done and done.get("fingerprint") == fingerprint:
     done["model"] = os.path.join(workdir, done["model"])
@@ -120,13 +138,21 @@ def train_phase(name: str, workdir: str, config, phase, *, dataset: str, tokeniz
   if init_from is None:  # deterministic in init_seed, so a resumed phase rebuilds the same one
     init_from = init_checkpoint(phase.arch.to_dict(), tokenizer, os.path.join(phase_dir, "init"), phase.init_seed)
   run_config = trainer_config(config, phase, dataset, init_from, teacher_model)
-  print(f"[{name}] {run_config.objective} from {init_from}: {run_config.total_steps} steps of "
-        f"{run_config.batch_size}" + (f", teacher {teacher_model}, lmbda={run_config.lmbda}, "
-                                      f"beta={run_config.beta}" if teacher_model else ""), flush=True)
+  print(
+      f"[{name}] {run_config.objective} from {init_from}: {run_config.total_steps} steps of "
+      f"{run_config.batch_size}"
+      + (f", teacher {teacher_model}, lmbda={run_config.lmbda}, " f"beta={run_config.beta}" if teacher_model else ""),
+      flush=True,
+  )
   last = trainer.train(run_config, phase_dir)  # exports the final student to phase_dir/export
   model_dir = os.path.join(phase_dir, "export")
-  record = {"fingerprint": fingerprint, "model": os.path.relpath(model_dir, workdir), "params": num_params(model_dir),
-            "seconds": round(time.perf_counter() - t0, 1), "last": last}
+  record = {
+      "fingerprint": fingerprint,
+      "model": os.path.relpath(model_dir, workdir),
+      "params": num_params(model_dir),
+      "seconds": round(time.perf_counter() - t0, 1),
+      "last": last,
+  }
   _write_done(phase_dir, record)
   return dict(record, model=model_dir)
 
@@ -145,8 +171,9 @@ def eval_phase(name: str, workdir: str, config, done: dict, rows) -> dict:
   t0 = time.perf_counter()
   model = models.from_pretrained(done["model"])
   tokenizer = models.load_tokenizer(done["model"])
-  metrics = evaluate_lib.accuracy(model, tokenizer, rows, max_new_tokens=config.eval.max_new_tokens,
-                                  batch_size=config.eval.batch_size)
+  metrics = evaluate_lib.accuracy(
+      model, tokenizer, rows, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size
+  )
   metrics["seconds"] = round(time.perf_counter() - t0, 1)
   with open(path, "w") as f:
     json.dump({"fingerprint": fingerprint, "metrics": metrics}, f, indent=1)
@@ -162,13 +189,23 @@ def run(config, workdir: str) -> dict:
   dataset = paths["data"]
   task_id = _fingerprint(config.task.to_dict())
 
-  teacher = train_phase("teacher", workdir, config, config.teacher, dataset=dataset, tokenizer=tokenizer,
-                        depends=(task_id,))
-  student = train_phase("student_sft", workdir, config, config.student_sft, dataset=dataset, tokenizer=tokenizer,
-                        depends=(task_id,))
-  distilled = train_phase("gkd", workdir, config, config.gkd, dataset=dataset, tokenizer=tokenizer,
-                          init_from=student["model"], teacher_model=teacher["model"],
-                          depends=(task_id, teacher["fingerprint"], student["fingerprint"]))
+  teacher = train_phase(
+      "teacher", workdir, config, config.teacher, dataset=dataset, tokenizer=tokenizer, depends=(task_id,)
+  )
+  student = train_phase(
+      "student_sft", workdir, config, config.student_sft, dataset=dataset, tokenizer=tokenizer, depends=(task_id,)
+  )
+  distilled = train_phase(
+      "gkd",
+      workdir,
+      config,
+      config.gkd,
+      dataset=dataset,
+      tokenizer=tokenizer,
+      init_from=student["model"],
+      teacher_model=teacher["model"],
+      depends=(task_id, teacher["fingerprint"], student["fingerprint"]),
+  )
 
   rows = arithmetic.load_task(os.path.join(workdir, "task"))[config.eval.split]
   if config.eval.num_examples:
@@ -176,9 +213,13 @@ def run(config, workdir: str) -> dict:
   results = {"split": config.eval.split, "count": len(rows), "models": {}}
   for name, done in zip(PHASES, (teacher, student, distilled)):
     metrics = eval_phase(name, workdir, config, done, rows)
-    results["models"][name] = {"accuracy": metrics["accuracy"], "chain_accuracy": metrics["chain_accuracy"],
-                               "params": done["params"], "train_seconds": done["seconds"],
-                               "checkpoint": done["model"]}
+    results["models"][name] = {
+        "accuracy": metrics["accuracy"],
+        "chain_accuracy": metrics["chain_accuracy"],
+        "params": done["params"],
+        "train_seconds": done["seconds"],
+        "checkpoint": done["model"],
+    }
   results["gain"] = results["models"]["gkd"]["accuracy"] - results["models"]["student_sft"]["accuracy"]
   results["seconds"] = round(time.perf_counter() - t0, 1)
   with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -188,10 +229,14 @@ def run(config, workdir: str) -> dict:
 
 
 def format_table(results: dict) -> str:
-  lines = [f"greedy accuracy on {results['count']} {results['split']} problems",
-           f"{'model':<28}{'params':>10}{'accuracy':>10}{'chain acc':>11}"]
+  lines = [
+      f"greedy accuracy on {results['count']} {results['split']} problems",
+      f"{'model':<28}{'params':>10}{'accuracy':>10}{'chain acc':>11}",
+  ]
   for name, m in results["models"].items():
     lines.append(f"{LABELS[name]:<28}{m['params']:>10,}{m['accuracy']:>10.3f}{m['chain_accuracy']:>11.3f}")
-  lines.append(f"GKD gain over the initial student: {100 * results['gain']:+.1f} points "
-               f"({results['seconds']:.0f} s this run)")
+  lines.append(
+      f"GKD gain over the initial student: {100 * results['gain']:+.1f} points "
+      f"({results['seconds']:.0f} s this run)"
+  )
   return "\n".join(lines)

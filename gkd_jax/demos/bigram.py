@@ -5,6 +5,7 @@ A bigram LM's next-token distribution is one row of a [V, V] logits table. Each 
 on, else a fixed dataset sampled once from the teacher is used; the JSD(β) between the two tables' rows
 on those sequences is minimized with optax.
 """
+
 import json
 import os
 
@@ -18,9 +19,11 @@ from gkd_jax import losses, trainer
 
 def sample_bigram(logits, first_tokens, key, length, temperature):
   """Samples sequences [B, length] from a bigram table [V, V] starting at first_tokens [B]."""
+
   def step(tok, k):
     nxt = jax.random.categorical(k, logits[tok] / temperature)
     return nxt, nxt
+
   _, rest = jax.lax.scan(step, first_tokens, jax.random.split(key, length - 1))
   return jnp.concatenate([first_tokens[:, None], rest.T], axis=1)
 
@@ -52,13 +55,20 @@ def run(config, workdir):
   @jax.jit
   def evaluate(student):
     stats = losses.token_stats(student, teacher, temperature=loss_temperature)
-    return {"jsd": jnp.mean(losses.generalized_jsd_loss(student, teacher, beta=config.beta,
-                                                        temperature=loss_temperature, reduction="none")),
-            **{k: jnp.mean(x) for k, x in stats.items()}}
+    return {
+        "jsd": jnp.mean(
+            losses.generalized_jsd_loss(
+                student, teacher, beta=config.beta, temperature=loss_temperature, reduction="none"
+            )
+        ),
+        **{k: jnp.mean(x) for k, x in stats.items()},
+    }
 
   sample = jax.jit(sample_bigram, static_argnums=(3,))
-  print(f"bigram GKD: V={v}, beta={config.beta}, lmbda={config.lmbda}, seq_kd={config.seq_kd}, "
-        f"temperature={config.temperature}, loss_temperature={loss_temperature}")
+  print(
+      f"bigram GKD: V={v}, beta={config.beta}, lmbda={config.lmbda}, seq_kd={config.seq_kd}, "
+      f"temperature={config.temperature}, loss_temperature={loss_temperature}"
+  )
   first = {k: float(x) for k, x in evaluate(student).items()}
   print(f"step     0  eval {json.dumps({k: round(x, 4) for k, x in first.items()})}")
   counts = {"on_policy": 0, "seq_kd": 0, "dataset": 0}
@@ -79,9 +89,11 @@ def run(config, workdir):
       record = {"step": step, "mode": mode, "loss": float(loss)}
       if step % config.log_every == 0 or step == config.steps:
         record.update({k: float(x) for k, x in evaluate(student).items()})
-        print(f"step {step:5d}  loss {float(loss):.4f}  eval jsd {record['jsd']:.4f}  "
-              f"fkl {record['forward_kl']:.4f}  rkl {record['reverse_kl']:.4f}  "
-              f"top1 {record['top1_agreement']:.3f}")
+        print(
+            f"step {step:5d}  loss {float(loss):.4f}  eval jsd {record['jsd']:.4f}  "
+            f"fkl {record['forward_kl']:.4f}  rkl {record['reverse_kl']:.4f}  "
+            f"top1 {record['top1_agreement']:.3f}"
+        )
       log.write(json.dumps(record) + "\n")
   print(f"modes: {counts}; eval JSD {first['jsd']:.4f} -> {record['jsd']:.4f}; metrics in {workdir}/metrics.jsonl")
   return record

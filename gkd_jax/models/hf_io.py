@@ -3,6 +3,7 @@
 Each parameter maps to one HF tensor through a reshape + transpose (both free views), so the loader can
 slice a memory-mapped tensor per device shard and build each array directly in its target sharding.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,173 +28,200 @@ _HUB_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Our array == hf_tensor.reshape(view_shape).transpose(perm); hf_shape is the checkpoint's shape."""
-    name: str
-    hf_shape: tuple[int, ...]
-    view_shape: tuple[int, ...]
-    perm: tuple[int, ...]
+  """Our array == hf_tensor.reshape(view_shape).transpose(perm); hf_shape is the checkpoint's shape."""
+
+  name: str
+  hf_shape: tuple[int, ...]
+  view_shape: tuple[int, ...]
+  perm: tuple[int, ...]
 
 
 # Our norm -> HF name (Llama style, Gemma sandwich style). HF's "post_attention_layernorm" is the pre-MLP norm
 # in Llama but the attention-output norm in Gemma.
-_NORMS = {"attn_norm": ("input_layernorm", "input_layernorm"),
-          "mlp_norm": ("post_attention_layernorm", "pre_feedforward_layernorm"),
-          "attn_out_norm": (None, "post_attention_layernorm"),
-          "mlp_out_norm": (None, "post_feedforward_layernorm")}
+_NORMS = {
+    "attn_norm": ("input_layernorm", "input_layernorm"),
+    "mlp_norm": ("post_attention_layernorm", "pre_feedforward_layernorm"),
+    "attn_out_norm": (None, "post_attention_layernorm"),
+    "mlp_out_norm": (None, "post_feedforward_layernorm"),
+}
 
 
 def _layout(path: tuple, cfg: ModelConfig) -> Layout:
-    h, v, m = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
-    n, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    same = lambda name, shape: Layout(name, shape, shape, tuple(range(len(shape))))
-    transposed = lambda name, out, inp: Layout(name, (out, inp), (out, inp), (1, 0))
-    if path == ("embed", "embedding"):
-        return same("model.embed_tokens.weight", (v, h))
-    if path == ("final_norm", "scale"):
-        return same("model.norm.weight", (h,))
-    if path == ("lm_head", "kernel"):
-        return transposed("lm_head.weight", v, h)
-    if path[0] != "layers":
-        raise KeyError(path)
-    i, module, rest = path[1], path[2], path[3:]
-    prefix = f"model.layers.{i}"
-    if module in _NORMS:
-        hf = _NORMS[module][1 if cfg.sandwich_norm else 0]
-        return same(f"{prefix}.{hf}.weight", (h,))
-    if module == "mlp":
-        proj, kind = rest
-        out, inp = (h, m) if proj == "down" else (m, h)
-        name = f"{prefix}.mlp.{proj}_proj.{'weight' if kind == 'kernel' else 'bias'}"
-        return transposed(name, out, inp) if kind == "kernel" else same(name, (out,))
-    if module == "attn":
-        proj, kind = rest
-        if proj in ("q_norm", "k_norm"):
-            return same(f"{prefix}.self_attn.{proj}.weight", (d,))
-        base = f"{prefix}.self_attn.{proj}_proj"
-        if proj == "o":
-            if kind == "bias":
-                return same(f"{base}.bias", (h,))
-            return Layout(f"{base}.weight", (h, n * d), (h, n, d), (1, 2, 0))   # -> [n, d, h]
-        heads = n if proj == "q" else kv
-        if kind == "bias":
-            return Layout(f"{base}.bias", (heads * d,), (heads, d), (0, 1))
-        return Layout(f"{base}.weight", (heads * d, h), (heads, d, h), (2, 0, 1))  # -> [h, heads, d]
+  h, v, m = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+  n, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  same = lambda name, shape: Layout(name, shape, shape, tuple(range(len(shape))))
+  transposed = lambda name, out, inp: Layout(name, (out, inp), (out, inp), (1, 0))
+  if path == ("embed", "embedding"):
+    return same("model.embed_tokens.weight", (v, h))
+  if path == ("final_norm", "scale"):
+    return same("model.norm.weight", (h,))
+  if path == ("lm_head", "kernel"):
+    return transposed("lm_head.weight", v, h)
+  if path[0] != "layers":
     raise KeyError(path)
+  i, module, rest = path[1], path[2], path[3:]
+  prefix = f"model.layers.{i}"
+  if module in _NORMS:
+    hf = _NORMS[module][1 if cfg.sandwich_norm else 0]
+    return same(f"{prefix}.{hf}.weight", (h,))
+  if module == "mlp":
+    proj, kind = rest
+    out, inp = (h, m) if proj == "down" else (m, h)
+    name = f"{prefix}.mlp.{proj}_proj.{'weight' if kind == 'kernel' else 'bias'}"
+    return transposed(name, out, inp) if kind == "kernel" else same(name, (out,))
+  if module == "attn":
+    proj, kind = rest
+    if proj in ("q_norm", "k_norm"):
+      return same(f"{prefix}.self_attn.{proj}.weight", (d,))
+    base = f"{prefix}.self_attn.{proj}_proj"
+    if proj == "o":
+      if kind == "bias":
+        return same(f"{base}.bias", (h,))
+      return Layout(f"{base}.weight", (h, n * d), (h, n, d), (1, 2, 0))  # -> [n, d, h]
+    heads = n if proj == "q" else kv
+    if kind == "bias":
+      return Layout(f"{base}.bias", (heads * d,), (heads, d), (0, 1))
+    return Layout(f"{base}.weight", (heads * d, h), (heads, d, h), (2, 0, 1))  # -> [h, heads, d]
+  raise KeyError(path)
 
 
 def _flat_params(state: nnx.State):
-    return [(tuple(p), var) for p, var in nnx.to_flat_state(state)]
+  return [(tuple(p), var) for p, var in nnx.to_flat_state(state)]
 
 
 def _resolve(path_or_id: str) -> str:
-    if os.path.isdir(path_or_id):
-        return path_or_id
-    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")):
-        raise FileNotFoundError(f"{path_or_id} is not a checkpoint directory")
-    from huggingface_hub import snapshot_download  # hub IDs only: local directories never touch the network
-    directory = snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS)
-    # Only the weights transformers would load (repos may also carry e.g. consolidated.safetensors).
-    index = os.path.join(directory, st.INDEX_FILE)
-    if os.path.exists(index):
-        with open(index) as f:
-            weights = sorted(set(json.load(f)["weight_map"].values()))
+  if os.path.isdir(path_or_id):
+    return path_or_id
+  if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")):
+    raise FileNotFoundError(f"{path_or_id} is not a checkpoint directory")
+  from huggingface_hub import snapshot_download  # hub IDs only: local directories never touch the network
+
+  directory = snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS)
+  # Only the weights transformers would load (repos may also carry e.g. consolidated.safetensors).
+  index = os.path.join(directory, st.INDEX_FILE)
+  if os.path.exists(index):
+    with open(index) as f:
+      weights = sorted(set(json.load(f)["weight_map"].values()))
+  else:
+    weights = [st.SINGLE_FILE]
+  return snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS + weights)
+
+
+def from_pretrained(
+    path_or_hub_id: str,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    mesh: Mesh | None = None,
+    rngs: nnx.Rngs | None = None,
+    *,
+    remat: bool | str = False,
+    rules=None,
+) -> CausalLM:
+  """Loads an HF safetensors checkpoint (directory or hub ID) into a CausalLM.
+
+  With a mesh, every parameter is built with `jax.make_array_from_callback` in the sharding its logical
+  names give: each device receives only its slice, read from the memory-mapped file.
+  `rngs` is accepted for symmetry with CausalLM(...) and unused. `remat` and `rules` go to CausalLM.
+  """
+  directory = _resolve(path_or_hub_id)
+  cfg = ModelConfig.from_hf_config(directory)
+  reader = st.CheckpointReader(directory)
+  del rngs  # every weight comes from the checkpoint; the abstract init below needs no real randomness
+  abstract = nnx.eval_shape(
+      lambda: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), remat=remat, mesh=mesh, rules=rules)
+  )
+  graphdef, state = nnx.split(abstract)
+  np_dtype = np.dtype(param_dtype)
+  used = set()
+  for path, var in _flat_params(state):
+    lay = _layout(path, cfg)
+    used.add(lay.name)
+    if lay.name not in reader:
+      raise ValueError(f"missing tensor {lay.name!r} (expected shape {lay.hf_shape}) in {directory}")
+    found = reader.shape(lay.name)
+    if found != lay.hf_shape:
+      raise ValueError(f"tensor {lay.name!r} has shape {found}, expected {lay.hf_shape} from config.json")
+    view = reader.view(lay.name).reshape(lay.view_shape).transpose(lay.perm)
+    shape = tuple(var.get_value().shape)
+    if mesh is None:
+      value = jnp.asarray(np.asarray(view).astype(np_dtype))
     else:
-        weights = [st.SINGLE_FILE]
-    return snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS + weights)
-
-
-def from_pretrained(path_or_hub_id: str, dtype=jnp.float32, param_dtype=jnp.float32, mesh: Mesh | None = None,
-                    rngs: nnx.Rngs | None = None, *, remat: bool | str = False, rules=None) -> CausalLM:
-    """Loads an HF safetensors checkpoint (directory or hub ID) into a CausalLM.
-
-    With a mesh, every parameter is built with `jax.make_array_from_callback` in the sharding its logical
-    names give: each device receives only its slice, read from the memory-mapped file.
-    `rngs` is accepted for symmetry with CausalLM(...) and unused. `remat` and `rules` go to CausalLM.
-    """
-    directory = _resolve(path_or_hub_id)
-    cfg = ModelConfig.from_hf_config(directory)
-    reader = st.CheckpointReader(directory)
-    del rngs  # every weight comes from the checkpoint; the abstract init below needs no real randomness
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
-                                               remat=remat, mesh=mesh, rules=rules))
-    graphdef, state = nnx.split(abstract)
-    np_dtype = np.dtype(param_dtype)
-    used = set()
-    for path, var in _flat_params(state):
-        lay = _layout(path, cfg)
-        used.add(lay.name)
-        if lay.name not in reader:
-            raise ValueError(f"missing tensor {lay.name!r} (expected shape {lay.hf_shape}) in {directory}")
-        found = reader.shape(lay.name)
-        if found != lay.hf_shape:
-            raise ValueError(f"tensor {lay.name!r} has shape {found}, expected {lay.hf_shape} from config.json")
-        view = reader.view(lay.name).reshape(lay.view_shape).transpose(lay.perm)
-        shape = tuple(var.get_value().shape)
-        if mesh is None:
-            value = jnp.asarray(np.asarray(view).astype(np_dtype))
-        else:
-            sharding = shd.named_sharding(shd.variable_names(var), shape, mesh, rules)
-            value = jax.make_array_from_callback(
-                shape, sharding, lambda idx, view=view: np.ascontiguousarray(view[idx]).astype(np_dtype))
-        var.set_value(value)
-    unused = set(reader.keys()) - used - {"lm_head.weight"}  # tied checkpoints may still carry the head
-    if unused:
-        logging.warning("from_pretrained(%s): %d checkpoint tensors not used by %s, e.g. %s", path_or_hub_id,
-                        len(unused), cfg.model_type, sorted(unused)[:5])
-    return nnx.merge(graphdef, state)
+      sharding = shd.named_sharding(shd.variable_names(var), shape, mesh, rules)
+      value = jax.make_array_from_callback(
+          shape, sharding, lambda idx, view=view: np.ascontiguousarray(view[idx]).astype(np_dtype)
+      )
+    var.set_value(value)
+  unused = set(reader.keys()) - used - {"lm_head.weight"}  # tied checkpoints may still carry the head
+  if unused:
+    logging.warning(
+        "from_pretrained(%s): %d checkpoint tensors not used by %s, e.g. %s",
+        path_or_hub_id,
+        len(unused),
+        cfg.model_type,
+        sorted(unused)[:5],
+    )
+  return nnx.merge(graphdef, state)
 
 
 def export_tensors(model: CausalLM, dtype=None) -> dict[str, np.ndarray]:
-    """HF name -> numpy array for every parameter (gathered to host), optionally cast to `dtype`."""
-    params = nnx.state(model, nnx.Param)
-    tensors = {}
-    for path, var in _flat_params(params):
-        lay = _layout(path, model.config)
-        inverse = tuple(np.argsort(lay.perm))
-        array = np.asarray(jax.device_get(var.get_value()))
-        if dtype is not None:
-            array = array.astype(np.dtype(dtype))
-        tensors[lay.name] = np.ascontiguousarray(array.transpose(inverse).reshape(lay.hf_shape))
-    return tensors
+  """HF name -> numpy array for every parameter (gathered to host), optionally cast to `dtype`."""
+  params = nnx.state(model, nnx.Param)
+  tensors = {}
+  for path, var in _flat_params(params):
+    lay = _layout(path, model.config)
+    inverse = tuple(np.argsort(lay.perm))
+    array = np.asarray(jax.device_get(var.get_value()))
+    if dtype is not None:
+      array = array.astype(np.dtype(dtype))
+    tensors[lay.name] = np.ascontiguousarray(array.transpose(inverse).reshape(lay.hf_shape))
+  return tensors
 
 
-def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, *, dtype=None, max_shard_size="5GB",
-                    merge_fn: Callable[[CausalLM], CausalLM] | None = None) -> str:
-    """Writes config.json + safetensors (+ tokenizer files) that transformers' AutoModelForCausalLM loads.
+def save_pretrained(
+    model: CausalLM,
+    out_dir: str,
+    tokenizer=None,
+    *,
+    dtype=None,
+    max_shard_size="5GB",
+    merge_fn: Callable[[CausalLM], CausalLM] | None = None,
+) -> str:
+  """Writes config.json + safetensors (+ tokenizer files) that transformers' AutoModelForCausalLM loads.
 
-    LoRA hook: a model carrying adapters (nnx.LoRAParam) must be merged first; pass `merge_fn` (model ->
-    model with dense, merged weights). Exporting adapters silently dropped would be a wrong checkpoint.
-    """
-    if merge_fn is not None:
-        model = merge_fn(model)
-    if jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
-        raise ValueError("model has LoRA parameters: pass merge_fn to fold them into the base weights")
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = export_tensors(model, dtype)
-    st.write_checkpoint(out_dir, tensors, max_shard_size)
-    config = model.config.to_hf_dict()
-    # transformers v5 calls it "dtype", v4 (and older vLLM) "torch_dtype": keep the source's spelling.
-    config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(np.dtype(dtype or model.param_dtype))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    return out_dir
+  LoRA hook: a model carrying adapters (nnx.LoRAParam) must be merged first; pass `merge_fn` (model ->
+  model with dense, merged weights). Exporting adapters silently dropped would be a wrong checkpoint.
+  """
+  if merge_fn is not None:
+    model = merge_fn(model)
+  if jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
+    raise ValueError("model has LoRA parameters: pass merge_fn to fold them into the base weights")
+  os.makedirs(out_dir, exist_ok=True)
+  tensors = export_tensors(model, dtype)
+  st.write_checkpoint(out_dir, tensors, max_shard_size)
+  config = model.config.to_hf_dict()
+  # transformers v5 calls it "dtype", v4 (and older vLLM) "torch_dtype": keep the source's spelling.
+  config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(np.dtype(dtype or model.param_dtype))
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)
+  return out_dir
 
 
 def load_tokenizer(path_or_hub_id: str, **kwargs):
-    """transformers.AutoTokenizer from the same directory / hub ID as the model.
+  """transformers.AutoTokenizer from the same directory / hub ID as the model.
 
-    A tokenizer saved as a generic fast tokenizer (tokenizer_class TokenizersBackend / PreTrainedTokenizerFast)
-    is loaded as exactly that: transformers v5's AutoTokenizer would otherwise pick the class of the
-    model_type in config.json (e.g. Qwen2Tokenizer), which rebuilds the pre-tokenizer and changes the ids.
-    """
-    import transformers
-    directory = _resolve(path_or_hub_id)
-    config_file = os.path.join(directory, "tokenizer_config.json")
-    if os.path.exists(config_file):
-        with open(config_file) as f:
-            tokenizer_class = json.load(f).get("tokenizer_class")
-        if tokenizer_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return transformers.PreTrainedTokenizerFast.from_pretrained(directory, **kwargs)
-    return transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
+  A tokenizer saved as a generic fast tokenizer (tokenizer_class TokenizersBackend / PreTrainedTokenizerFast)
+  is loaded as exactly that: transformers v5's AutoTokenizer would otherwise pick the class of the
+  model_type in config.json (e.g. Qwen2Tokenizer), which rebuilds the pre-tokenizer and changes the ids.
+  """
+  import transformers
+
+  directory = _resolve(path_or_hub_id)
+  config_file = os.path.join(directory, "tokenizer_config.json")
+  if os.path.exists(config_file):
+    with open(config_file) as f:
+      tokenizer_class = json.load(f).get("tokenizer_class")
+    if tokenizer_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+      return transformers.PreTrainedTokenizerFast.from_pretrained(directory, **kwargs)
+  return transformers.AutoTokenizer.from_pretrained(directory, **kwargs)

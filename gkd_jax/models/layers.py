@@ -4,6 +4,7 @@ Parameters live in `param_dtype` and are cast to the compute `dtype` at use (f32
 Every parameter carries its logical axis names as nnx `out_sharding` metadata (eager sharding off: the
 loader and `gkd_jax.sharding` place arrays, so modules can be built without a mesh).
 """
+
 from __future__ import annotations
 
 import math
@@ -15,62 +16,81 @@ from flax import nnx
 
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | None], dtype, init: str) -> nnx.Param:
-    """A Param with logical names. init: "normal" (std 0.02, HF's default), "ones" or "zeros"."""
-    shape = tuple(shape)
-    if init == "ones":
-        value = jnp.ones(shape, dtype)
-    elif init == "zeros":
-        value = jnp.zeros(shape, dtype)
-    else:
-        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+  """A Param with logical names. init: "normal" (std 0.02, HF's default), "ones" or "zeros"."""
+  shape = tuple(shape)
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
 class Dense(nnx.Module):
-    """y[..., *out] = sum over the last `len(in_shape)` dims of x[..., *in] * kernel[*in, *out] (+ bias[*out]).
+  """y[..., *out] = sum over the last `len(in_shape)` dims of x[..., *in] * kernel[*in, *out] (+ bias[*out]).
 
-    The kernel keeps head structure (e.g. [embed, heads, head_dim]) so heads shard without reshapes; the math
-    runs as one 2D matmul, whose backward XLA:CPU handles much faster than multi-axis contractions.
-    """
+  The kernel keeps head structure (e.g. [embed, heads, head_dim]) so heads shard without reshapes; the math
+  runs as one 2D matmul, whose backward XLA:CPU handles much faster than multi-axis contractions.
+  """
 
-    def __init__(self, in_shape, out_shape, names, *, bias: bool = False, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.n_in, self.dtype = len(in_shape), dtype
-        self.kernel = param(rngs, (*in_shape, *out_shape), names, param_dtype, "normal")
-        self.bias = param(rngs, out_shape, names[len(in_shape):], param_dtype, "zeros") if bias else None
+  def __init__(
+      self,
+      in_shape,
+      out_shape,
+      names,
+      *,
+      bias: bool = False,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    self.n_in, self.dtype = len(in_shape), dtype
+    self.kernel = param(rngs, (*in_shape, *out_shape), names, param_dtype, "normal")
+    self.bias = param(rngs, out_shape, names[len(in_shape) :], param_dtype, "zeros") if bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...].astype(self.dtype)
-        in_shape, out_shape = kernel.shape[:self.n_in], kernel.shape[self.n_in:]
-        lead = x.shape[:x.ndim - self.n_in]
-        y = x.astype(self.dtype).reshape(-1, math.prod(in_shape)) @ kernel.reshape(math.prod(in_shape), -1)
-        y = y.reshape(*lead, *out_shape)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    in_shape, out_shape = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
+    lead = x.shape[: x.ndim - self.n_in]
+    y = x.astype(self.dtype).reshape(-1, math.prod(in_shape)) @ kernel.reshape(math.prod(in_shape), -1)
+    y = y.reshape(*lead, *out_shape)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
 
 
 class Embed(nnx.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dtype = dtype
-        self.embedding = param(rngs, (vocab_size, hidden_size), ("vocab", "embed"), param_dtype, "normal")
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+  def __init__(self, vocab_size: int, hidden_size: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.embedding = param(rngs, (vocab_size, hidden_size), ("vocab", "embed"), param_dtype, "normal")
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):
-    """HF's RMSNorm, normalized in float32. Llama style: cast to the compute dtype, then scale by w.
-    Gemma style (offset=True): scale by (1 + w) in float32, then cast."""
+  """HF's RMSNorm, normalized in float32. Llama style: cast to the compute dtype, then scale by w.
+  Gemma style (offset=True): scale by (1 + w) in float32, then cast."""
 
-    def __init__(self, dim: int, eps: float, *, names=("norm",), offset: bool = False, dtype, param_dtype,
-                 rngs: nnx.Rngs | None = None):
-        self.eps, self.offset, self.dtype = eps, offset, dtype
-        self.scale = param(rngs, (dim,), names, param_dtype, "zeros" if offset else "ones")
+  def __init__(
+      self,
+      dim: int,
+      eps: float,
+      *,
+      names=("norm",),
+      offset: bool = False,
+      dtype,
+      param_dtype,
+      rngs: nnx.Rngs | None = None,
+  ):
+    self.eps, self.offset, self.dtype = eps, offset, dtype
+    self.scale = param(rngs, (dim,), names, param_dtype, "zeros" if offset else "ones")
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        if self.offset:
-            return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
-        return x32.astype(self.dtype) * self.scale[...].astype(self.dtype)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+    return x32.astype(self.dtype) * self.scale[...].astype(self.dtype)

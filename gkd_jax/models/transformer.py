@@ -5,6 +5,7 @@ are written to slots [cache_index, cache_index+T). A query in slot i sees slot j
 mask marks j as a real token, and (sliding layers) i - j < window. Rows are left padded, so real tokens are
 contiguous and slot distance equals position distance, as in HF.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,213 +30,230 @@ Cache = list  # per layer: {"k": [B, S, kv_heads, head_dim], "v": same}
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelOutput:
-    logits: jax.Array          # [B, T, V]
-    hidden_states: jax.Array   # [B, T, H], final-normed, before the LM head
-    cache: Any = None          # updated cache, None without one
+  logits: jax.Array  # [B, T, V]
+  hidden_states: jax.Array  # [B, T, H], final-normed, before the LM head
+  cache: Any = None  # updated cache, None without one
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
-        h, n, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q = Dense((h,), (n, d), ("embed", "heads", "head_dim"), bias=cfg.qkv_bias, **kw)
-        self.k = Dense((h,), (kv, d), ("embed", "kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
-        self.v = Dense((h,), (kv, d), ("embed", "kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
-        self.o = Dense((n, d), (h,), ("heads", "head_dim", "embed"), bias=cfg.o_bias, **kw)
-        if cfg.qk_norm:  # Qwen3 / Gemma3: RMSNorm over head_dim of q and k, before RoPE
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), offset=cfg.norm_offset, **kw)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), offset=cfg.norm_offset, **kw)
-        else:
-            self.q_norm = self.k_norm = None
-        self.window = cfg.window(layer)
-        self.scale = (cfg.query_pre_attn_scalar or d) ** -0.5
-        self.softcap = cfg.attn_logit_softcapping
-        self.groups = n // kv
-        self.dtype, self.mesh, self.rules = dtype, mesh, rules
 
-    def __call__(self, x, cos, sin, q_slots, kv_mask, layer_cache, cache_index):
-        c = lambda a, names: shd.constrain(a, names, self.mesh, self.rules)
-        q, k, v = self.q(x), self.k(x), self.v(x)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-        q = c(q, ("batch", "length", "heads", "head_dim"))
-        if layer_cache is not None:
-            idx = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), idx)
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx)
-            layer_cache = {"k": k, "v": v}
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
-        k = c(k, ("batch", "cache_length", "kv_heads", "head_dim"))
-        v = c(v, ("batch", "cache_length", "kv_heads", "head_dim"))
+  def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
+    h, n, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q = Dense((h,), (n, d), ("embed", "heads", "head_dim"), bias=cfg.qkv_bias, **kw)
+    self.k = Dense((h,), (kv, d), ("embed", "kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
+    self.v = Dense((h,), (kv, d), ("embed", "kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
+    self.o = Dense((n, d), (h,), ("heads", "head_dim", "embed"), bias=cfg.o_bias, **kw)
+    if cfg.qk_norm:  # Qwen3 / Gemma3: RMSNorm over head_dim of q and k, before RoPE
+      self.q_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), offset=cfg.norm_offset, **kw)
+      self.k_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), offset=cfg.norm_offset, **kw)
+    else:
+      self.q_norm = self.k_norm = None
+    self.window = cfg.window(layer)
+    self.scale = (cfg.query_pre_attn_scalar or d) ** -0.5
+    self.softcap = cfg.attn_logit_softcapping
+    self.groups = n // kv
+    self.dtype, self.mesh, self.rules = dtype, mesh, rules
 
-        b, t, _, d = q.shape
-        s = k.shape[1]
-        # GQA: query heads grouped under their KV head; batch-major layouts keep XLA's dots transpose-free.
-        q = q.reshape(b, t, -1, self.groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
-        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
-        if self.softcap:  # Gemma 2
-            scores = jnp.tanh(scores / self.softcap) * self.softcap
-        kv_slots = jnp.arange(s)
-        allowed = (kv_slots[None, :] <= q_slots[:, None]) & kv_mask[:, None, :].astype(bool)  # [B, T, S]
-        if self.window is not None:
-            allowed &= (q_slots[:, None] - kv_slots[None, :]) < self.window
-        scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
-        out = c(out, ("batch", "length", "heads", "head_dim"))
-        return self.o(out), layer_cache
+  def __call__(self, x, cos, sin, q_slots, kv_mask, layer_cache, cache_index):
+    c = lambda a, names: shd.constrain(a, names, self.mesh, self.rules)
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+    q = c(q, ("batch", "length", "heads", "head_dim"))
+    if layer_cache is not None:
+      idx = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), idx)
+      v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx)
+      layer_cache = {"k": k, "v": v}
+      k, v = k.astype(self.dtype), v.astype(self.dtype)
+    k = c(k, ("batch", "cache_length", "kv_heads", "head_dim"))
+    v = c(v, ("batch", "cache_length", "kv_heads", "head_dim"))
+
+    b, t, _, d = q.shape
+    s = k.shape[1]
+    # GQA: query heads grouped under their KV head; batch-major layouts keep XLA's dots transpose-free.
+    q = q.reshape(b, t, -1, self.groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
+    if self.softcap:  # Gemma 2
+      scores = jnp.tanh(scores / self.softcap) * self.softcap
+    kv_slots = jnp.arange(s)
+    allowed = (kv_slots[None, :] <= q_slots[:, None]) & kv_mask[:, None, :].astype(bool)  # [B, T, S]
+    if self.window is not None:
+      allowed &= (q_slots[:, None] - kv_slots[None, :]) < self.window
+    scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
+    out = c(out, ("batch", "length", "heads", "head_dim"))
+    return self.o(out), layer_cache
 
 
 class MLP(nnx.Module):
-    """Gated MLP: down(act(gate(x)) * up(x)), act = silu (SwiGLU) or tanh-approximated gelu (Gemma)."""
+  """Gated MLP: down(act(gate(x)) * up(x)), act = silu (SwiGLU) or tanh-approximated gelu (Gemma)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
-        h, m = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate = Dense((h,), (m,), ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
-        self.up = Dense((h,), (m,), ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
-        self.down = Dense((m,), (h,), ("mlp", "embed"), bias=cfg.mlp_bias, **kw)
-        self.act = cfg.hidden_act  # a string: static attributes must hash equal across instances (jit cache)
-        self.mesh, self.rules = mesh, rules
+  def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate = Dense((h,), (m,), ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
+    self.up = Dense((h,), (m,), ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
+    self.down = Dense((m,), (h,), ("mlp", "embed"), bias=cfg.mlp_bias, **kw)
+    self.act = cfg.hidden_act  # a string: static attributes must hash equal across instances (jit cache)
+    self.mesh, self.rules = mesh, rules
 
-    def __call__(self, x):
-        gate = self.gate(x)
-        gate = jax.nn.silu(gate) if self.act == "silu" else jax.nn.gelu(gate, approximate=True)
-        hidden = gate * self.up(x)
-        hidden = shd.constrain(hidden, ("batch", "length", "mlp"), self.mesh, self.rules)
-        return self.down(hidden)
+  def __call__(self, x):
+    gate = self.gate(x)
+    gate = jax.nn.silu(gate) if self.act == "silu" else jax.nn.gelu(gate, approximate=True)
+    hidden = gate * self.up(x)
+    hidden = shd.constrain(hidden, ("batch", "length", "mlp"), self.mesh, self.rules)
+    return self.down(hidden)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, names=("embed",), offset=cfg.norm_offset, **kw)
-        self.attn_norm = norm()
-        self.attn = Attention(cfg, layer, mesh=mesh, rules=rules, **kw)
-        self.mlp_norm = norm()
-        self.mlp = MLP(cfg, mesh=mesh, rules=rules, **kw)
-        # Gemma's "sandwich": the attention and MLP outputs are normed too, before the residual add.
-        self.attn_out_norm = norm() if cfg.sandwich_norm else None
-        self.mlp_out_norm = norm() if cfg.sandwich_norm else None
-        self.local_rope = cfg.has_local_rope and cfg.window(layer) is not None
-        self.mesh, self.rules = mesh, rules
 
-    def __call__(self, x, rope_tables, q_slots, kv_mask, layer_cache, cache_index):
-        cos, sin = rope_tables[1 if self.local_rope else 0]
-        h, layer_cache = self.attn(self.attn_norm(x), cos, sin, q_slots, kv_mask, layer_cache, cache_index)
-        x = x + (h if self.attn_out_norm is None else self.attn_out_norm(h))
-        h = self.mlp(self.mlp_norm(x))
-        x = x + (h if self.mlp_out_norm is None else self.mlp_out_norm(h))
-        return shd.constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules), layer_cache
+  def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, names=("embed",), offset=cfg.norm_offset, **kw)
+    self.attn_norm = norm()
+    self.attn = Attention(cfg, layer, mesh=mesh, rules=rules, **kw)
+    self.mlp_norm = norm()
+    self.mlp = MLP(cfg, mesh=mesh, rules=rules, **kw)
+    # Gemma's "sandwich": the attention and MLP outputs are normed too, before the residual add.
+    self.attn_out_norm = norm() if cfg.sandwich_norm else None
+    self.mlp_out_norm = norm() if cfg.sandwich_norm else None
+    self.local_rope = cfg.has_local_rope and cfg.window(layer) is not None
+    self.mesh, self.rules = mesh, rules
+
+  def __call__(self, x, rope_tables, q_slots, kv_mask, layer_cache, cache_index):
+    cos, sin = rope_tables[1 if self.local_rope else 0]
+    h, layer_cache = self.attn(self.attn_norm(x), cos, sin, q_slots, kv_mask, layer_cache, cache_index)
+    x = x + (h if self.attn_out_norm is None else self.attn_out_norm(h))
+    h = self.mlp(self.mlp_norm(x))
+    x = x + (h if self.mlp_out_norm is None else self.mlp_out_norm(h))
+    return shd.constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules), layer_cache
 
 
 def _run_layer(layer, x, rope_tables, q_slots, kv_mask, layer_cache, cache_index):
-    return layer(x, rope_tables, q_slots, kv_mask, layer_cache, cache_index)
+  return layer(x, rope_tables, q_slots, kv_mask, layer_cache, cache_index)
 
 
 class CausalLM(nnx.Module):
-    """Decoder-only LM. `remat`: False, True (save nothing) or a `jax.checkpoint_policies` name per layer.
+  """Decoder-only LM. `remat`: False, True (save nothing) or a `jax.checkpoint_policies` name per layer.
 
-    `mesh` (optional, static) is used for activation sharding constraints; without it the constraints
-    follow a mesh set with `jax.set_mesh`, or are skipped.
+  `mesh` (optional, static) is used for activation sharding constraints; without it the constraints
+  follow a mesh set with `jax.set_mesh`, or are skipped.
+  """
+
+  def __init__(
+      self,
+      config: ModelConfig,
+      *,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs: nnx.Rngs,
+      remat: bool | str = False,
+      mesh: Mesh | None = None,
+      rules=None,
+  ):
+    self.config = config
+    self.dtype, self.param_dtype = dtype, param_dtype
+    self.remat, self.mesh = remat, mesh
+    self.rules = shd.DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.embed = Embed(config.vocab_size, config.hidden_size, **kw)
+    self.layers = nnx.List(
+        [DecoderLayer(config, i, mesh=mesh, rules=self.rules, **kw) for i in range(config.num_hidden_layers)]
+    )
+    self.final_norm = RMSNorm(
+        config.hidden_size, config.rms_norm_eps, names=("embed",), offset=config.norm_offset, **kw
+    )
+    if config.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = nnx.Dict(
+          kernel=param(  # [H, V], like a Dense kernel
+              rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), param_dtype, "normal"
+          )
+      )
+
+  def lm_head_weight(self, vocab_size: int | None = None) -> jax.Array:
+    """[H, V] in the compute dtype: logits = hidden_states @ lm_head_weight() (then softcap if set).
+
+    With `vocab_size` (the tokenizer's size; callers then use only logits[..., :vocab_size]) the head may
+    come back cut to its first vocab_size columns, so the product skips logits nobody reads. It is cut
+    only when that drops at least 1/8 of the columns: the cut is a copy of the kept columns, which costs
+    more than it saves when the embedding is barely padded (e.g. Qwen2.5's 151,936 rows for 151,665 tokens).
+    Callers slice the logits to vocab_size either way.
     """
+    if self.lm_head is None:
+      w = self.embed.embedding[...]
+      if vocab_size is not None and vocab_size <= w.shape[0] * 7 // 8:
+        w = w[:vocab_size]
+      w = w.T
+    else:
+      w = self.lm_head["kernel"][...]
+      if vocab_size is not None and vocab_size <= w.shape[1] * 7 // 8:
+        w = w[:, :vocab_size]
+    return w.astype(self.dtype)
 
-    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 remat: bool | str = False, mesh: Mesh | None = None, rules=None):
-        self.config = config
-        self.dtype, self.param_dtype = dtype, param_dtype
-        self.remat, self.mesh = remat, mesh
-        self.rules = shd.DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embed = Embed(config.vocab_size, config.hidden_size, **kw)
-        self.layers = nnx.List([DecoderLayer(config, i, mesh=mesh, rules=self.rules, **kw)
-                                for i in range(config.num_hidden_layers)])
-        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, names=("embed",),
-                                  offset=config.norm_offset, **kw)
-        if config.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = nnx.Dict(kernel=param(  # [H, V], like a Dense kernel
-                rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), param_dtype, "normal"))
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> Cache:
+    """Zeroed KV cache: per layer {"k", "v"} of [B, max_length, kv_heads, head_dim] (compute dtype)."""
+    cfg = self.config
+    shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    dtype = dtype or self.dtype
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
 
-    def lm_head_weight(self, vocab_size: int | None = None) -> jax.Array:
-        """[H, V] in the compute dtype: logits = hidden_states @ lm_head_weight() (then softcap if set).
+  def __call__(
+      self, input_ids, attention_mask=None, *, positions=None, cache: Cache | None = None, cache_index=None
+  ) -> ModelOutput:
+    """input_ids [B, T]. Without cache: attention_mask [B, T] (1 = real token). With cache: the tokens are
+    written to slots [cache_index, cache_index+T) and attention_mask is [B, S] over all cache slots.
+    positions [B, T] default to (number of real tokens before the slot), i.e. cumsum(mask) - 1."""
+    b, t = input_ids.shape
+    if cache is None:
+      mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+      if mask.shape != (b, t):
+        raise ValueError(f"attention_mask must be [B, T]={(b, t)} without a cache, got {mask.shape}")
+      q_slots = jnp.arange(t)
+      cache_index = None
+    else:
+      if cache_index is None:
+        raise ValueError("cache_index is required with a cache")
+      s = cache[0]["k"].shape[1]
+      if attention_mask is None:
+        mask = (jnp.arange(s) < cache_index + t).astype(jnp.int32)[None].repeat(b, 0)
+      else:
+        mask = attention_mask.astype(jnp.int32)
+      if mask.shape != (b, s):
+        raise ValueError(f"with a cache, attention_mask must be [B, S]={(b, s)}, got {mask.shape}")
+      cache_index = jnp.asarray(cache_index, jnp.int32)
+      q_slots = cache_index + jnp.arange(t)
+    if positions is None:
+      all_pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+      positions = all_pos if cache is None else jax.lax.dynamic_slice_in_dim(all_pos, cache_index, t, axis=1)
 
-        With `vocab_size` (the tokenizer's size; callers then use only logits[..., :vocab_size]) the head may
-        come back cut to its first vocab_size columns, so the product skips logits nobody reads. It is cut
-        only when that drops at least 1/8 of the columns: the cut is a copy of the kept columns, which costs
-        more than it saves when the embedding is barely padded (e.g. Qwen2.5's 151,936 rows for 151,665 tokens).
-        Callers slice the logits to vocab_size either way.
-        """
-        if self.lm_head is None:
-            w = self.embed.embedding[...]
-            if vocab_size is not None and vocab_size <= w.shape[0] * 7 // 8:
-                w = w[:vocab_size]
-            w = w.T
-        else:
-            w = self.lm_head["kernel"][...]
-            if vocab_size is not None and vocab_size <= w.shape[1] * 7 // 8:
-                w = w[:, :vocab_size]
-        return w.astype(self.dtype)
+    tables = [rope.cos_sin(self.config, positions)]
+    if self.config.has_local_rope:  # Gemma 3: sliding layers use their own base
+      tables.append(rope.cos_sin(self.config, positions, local=True))
+    x = self.embed(input_ids)
+    if self.config.embed_scale:  # Gemma: sqrt(hidden), rounded to the weights' dtype like HF
+      x = x * jnp.asarray(self.config.hidden_size**0.5, self.param_dtype).astype(self.dtype)
+    x = shd.constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
+    run = _run_layer
+    if self.remat:
+      policy = None if self.remat is True else getattr(jax.checkpoint_policies, self.remat)
+      run = nnx.remat(_run_layer, policy=policy)
+    new_cache = None if cache is None else []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = run(layer, x, tables, q_slots, mask, None if cache is None else cache[i], cache_index)
+      if cache is not None:
+        new_cache.append(layer_cache)
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> Cache:
-        """Zeroed KV cache: per layer {"k", "v"} of [B, max_length, kv_heads, head_dim] (compute dtype)."""
-        cfg = self.config
-        shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
-        dtype = dtype or self.dtype
-        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
-
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, cache: Cache | None = None,
-                 cache_index=None) -> ModelOutput:
-        """input_ids [B, T]. Without cache: attention_mask [B, T] (1 = real token). With cache: the tokens are
-        written to slots [cache_index, cache_index+T) and attention_mask is [B, S] over all cache slots.
-        positions [B, T] default to (number of real tokens before the slot), i.e. cumsum(mask) - 1."""
-        b, t = input_ids.shape
-        if cache is None:
-            mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
-            if mask.shape != (b, t):
-                raise ValueError(f"attention_mask must be [B, T]={(b, t)} without a cache, got {mask.shape}")
-            q_slots = jnp.arange(t)
-            cache_index = None
-        else:
-            if cache_index is None:
-                raise ValueError("cache_index is required with a cache")
-            s = cache[0]["k"].shape[1]
-            if attention_mask is None:
-                mask = (jnp.arange(s) < cache_index + t).astype(jnp.int32)[None].repeat(b, 0)
-            else:
-                mask = attention_mask.astype(jnp.int32)
-            if mask.shape != (b, s):
-                raise ValueError(f"with a cache, attention_mask must be [B, S]={(b, s)}, got {mask.shape}")
-            cache_index = jnp.asarray(cache_index, jnp.int32)
-            q_slots = cache_index + jnp.arange(t)
-        if positions is None:
-            all_pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-            positions = all_pos if cache is None else jax.lax.dynamic_slice_in_dim(all_pos, cache_index, t, axis=1)
-
-        tables = [rope.cos_sin(self.config, positions)]
-        if self.config.has_local_rope:  # Gemma 3: sliding layers use their own base
-            tables.append(rope.cos_sin(self.config, positions, local=True))
-        x = self.embed(input_ids)
-        if self.config.embed_scale:  # Gemma: sqrt(hidden), rounded to the weights' dtype like HF
-            x = x * jnp.asarray(self.config.hidden_size ** 0.5, self.param_dtype).astype(self.dtype)
-        x = shd.constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
-        run = _run_layer
-        if self.remat:
-            policy = None if self.remat is True else getattr(jax.checkpoint_policies, self.remat)
-            run = nnx.remat(_run_layer, policy=policy)
-        new_cache = None if cache is None else []
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = run(layer, x, tables, q_slots, mask, None if cache is None else cache[i], cache_index)
-            if cache is not None:
-                new_cache.append(layer_cache)
-
-        hidden = self.final_norm(x)
-        logits = jnp.einsum("bth,hv->btv", hidden, self.lm_head_weight())
-        if self.config.final_logit_softcapping:
-            cap = self.config.final_logit_softcapping
-            logits = jnp.tanh(logits / cap) * cap
-        logits = shd.constrain(logits, ("batch", "length", "vocab"), self.mesh, self.rules)
-        return ModelOutput(logits=logits, hidden_states=hidden, cache=new_cache)
+    hidden = self.final_norm(x)
+    logits = jnp.einsum("bth,hv->btv", hidden, self.lm_head_weight())
+    if self.config.final_logit_softcapping:
+      cap = self.config.final_logit_softcapping
+      logits = jnp.tanh(logits / cap) * cap
+    logits = shd.constrain(logits, ("batch", "length", "vocab"), self.mesh, self.rules)
+    return ModelOutput(logits=logits, hidden_states=hidden, cache=new_cache)
