@@ -15,7 +15,7 @@ What runs is the real trainer: `trainer.build(config)` and, per step, the loop b
 `setup.train_step`; metrics fetched to the host), without checkpoints or metric files. Timings:
 
   step      wall time of that loop body (median over the timed steps is "s/step").
-  gen       the sampler call inside it (`trainer.prepare_batch`'s own timer; it blocks on the result).
+  gen       the sampler call inside it (`rollout.prepare_batch`'s own timer; it blocks on the result).
   teacher   the teacher's part of the train step, timed on its own right after each step: the same teacher
             forward the step runs (`train_step.completion_hidden` + the head, or the hidden states for the
             fused loss), jitted separately, on the same batch and params.
@@ -67,7 +67,7 @@ import fixture  # noqa: E402
 from gkd_jax import config as config_lib  # noqa: E402
 from gkd_jax import metrics as metrics_lib  # noqa: E402
 from gkd_jax import train_step as ts  # noqa: E402
-from gkd_jax import trainer  # noqa: E402
+from gkd_jax import rollout, trainer  # noqa: E402
 
 MODES = {"off": 0.0, "on": 1.0, "mixed": 0.5}
 NAMES = {"off": "off-policy (λ=0)", "on": "on-policy (λ=1)", "mixed": "mixed (λ=0.5)"}
@@ -162,7 +162,8 @@ class Runner:
     lmbda = MODES[mode]
     self.expected = {"on_policy"} if lmbda == 1 else ({"dataset"} if lmbda == 0 else {"on_policy", "dataset"})
     self.setup = trainer.build(make_config(args.fixture, lmbda, 10**6, args.max_new_tokens, overrides, peak))
-    self.source = trainer.BatchSource(self.setup)
+    self.source = rollout.BatchSource(self.setup)
+    self.state = self.setup.state
     self.teacher_forward = teacher_forward_fn(self.setup)
     vocab = self.setup.step_cfg.vocab_size  # (before the first step donates the modules' arrays)
     self.head_columns = [_head_columns(m, vocab) for m in (self.setup.student, self.setup.teacher)]
@@ -171,13 +172,13 @@ class Runner:
   def step(self, record=True):
     setup, step = self.setup, self.next_step
     t0 = time.perf_counter()
-    host, kind, gen_s = self.source.get(step)
-    batch = {k: trainer._global(setup.batch_sharding, v) for k, v in host.items()}
-    setup.state, metrics = setup.train_step(setup.state, batch)
+    host, kind, gen_s = self.source.get(step, self.state)
+    batch = {k: rollout.to_global(setup.batch_sharding, v) for k, v in host.items()}
+    self.state, metrics = setup.train_step(self.state, batch)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     step_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    jax.block_until_ready(self.teacher_forward(setup.state.teacher_params, batch))
+    jax.block_until_ready(self.teacher_forward(self.state.teacher_params, batch))
     teacher_s = time.perf_counter() - t1
     if not np.isfinite(metrics["loss"]):
       raise FloatingPointError(f"{self.mode}: loss {metrics['loss']} at step {step}")

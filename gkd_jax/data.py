@@ -623,3 +623,26 @@ class DataLoader:
           f"cannot resume the data position: {changed} (checkpoint vs now) changed, so the " f"batch order would differ"
       )
     return int(state["step"])
+
+
+def rows_from_config(config, source: str, split: str):
+  """A run's dataset split (config.dataset_config, dataset_columns, teacher_prompt_template applied)."""
+  rows = load_rows(source, split=split, name=config.dataset_config)
+  return prepare_columns(
+      rows, columns=config.dataset_columns.to_dict() or None, teacher_prompt_template=config.teacher_prompt_template
+  )
+
+
+def loader_from_config(config, tokenizer, rows, batch_size: int, **kw) -> DataLoader:
+  """A DataLoader over `rows` with the run's seed, length limits and buckets; `kw` go to DataLoader."""
+  return DataLoader(
+      rows,
+      tokenizer,
+      batch_size=batch_size,
+      seed=config.seed,
+      max_length=config.max_length,
+      buckets=tuple(config.get("length_buckets") or DEFAULT_BUCKETS),
+      max_prompt_length=config.max_prompt_length,
+      max_completion_length=config.max_completion_length,
+      **kw,
+  )

@@ -12,13 +12,19 @@ width) compiles one sampling program however many rows there are.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from gkd_jax import data as data_lib
-from gkd_jax import sampling
+from gkd_jax import rollout, sampling, task_metrics
+
+logger = logging.getLogger(__name__)
 
 
 def encode_prompts(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
@@ -90,3 +96,108 @@ def accuracy(
       model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed
   )
   return evaluate_fn(completions, rows)
+
+
+# ------------------------------------------------------------------------------------ during training
+
+
+def held_out(config, tokenizer):
+  """(rows, loader) of the run's eval split: the first config.eval_rows rows of config.eval_dataset (default:
+  the training dataset), every row once, in order."""
+  rows = data_lib.rows_from_config(config, config.eval_dataset or config.dataset, config.eval_split)
+  rows = rows.select(range(min(config.eval_rows, len(rows))))
+  loader = data_lib.loader_from_config(
+      config, tokenizer, rows, config.eval_batch_size, require_completion=True, shuffle=False, drop_remainder=False
+  )
+  return rows, loader
+
+
+def evaluate(setup, state, workdir: str | None = None) -> dict:
+  """Held-out metrics of the student in `state`: teacher-forced divergences (distill loss at the run's β,
+  FKL, RKL, entropies, top-1 agreement) and NLL over the eval split, then the generation metric
+  (config.eval_metric). The teacher's generation metric is computed once and cached in the workdir."""
+  config, loader = setup.config, setup.eval_loader
+  totals, tokens = {}, 0
+  for step in range(loader.steps_per_epoch):
+    batch = loader.batch(step)
+    batch["completion_mask"] = batch["completion_mask"] & batch["row_mask"][:, None]
+    host = rollout.model_inputs(setup, batch)
+    if setup.teacher_client is not None:
+      host["teacher_topk_values"], host["teacher_topk_indices"] = rollout.request_teacher_topk(
+          setup.teacher_client, host
+      ).result()
+    out = jax.device_get(
+        setup.eval_step(state, {k: rollout.to_global(setup.batch_sharding, v) for k, v in host.items()})
+    )
+    n = int(out.pop("tokens"))
+    tokens += n
+    for name, value in out.items():
+      totals[name] = totals.get(name, 0.0) + float(value) * n
+  result = {name: value / max(tokens, 1) for name, value in totals.items()}
+  result["tokens"] = tokens
+  metric = task_metrics.get(config.eval_metric)
+  if metric is not None:
+    if jax.process_count() > 1:
+      logger.warning(
+          "eval_metric=%s: generation-based evaluation runs on single-process runs only; skipped", config.eval_metric
+      )
+    else:
+      rows = list(setup.eval_rows)
+      student = (nnx.graphdef(setup.student), rollout.student_weights(state, setup.lora_spec))
+      result.update({f"student_{k}": v for k, v in generation_metric(setup, student, rows, metric).items()})
+      result.update(
+          {f"teacher_{k}": v for k, v in teacher_generation_metric(setup, state, rows, metric, workdir).items()}
+      )
+  return result
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+  """--mode=eval: evaluates the workdir's latest checkpoint (or the initial student when there is none) and
+  writes WORKDIR/eval.json."""
+  from gkd_jax import checkpoints, resume, trainer
+
+  if not config.eval_split:
+    raise ValueError("config.eval_split=None is invalid for --mode=eval: name the held-out split to evaluate")
+  setup = trainer.build(config)
+  with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    state, step = resume.restore_or_start(ckpt, setup.state, setup.loader, config)
+  result = {"step": step, **evaluate(setup, state, workdir)}
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+  if setup.teacher_client is not None:
+    setup.teacher_client.close()
+  return result
+
+
+def generation_metric(setup, model, rows, metric) -> dict:
+  """metric(completions, rows) of `model`'s completions under the run's eval sampling settings."""
+  config = setup.config
+  completions = generate_completions(
+      model,
+      setup.tokenizer,
+      rows,
+      max_new_tokens=config.eval_max_new_tokens,
+      batch_size=config.eval_batch_size,
+      temperature=config.eval_temperature,
+      seed=config.seed,
+  )
+  return {k: v for k, v in metric(completions, rows).items() if k != "count"}
+
+
+def teacher_generation_metric(setup, state, rows, metric, workdir) -> dict:
+  """Once per workdir: the teacher does not change (a server teacher is not evaluated; OPSD-dynamic's
+  teacher is the student)."""
+  if setup.teacher is None:
+    return {}
+  path = None if workdir is None else os.path.join(workdir, "teacher_eval.json")
+  if path and os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  result = generation_metric(setup, (nnx.graphdef(setup.teacher), state.teacher_params), rows, metric)
+  if path and jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(result, f)
+  return result

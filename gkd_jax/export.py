@@ -10,9 +10,20 @@ import argparse
 import json
 import os
 
+import jax
 import ml_collections
+from flax import nnx
 
-from gkd_jax import checkpoints, trainer
+from gkd_jax import checkpoints, models, resume, rollout
+
+
+def export_student(student: nnx.Module, tokenizer, weights, out_dir: str) -> str:
+  """Writes `student` with `weights` (its full params, LoRA merged) as a HuggingFace checkpoint with the
+  tokenizer (process 0)."""
+  nnx.update(student, jax.device_get(weights))
+  if jax.process_index() == 0:
+    models.save_pretrained(student, out_dir, tokenizer=tokenizer)
+  return out_dir
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:
@@ -21,12 +32,14 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
+  from gkd_jax import trainer
+
   setup = trainer.build(config)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
-  abstract = trainer.abstract_state(setup.state)
-  setup.state, _ = ckpt.restore(abstract, step=step, fingerprint=trainer.fingerprint(config))
+  abstract = resume.abstract_state(setup.state)
+  state, _ = ckpt.restore(abstract, step=step, fingerprint=resume.fingerprint(config))
   ckpt.close()
-  return trainer.export_student(setup, out)
+  return export_student(setup.student, setup.tokenizer, rollout.student_weights(state, setup.lora_spec), out)
 
 
 def main(argv=None):

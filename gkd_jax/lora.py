@@ -69,6 +69,20 @@ class LoraSpec:
     return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+def spec_from_config(config) -> LoraSpec | None:
+  """The LoraSpec of a run's config (lora_rank, lora_alpha, lora_rslora, lora_target_modules: a list or a
+  comma-separated string); None when lora_rank is 0 (full fine-tuning)."""
+  if not config.lora_rank:
+    return None
+  targets = config.lora_target_modules
+  return LoraSpec(
+      rank=config.lora_rank,
+      alpha=float(config.lora_alpha),
+      use_rslora=config.lora_rslora,
+      target_modules=tuple(t.strip() for t in targets.split(",")) if isinstance(targets, str) else tuple(targets),
+  )
+
+
 # ------------------------------------------------------------------------------------------------ paths
 
 

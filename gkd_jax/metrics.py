@@ -1,4 +1,5 @@
-"""Run metrics: JSON lines + TensorBoard event files in the workdir, FLOP counts and an MFU estimate."""
+"""Run metrics: JSON lines + TensorBoard event files in the workdir, decoded samples, FLOP counts, step
+throughput and an MFU estimate."""
 
 from __future__ import annotations
 
@@ -58,6 +59,20 @@ class MetricsWriter:
       self.tb.close()
 
 
+def log_samples(tokenizer, writer: MetricsWriter, batch: dict, step: int, workdir: str, count: int = 2):
+  """A few sampled completions (decoded) to WORKDIR/samples.jsonl and TensorBoard."""
+  if jax.process_index() != 0:
+    return
+  rows = []
+  for i in range(min(count, len(batch["prompt_ids"]))):
+    prompt = batch["prompt_ids"][i][batch["prompt_mask"][i]]
+    completion = batch["completion_ids"][i][batch["completion_mask"][i]]
+    rows.append({"step": step, "prompt": tokenizer.decode(prompt), "completion": tokenizer.decode(completion)})
+  with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  writer.write_text("samples", "\n\n".join(f"{r['prompt']} → {r['completion']}" for r in rows), step)
+
+
 # --------------------------------------------------------------------------------------------------- FLOPs
 
 
@@ -112,3 +127,39 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 3) -> fl
     jax.block_until_ready([matmul(a) for a in x])
     best = min(best, time.perf_counter() - t0)
   return 2.0 * n**3 * len(devices) / best
+
+
+def throughput(
+    student_config,
+    teacher_config,
+    batch_size: int,
+    batch: dict,
+    mode: str,
+    gen_time: float,
+    train_time: float,
+    step_time: float,
+    peak_flops: float,
+) -> dict:
+  """Step timing, tokens/s and an MFU estimate (model FLOPs / (time × measured matmul ceiling)) of one step
+  on the global `batch` (host arrays of its shape). teacher_config is None when no teacher forward runs. The
+  train step runs teacher and student in one program: their split is estimated from their FLOP shares."""
+  b, p = batch_size, batch["prompt_ids"].shape[1]
+  c = batch["completion_ids"].shape[1]
+  flops = step_flops(
+      student_config,
+      teacher_config,
+      b,
+      p + c,
+      c,
+      generated=c if mode != "dataset" else 0,
+      generator_config=teacher_config if mode == "seq_kd" else student_config,
+  )
+  share = flops["teacher"] / max(flops["teacher"] + flops["student"], 1.0)
+  return {
+      "step_s": round(step_time, 4),
+      "generation_s": round(gen_time, 4),
+      "teacher_s_est": round(train_time * share, 4),
+      "student_s_est": round(train_time * (1 - share), 4),
+      "tokens_per_s": round(b * (p + c) / step_time, 1),
+      "mfu": round(sum(flops.values()) / (step_time * peak_flops), 5),
+  }

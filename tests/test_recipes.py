@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from gkd_jax import config as config_lib
-from gkd_jax import trainer
+from gkd_jax import rollout, trainer
 import recipe_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +76,7 @@ def test_opsd_runlocal_trains_with_teacher_prompts(fixture_dir, tmp_path):
   c = load("opsd", f"runlocal={fixture_dir}")
   c.total_steps, c.max_completion_length = 2, 8
   setup = trainer.build(c)
-  batch, mode, _ = trainer.prepare_batch(setup, 0)
+  batch, mode, _ = rollout.prepare_batch(setup, setup.state, 0)
   assert "teacher_prompt_ids" in batch and batch["teacher_prompt_ids"].shape[1] > batch["prompt_ids"].shape[1]
   record = trainer.run(setup, str(tmp_path))
   assert record["step"] == 2 and record["distill_loss"] >= 0

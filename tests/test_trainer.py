@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from gkd_jax import config as config_lib
-from gkd_jax import sampling, trainer
+from gkd_jax import resume, rollout, sampling, trainer
 from gkd_jax.tasks import arithmetic
 
 
@@ -92,7 +92,7 @@ def test_train_runs_the_three_modes(task, tmp_path):
   final = trainer.train(config, str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in records] == list(range(1, 7))
-  expected = [trainer.mode_for_step(0, s, 0.5, True) for s in range(6)]
+  expected = [rollout.mode_for_step(0, s, 0.5, True) for s in range(6)]
   assert [r["mode"] for r in records] == expected
   assert set(expected) == {"on_policy", "seq_kd"}
   for r in records:
@@ -127,13 +127,13 @@ def test_train_runs_the_three_modes(task, tmp_path):
 
 def test_on_policy_batch_masks_exactly_the_generated_tokens(task):
   setup = trainer.build(make_config(task, lmbda=1.0, temperature=1.0))
-  batch, mode, _ = trainer.prepare_batch(setup, step=0)
+  batch, mode, _ = rollout.prepare_batch(setup, setup.state, step=0)
   assert mode == "on_policy" and bool(batch["student_generated"])
   ids, mask = batch["completion_ids"], batch["completion_mask"]
   assert ids.shape == (4, 24)
   np.testing.assert_array_equal(mask, np.asarray(sampling.completion_mask_from_stops(ids, setup.stop_ids)))
   # Different steps sample differently (the key folds in the step).
-  again, _, _ = trainer.prepare_batch(setup, step=1)
+  again, _, _ = rollout.prepare_batch(setup, setup.state, step=1)
   assert not np.array_equal(again["completion_ids"], ids) or not np.array_equal(
       again["prompt_ids"], batch["prompt_ids"]
   )
@@ -148,17 +148,17 @@ def test_off_policy_step_on_prompt_only_rows_fails_clearly(task, tmp_path):
     trainer.build(make_config(task, dataset=path, lmbda=0.5))
   # lmbda=1 trains on prompts alone.
   setup = trainer.build(make_config(task, dataset=path, lmbda=1.0))
-  batch, mode, _ = trainer.prepare_batch(setup, step=0)
+  batch, mode, _ = rollout.prepare_batch(setup, setup.state, step=0)
   assert mode == "on_policy" and batch["completion_mask"].any()
 
 
 def test_mode_draws_follow_lambda_and_survive_restarts():
   for lmbda in (0.0, 0.5, 1.0):
-    draws = [trainer.mode_for_step(3, s, lmbda, False) for s in range(2000)]
-    assert draws == [trainer.mode_for_step(3, s, lmbda, False) for s in range(2000)]  # a restart redraws the same
+    draws = [rollout.mode_for_step(3, s, lmbda, False) for s in range(2000)]
+    assert draws == [rollout.mode_for_step(3, s, lmbda, False) for s in range(2000)]  # a restart redraws the same
     assert abs(draws.count("on_policy") / 2000 - lmbda) < 0.03
     assert set(draws) <= {"on_policy", "dataset"}
-  with_seq_kd = [trainer.mode_for_step(3, s, 0.5, True) for s in range(200)]
+  with_seq_kd = [rollout.mode_for_step(3, s, 0.5, True) for s in range(200)]
   assert set(with_seq_kd) == {"on_policy", "seq_kd"}  # seq_kd replaces the dataset on off-policy steps
 
 
@@ -423,6 +423,6 @@ def test_teacher_server_lost_mid_run_stops_with_the_checkpoint_intact(task, tmp_
   ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
   last = ckpt.latest_step()
   assert last is not None and last % 2 == 0 and last < 40
-  state, extra = ckpt.restore(trainer.abstract_state(setup.state), fingerprint=trainer.fingerprint(config))
+  state, extra = ckpt.restore(resume.abstract_state(setup.state), fingerprint=resume.fingerprint(config))
   assert int(state.step) == last and extra["data"]["step"] == last
   ckpt.close()

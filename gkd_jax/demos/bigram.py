@@ -1,7 +1,7 @@
 """GKD between two bigram language models: Algorithm 1 in miniature, seconds on a CPU.
 
 A bigram LM's next-token distribution is one row of a [V, V] logits table. Each step draws the λ coin
-(trainer.mode_for_step): the student samples the batch (on-policy), else the teacher does when seq_kd is
+(rollout.mode_for_step): the student samples the batch (on-policy), else the teacher does when seq_kd is
 on, else a fixed dataset sampled once from the teacher is used; the JSD(β) between the two tables' rows
 on those sequences is minimized with optax.
 """
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gkd_jax import losses, trainer
+from gkd_jax import losses, rollout
 
 
 def sample_bigram(logits, first_tokens, key, length, temperature):
@@ -74,7 +74,7 @@ def run(config, workdir):
   counts = {"on_policy": 0, "seq_kd": 0, "dataset": 0}
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as log:
     for step in range(1, config.steps + 1):
-      mode = trainer.mode_for_step(config.seed, step, config.lmbda, config.seq_kd)
+      mode = rollout.mode_for_step(config.seed, step, config.lmbda, config.seq_kd)
       counts[mode] += 1
       key = jax.random.fold_in(k_loop, step)
       starts = jax.random.randint(key, (config.batch_size,), 0, v)
