@@ -1,13 +1,19 @@
-"""Generation accuracy on a task split: the student samples (or decodes greedily) and a checker scores it.
+"""Evaluation: completions generated from a task split, scored by a named metric; and the held-out
+evaluation a training run does (teacher-forced divergences + the generation metric).
 
     model = models.from_pretrained(path); tokenizer = models.load_tokenizer(path)
     completions = generate_completions(model, tokenizer, rows, max_new_tokens=64)            # greedy
-    arithmetic.evaluate(completions, rows)          # {'accuracy', 'chain_accuracy', 'count'}
+    metric("arithmetic")(completions, rows)          # {'accuracy', 'chain_accuracy', 'count'}
     accuracy(model, tokenizer, rows, max_new_tokens=64, temperature=1.0, seed=0)             # sampled
 
 Prompts are the rows' chat prompts (the assistant turn dropped), rendered and tokenized exactly as the data
 pipeline does for training, left-padded to one width and run in fixed-size batches, so each (model, batch,
 width) compiles one sampling program however many rows there are.
+
+Metrics (`config.eval_metric`; the names are config.EVAL_METRICS), completions (text) against dataset rows:
+"math":       exact match of the final answer (GSM8K's "#### 42", else "answer is 42", else the last number)
+"arithmetic": the offline arithmetic task's checker (answer and chain accuracy)
+"rouge":      ROUGE-1/2/L F1 against the reference completion (rouge-score)
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -22,9 +29,73 @@ import numpy as np
 from flax import nnx
 
 from gkd_jax import data as data_lib
-from gkd_jax import rollout, sampling, task_metrics
+from gkd_jax import config as config_lib
+from gkd_jax import rollout, sampling
 
 logger = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+_NUMBER = r"-?[\d,]*\.?\d+"
+
+
+def reference_text(row: dict, index: int = 0) -> str:
+  """The reference completion of a dataset row, as text."""
+  _, completion = data_lib.split_row(row, index, data_lib.detect_layout(list(row)))
+  if completion is None:
+    raise ValueError(f"row {index} has no reference completion to score against")
+  return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def extract_answer(text: str) -> str | None:
+  """The final numeric answer of a math solution, normalized ("1,234.0" → "1234"); None when there is none."""
+  text = re.split(r"<\|", text)[0]  # ignore special tokens after the answer
+  for pattern in (rf"####\s*({_NUMBER})", rf"answer is\s*\$?({_NUMBER})", rf"({_NUMBER})(?!.*{_NUMBER})"):
+    match = re.search(pattern, text, flags=re.S | re.I)
+    if match:
+      number = match.group(1).replace(",", "")
+      try:
+        value = float(number)
+      except ValueError:
+        return None
+      return str(int(value)) if value == int(value) else str(value)
+  return None
+
+
+def math_exact_match(completions: Sequence[str], rows: Sequence[dict]) -> dict:
+  hits = [
+      extract_answer(c) is not None and extract_answer(c) == extract_answer(reference_text(r, i))
+      for i, (c, r) in enumerate(zip(completions, rows))
+  ]
+  return {"accuracy": sum(hits) / len(hits), "count": len(hits)}
+
+
+def rouge(completions: Sequence[str], rows: Sequence[dict]) -> dict:
+  from rouge_score import rouge_scorer
+
+  scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+  totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+  for i, (c, r) in enumerate(zip(completions, rows)):
+    scores = scorer.score(reference_text(r, i), re.split(r"<\|", c)[0])
+    for name in totals:
+      totals[name] += scores[name].fmeasure
+  return {**{name: value / len(rows) for name, value in totals.items()}, "count": len(rows)}
+
+
+def metric(name: str) -> Callable[[Sequence[str], Sequence[dict]], dict] | None:
+  """The metric called `name` (one of config.EVAL_METRICS): fn(completions, rows) -> dict; None for "none"."""
+  if name not in config_lib.EVAL_METRICS:
+    raise ValueError(f"eval_metric {name!r} is invalid: must be one of {config_lib.EVAL_METRICS}")
+  if name == "none":
+    return None
+  if name == "arithmetic":
+    from gkd_jax.tasks import arithmetic
+
+    return arithmetic.evaluate
+  return {"math": math_exact_match, "rouge": rouge}[name]
+
+
+# ------------------------------------------------------------------------------------------- generation
 
 
 def encode_prompts(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
@@ -86,11 +157,8 @@ def accuracy(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> dict[str, Any]:
-  """evaluate_fn(completions, rows) of the model's completions (default: the arithmetic task's checker)."""
-  if evaluate_fn is None:
-    from gkd_jax.tasks import arithmetic
-
-    evaluate_fn = arithmetic.evaluate
+  """evaluate_fn(completions, rows) of the model's completions (default: the "arithmetic" metric)."""
+  evaluate_fn = evaluate_fn or metric("arithmetic")
   rows = list(rows)
   completions = generate_completions(
       model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed
@@ -135,8 +203,8 @@ def evaluate(setup, state, workdir: str | None = None) -> dict:
       totals[name] = totals.get(name, 0.0) + float(value) * n
   result = {name: value / max(tokens, 1) for name, value in totals.items()}
   result["tokens"] = tokens
-  metric = task_metrics.get(config.eval_metric)
-  if metric is not None:
+  score = metric(config.eval_metric)
+  if score is not None:
     if jax.process_count() > 1:
       logger.warning(
           "eval_metric=%s: generation-based evaluation runs on single-process runs only; skipped", config.eval_metric
@@ -144,9 +212,9 @@ def evaluate(setup, state, workdir: str | None = None) -> dict:
     else:
       rows = list(setup.eval_rows)
       student = (nnx.graphdef(setup.student), rollout.student_weights(state, setup.lora_spec))
-      result.update({f"student_{k}": v for k, v in generation_metric(setup, student, rows, metric).items()})
+      result.update({f"student_{k}": v for k, v in generation_metric(setup, student, rows, score).items()})
       result.update(
-          {f"teacher_{k}": v for k, v in teacher_generation_metric(setup, state, rows, metric, workdir).items()}
+          {f"teacher_{k}": v for k, v in teacher_generation_metric(setup, state, rows, score, workdir).items()}
       )
   return result
 
@@ -172,8 +240,8 @@ def evaluate_workdir(config, workdir: str) -> dict:
   return result
 
 
-def generation_metric(setup, model, rows, metric) -> dict:
-  """metric(completions, rows) of `model`'s completions under the run's eval sampling settings."""
+def generation_metric(setup, model, rows, score) -> dict:
+  """score(completions, rows) of `model`'s completions under the run's eval sampling settings."""
   config = setup.config
   completions = generate_completions(
       model,
@@ -184,10 +252,10 @@ def generation_metric(setup, model, rows, metric) -> dict:
       temperature=config.eval_temperature,
       seed=config.seed,
   )
-  return {k: v for k, v in metric(completions, rows).items() if k != "count"}
+  return {k: v for k, v in score(completions, rows).items() if k != "count"}
 
 
-def teacher_generation_metric(setup, state, rows, metric, workdir) -> dict:
+def teacher_generation_metric(setup, state, rows, score, workdir) -> dict:
   """Once per workdir: the teacher does not change (a server teacher is not evaluated; OPSD-dynamic's
   teacher is the student)."""
   if setup.teacher is None:
@@ -196,7 +264,7 @@ def teacher_generation_metric(setup, state, rows, metric, workdir) -> dict:
   if path and os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  result = generation_metric(setup, (nnx.graphdef(setup.teacher), state.teacher_params), rows, metric)
+  result = generation_metric(setup, (nnx.graphdef(setup.teacher), state.teacher_params), rows, score)
   if path and jax.process_index() == 0:
     with open(path, "w") as f:
       json.dump(result, f)

@@ -1,8 +1,8 @@
-"""Generation metrics: answer extraction, exact match, ROUGE."""
+"""Evaluation metrics: answer extraction, exact match, ROUGE, the metric registry."""
 
 import pytest
 
-from gkd_jax import task_metrics
+from gkd_jax import evaluate
 
 
 @pytest.mark.parametrize(
@@ -17,7 +17,7 @@ from gkd_jax import task_metrics
     ],
 )
 def test_extract_answer(text, answer):
-  assert task_metrics.extract_answer(text) == answer
+  assert evaluate.extract_answer(text) == answer
 
 
 def test_math_exact_match_against_rows():
@@ -26,16 +26,16 @@ def test_math_exact_match_against_rows():
       {"prompt": "q2", "completion": "#### 5"},
       {"messages": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "#### 10"}]},
   ]
-  out = task_metrics.math_exact_match(["... 72", "#### 6", "the answer is 10"], rows)
+  out = evaluate.math_exact_match(["... 72", "#### 6", "the answer is 10"], rows)
   assert out == {"accuracy": pytest.approx(2 / 3), "count": 3}
 
 
 def test_rouge_perfect_and_partial():
   rows = [{"prompt": "p", "completion": "the cat sat on the mat"}]
-  assert task_metrics.rouge(["the cat sat on the mat"], rows)["rougeL"] == pytest.approx(1.0)
-  assert 0 < task_metrics.rouge(["a cat sat"], rows)["rouge1"] < 1
+  assert evaluate.rouge(["the cat sat on the mat"], rows)["rougeL"] == pytest.approx(1.0)
+  assert 0 < evaluate.rouge(["a cat sat"], rows)["rouge1"] < 1
 
 
 def test_unknown_metric():
   with pytest.raises(ValueError, match=r"eval_metric 'bleu' is invalid: must be one of"):
-    task_metrics.get("bleu")
+    evaluate.metric("bleu")
