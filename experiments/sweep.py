@@ -39,23 +39,6 @@ BASE = "base"
 # ----------------------------------------------------------------------------------------------- base stage
 
 
-def _json_cache(path: str, fingerprint: str, compute):
-  """compute() once per fingerprint, stored at path (written atomically)."""
-  try:
-    with open(path) as f:
-      cached = json.load(f)
-    if cached.get("fingerprint") == fingerprint:
-      return cached["value"]
-  except (OSError, ValueError):
-    pass
-  value = compute()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"fingerprint": fingerprint, "value": value}, f, indent=1)
-  os.replace(path + ".tmp", path)
-  return value
-
-
 def _tasks(config, workdir: str) -> dict:
   from gkd_jax.tasks import arithmetic
 
@@ -71,12 +54,11 @@ def _seqkd_dataset(config, workdir: str, teacher: dict, task_data: str) -> str:
   """The teacher's samples (τ = config.seqkd.temperature) for every train prompt, as chat rows in a jsonl file:
   SeqKD's training set. Samples cut at the length limit (no EOS) or empty are dropped and counted."""
   from gkd_jax import evaluate as evaluate_lib
-  from gkd_jax import models
-  from gkd_jax.demos import arithmetic as demo
+  from gkd_jax import file_cache, models
   from gkd_jax.tasks import arithmetic
 
   path = os.path.join(workdir, BASE, "seqkd", "train.jsonl")
-  fingerprint = demo._fingerprint([teacher["fingerprint"], config.seqkd.to_dict(), config.lengths.to_dict()])
+  fingerprint = file_cache.fingerprint([teacher["fingerprint"], config.seqkd.to_dict(), config.lengths.to_dict()])
 
   def compute():
     rows = list(arithmetic.load_task(os.path.dirname(task_data))["train"])
@@ -106,7 +88,7 @@ def _seqkd_dataset(config, workdir: str, teacher: dict, task_data: str) -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   if not os.path.exists(path) and os.path.exists(path + ".stats.json"):  # the data was removed: redo it
     os.remove(path + ".stats.json")
-  stats = _json_cache(path + ".stats.json", fingerprint, compute)
+  stats = file_cache.json_cache(path + ".stats.json", fingerprint, compute)
   print(
       f"[seqkd] {stats['rows']} teacher samples ({stats['dropped']} cut at the length limit or empty, dropped), "
       f"answer accuracy {stats['answer_accuracy']:.3f}",
@@ -125,12 +107,12 @@ def prepare(config, workdir: str) -> dict:
 
 
 def _prepare(config, workdir: str) -> dict:
-  from gkd_jax import models
+  from gkd_jax import file_cache, models
   from gkd_jax.demos import arithmetic as demo
 
   tasks = _tasks(config, workdir)
   tokenizer = models.load_tokenizer(tasks["full"]["tokenizer"])
-  task_id = demo._fingerprint(config.task.to_dict())
+  task_id = file_cache.fingerprint(config.task.to_dict())
   base = os.path.join(workdir, BASE)
   teacher = demo.train_phase(
       "teacher", base, config, config.teacher, dataset=tasks["full"]["data"], tokenizer=tokenizer, depends=(task_id,)
@@ -200,15 +182,15 @@ def evaluate_model(model_dir: str, task_data: str, ev) -> dict:
 
 def evaluate_product(config, directory: str, done: dict, task_data: str) -> dict:
   """evaluate_model of a phase's product, cached in directory/metrics.json."""
-  from gkd_jax.demos import arithmetic as demo
+  from gkd_jax import file_cache
 
-  fingerprint = demo._fingerprint([done["fingerprint"], config.eval.to_dict()])
+  fingerprint = file_cache.fingerprint([done["fingerprint"], config.eval.to_dict()])
 
   def compute():
     t0 = time.perf_counter()
     return dict(evaluate_model(done["model"], task_data, config.eval), eval_seconds=round(time.perf_counter() - t0, 1))
 
-  return _json_cache(os.path.join(directory, "metrics.json"), fingerprint, compute)
+  return file_cache.json_cache(os.path.join(directory, "metrics.json"), fingerprint, compute)
 
 
 # ------------------------------------------------------------------------------------------------------ runs

@@ -18,7 +18,6 @@ Results: a table on stdout and workdir/results.json.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from flax import nnx
 
 from gkd_jax import config as config_lib
 from gkd_jax import evaluate as evaluate_lib
-from gkd_jax import models, trainer
+from gkd_jax import file_cache, models, trainer
 from gkd_jax.models import safetensors_io
 from gkd_jax.tasks import arithmetic
 
@@ -37,34 +36,19 @@ PHASES = ("teacher", "student_sft", "gkd")
 LABELS = {"teacher": "teacher (SFT)", "student_sft": "student, initial (SFT)", "gkd": "student, distilled (GKD)"}
 
 
-def _fingerprint(obj) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _plain(config) -> dict:
   return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
-def _read(path: str) -> str | None:
-  try:
-    with open(path) as f:
-      return f.read()
-  except OSError:
-    return None
-
-
 def _read_done(phase_dir: str) -> dict | None:
   try:
-    return json.loads(_read(os.path.join(phase_dir, "DONE")) or "null")
+    return json.loads(file_cache.read_text(os.path.join(phase_dir, "DONE")) or "null")
   except ValueError:
     return None
 
 
 def _write_done(phase_dir: str, record: dict):
-  tmp = os.path.join(phase_dir, "DONE.tmp")
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=1, sort_keys=True)
-  os.replace(tmp, os.path.join(phase_dir, "DONE"))
+  file_cache.write_atomic(os.path.join(phase_dir, "DONE"), json.dumps(record, indent=1, sort_keys=True))
 
 
 def init_checkpoint(arch: dict, tokenizer, out_dir: str, seed: int) -> str:
@@ -119,7 +103,7 @@ def train_phase(
   with other settings it restarts clean."""
   phase_dir = os.path.join(workdir, name)
   # Paths enter relative to the workdir, so a moved or copied workdir keeps its finished phases.
-  fingerprint = _fingerprint(
+  fingerprint = file_cache.fingerprint(
       [_plain(phase), _plain(config.lengths), config.seed, os.path.relpath(dataset, workdir), list(depends)]
   )
   done = _read_done(phase_dir)
@@ -129,7 +113,7 @@ def train_phase(
       print(f"[{name}] cached: {done['model']}", flush=True)
       return done
   started = os.path.join(phase_dir, "STARTED")
-  if done or _read(started) != fingerprint:
+  if done or file_cache.read_text(started) != fingerprint:
     shutil.rmtree(phase_dir, ignore_errors=True)
   os.makedirs(phase_dir, exist_ok=True)
   with open(started, "w") as f:
@@ -160,24 +144,19 @@ def train_phase(
 def eval_phase(name: str, workdir: str, config, done: dict, rows) -> dict:
   """Greedy accuracy of a phase's checkpoint on the test rows, cached next to it (eval.json)."""
   path = os.path.join(workdir, name, "eval.json")
-  fingerprint = _fingerprint([done["fingerprint"], _plain(config.eval)])
-  try:
-    with open(path) as f:
-      cached = json.load(f)
-    if cached.get("fingerprint") == fingerprint:
-      return cached["metrics"]
-  except (OSError, ValueError):
-    pass
-  t0 = time.perf_counter()
-  model = models.from_pretrained(done["model"])
-  tokenizer = models.load_tokenizer(done["model"])
-  metrics = evaluate_lib.accuracy(
-      model, tokenizer, rows, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size
-  )
-  metrics["seconds"] = round(time.perf_counter() - t0, 1)
-  with open(path, "w") as f:
-    json.dump({"fingerprint": fingerprint, "metrics": metrics}, f, indent=1)
-  return metrics
+  fingerprint = file_cache.fingerprint([done["fingerprint"], _plain(config.eval)])
+
+  def compute():
+    t0 = time.perf_counter()
+    model = models.from_pretrained(done["model"])
+    tokenizer = models.load_tokenizer(done["model"])
+    metrics = evaluate_lib.accuracy(
+        model, tokenizer, rows, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size
+    )
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    return metrics
+
+  return file_cache.json_cache(path, fingerprint, compute, field="metrics")
 
 
 def run(config, workdir: str) -> dict:
@@ -187,7 +166,7 @@ def run(config, workdir: str) -> dict:
   paths = arithmetic.make_task(os.path.join(workdir, "task"), **config.task.to_dict())
   tokenizer = models.load_tokenizer(paths["tokenizer"])
   dataset = paths["data"]
-  task_id = _fingerprint(config.task.to_dict())
+  task_id = file_cache.fingerprint(config.task.to_dict())
 
   teacher = train_phase(
       "teacher", workdir, config, config.teacher, dataset=dataset, tokenizer=tokenizer, depends=(task_id,)

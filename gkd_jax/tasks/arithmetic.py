@@ -33,16 +33,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import re
 import shutil
-import uuid
 from typing import Any, Iterable, Sequence
 
 import datasets
 import numpy as np
+
+from gkd_jax import file_cache
 
 # Bump when the rows a given spec produces change, so cached task directories are rebuilt.
 TASK_VERSION = 1
@@ -326,42 +326,18 @@ def make_tokenizer():
   return hf
 
 
-def _fingerprint(obj: Any) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-_TOKENIZER_ID = _fingerprint([VOCAB, _PIECES, CHAT_TEMPLATE])
+_TOKENIZER_ID = file_cache.fingerprint([VOCAB, _PIECES, CHAT_TEMPLATE])
 _TOKENIZER_STAMP = "task_tokenizer.id"
-
-
-def _read(path: str) -> str | None:
-  try:
-    with open(path) as f:
-      return f.read()
-  except OSError:
-    return None
-
-
-def _scratch(path: str) -> str:
-  """A fresh sibling name for staging (made with the umask's permissions, unlike tempfile's private ones)."""
-  return os.path.join(os.path.dirname(path) or ".", f".tmp-{uuid.uuid4().hex}")
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = _scratch(path)
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def build_tokenizer(out_dir: str) -> str:
   """Saves the tokenizer under out_dir (skipped when the same one is already there); returns out_dir, the
   path for AutoTokenizer.from_pretrained. Files are swapped in one by one atomically, stamp last."""
   stamp = os.path.join(out_dir, _TOKENIZER_STAMP)
-  if _read(stamp) == _TOKENIZER_ID:
+  if file_cache.read_text(stamp) == _TOKENIZER_ID:
     return out_dir
   os.makedirs(out_dir, exist_ok=True)
-  tmp = _scratch(stamp)
+  tmp = file_cache.scratch_path(stamp)
   os.makedirs(tmp)
   try:
     make_tokenizer().save_pretrained(tmp)
@@ -369,7 +345,7 @@ def build_tokenizer(out_dir: str) -> str:
       os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  _write_atomic(stamp, _TOKENIZER_ID)
+  file_cache.write_atomic(stamp, _TOKENIZER_ID)
   return out_dir
 
 
@@ -391,7 +367,7 @@ def _locked(path: str):
 
 def _stored_inputs(spec_path: str) -> dict | None:
   try:
-    return json.loads(_read(spec_path) or "null")["inputs"]
+    return json.loads(file_cache.read_text(spec_path) or "null")["inputs"]
   except (ValueError, TypeError, KeyError):
     return None
 
@@ -433,7 +409,7 @@ def make_task(
       os.remove(paths["spec"])  # first, so a crash below never leaves a spec vouching for other data
     build_tokenizer(paths["tokenizer"])
     dataset = build_dataset(**knobs)
-    staging = _scratch(paths["data"])
+    staging = file_cache.scratch_path(paths["data"])
     try:
       dataset.save_to_disk(staging)
       shutil.rmtree(paths["data"], ignore_errors=True)
@@ -441,7 +417,7 @@ def make_task(
     finally:
       shutil.rmtree(staging, ignore_errors=True)
     splits = {name: len(split) for name, split in dataset.items()}
-    _write_atomic(paths["spec"], json.dumps({"inputs": inputs, "splits": splits}, indent=1) + "\n")
+    file_cache.write_atomic(paths["spec"], json.dumps({"inputs": inputs, "splits": splits}, indent=1) + "\n")
   return paths
 
 
