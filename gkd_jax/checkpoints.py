@@ -42,15 +42,7 @@ class CheckpointError(ValueError):
 
 
 def _path_str(path) -> tuple[str, ...]:
-  out = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        out.append(str(getattr(k, attr)))
-        break
-    else:
-      out.append(str(k))
-  return tuple(out)
+  return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
 
 
 def _is_key(x) -> bool:

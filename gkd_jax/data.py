@@ -41,6 +41,8 @@ from typing import Any, Iterator, Sequence
 import datasets
 import numpy as np
 
+from gkd_jax.buckets import DEFAULT_BUCKETS, bucket_size  # noqa: F401 (part of this module's API)
+
 logger = logging.getLogger(__name__)
 
 ACCEPTED_LAYOUTS = (
@@ -48,10 +50,6 @@ ACCEPTED_LAYOUTS = (
     "completion), 'prompt' + 'completion' (text, or a chat-list prompt with a text or chat-list completion), "
     "'prompt' alone (prompt-only); any of them optionally with 'teacher_prompt' (text or chat list)"
 )
-
-# Powers of two from 16: few enough shapes to compile (two more than from 64), and short chat rows are not
-# padded to 64: at prompt ~30 / completion ~20 tokens that halves the train step's work.
-DEFAULT_BUCKETS = tuple(2**k for k in range(4, 17))
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
@@ -359,19 +357,6 @@ def tokenize_row(
 
 
 # ------------------------------------------------------------------------ token lists -> padded arrays
-
-
-def bucket_size(length: int, limit: int | None, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
-  """Smallest allowed width >= length: a bucket below `limit`, or `limit` itself; with no limit, a bucket or
-  else the next power of two. Never 0, so prompt-only batches still get a (tiny) completion array."""
-  length = max(length, 1)
-  sizes = sorted(b for b in buckets if limit is None or b < limit) + ([limit] if limit is not None else [])
-  for size in sizes:
-    if size >= length:
-      return size
-  if limit is not None:
-    raise ValueError(f"a row of {length} tokens exceeds the limit {limit}")
-  return 1 << (length - 1).bit_length()
 
 
 def pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -90,15 +90,9 @@ def _is_var(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def _key_str(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def _path(keys) -> tuple[str, ...]:
-  return tuple(_key_str(k) for k in keys)
+  """A pytree path as its key names ("layers", "0", "attn", "q", "kernel")."""
+  return tuple(jax.tree_util.keystr((k,), simple=True) for k in keys)
 
 
 def _value(leaf):
@@ -204,7 +198,7 @@ def merge(params, adapters, spec: LoraSpec):
   used = set()
 
   def one(keys, leaf):
-    name = ".".join(_path(keys))
+    name = jax.tree_util.keystr(keys, simple=True, separator=".")
     if name not in flat:
       return leaf
     used.add(name)

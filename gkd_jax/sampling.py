@@ -37,9 +37,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 
 from gkd_jax import sharding as shd
-
-# Prompt-length buckets used when none are given: powers of two, so a run compiles O(log P) programs.
-_MIN_BUCKET = 16
+from gkd_jax.buckets import bucket_size
 
 
 class SampleOutput(NamedTuple):
@@ -113,13 +111,11 @@ def completion_mask_from_stops(ids, stop_ids):
 
 
 def bucket_length(length: int, buckets: Sequence[int] | None = None) -> int:
-  """The smallest bucket ≥ length (default buckets: powers of two from 16). Raises if none fits."""
+  """The smallest bucket ≥ length (default buckets: powers of two from 16, then any larger power of two).
+  Raises if none of the given buckets fits."""
   if buckets is None:
-    return max(_MIN_BUCKET, 1 << max(0, int(length) - 1).bit_length())
-  fits = [b for b in sorted(buckets) if b >= length]
-  if not fits:
-    raise ValueError(f"prompt length {length} exceeds the largest bucket {max(buckets)}")
-  return fits[0]
+    return bucket_size(int(length), None)
+  return bucket_size(int(length), max(buckets), buckets)
 
 
 def pad_to_bucket(prompt_ids, prompt_mask, *, buckets=None, pad_token_id=0):
