@@ -2,8 +2,10 @@
 
     python -m gkd_jax.export --workdir=DIR --out=HF_DIR [--step=N]
 
-Rebuilds the run from DIR/config.json, restores its latest (or the given) checkpoint and writes the student,
-LoRA adapters merged, loadable by transformers' AutoModelForCausalLM and by vLLM.
+Loads the run's student (the LoRA base) from DIR/config.json, restores its latest (or the given) checkpoint
+and writes the student, LoRA adapters merged, loadable by transformers' AutoModelForCausalLM and by vLLM.
+The teacher's weights and the dataset are not read (the teacher's part of the state is sized from its
+config.json alone).
 """
 
 import argparse
@@ -11,10 +13,12 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from gkd_jax import checkpoints, models, resume, rollout
+from gkd_jax import sharding as shd
 
 
 def export_student(student: nnx.Module, tokenizer, weights, out_dir: str) -> str:
@@ -34,12 +38,35 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     config = ml_collections.ConfigDict(json.load(f))
   from gkd_jax import trainer
 
-  setup = trainer.build(config)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
-  abstract = resume.abstract_state(setup.state)
-  state, _ = ckpt.restore(abstract, step=step, fingerprint=resume.fingerprint(config))
-  ckpt.close()
-  return export_student(setup.student, setup.tokenizer, rollout.student_weights(state, setup.lora_spec), out)
+  mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+  student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+  teacher = None
+  if trainer.teacher_kind(config) == "model":
+    teacher = _abstract_params(config.teacher_model, dtype, param_dtype, mesh)
+  state, _, _, lora_spec = trainer.initial_state(config, student, teacher, mesh)
+  with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    state, _ = ckpt.restore(resume.abstract_state(state), step=step, fingerprint=resume.fingerprint(config))
+  tokenizer = models.load_tokenizer(config.tokenizer or config.model)
+  return export_student(student, tokenizer, rollout.student_weights(state, lora_spec), out)
+
+
+def _abstract_params(path: str, dtype, param_dtype, mesh) -> nnx.State:
+  """A model's params as ShapeDtypeStructs in their mesh shardings, from its config.json (no weights read)."""
+  if not os.path.isdir(path):
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(path, "config.json")
+  cfg = models.ModelConfig.from_hf_config(path)
+  abstract = nnx.eval_shape(
+      lambda: models.CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), mesh=mesh)
+  )
+  state = nnx.state(abstract)
+  for _, var in nnx.to_flat_state(state):
+    value = var.get_value()
+    sharding = shd.named_sharding(shd.variable_names(var), value.shape, mesh)
+    var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+  return state
 
 
 def main(argv=None):

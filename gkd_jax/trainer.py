@@ -144,37 +144,13 @@ def build(config) -> Setup:
       drop_remainder=True,
   )
 
-  tx, schedule = optim.make_optimizer(
-      config.learning_rate,
-      config.total_steps,
-      warmup_steps=config.warmup_steps,
-      schedule=config.lr_schedule,
-      weight_decay=config.weight_decay,
-      max_grad_norm=config.max_grad_norm,
-  )
-  params, base_params, lora_spec = nnx.state(student), None, lora.spec_from_config(config)
-  if lora_spec is not None:  # train adapters only; the student's weights become a frozen input
-    base_params = params
-    init = lambda base, key: lora.init_adapters(base, lora_spec, key)
-    key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    shardings = lora.adapter_shardings(jax.eval_shape(init, base_params, key), mesh)
-    params = jax.jit(init, out_shardings=shardings)(base_params, key)  # created in place, on every host
-    logger.info(
-        "LoRA: %d trainable params (rank %d) on %s", lora.count(params), lora_spec.rank, lora_spec.target_modules
-    )
   teacher_params = None if teacher is None else nnx.state(teacher)
   if cfg.offload_teacher:  # kept in host memory between steps; the step moves it in for the forward only
     teacher_params = jax.device_put(
         teacher_params, jax.tree.map(lambda x: x.sharding.with_memory_kind("pinned_host"), teacher_params)
     )
-  state = ts.create_train_state(
-      params, tx, teacher_params=teacher_params, rng=jax.random.key(config.seed), base_params=base_params
-  )
-  # Params already sit in their logical shardings; small host values (step, rng, optimizer counts) are put
-  # on the mesh replicated — through jit, which also works when the mesh spans several processes.
+  state, tx, schedule, lora_spec = initial_state(config, student, teacher_params, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
-  on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-  state = jax.tree.map(lambda x: x if on_mesh(x) else jax.jit(lambda: x, out_shardings=replicated)(), state)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
   step_fn, eval_fn = ts.make_steps(student, tx, schedule, cfg, teacher=teacher, lora_spec=lora_spec)
@@ -211,6 +187,38 @@ def build(config) -> Setup:
       eval_loader,
       eval_rows,
   )
+
+
+def initial_state(config, student: nnx.Module, teacher_params, mesh) -> tuple[ts.TrainState, Any, Any, Any]:
+  """(state, optimizer, lr schedule, LoRA spec) of a fresh run: the student's params (or LoRA adapters on
+  its frozen weights), their optimizer state, and teacher_params as given, on the mesh."""
+  tx, schedule = optim.make_optimizer(
+      config.learning_rate,
+      config.total_steps,
+      warmup_steps=config.warmup_steps,
+      schedule=config.lr_schedule,
+      weight_decay=config.weight_decay,
+      max_grad_norm=config.max_grad_norm,
+  )
+  params, base_params, lora_spec = nnx.state(student), None, lora.spec_from_config(config)
+  if lora_spec is not None:  # train adapters only; the student's weights become a frozen input
+    base_params = params
+    init = lambda base, key: lora.init_adapters(base, lora_spec, key)
+    key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    shardings = lora.adapter_shardings(jax.eval_shape(init, base_params, key), mesh)
+    params = jax.jit(init, out_shardings=shardings)(base_params, key)  # created in place, on every host
+    logger.info(
+        "LoRA: %d trainable params (rank %d) on %s", lora.count(params), lora_spec.rank, lora_spec.target_modules
+    )
+  state = ts.create_train_state(
+      params, tx, teacher_params=teacher_params, rng=jax.random.key(config.seed), base_params=base_params
+  )
+  # Params already sit in their logical shardings; small host values (step, rng, optimizer counts) are put
+  # on the mesh replicated — through jit, which also works when the mesh spans several processes.
+  replicated = NamedSharding(mesh, PartitionSpec())
+  on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+  state = jax.tree.map(lambda x: x if on_mesh(x) else jax.jit(lambda: x, out_shardings=replicated)(), state)
+  return state, tx, schedule, lora_spec
 
 
 def train(config, workdir: str) -> dict:
