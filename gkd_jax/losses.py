@@ -23,6 +23,7 @@ import numpy as np
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 REDUCTIONS = ("mean", "sum", "none", "seq_mean")
 CHUNK_BYTES = 64 << 20  # default size of one [chunk, V] float32 buffer in the fused loss
@@ -87,7 +88,7 @@ def _kl_from_logprobs(logp, logq):
   return jnp.sum(jnp.where(support, jnp.exp(safe_logp) * (safe_logp - safe_logq), 0.0), axis=-1)
 
 
-def jsd_from_logprobs(student_logp, teacher_logp, beta):
+def jsd_from_logprobs(student_logp: ArrayLike, teacher_logp: ArrayLike, beta: float) -> jax.Array:
   """Per-token JSD(β) from normalized log-probabilities [..., V] -> [...]. `beta` is a static float."""
   if beta == 0.0:
     return _kl_from_logprobs(teacher_logp, student_logp)
@@ -116,7 +117,9 @@ def _sanitize(logits, mask):
 # ---------------------------------------------------------------------------------------------- reduction
 
 
-def reduce_tokens(per_token, mask=None, reduction="mean", num_items=None):
+def reduce_tokens(
+    per_token: ArrayLike, mask: ArrayLike | None = None, reduction: str = "mean", num_items: ArrayLike | None = None
+) -> jax.Array:
   """Reduces per-token values [..., T] (zeroed where masked) by the project's normalization.
 
   "mean": Σ valid / (num_items or the local count of valid tokens); "sum": Σ valid; "none": the per-token
@@ -149,8 +152,15 @@ def reduce_tokens(per_token, mask=None, reduction="mean", num_items=None):
 
 
 def generalized_jsd_loss(
-    student_logits, teacher_logits, mask=None, *, beta=0.5, temperature=1.0, reduction="mean", num_items=None
-):
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    num_items: ArrayLike | None = None,
+) -> jax.Array:
   """Generalized JSD(β) between teacher and student next-token distributions over logits [..., V].
 
   Args:
@@ -226,7 +236,7 @@ def _mixture_logprobs(student_logp, teacher_logp, beta):
   )
 
 
-def teacher_topk(teacher_logits, k):
+def teacher_topk(teacher_logits: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
   """The teacher's top-k (values, indices) over the last axis; k is static and in [1, V]."""
   vocab = teacher_logits.shape[-1]
   if not isinstance(k, int) or not 1 <= k <= vocab:
@@ -235,17 +245,17 @@ def teacher_topk(teacher_logits, k):
 
 
 def topk_generalized_jsd_loss(
-    student_logits,
-    teacher_topk_values,
-    teacher_topk_indices,
-    mask=None,
+    student_logits: ArrayLike,
+    teacher_topk_values: ArrayLike,
+    teacher_topk_indices: ArrayLike,
+    mask: ArrayLike | None = None,
     *,
-    beta=0.5,
-    temperature=1.0,
-    reduction="mean",
-    num_items=None,
-    values_are_logprobs=False,
-):
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    num_items: ArrayLike | None = None,
+    values_are_logprobs: bool = False,
+) -> jax.Array:
   """JSD(β) restricted to the teacher's top-k tokens, both distributions renormalized over those k.
 
   Args:
@@ -287,7 +297,9 @@ def topk_generalized_jsd_loss(
   return reduce_tokens(jsd_from_logprobs(s_logp, t_logp, beta), mask, reduction, num_items)
 
 
-def align_vocab(student_logits, teacher_logits, vocab_size=None):
+def align_vocab(
+    student_logits: ArrayLike, teacher_logits: ArrayLike, vocab_size: int | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Cuts both logits to one shared vocabulary (embedding tables padded past the tokenizer's size).
 
   vocab_size: the tokenizer's vocabulary size; defaults to the smaller of the two last dims.
@@ -299,7 +311,14 @@ def align_vocab(student_logits, teacher_logits, vocab_size=None):
   return student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
 
 
-def nll_loss(logits, targets, mask=None, *, reduction="mean", num_items=None):
+def nll_loss(
+    logits: ArrayLike,
+    targets: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    reduction: str = "mean",
+    num_items: ArrayLike | None = None,
+) -> jax.Array:
   """Negative log-likelihood of `targets` [...] under `logits` [..., V] (the SFT term, temperature 1)."""
   _check_reduction(reduction)
   if tuple(targets.shape) != tuple(logits.shape[:-1]):
@@ -316,7 +335,9 @@ def nll_loss(logits, targets, mask=None, *, reduction="mean", num_items=None):
 # -------------------------------------------------------------------------------------- sequence alignment
 
 
-def shift_for_next_token(input_ids, loss_mask, *per_position, first_target=1):
+def shift_for_next_token(
+    input_ids: ArrayLike, loss_mask: ArrayLike, *per_position: ArrayLike, first_target: int = 1
+) -> tuple[jax.Array, ...]:
   """Aligns outputs at position t with the token at t+1.
 
   Args:
@@ -351,7 +372,7 @@ def shift_for_next_token(input_ids, loss_mask, *per_position, first_target=1):
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def token_stats(student_logits, teacher_logits, temperature=1.0):
+def token_stats(student_logits: ArrayLike, teacher_logits: ArrayLike, temperature: float = 1.0) -> dict[str, jax.Array]:
   """Per-token diagnostics [...]: forward KL(P_T‖P_S), reverse KL(P_S‖P_T), both entropies, top-1 agreement."""
   temperature = _check_temperature(temperature)
   _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
@@ -366,7 +387,7 @@ def token_stats(student_logits, teacher_logits, temperature=1.0):
   }
 
 
-def masked_mean(values, mask=None):
+def masked_mean(values: ArrayLike, mask: ArrayLike | None = None) -> jax.Array:
   """Mean of `values` over valid positions (0 when none is valid)."""
   return reduce_tokens(values, mask, "mean")
 
@@ -397,25 +418,25 @@ def _head_activation(logits, scale, softcap):
 
 
 def fused_generalized_jsd_loss(
-    student_hidden,
-    student_head,
-    teacher_hidden,
-    teacher_head,
-    mask=None,
+    student_hidden: ArrayLike,
+    student_head: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_head: ArrayLike,
+    mask: ArrayLike | None = None,
     *,
-    beta=0.5,
-    temperature=1.0,
-    chunk_size=None,
-    reduction="mean",
-    num_items=None,
-    student_bias=None,
-    teacher_bias=None,
-    student_logit_scale=1.0,
-    teacher_logit_scale=1.0,
-    student_softcap=None,
-    teacher_softcap=None,
-    vocab_size=None,
-):
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+    num_items: ArrayLike | None = None,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    vocab_size: int | None = None,
+) -> jax.Array:
   """JSD(β) computed from final hidden states chunk by chunk: no [tokens, V] logits tensor ever exists.
 
   Args:
@@ -642,19 +663,19 @@ def _default_chunk(chunk_size, vocab_size):
 
 
 def fused_nll_loss(
-    hidden,
-    head,
-    targets,
-    mask=None,
+    hidden: ArrayLike,
+    head: ArrayLike,
+    targets: ArrayLike,
+    mask: ArrayLike | None = None,
     *,
-    chunk_size=None,
-    bias=None,
-    logit_scale=1.0,
-    softcap=None,
-    vocab_size=None,
-    reduction="mean",
-    num_items=None,
-):
+    chunk_size: int | None = None,
+    bias: ArrayLike | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+    reduction: str = "mean",
+    num_items: ArrayLike | None = None,
+) -> jax.Array:
   """`nll_loss` computed from hidden states [..., H] and an LM head [H, V] chunk by chunk (the SFT term of
   the fused path): a rematerialized scan, so no [tokens, V] logits exist in the forward or backward pass."""
   _check_reduction(reduction)
