@@ -8,12 +8,17 @@ offload_teacher_model).
 
 from __future__ import annotations
 
+import logging
+import math
+
 import ml_collections
 
 from gkd_jax import optim, task_metrics
 
 OBJECTIVES = ("gkd", "sft")
 DTYPES = ("float32", "bfloat16", "float16")
+
+logger = logging.getLogger(__name__)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -191,8 +196,17 @@ def validate(c) -> None:
     fail("max_prompt_length", c.max_prompt_length, f"must leave room for a completion within max_length={c.max_length}")
   if c.batch_size % c.grad_accum_steps:
     fail("grad_accum_steps", c.grad_accum_steps, f"must divide batch_size={c.batch_size}")
-  if c.learning_rate < 0:
-    fail("learning_rate", c.learning_rate, "must be ≥ 0")
+  if not (math.isfinite(c.learning_rate) and c.learning_rate >= 0):
+    fail("learning_rate", c.learning_rate, "must be ≥ 0 and finite")
+  for field in ("weight_decay", "max_grad_norm"):
+    if not (math.isfinite(c[field]) and c[field] >= 0):
+      fail(field, c[field], "must be ≥ 0 and finite" + (" (0 = no clipping)" if field == "max_grad_norm" else ""))
+  for axis in ("data", "fsdp", "tensor"):
+    size = c.mesh[axis]
+    if not (isinstance(size, int) and not isinstance(size, bool) and (size >= 1 or size == -1)):
+      fail(f"mesh.{axis}", size, "must be a positive int, or -1 for the devices the other axes leave")
+  if [c.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
+    fail("mesh", c.mesh.to_dict(), "at most one axis may be -1")
   if not 0 <= c.warmup_steps <= c.total_steps:
     fail("warmup_steps", c.warmup_steps, f"must be in [0, total_steps={c.total_steps}]")
   if c.lr_schedule not in optim.SCHEDULES:
@@ -209,7 +223,21 @@ def validate(c) -> None:
         fail(field, c[field], "must be a positive int")
   if c.eval_temperature < 0:
     fail("eval_temperature", c.eval_temperature, "must be ≥ 0 (0 = greedy)")
+  if c.seq_kd and c.lmbda == 1.0 and c.objective == "gkd":
+    logger.warning(
+        "config.seq_kd=True never takes effect with config.lmbda=1.0: every step is on-policy (student samples), "
+        "so no step samples from the teacher; lower lmbda to use seq_kd"
+    )
   if not 0 < c.top_p <= 1:
     fail("top_p", c.top_p, "must be in (0, 1]")
   if c.top_k < 0:
     fail("top_k", c.top_k, "must be ≥ 0 (0 = off)")
+
+
+def validate_with_tokenizer(c, vocab_size: int) -> None:
+  """The checks that need the tokenizer's vocabulary size; run as soon as it is loaded, before any model."""
+  if c.gkd_logits_topk is not None and c.gkd_logits_topk > vocab_size:
+    raise ValueError(
+        f"config.gkd_logits_topk={c.gkd_logits_topk!r} is invalid: must be at most the tokenizer's vocabulary "
+        f"size {vocab_size} (or None for the full vocabulary)"
+    )

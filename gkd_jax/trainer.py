@@ -25,6 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gkd_jax import config as config_lib
 from gkd_jax import data as data_lib
 from gkd_jax import lora, models, optim, sampling, sharding
 from gkd_jax import metrics as metrics_lib
@@ -157,6 +158,7 @@ def build(config) -> Setup:
     )
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
   tokenizer = models.load_tokenizer(config.tokenizer or config.model)
+  config_lib.validate_with_tokenizer(config, len(tokenizer))
   student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
   kind = teacher_kind(config)
   teacher = None
