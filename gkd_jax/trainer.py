@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd_jax import config as config_lib
 from gkd_jax import data as data_lib
-from gkd_jax import lora, models, optim, sampling, sharding
+from gkd_jax import files, lora, models, optim, sampling, sharding
 from gkd_jax import metrics as metrics_lib
 from gkd_jax import task_metrics
 from gkd_jax import train_step as ts
@@ -116,8 +116,8 @@ def _check_same_tokenizer(tokenizer, path: str):
   """Teacher and student must share one tokenizer (cross-tokenizer distillation is out of scope)."""
   try:
     other = models.load_tokenizer(path)
-  except (OSError, ValueError):
-    logger.warning("no tokenizer next to %s; assuming it shares the student's", path)
+  except (OSError, ValueError) as e:
+    logger.warning("cannot check that teacher_model shares the student's tokenizer: %s; assuming it does", e)
     return
   if other.get_vocab() != tokenizer.get_vocab():
     raise ValueError(
@@ -159,12 +159,12 @@ def build(config) -> Setup:
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
   tokenizer = models.load_tokenizer(config.tokenizer or config.model)
   config_lib.validate_with_tokenizer(config, len(tokenizer))
-  student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
   kind = teacher_kind(config)
+  if kind == "model" and config.teacher_model != config.model:
+    _check_same_tokenizer(tokenizer, config.teacher_model)  # before any model loads
+  student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
   teacher = None
   if kind == "model":
-    if config.teacher_model != config.model:
-      _check_same_tokenizer(tokenizer, config.teacher_model)
     teacher = models.from_pretrained(config.teacher_model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
   vocab_size = len(tokenizer)
   cfg = step_config(config, vocab_size)
@@ -449,6 +449,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
 
   if not config.eval_split:
     raise ValueError("config.eval_split=None is invalid for --mode=eval: name the held-out split to evaluate")
+  files.require_directory(workdir, "--workdir")
   setup = build(config)
   with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     step = restore_or_start(setup, ckpt)
@@ -541,11 +542,13 @@ def log_samples(setup: Setup, writer, batch: dict, step: int, workdir: str, coun
   writer.write_text("samples", "\n\n".join(f"{r['prompt']} → {r['completion']}" for r in rows), step)
 
 
-def export_student(setup: Setup, out_dir: str) -> str:
-  """Writes the trained student (LoRA merged) as a HuggingFace checkpoint with the tokenizer (process 0)."""
+def export_student(setup: Setup, out_dir: str, overwrite: bool = False) -> str:
+  """Writes the trained student (LoRA merged) as a HuggingFace checkpoint with the tokenizer (process 0),
+  into a new or empty `out_dir` (or replacing its content with `overwrite`), never a mix of two models."""
   nnx.update(setup.student, jax.device_get(student_weights(setup)))
   if jax.process_index() == 0:
-    models.save_pretrained(setup.student, out_dir, tokenizer=setup.tokenizer)
+    write = lambda d: models.save_pretrained(setup.student, d, tokenizer=setup.tokenizer)
+    files.replace_directory(out_dir, write, overwrite=overwrite, what="export directory")
   return out_dir
 
 
@@ -595,6 +598,8 @@ def restore_or_start(setup: Setup, ckpt) -> int:
 
 def train(config, workdir: str) -> dict:
   """Builds everything from `config` and runs it; returns the last step's metrics."""
+  files.require_directory(workdir, "--workdir")
+  config_lib.check_resume(workdir, config, FINGERPRINT_FIELDS)  # before anything loads
   return run(build(config), workdir)
 
 
@@ -605,10 +610,7 @@ def run(setup: Setup, workdir: str) -> dict:
   from gkd_jax import checkpoints
 
   config = setup.config
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=1))
+  config_lib.write_run_config(workdir, config, FINGERPRINT_FIELDS, write=jax.process_index() == 0)
   ckpt = checkpoints.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints, save_every=config.save_every
   )
@@ -673,5 +675,5 @@ def run(setup: Setup, workdir: str) -> dict:
     if setup.teacher_client is not None:
       setup.teacher_client.close()
   if config.export_on_finish and int(setup.state.step) == config.total_steps:
-    export_student(setup, os.path.join(workdir, "export"))
+    export_student(setup, os.path.join(workdir, "export"), overwrite=True)  # the run's own export
   return record

@@ -1,15 +1,22 @@
 """Bad input: each case fails with one clear message naming the field / file / row and the rule, before any
 model loads where it can, and loses nothing that was on disk."""
 
+import errno
 import json
 import logging
 import math
+import os
+import re
+import shutil
 
 import pytest
 
+from gkd_jax import checkpoints, data, files, models, sharding, trainer
 from gkd_jax import config as config_lib
-from gkd_jax import models, sharding, trainer
+from gkd_jax import metrics as metrics_lib
+from test_checkpoints import abstract, assert_bitwise, sft_state
 from test_config import good
+from test_data import ids, make_tokenizer
 from test_trainer import make_config, task  # noqa: F401  (module-scope fixture: tiny models and task data)
 
 # ------------------------------------------------------------------------------------------------ config
@@ -68,3 +75,222 @@ def test_topk_larger_than_the_vocabulary_fails_before_models_load(task, monkeypa
       ValueError, match=r"config.gkd_logits_topk=64 is invalid: must be at most the tokenizer's " r"vocabulary size 29"
   ):
     trainer.build(make_config(task, gkd_logits_topk=64))
+
+
+# ------------------------------------------------------------------------------------ model directories
+
+
+def copy_model(src, dst, skip=()):
+  dst.mkdir()
+  for name in os.listdir(src):
+    if name not in skip:
+      shutil.copy(os.path.join(src, name), dst / name)
+  return dst
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-100]), r"tensor '.*' ends at byte \d+ but the file has \d+ bytes"),
+        (lambda p: p.write_bytes(p.read_bytes()[:5]), r"5 bytes, shorter than the 8-byte header length"),
+        (
+            lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage-not-json" + b"\0" * 64),
+            r"the header is not JSON",
+        ),
+        (lambda p: p.write_bytes(os.urandom(4096)), r"its header claims \d+ bytes but the file has 4096"),
+    ],
+    ids=["truncated", "stub", "garbage-header", "random"],
+)
+def test_corrupt_safetensors_names_the_file(task, tmp_path, damage, message):
+  directory = copy_model(task["student"], tmp_path / "model")
+  weights = directory / "model.safetensors"
+  damage(weights)
+  before = weights.read_bytes()
+  with pytest.raises(ValueError, match=rf"{re.escape(str(weights))} is not a valid safetensors file \({message}"):
+    models.from_pretrained(str(directory))
+  assert weights.read_bytes() == before  # only read
+
+
+@pytest.mark.parametrize("text", ['{"model_type": "qwen2", "hidden_si', "<html>not json</html>"])
+def test_corrupt_model_config_names_the_file(task, tmp_path, text):
+  directory = copy_model(task["student"], tmp_path / "model")
+  (directory / "config.json").write_text(text)
+  with pytest.raises(ValueError, match=rf"{re.escape(str(directory / 'config.json'))} is not valid JSON .*corrupt"):
+    models.from_pretrained(str(directory))
+  assert (directory / "config.json").read_text() == text
+
+
+def test_teacher_without_tokenizer_files_says_so(task, tmp_path, caplog, monkeypatch):
+  bare = copy_model(task["teacher"], tmp_path / "teacher", skip=TOKENIZER_FILES)
+  with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(bare))} holds no tokenizer files"):
+    models.load_tokenizer(str(bare))
+  tok = models.load_tokenizer(task["student"])
+  with caplog.at_level(logging.WARNING, logger="gkd_jax.trainer"):
+    trainer._check_same_tokenizer(tok, str(bare))
+  assert "cannot check that teacher_model shares the student's tokenizer" in caplog.text
+  assert "holds no tokenizer files" in caplog.text and "different tokenizer" not in caplog.text
+  # The same teacher with another tokenizer is still refused, before any model loads.
+  other = copy_model(task["teacher"], tmp_path / "other", skip=TOKENIZER_FILES)
+  tok2 = models.load_tokenizer(task["student"])
+  tok2.add_tokens(["<extra>"])
+  tok2.save_pretrained(other)
+  no_model_loads(monkeypatch)
+  with pytest.raises(ValueError, match=r"different tokenizer \(30 tokens\) than the student \(29 tokens\)"):
+    trainer.build(make_config(task, teacher_model=str(other)))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.jsonl", b"", r"dataset file .*empty.jsonl is empty \(0 bytes\): it holds no rows"),
+        ("blank.json", b"\n  \n", r"dataset file .*blank.json is empty \(4 bytes\)"),
+        ("rows.txt", b'{"prompt": "a"}\n', r"dataset file .*rows.txt has the unsupported extension '.txt': allowed"),
+        ("rows", b'{"prompt": "a"}\n', r"dataset file .*rows has the unsupported extension '\(none\)'"),
+    ],
+)
+def test_bad_dataset_files_name_the_file(tmp_path, name, content, message):
+  path = tmp_path / name
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=message):
+    data.load_rows(str(path))
+  assert path.read_bytes() == content
+
+
+def test_truncated_prompts_are_counted_and_logged_once(caplog):
+  tok = make_tokenizer()
+  long_prompt = "What is " + " plus ".join(str(i) for i in range(12)) + "?"
+  n = len(ids(long_prompt))
+  rows = [{"prompt": long_prompt if i % 3 == 0 else "What is 1?", "completion": " 2"} for i in range(12)]
+  with caplog.at_level(logging.WARNING, logger="gkd_jax.data"):
+    loader = data.DataLoader(
+        rows,
+        tok,
+        batch_size=4,
+        max_length=40,
+        max_prompt_length=20,
+        max_completion_length=8,
+        process_index=0,
+        process_count=1,
+    )
+  assert loader.num_truncated_prompts == 4
+  warnings = [r.getMessage() for r in caplog.records if "prompt budget" in r.getMessage()]
+  assert len(warnings) == 1
+  assert warnings[0] == (
+      "4 of 12 rows have prompts longer than the prompt budget of 20 tokens (max_prompt_length=20 and "
+      f"max_length - max_completion_length = 40 - 8): each keeps its last 20 tokens (the longest had {n})"
+  )
+  batch = loader.batch(0)
+  assert batch["prompt_mask"].sum(1).max() == 20  # still truncated as before: the last 20 tokens
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_resume_drops_a_partial_last_line(tmp_path, caplog):
+  path = tmp_path / "metrics.jsonl"
+  good_lines = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4))
+  path.write_text(good_lines + '{"step": 5, "loss": 0.')  # the process died mid-write
+  with caplog.at_level(logging.WARNING, logger="gkd_jax.metrics"):
+    writer = metrics_lib.MetricsWriter(str(tmp_path), resumed_step=3)
+    writer.write({"step": 4, "loss": 0.5})
+    writer.close()
+  records = [json.loads(line) for line in path.read_text().splitlines()]
+  assert records == [
+      {"step": 1, "loss": 1.0},
+      {"step": 2, "loss": 0.5},
+      {"step": 3, "loss": 1 / 3},
+      {"step": 4, "loss": 0.5},
+  ]
+  assert "dropped 1 unreadable line(s) (line 5" in caplog.text
+  assert (tmp_path / "metrics.jsonl.dropped").read_text() == '{"step": 5, "loss": 0.\n'  # kept, not lost
+
+
+# ------------------------------------------------------------------------------------------ disk full
+
+
+def enospc(*args, **kwargs):
+  raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_checkpoint_save_is_one_clear_error_and_the_last_checkpoint_restores(tmp_path, monkeypatch):
+  state = sft_state(step=1)
+  ckpt = checkpoints.Checkpointer(tmp_path, save_every=1)
+  assert ckpt.save(1, state, {"data": 1})
+  ckpt.wait()
+  monkeypatch.setattr(ckpt._manager, "save", enospc)
+  with pytest.raises(
+      files.DiskFullError,
+      match=rf"no space left on the device while writing checkpoint step 2 to "
+      rf"{re.escape(str(tmp_path / '2'))}; stopped here; the last complete checkpoint, step 1, is intact",
+  ):
+    ckpt.save(2, state, {"data": 2})
+  monkeypatch.undo()
+  ckpt.close()
+  with checkpoints.Checkpointer(tmp_path) as again:
+    assert again.all_steps() == [1]
+    restored, extra = again.restore(abstract(state))
+  assert extra == {"data": 1}
+  assert_bitwise(restored, state)
+
+
+def test_disk_full_in_a_background_save_surfaces_naming_the_directory(tmp_path, monkeypatch):
+  ckpt = checkpoints.Checkpointer(tmp_path, save_every=1)
+
+  def wrapped(*a, **kw):  # orbax re-raises its writer thread's failure wrapped in another exception
+    try:
+      enospc()
+    except OSError as e:
+      raise RuntimeError("async save failed") from e
+
+  monkeypatch.setattr(ckpt._manager, "wait_until_finished", wrapped)
+  with pytest.raises(
+      files.DiskFullError,
+      match=rf"writing a checkpoint to {re.escape(str(tmp_path))}; stopped " r"here; no checkpoint was complete yet",
+  ):
+    ckpt.wait()
+  monkeypatch.undo()
+  ckpt.close()
+
+
+def test_disk_full_metrics_write_names_the_file_and_keeps_earlier_lines(tmp_path, monkeypatch):
+  writer = metrics_lib.MetricsWriter(str(tmp_path))
+  writer.write({"step": 1, "loss": 2.0})
+  path = tmp_path / "metrics.jsonl"
+  before = path.read_text()
+
+  class Full:
+    name = str(path)
+
+    def write(self, text):
+      enospc()
+
+  writer.files["train"] = Full()
+  with pytest.raises(
+      files.DiskFullError,
+      match=rf"writing metrics to {re.escape(str(path))}; stopped here; the " r"lines before this record are on disk",
+  ):
+    writer.write({"step": 2, "loss": 1.0})
+  writer.files.clear()
+  writer.close()
+  assert path.read_text() == before
+
+
+def test_replace_directory_failing_midway_leaves_the_old_content(tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "model.safetensors").write_bytes(b"old model")
+
+  def half_written(d):
+    open(os.path.join(d, "config.json"), "w").write("{}")
+    enospc()
+
+  with pytest.raises(files.DiskFullError, match=rf"writing --out to {re.escape(str(out))}"):
+    files.replace_directory(str(out), half_written, overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["model.safetensors"]
+  assert (out / "model.safetensors").read_bytes() == b"old model"
