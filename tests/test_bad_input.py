@@ -1,6 +1,7 @@
 """Bad input: each case fails with one clear message naming the field / file / row and the rule, before any
 model loads where it can, and loses nothing that was on disk."""
 
+import asyncio
 import errno
 import json
 import logging
@@ -8,15 +9,17 @@ import math
 import os
 import re
 import shutil
+import threading
 
 import pytest
 
-from gkd_jax import checkpoints, data, files, models, sharding, trainer
+from gkd_jax import checkpoints, data, files, models, serve, sharding, trainer
 from gkd_jax import config as config_lib
 from gkd_jax import metrics as metrics_lib
 from test_checkpoints import abstract, assert_bitwise, sft_state
 from test_config import good
 from test_data import ids, make_tokenizer
+from test_serve import ckpt, engine  # noqa: F401  (module-scope fixtures: a tiny served teacher)
 from test_trainer import make_config, task  # noqa: F401  (module-scope fixture: tiny models and task data)
 
 # ------------------------------------------------------------------------------------------------ config
@@ -294,3 +297,62 @@ def test_replace_directory_failing_midway_leaves_the_old_content(tmp_path):
     files.replace_directory(str(out), half_written, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["model.safetensors"]
   assert (out / "model.safetensors").read_bytes() == b"old model"
+
+
+# --------------------------------------------------------------------------------------- teacher server
+
+
+class GatedEngine:
+  """The real engine whose forward waits for `gate`; records every prompt it scores."""
+
+  def __init__(self, engine):
+    self.engine, self.gate, self.started, self.scored = engine, threading.Event(), threading.Event(), []
+
+  def __getattr__(self, name):
+    return getattr(self.engine, name)
+
+  def score(self, prompts):
+    self.started.set()
+    assert self.gate.wait(30)
+    self.scored.extend(prompts)
+    return self.engine.score(prompts)
+
+
+def test_server_cancels_the_queued_work_of_a_client_that_disconnects(engine):
+  import aiohttp
+
+  gated = GatedEngine(engine)
+  url_of = lambda server: server.url + "/v1/completions"
+
+  async def scenario(server):
+    async with aiohttp.ClientSession() as session:
+      first = asyncio.ensure_future(session.post(url_of(server), json={"prompt": [1, 2, 3], "prompt_logprobs": 1}))
+      await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 30)  # its forward is running
+      gone = [[4, 5, 6], [7, 8, 9, 10]]
+      async with aiohttp.ClientSession() as other:  # a second client queues two prompts, then goes away
+        leaving = asyncio.ensure_future(other.post(url_of(server), json={"prompt": gone, "prompt_logprobs": 1}))
+        for _ in range(500):
+          async with session.get(server.url + "/stats") as r:
+            if (await r.json())["queued"] == 2:
+              break
+          await asyncio.sleep(0.01)
+        leaving.cancel()
+      for _ in range(500):
+        async with session.get(server.url + "/stats") as r:
+          stats = await r.json()
+        if stats["cancelled"]:
+          break
+        await asyncio.sleep(0.01)
+      gated.gate.set()
+      async with await first as r:
+        assert r.status == 200
+      # A later request is answered at once: nothing of the gone client's is computed before it.
+      async with session.post(url_of(server), json={"prompt": [11, 12], "prompt_logprobs": 1}) as r:
+        assert r.status == 200
+      return stats, gone
+
+  with serve.ServerThread(serve.make_app(gated, "gated", batch_wait_s=0.0)) as server:
+    stats, gone = asyncio.run(scenario(server))
+  assert stats["cancelled"] == 2 and stats["queued"] == 0
+  assert gated.scored == [[1, 2, 3], [11, 12]]  # the gone client's prompts never reached the forward
+  assert not any(p in gated.scored for p in gone)
