@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from gkd_jax import checkpoints, data, files, models, serve, sharding, trainer
+from gkd_jax import checkpoints, data, export, files, models, serve, sharding, trainer
 from gkd_jax import config as config_lib
 from gkd_jax import metrics as metrics_lib
 from test_checkpoints import abstract, assert_bitwise, sft_state
@@ -356,3 +356,114 @@ def test_server_cancels_the_queued_work_of_a_client_that_disconnects(engine):
   assert stats["cancelled"] == 2 and stats["queued"] == 0
   assert gated.scored == [[1, 2, 3], [11, 12]]  # the gone client's prompts never reached the forward
   assert not any(p in gated.scored for p in gone)
+
+
+# ------------------------------------------------------------------------------- workdirs and exports
+
+
+@pytest.fixture(scope="module")
+def finished_run(task, tmp_path_factory):
+  """A 2-step run (checkpoint at step 2, metrics, config.json, export) to rerun, resume and export from."""
+  workdir = tmp_path_factory.mktemp("run") / "workdir"
+  config = make_config(task, lmbda=0.0, total_steps=2)
+  trainer.train(config, str(workdir))
+  return workdir, config
+
+
+def snapshot(directory):
+  """{relative path: bytes} of every file under `directory`."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      out[os.path.relpath(path, directory)] = open(path, "rb").read()
+  return out
+
+
+def test_workdir_that_is_a_file_fails_before_loading(task, tmp_path, monkeypatch):
+  path = tmp_path / "workdir"
+  path.write_text("notes")
+  no_model_loads(monkeypatch)
+  with pytest.raises(NotADirectoryError, match=rf"--workdir={re.escape(str(path))} is a file, not a directory"):
+    trainer.train(make_config(task), str(path))
+  with pytest.raises(NotADirectoryError, match=r"--workdir=.* is a file"):
+    export.export(str(path), str(tmp_path / "out"))
+  assert path.read_text() == "notes"
+
+
+def test_rerun_with_a_changed_method_is_refused_before_loading(task, finished_run, monkeypatch):
+  workdir, _ = finished_run
+  before = snapshot(workdir)
+  no_model_loads(monkeypatch)
+  changed = make_config(task, lmbda=0.0, total_steps=2, beta=0.9, learning_rate=2e-3)
+  message = (
+      rf"cannot resume the run in {re.escape(str(workdir))} with a changed method: beta: 0.5 → 0.9; "
+      r"learning_rate: 0.001 → 0.002 \(saved config.json → this config\). Restore those values, use a new "
+      r"workdir, or set allow_config_change=True"
+  )
+  with pytest.raises(ValueError, match=message):
+    trainer.train(changed, str(workdir))
+  with pytest.raises(ValueError, match=message):  # also when the run is started from a built setup
+    config_lib.write_run_config(str(workdir), changed, trainer.FINGERPRINT_FIELDS)
+  with pytest.raises(ValueError, match=r"with seed: 0 → 1: these fields fix the checkpoint's state or the data order"):
+    trainer.train(make_config(task, lmbda=0.0, total_steps=2, seed=1, allow_config_change=True), str(workdir))
+  assert snapshot(workdir) == before  # config.json, checkpoints, metrics and export untouched
+
+
+def test_allow_config_change_accepts_and_keeps_the_old_config(task, finished_run, tmp_path, caplog):
+  workdir = tmp_path / "workdir"
+  shutil.copytree(finished_run[0], workdir)
+  old = (workdir / "config.json").read_text()
+  changed = make_config(task, lmbda=0.0, total_steps=2, beta=0.9, allow_config_change=True)
+  with caplog.at_level(logging.WARNING, logger="gkd_jax.config"):
+    changes = config_lib.write_run_config(str(workdir), changed, trainer.FINGERPRINT_FIELDS)
+  assert changes == {"allow_config_change": (False, True), "beta": (0.5, 0.9)}
+  assert "resuming the run in" in caplog.text and "beta: 0.5 → 0.9" in caplog.text
+  assert json.loads((workdir / "config.json").read_text())["beta"] == 0.9
+  (kept,) = [p for p in os.listdir(workdir) if p.startswith("config.replaced-")]
+  assert (workdir / kept).read_text() == old
+
+
+def test_rerun_with_safe_changes_resumes_and_tolerates_a_partial_metrics_line(task, finished_run, tmp_path, caplog):
+  workdir = tmp_path / "workdir"
+  shutil.copytree(finished_run[0], workdir)
+  metrics = workdir / "metrics.jsonl"
+  logged = metrics.read_text()
+  metrics.write_text(logged + '{"step": 3, "loss": 0.1')  # a crash mid-write after the last checkpoint
+  config = make_config(task, lmbda=0.0, total_steps=3, log_every=1)
+  with caplog.at_level(logging.WARNING):
+    trainer.train(config, str(workdir))
+  assert "log_every: 2 → 1; total_steps: 2 → 3 (the learning-rate schedule now spans the new total)" in caplog.text
+  records = [json.loads(line) for line in metrics.read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2, 3] and metrics.read_text().startswith(logged)
+  assert (workdir / "metrics.jsonl.dropped").read_text() == '{"step": 3, "loss": 0.1\n'
+  assert json.loads((workdir / "config.json").read_text())["total_steps"] == 3
+  with checkpoints.Checkpointer(workdir / "checkpoints") as ckpt:
+    assert ckpt.all_steps() == [2, 3]
+
+
+def test_export_refuses_a_file_or_another_model_and_replaces_whole_with_overwrite(finished_run, tmp_path, monkeypatch):
+  workdir, _ = finished_run
+  as_file = tmp_path / "model.bin"
+  as_file.write_bytes(b"x")
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "model.safetensors").write_bytes(b"another model")
+  (other / "notes.txt").write_text("keep me")
+  with monkeypatch.context() as m:
+    no_model_loads(m)
+    with pytest.raises(NotADirectoryError, match=rf"--out={re.escape(str(as_file))} is a file, not a directory"):
+      export.main(["--workdir", str(workdir), "--out", str(as_file)])
+    with pytest.raises(
+        FileExistsError,
+        match=rf"--out={re.escape(str(other))} already holds files \(model.safetensors, "
+        r"notes.txt\); pass overwrite \(--overwrite\) to replace them",
+    ):
+      export.main(["--workdir", str(workdir), "--out", str(other)])
+  assert as_file.read_bytes() == b"x" and snapshot(other) == {
+      "model.safetensors": b"another model",
+      "notes.txt": b"keep me",
+  }
+  export.main(["--workdir", str(workdir), "--out", str(other), "--overwrite"])
+  assert snapshot(other) == snapshot(workdir / "export")  # exactly the run's model: nothing of the old one left
+  assert sorted(os.listdir(tmp_path)) == ["model.bin", "other"]  # no temporaries left beside
