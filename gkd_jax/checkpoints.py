@@ -31,6 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from gkd_jax import files
+
 _FORMAT = 1
 
 
@@ -218,15 +220,25 @@ class Checkpointer:
         _name(p): {"impl": str(jax.random.key_impl(x)), "dtype": str(x.dtype)} for p, x in flat.items() if _is_key(x)
     }
     arrays = {p: jax.random.key_data(x) if _is_key(x) else x for p, x in flat.items()}
-    return self._manager.save(
-        step,
-        force=True,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_nest(arrays)),
-            extra=ocp.args.JsonSave(dict(extra or {})),
-            meta=ocp.args.JsonSave({"format": _FORMAT, "keys": keys}),
-        ),
+    with self._writing(self.step_dir(step), f"checkpoint step {step}"):
+      return self._manager.save(
+          step,
+          force=True,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(_nest(arrays)),
+              extra=ocp.args.JsonSave(dict(extra or {})),
+              meta=ocp.args.JsonSave({"format": _FORMAT, "keys": keys}),
+          ),
+      )
+
+  def _writing(self, path, what):
+    # A full disk mid-save: orbax never renamed the partial write into a step, so the last listed step is
+    # complete. (An async save's failure surfaces at the next save, wait() or close().)
+    steps = self._manager.all_steps()
+    intact = (
+        f"the last complete checkpoint, step {max(steps)}, is intact" if steps else "no checkpoint was complete yet"
     )
+    return files.writing(str(path), what, intact=intact)
 
   def restore(self, abstract_state, step: int | None = None, *, fingerprint: Any = None):
     """Loads `step` (default: the latest) into the structure, shapes, dtypes and shardings of
@@ -313,10 +325,12 @@ class Checkpointer:
 
   def wait(self):
     """Blocks until pending async saves are on disk (re-raises a failed background save)."""
-    self._manager.wait_until_finished()
+    with self._writing(self.directory, "a checkpoint"):
+      self._manager.wait_until_finished()
 
   def close(self):
-    self._manager.close()
+    with self._writing(self.directory, "a checkpoint"):
+      self._manager.close()
 
   def __enter__(self):
     return self

@@ -4,9 +4,28 @@ Recipes in configs/ start from `base_config()` and override fields; `--config.fi
 them again. Field names follow TRL / ms-swift where those exist (beta, lmbda, seq_kd, temperature,
 sft_alpha, max_completion_length, gkd_logits_topk, teacher_model, teacher_model_server,
 offload_teacher_model).
+
+Rerunning in a workdir whose checkpoints a run left resumes that run, so the config is compared with the
+workdir's config.json first (`check_resume`), before anything loads and before config.json is replaced:
+  - fields that fix the checkpoint's state or the data order (the trainer's fingerprint: model, teacher,
+    dataset, seed, batch_size, LoRA, dtypes, top-k, ...) can never change: use a new workdir;
+  - RESUME_SAFE_FIELDS (logging, sampling logs, eval settings and cadence, save_every / keep_checkpoints,
+    total_steps, export_on_finish, the device mesh, offload_teacher_model, peak_flops, loss_chunk_size)
+    change how the run is observed, saved, laid out or how long it runs: accepted with a warning listing
+    them (old → new);
+  - every other field (beta, lmbda, seq_kd, temperature, learning_rate, schedule, weight decay, clipping,
+    lengths, ...) changes the method mid-run: refused with the list of changes, unless
+    `allow_config_change=True` says the change is meant.
+An accepted change keeps the previous config.json as config.replaced-TIMESTAMP.json.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
 
 import ml_collections
 
@@ -15,6 +34,32 @@ from gkd_jax import optim
 OBJECTIVES = ("gkd", "sft")
 EVAL_METRICS = ("none", "math", "arithmetic", "rouge")  # scored by gkd_jax.evaluate.metric
 DTYPES = ("float32", "bfloat16", "float16")
+
+logger = logging.getLogger(__name__)
+
+# Fields that may differ from the workdir's config.json when a run resumes (see the module docstring).
+RESUME_SAFE_FIELDS = (
+    "total_steps",
+    "log_every",
+    "save_every",
+    "keep_checkpoints",
+    "sample_every",
+    "export_on_finish",
+    "peak_flops",
+    "eval_dataset",
+    "eval_split",
+    "eval_rows",
+    "eval_batch_size",
+    "eval_every",
+    "eval_metric",
+    "eval_max_new_tokens",
+    "eval_temperature",
+    "mesh",
+    "offload_teacher_model",
+    "loss_chunk_size",
+    "allow_config_change",
+)
+_RESUME_NOTES = {"total_steps": " (the learning-rate schedule now spans the new total)"}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -86,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.save_every = 500
   c.keep_checkpoints = 3
+  # Resume even when fields that change the method (beta, lmbda, learning_rate, ...) differ from the workdir's
+  # config.json (see the module docstring).
+  c.allow_config_change = False
   c.export_on_finish = True  # write the student as a HuggingFace checkpoint to workdir/export at the end
   c.sample_every = 50  # log a few decoded completions of generating steps (0 = never)
   c.peak_flops = ml_collections.FieldReference(None, field_type=float)  # per process, for MFU; None = measure
@@ -192,8 +240,17 @@ def validate(c) -> None:
     fail("max_prompt_length", c.max_prompt_length, f"must leave room for a completion within max_length={c.max_length}")
   if c.batch_size % c.grad_accum_steps:
     fail("grad_accum_steps", c.grad_accum_steps, f"must divide batch_size={c.batch_size}")
-  if c.learning_rate < 0:
-    fail("learning_rate", c.learning_rate, "must be ≥ 0")
+  if not (math.isfinite(c.learning_rate) and c.learning_rate >= 0):
+    fail("learning_rate", c.learning_rate, "must be ≥ 0 and finite")
+  for field in ("weight_decay", "max_grad_norm"):
+    if not (math.isfinite(c[field]) and c[field] >= 0):
+      fail(field, c[field], "must be ≥ 0 and finite" + (" (0 = no clipping)" if field == "max_grad_norm" else ""))
+  for axis in ("data", "fsdp", "tensor"):
+    size = c.mesh[axis]
+    if not (isinstance(size, int) and not isinstance(size, bool) and (size >= 1 or size == -1)):
+      fail(f"mesh.{axis}", size, "must be a positive int, or -1 for the devices the other axes leave")
+  if [c.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
+    fail("mesh", c.mesh.to_dict(), "at most one axis may be -1")
   if not 0 <= c.warmup_steps <= c.total_steps:
     fail("warmup_steps", c.warmup_steps, f"must be in [0, total_steps={c.total_steps}]")
   if c.lr_schedule not in optim.SCHEDULES:
@@ -210,7 +267,102 @@ def validate(c) -> None:
         fail(field, c[field], "must be a positive int")
   if c.eval_temperature < 0:
     fail("eval_temperature", c.eval_temperature, "must be ≥ 0 (0 = greedy)")
+  if c.seq_kd and c.lmbda == 1.0 and c.objective == "gkd":
+    logger.warning(
+        "config.seq_kd=True never takes effect with config.lmbda=1.0: every step is on-policy (student samples), "
+        "so no step samples from the teacher; lower lmbda to use seq_kd"
+    )
   if not 0 < c.top_p <= 1:
     fail("top_p", c.top_p, "must be in (0, 1]")
   if c.top_k < 0:
     fail("top_k", c.top_k, "must be ≥ 0 (0 = off)")
+
+
+def validate_with_tokenizer(c, vocab_size: int) -> None:
+  """The checks that need the tokenizer's vocabulary size; run as soon as it is loaded, before any model."""
+  if c.gkd_logits_topk is not None and c.gkd_logits_topk > vocab_size:
+    raise ValueError(
+        f"config.gkd_logits_topk={c.gkd_logits_topk!r} is invalid: must be at most the tokenizer's vocabulary "
+        f"size {vocab_size} (or None for the full vocabulary)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether the workdir holds a complete checkpoint (a step directory; orbax's temporaries are not)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def config_changes(saved: dict, config) -> dict[str, tuple]:
+  """{field: (saved value, new value)} for every top-level field that differs (JSON values; a field
+  missing on one side counts as its default)."""
+  now, defaults = json.loads(config.to_json()), json.loads(base_config().to_json())
+  missing = object()
+  changes = {}
+  for field in sorted(saved.keys() | now.keys()):
+    old, new = saved.get(field, defaults.get(field, missing)), now.get(field, defaults.get(field, missing))
+    if old != new:
+      changes[field] = tuple(None if v is missing else v for v in (old, new))
+  return changes
+
+
+def _describe(changes: dict) -> str:
+  return "; ".join(f"{k}: {old!r} → {new!r}{_RESUME_NOTES.get(k, '')}" for k, (old, new) in changes.items())
+
+
+def check_resume(workdir: str, c, fixed_fields=()) -> dict[str, tuple]:
+  """Compares `c` with the config.json of the run whose checkpoints are in `workdir`; returns the changes
+  to accept, or raises ValueError listing the refused ones (old → new). Touches nothing on disk."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path) or not has_checkpoints(workdir):
+    return {}
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except ValueError as e:
+    if c.get("allow_config_change"):
+      return {"config.json": ("unreadable", "this config")}
+    raise ValueError(
+        f"{path} (the config of the run whose checkpoints are in {workdir}) is not valid JSON ({e}), so this "
+        f"config cannot be checked against it; set allow_config_change=True to resume with this config anyway"
+    ) from e
+  changes = config_changes(saved, c)
+  fixed = {k: v for k, v in changes.items() if k in fixed_fields}
+  if fixed:
+    raise ValueError(
+        f"cannot resume the run in {workdir} with {_describe(fixed)}: these fields fix the checkpoint's state "
+        f"or the data order; use a new workdir"
+    )
+  method = {k: v for k, v in changes.items() if k not in RESUME_SAFE_FIELDS}
+  if method and not c.get("allow_config_change"):
+    raise ValueError(
+        f"cannot resume the run in {workdir} with a changed method: {_describe(method)} (saved config.json → "
+        f"this config). Restore those values, use a new workdir, or set allow_config_change=True to continue "
+        f"this run with them"
+    )
+  return changes
+
+
+def write_run_config(workdir: str, c, fixed_fields=(), write: bool = True) -> dict[str, tuple]:
+  """Checks `c` against the workdir's run (check_resume), then saves it as WORKDIR/config.json (when `write`:
+  process 0), keeping a replaced one as config.replaced-TIMESTAMP.json. Returns the accepted changes."""
+  from gkd_jax import files
+
+  changes = check_resume(workdir, c, fixed_fields)
+  if changes:
+    logger.warning("resuming the run in %s with a changed config: %s", workdir, _describe(changes))
+  if not write:
+    return changes
+  files.require_directory(workdir, "--workdir")
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with files.writing(path, "the run config"):
+    if changes and os.path.exists(path):
+      os.replace(path, os.path.join(workdir, f"config.replaced-{time.strftime('%Y%m%d-%H%M%S')}.json"))
+    with open(path + ".tmp", "w") as f:
+      f.write(c.to_json(indent=1))
+    os.replace(path + ".tmp", path)
+  return changes

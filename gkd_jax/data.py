@@ -74,13 +74,40 @@ def load_rows(
       ds = datasets.load_from_disk(first)
       return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     return datasets.load_dataset(first, name, split=split, cache_dir=cache_dir)
-  ext = os.path.splitext(first[:-3] if first.endswith(".gz") else first)[1].lower()
+  ext = _extension(first)
+  for f in files:
+    check_data_file(f)
   if ext in _FILE_BUILDERS:
     # Files carry no split names: whatever split is asked for is these files.
-    return datasets.load_dataset(_FILE_BUILDERS[ext], data_files={split: files}, split=split, cache_dir=cache_dir)
+    try:
+      return datasets.load_dataset(_FILE_BUILDERS[ext], data_files={split: files}, split=split, cache_dir=cache_dir)
+    except StopIteration as e:  # what the json builder raises on a file with no rows
+      raise ValueError(f"dataset file(s) {files} hold no rows") from e
   if len(files) != 1:
     raise ValueError(f"cannot load {files}: several sources must be files ending in {sorted(_FILE_BUILDERS)}")
   return datasets.load_dataset(first, name, split=split, cache_dir=cache_dir)
+
+
+def _extension(path: str) -> str:
+  return os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower()
+
+
+def check_data_file(path: str) -> None:
+  """An existing local file must have a supported extension and hold something (globs and hub names pass)."""
+  if not os.path.isfile(path):
+    return
+  if _extension(path) not in _FILE_BUILDERS:
+    raise ValueError(
+        f"dataset file {path} has the unsupported extension {_extension(path) or '(none)'!r}: "
+        f"allowed are {sorted(_FILE_BUILDERS)} (optionally .gz)"
+    )
+  size = os.path.getsize(path)
+  blank = size == 0
+  if not blank and size <= 4096 and not path.endswith(".gz"):
+    with open(path, "rb") as f:
+      blank = not f.read().strip()
+  if blank:
+    raise ValueError(f"dataset file {path} is empty ({size} bytes): it holds no rows")
 
 
 def prepare_columns(
@@ -324,7 +351,8 @@ def tokenize_row(
     require_completion: bool = False,
     end_token_ids: Sequence[int] | None = None,
 ) -> dict:
-  """One row -> {'prompt_ids', 'completion_ids' ([] when prompt-only), 'has_completion'[, 'teacher_prompt_ids']}.
+  """One row -> {'prompt_ids', 'completion_ids' ([] when prompt-only), 'has_completion', 'prompt_truncated' (tokens
+  cut from the prompt's start)[, 'teacher_prompt_ids']}.
 
   Raises BadRow (a ValueError naming row, column and what is allowed) for unusable rows."""
   end_ids = list(end_token_ids) if end_token_ids is not None else [tokenizer.eos_token_id]
@@ -349,8 +377,14 @@ def tokenize_row(
   teacher_ids = None
   if "teacher_prompt" in row:
     teacher_ids = encode_prompt(tokenizer, _prompt(row["teacher_prompt"], index, "teacher_prompt"))
+  full_prompt = len(prompt_ids)
   prompt_ids, completion_ids, teacher_ids = truncate(prompt_ids, completion_ids, teacher_ids, limits, index)
-  out = {"prompt_ids": prompt_ids, "completion_ids": completion_ids or [], "has_completion": completion is not None}
+  out = {
+      "prompt_ids": prompt_ids,
+      "completion_ids": completion_ids or [],
+      "has_completion": completion is not None,
+      "prompt_truncated": full_prompt - len(prompt_ids),  # tokens cut from the prompt's start
+  }
   if teacher_ids is not None:
     out["teacher_prompt_ids"] = teacher_ids
   return out
@@ -456,6 +490,24 @@ class DataLoader:
     )
     if self.skipped:
       logger.warning("skipped %d of %d bad rows; first: %s", len(self.skipped), len(rows), self.skipped[0])
+    cut = np.asarray(self._tokens.with_format("numpy")["prompt_truncated"]) if len(self._tokens) else np.zeros(0)
+    self.num_truncated_prompts = int((cut > 0).sum())
+    if self.num_truncated_prompts:
+      budget, sources = self.limits.prompt_budget, []
+      if max_prompt_length is not None:
+        sources.append(f"max_prompt_length={max_prompt_length}")
+      if max_length is not None and max_completion_length is not None:
+        sources.append(f"max_length - max_completion_length = {max_length} - {max_completion_length}")
+      logger.warning(
+          "%d of %d rows have prompts longer than the prompt budget of %d tokens (%s): each keeps its last %d "
+          "tokens (the longest had %d)",
+          self.num_truncated_prompts,
+          len(self._tokens),
+          budget,
+          " and ".join(sources),
+          budget,
+          budget + int(cut.max()),
+      )
     self.num_rows = len(self._tokens)
     if self.num_rows == 0:
       raise ValueError(
@@ -481,7 +533,7 @@ class DataLoader:
     layout, limits, with_teacher = self.layout, self.limits, self.has_teacher
 
     def tokenize_batch(batch: dict, indices: list[int]) -> dict:
-      out = {k: [] for k in ("prompt_ids", "completion_ids", "has_completion", "error")}
+      out = {k: [] for k in ("prompt_ids", "completion_ids", "has_completion", "prompt_truncated", "error")}
       for index, values in zip(indices, zip(*batch.values())):
         try:
           tokens = tokenize_row(
@@ -497,8 +549,10 @@ class DataLoader:
         except BadRow as e:
           if not skip_bad_rows:
             raise
-          tokens, error = {"prompt_ids": [], "completion_ids": [], "has_completion": False}, str(e)
-        for k in ("prompt_ids", "completion_ids", "has_completion"):
+          tokens, error = {"prompt_ids": [], "completion_ids": [], "has_completion": False, "prompt_truncated": 0}, str(
+              e
+          )
+        for k in ("prompt_ids", "completion_ids", "has_completion", "prompt_truncated"):
           out[k].append(tokens[k])
         out["error"].append(error)
         if with_teacher:
@@ -513,6 +567,7 @@ class DataLoader:
         "prompt_ids": ids,
         "completion_ids": ids,
         "has_completion": datasets.Value("bool"),
+        "prompt_truncated": length,
         "error": datasets.Value("string"),
         "prompt_len": length,
         "completion_len": length,

@@ -222,10 +222,11 @@ def evaluate(setup, state, workdir: str | None = None) -> dict:
 def evaluate_workdir(config, workdir: str) -> dict:
   """--mode=eval: evaluates the workdir's latest checkpoint (or the initial student when there is none) and
   writes WORKDIR/eval.json."""
-  from gkd_jax import checkpoints, resume, trainer
+  from gkd_jax import checkpoints, files, resume, trainer
 
   if not config.eval_split:
     raise ValueError("config.eval_split=None is invalid for --mode=eval: name the held-out split to evaluate")
+  files.require_directory(workdir, "--workdir")
   setup = trainer.build(config)
   with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     state, step = resume.restore_or_start(ckpt, setup.state, setup.loader, config)

@@ -1,11 +1,12 @@
 """Exports a run's student as a HuggingFace checkpoint (safetensors + config.json + tokenizer).
 
-    python -m gkd_jax.export --workdir=DIR --out=HF_DIR [--step=N]
+    python -m gkd_jax.export --workdir=DIR --out=HF_DIR [--step=N] [--overwrite]
 
 Loads the run's student (the LoRA base) from DIR/config.json, restores its latest (or the given) checkpoint
 and writes the student, LoRA adapters merged, loadable by transformers' AutoModelForCausalLM and by vLLM.
 The teacher's weights and the dataset are not read (the teacher's part of the state is sized from its
-config.json alone).
+config.json alone). HF_DIR must be new or empty unless --overwrite; the checkpoint is written beside it and
+renamed in, so HF_DIR never holds a mix of two models.
 """
 
 import argparse
@@ -17,25 +18,32 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from gkd_jax import checkpoints, models, resume, rollout
+from gkd_jax import checkpoints, files, models, resume, rollout
 from gkd_jax import sharding as shd
 
 
-def export_student(student: nnx.Module, tokenizer, weights, out_dir: str) -> str:
+def export_student(student: nnx.Module, tokenizer, weights, out_dir: str, overwrite: bool = False) -> str:
   """Writes `student` with `weights` (its full params, LoRA merged) as a HuggingFace checkpoint with the
-  tokenizer (process 0)."""
+  tokenizer (process 0), into a new or empty `out_dir` (or replacing its content with `overwrite`), never a
+  mix of two models."""
   nnx.update(student, jax.device_get(weights))
   if jax.process_index() == 0:
-    models.save_pretrained(student, out_dir, tokenizer=tokenizer)
+    write = lambda d: models.save_pretrained(student, d, tokenizer=tokenizer)
+    files.replace_directory(out_dir, write, overwrite=overwrite, what="export directory")
   return out_dir
 
 
-def export(workdir: str, out: str, step: int | None = None) -> str:
+def export(workdir: str, out: str, step: int | None = None, overwrite: bool = False) -> str:
+  files.require_directory(workdir, "--workdir")
+  files.check_output_directory(out, overwrite=overwrite, what="--out")  # before anything loads
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except ValueError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): it should be the config a training run saved") from e
   from gkd_jax import trainer
 
   mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -48,7 +56,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     state, _ = ckpt.restore(resume.abstract_state(state), step=step, fingerprint=resume.fingerprint(config))
   tokenizer = models.load_tokenizer(config.tokenizer or config.model)
-  return export_student(student, tokenizer, rollout.student_weights(state, lora_spec), out)
+  return export_student(student, tokenizer, rollout.student_weights(state, lora_spec), out, overwrite)
 
 
 def _abstract_params(path: str, dtype, param_dtype, mesh) -> nnx.State:
@@ -75,8 +83,9 @@ def main(argv=None):
   parser.add_argument("--workdir", required=True, help="the run's workdir (holds config.json, checkpoints/)")
   parser.add_argument("--out", required=True, help="output directory for the HuggingFace checkpoint")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  parser.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
   args = parser.parse_args(argv)
-  print(export(args.workdir, args.out, args.step))
+  print(export(args.workdir, args.out, args.step, args.overwrite))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,16 @@ throughput and an MFU estimate."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
 import jax
 import jax.numpy as jnp
+
+from gkd_jax import files
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -29,20 +34,18 @@ class MetricsWriter:
   def _file(self, prefix: str):
     if prefix not in self.files:
       path = os.path.join(self.workdir, "metrics.jsonl" if prefix == "train" else f"{prefix}.jsonl")
-      kept = []
       if os.path.exists(path):
-        with open(path) as f:
-          kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.resumed_step]
-      self.files[prefix] = open(path, "w")
-      self.files[prefix].writelines(kept)
+        keep_records_up_to(path, self.resumed_step)
+      self.files[prefix] = open(path, "a")
     return self.files[prefix]
 
   def write(self, record: dict, prefix: str = "train"):
     if self.tb is None:
       return
     f = self._file(prefix)
-    f.write(json.dumps(record) + "\n")
-    f.flush()
+    with files.writing(f.name, "metrics", intact="the lines before this record are on disk"):
+      f.write(json.dumps(record) + "\n")
+      f.flush()
     step = record["step"]
     for name, value in record.items():
       if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
@@ -71,6 +74,46 @@ def log_samples(tokenizer, writer: MetricsWriter, batch: dict, step: int, workdi
   with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
   writer.write_text("samples", "\n\n".join(f"{r['prompt']} → {r['completion']}" for r in rows), step)
+
+
+def keep_records_up_to(path: str, step: int) -> None:
+  """Drops the records of a JSON-lines file past `step` (logged after the checkpoint a run resumes from), and
+  lines that are not JSON records: a partial last line left by a crash mid-write. Dropped unreadable lines
+  are appended to PATH.dropped rather than lost; the file is rewritten through a temporary + rename, so an
+  interruption here leaves either the old or the new file."""
+  with open(path, "rb") as f:
+    lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+  kept, past, bad = [], 0, []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line) if line.endswith("\n") else None
+    except ValueError:
+      record = None
+    if not isinstance(record, dict):
+      bad.append((number, line))
+    elif record.get("step", 0) <= step:
+      kept.append(line)
+    else:
+      past += 1
+  if not bad and not past:
+    return
+  if bad:
+    logger.warning(
+        "%s: dropped %d unreadable line(s) (line %s; a partial last line is what a crash mid-write leaves); "
+        "kept in %s.dropped",
+        path,
+        len(bad),
+        ", ".join(str(n) for n, _ in bad[:5]),
+        path,
+    )
+    with open(path + ".dropped", "a") as f:
+      f.writelines(line if line.endswith("\n") else line + "\n" for _, line in bad)
+  with files.writing(path, "metrics"):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs

@@ -201,6 +201,7 @@ class Batcher:
         max_batch=0,
         rejected=0,
         errors=0,
+        cancelled=0,
         batch_sizes=collections.Counter(),
     )
 
@@ -232,6 +233,17 @@ class Batcher:
     self.stats["requests"] += 1
     self._wake.set()
     return futures
+
+  def cancel(self, futures: list[asyncio.Future]) -> int:
+    """Drops a gone client's prompts from the queue (a batch already in the forward finishes); returns how
+    many were still waiting."""
+    mine = {id(f) for f in futures}
+    for f in futures:
+      f.cancel()
+    before = len(self._pending)
+    self._pending = collections.deque(item for item in self._pending if id(item[1]) not in mine)
+    self.stats["cancelled"] += before - len(self._pending)
+    return before - len(self._pending)
 
   def _take_batch(self):
     batch, longest = [], 0
@@ -284,6 +296,28 @@ class Batcher:
 
 class BadRequest(ValueError):
   pass
+
+
+class ClientGone(Exception):
+  """The client closed its connection while its prompts were queued."""
+
+
+async def _unless_client_gone(request, awaitable, poll_s: float = 0.02):
+  """Awaits `awaitable`, or raises ClientGone (cancelling it) once the request's connection has closed.
+  aiohttp does not cancel handlers on disconnect by default, so without this a gone client's prompts
+  would still be computed and hold queue slots that later requests wait behind."""
+  task = asyncio.ensure_future(awaitable)
+  try:
+    while True:
+      done, _ = await asyncio.wait({task}, timeout=poll_s)
+      if done:
+        return task.result()
+      transport = request.transport
+      if transport is None or transport.is_closing():
+        raise ClientGone()
+  finally:
+    if not task.done():
+      task.cancel()
 
 
 def _is_int(x) -> bool:
@@ -457,7 +491,11 @@ def make_app(
     except Overloaded as e:
       return error(503, str(e), "ServiceUnavailableError")
     try:
-      results = await asyncio.gather(*futures)
+      results = await _unless_client_gone(request, asyncio.gather(*futures))
+    except ClientGone:
+      dropped = batcher.cancel(futures)
+      log.info("client went away: dropped %d of its %d queued prompts", dropped, len(futures))
+      return web.Response(status=499, text="client closed the connection")
     except Overloaded as e:
       return error(503, str(e), "ServiceUnavailableError")
     except Exception as e:

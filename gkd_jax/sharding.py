@@ -40,6 +40,9 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
   """A (data, fsdp, tensor) mesh; one of the sizes may be -1 to take the remaining devices."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = [data, fsdp, tensor]
+  for axis, size in zip(MESH_AXES, sizes):
+    if not (isinstance(size, int) and (size >= 1 or size == -1)):
+      raise ValueError(f"mesh axis {axis}={size!r} is invalid: must be a positive int, or -1 for the rest")
   if sizes.count(-1) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
   if -1 in sizes:

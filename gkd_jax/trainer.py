@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gkd_jax import checkpoints, evaluate, export, lora, models, optim, resume, rollout, sampling, sharding
+from gkd_jax import checkpoints, evaluate, export, files, lora, models, optim, resume, rollout, sampling, sharding
+from gkd_jax import config as config_lib
 from gkd_jax import data as data_lib
 from gkd_jax import metrics as metrics_lib
 from gkd_jax import train_step as ts
@@ -104,8 +105,8 @@ def _check_same_tokenizer(tokenizer, path: str):
   """Teacher and student must share one tokenizer (cross-tokenizer distillation is out of scope)."""
   try:
     other = models.load_tokenizer(path)
-  except (OSError, ValueError):
-    logger.warning("no tokenizer next to %s; assuming it shares the student's", path)
+  except (OSError, ValueError) as e:
+    logger.warning("cannot check that teacher_model shares the student's tokenizer: %s; assuming it does", e)
     return
   if other.get_vocab() != tokenizer.get_vocab():
     raise ValueError(
@@ -125,12 +126,13 @@ def build(config) -> Setup:
     )
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
   tokenizer = models.load_tokenizer(config.tokenizer or config.model)
-  student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+  config_lib.validate_with_tokenizer(config, len(tokenizer))
   kind = teacher_kind(config)
+  if kind == "model" and config.teacher_model != config.model:
+    _check_same_tokenizer(tokenizer, config.teacher_model)  # before any model loads
+  student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
   teacher = None
   if kind == "model":
-    if config.teacher_model != config.model:
-      _check_same_tokenizer(tokenizer, config.teacher_model)
     teacher = models.from_pretrained(config.teacher_model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
   vocab_size = len(tokenizer)
   cfg = step_config(config, vocab_size)
@@ -223,6 +225,8 @@ def initial_state(config, student: nnx.Module, teacher_params, mesh) -> tuple[ts
 
 def train(config, workdir: str) -> dict:
   """Builds everything from `config` and runs it; returns the last step's metrics."""
+  files.require_directory(workdir, "--workdir")
+  config_lib.check_resume(workdir, config, resume.FINGERPRINT_FIELDS)  # before anything loads
   return run(build(config), workdir)
 
 
@@ -233,10 +237,7 @@ def run(setup: Setup, workdir: str) -> dict:
   from tqdm.auto import tqdm
 
   config = setup.config
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=1))
+  config_lib.write_run_config(workdir, config, resume.FINGERPRINT_FIELDS, write=jax.process_index() == 0)
   ckpt = checkpoints.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints, save_every=config.save_every
   )
@@ -306,7 +307,9 @@ def run(setup: Setup, workdir: str) -> dict:
       setup.teacher_client.close()
   if config.export_on_finish and int(state.step) == config.total_steps:
     weights = rollout.student_weights(state, setup.lora_spec)
-    export.export_student(setup.student, setup.tokenizer, weights, os.path.join(workdir, "export"))
+    export.export_student(
+        setup.student, setup.tokenizer, weights, os.path.join(workdir, "export"), overwrite=True
+    )  # the run's own export
   return record
 
 

@@ -204,7 +204,13 @@ class ModelConfig:
     if os.path.isdir(path):
       path = os.path.join(path, "config.json")
     with open(path) as f:
-      return cls.from_hf_dict(json.load(f))
+      try:
+        d = json.load(f)
+      except ValueError as e:  # truncated or garbage: say which file, not just where the JSON broke
+        raise ValueError(f"{path} is not valid JSON ({e}): the model's config.json is corrupt or truncated") from e
+    if not isinstance(d, dict):
+      raise ValueError(f"{path} holds a JSON {type(d).__name__}, not the model config's object")
+    return cls.from_hf_dict(d)
 
   def to_hf_dict(self) -> dict:
     """The HF config.json content: the original dict with our fields written over it."""

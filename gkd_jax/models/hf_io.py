@@ -208,6 +208,23 @@ def save_pretrained(
   return out_dir
 
 
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+)
+
+
+def has_tokenizer_files(directory: str) -> bool:
+  """Whether a local directory holds any file a transformers tokenizer loads from."""
+  names = os.listdir(directory)
+  return any(n in _TOKENIZER_FILES or n.endswith(".tiktoken") for n in names)
+
+
 def load_tokenizer(path_or_hub_id: str, **kwargs):
   """transformers.AutoTokenizer from the same directory / hub ID as the model.
 
@@ -218,10 +235,18 @@ def load_tokenizer(path_or_hub_id: str, **kwargs):
   import transformers
 
   directory = _resolve(path_or_hub_id)
+  if not has_tokenizer_files(directory):
+    raise FileNotFoundError(
+        f"{directory} holds no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}, *.tiktoken): save the "
+        f"tokenizer there (tokenizer.save_pretrained) or point config.tokenizer at one"
+    )
   config_file = os.path.join(directory, "tokenizer_config.json")
   if os.path.exists(config_file):
     with open(config_file) as f:
-      tokenizer_class = json.load(f).get("tokenizer_class")
+      try:
+        tokenizer_class = json.load(f).get("tokenizer_class")
+      except (ValueError, AttributeError) as e:
+        raise ValueError(f"{config_file} is corrupt or truncated: expected a JSON object ({e!r})") from e
     if tokenizer_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
       return transformers.PreTrainedTokenizerFast.from_pretrained(directory, **kwargs)
   return transformers.AutoTokenizer.from_pretrained(directory, **kwargs)

@@ -36,9 +36,39 @@ SINGLE_FILE = "model.safetensors"
 
 
 def _read_header(path: str) -> tuple[dict, int]:
+  """(header, data start); a file that is not a complete safetensors file fails naming it."""
+  size = os.path.getsize(path)
+  bad = lambda why: ValueError(
+      f"{path} is not a valid safetensors file ({why}): corrupt or truncated; re-download or re-export it"
+  )
   with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    return json.loads(f.read(n)), 8 + n
+    head = f.read(8)
+    if len(head) < 8:
+      raise bad(f"{size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+      raise bad(f"its header claims {n} bytes but the file has {size}")
+    try:
+      header = json.loads(f.read(n))
+    except ValueError as e:
+      raise bad(f"the header is not JSON: {e}") from None
+  if not isinstance(header, dict):
+    raise bad("the header is not a JSON object")
+  end = 8 + n
+  for key, info in header.items():
+    if key == "__metadata__":
+      continue
+    try:
+      begin, stop = info["data_offsets"]
+      count = int(np.prod(info["shape"], dtype=np.int64))
+      width = np.dtype(_DTYPES[info["dtype"]]).itemsize
+    except (KeyError, TypeError, ValueError) as e:
+      raise bad(f"tensor {key!r} has a malformed entry {info!r:.200} ({type(e).__name__}: {e})") from None
+    if not 0 <= begin <= stop or stop - begin != count * width:
+      raise bad(f"tensor {key!r}: data_offsets {[begin, stop]} do not hold {info['shape']} {info['dtype']}")
+    if end + stop > size:
+      raise bad(f"tensor {key!r} ends at byte {end + stop} but the file has {size} bytes")
+  return header, end
 
 
 class CheckpointReader:
@@ -48,7 +78,10 @@ class CheckpointReader:
     index = os.path.join(directory, INDEX_FILE)
     if os.path.exists(index):
       with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+          files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+          raise ValueError(f"{index} is corrupt or truncated: expected JSON with a 'weight_map' ({e!r})") from e
     elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
       files = [SINGLE_FILE]
     else:

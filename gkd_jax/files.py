@@ -1,0 +1,91 @@
+"""Run outputs on disk: one clear error for a full disk or a path of the wrong kind, and output directories
+replaced whole (written beside, then renamed), so a directory never ends up holding parts of two models."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from typing import Callable, Iterator
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class DiskFullError(OSError):
+  """No space (or quota) left while writing a run output; the message names the path."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+  """Whether `e` or an exception it was raised from / during is ENOSPC or EDQUOT (libraries often wrap it)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _FULL:
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+@contextlib.contextmanager
+def writing(path: str, what: str, intact: str = "") -> Iterator[None]:
+  """Turns a full disk inside the block into one DiskFullError naming `what`, `path` and what is `intact`."""
+  try:
+    yield
+  except DiskFullError:
+    raise
+  except Exception as e:
+    if is_disk_full(e):
+      raise DiskFullError(
+          errno.ENOSPC,
+          f"no space left on the device while writing {what} to {path}; stopped here"
+          f"{'; ' + intact if intact else ''}. Free space (or point the output elsewhere) and rerun",
+      ) from e
+    raise
+
+
+def require_directory(path: str, what: str) -> None:
+  """Fails when `path` exists but is not a directory (e.g. a file where a workdir should be)."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"{what}={path} is a file, not a directory: give a new or existing directory")
+
+
+def check_output_directory(out_dir: str, *, overwrite: bool, what: str = "--out") -> None:
+  """Fails, touching nothing, when `out_dir` is a file, or holds files and `overwrite` is off."""
+  require_directory(out_dir, what)
+  held = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+  if held and not overwrite:
+    raise FileExistsError(
+        f"{what}={out_dir} already holds files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+        f"pass overwrite (--overwrite) to replace them, or choose a new directory"
+    )
+
+
+def replace_directory(out_dir: str, write: Callable[[str], None], *, overwrite: bool, what: str = "--out") -> str:
+  """Runs `write(tmp)` into a fresh directory beside `out_dir`, then renames it to `out_dir`.
+
+  `out_dir` may be missing or empty; one that holds files is replaced only with `overwrite` (the old
+  content is moved aside, the new one renamed in, then the old one deleted), else refused untouched. A
+  failed write leaves `out_dir` as it was and removes the temporary directory.
+  """
+  out = os.path.abspath(out_dir)
+  check_output_directory(out_dir, overwrite=overwrite, what=what)
+  parent, name = os.path.split(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  try:
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the result private
+    with writing(out, what):
+      write(tmp)
+    if os.path.isdir(out):
+      old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+      os.rename(out, os.path.join(old, name))
+      os.rename(tmp, out)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
