@@ -230,9 +230,7 @@ def test_train_step_and_checkpoint_on_scanned(tmp_path):
       teacher = CausalLM(tiny_config(), rngs=nnx.Rngs(1), scan_layers=scan)
       tx, schedule = optim.make_optimizer(1e-2, 100, schedule="constant", max_grad_norm=None)
       step = jax.jit(ts.make_train_step(student, tx, schedule, cfg, teacher=teacher))
-      state = ts.create_train_state(
-          nnx.state(student), tx, teacher_params=nnx.state(teacher), rng=jax.random.key(0)
-      )
+      state = ts.create_train_state(nnx.state(student), tx, teacher_params=nnx.state(teacher), rng=jax.random.key(0))
       for i in range(2):
         state, metrics = step(state, step_batch(i))
       results[divergence, scan] = state, jax.device_get(metrics)
@@ -325,4 +323,3 @@ def test_config_fields_reach_the_model():
     bad_config[field] = bad
     with pytest.raises(ValueError, match=f"config.{field}="):
       config_lib.validate(bad_config)
-

@@ -161,8 +161,14 @@ def _splash(q, k, v, kv_mask, window, scale):
   if t % block:
     raise ValueError(f"attention='splash' needs a sequence length that is a multiple of {block}, got {t}")
   sizes = sk.BlockSizes(
-      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
-      block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+      block_q=block,
+      block_kv=block,
+      block_kv_compute=block,
+      block_q_dkv=block,
+      block_kv_dkv=block,
+      block_kv_dkv_compute=block,
+      block_q_dq=block,
+      block_kv_dq=block,
   )
   groups = n // k.shape[2]
   mha = sk.make_splash_mha(sm.MultiHeadMask([mask] * n), block_sizes=sizes, head_shards=1, q_seq_shards=1)
@@ -196,7 +202,6 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-
   """One block. `layer` None: a layer of a stack, whose window and RoPE choice arrive per call."""
 
   def __init__(
