@@ -140,11 +140,13 @@ def _dot_product(q, k, v, allowed, scale):
   ).astype(q.dtype)
 
 
-def _splash(q, k, v, kv_mask, window, scale):
+def _splash(q, k, v, kv_mask, window, scale, *, interpret: bool = False):
   """Pallas splash attention (TPU): causal (+ local window) block-sparse mask, left padding as segment ids
-  (padding tokens form their own segment: real rows see exactly the tokens the XLA path lets them see).
-  Only uncached calls (query slot i == key slot i)."""
-  if jax.default_backend() != "tpu":
+  (padding tokens form their own segment, so real rows see exactly the tokens the XLA path lets them see;
+  padding rows differ, and nothing reads them). Uncached calls only (query slot i == key slot i); the
+  sequence length must be a multiple of 128 (the kernel's lane width). KV heads are repeated per query head.
+  `interpret`: run the kernel in Pallas' interpreter (any backend; slow, for checks)."""
+  if jax.default_backend() != "tpu" and not interpret:
     raise ValueError(
         f"attention='splash' needs a TPU (the Pallas splash-attention kernel); this backend is "
         f"{jax.default_backend()!r}: use 'xla' or 'dot_product'"
@@ -152,27 +154,20 @@ def _splash(q, k, v, kv_mask, window, scale):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-  b, t, n, d = q.shape
+  t, n = q.shape[1], q.shape[2]
   if window is not None and not isinstance(window, int):
     raise ValueError("attention='splash' needs static windows: build the model with scan_layers=False")
-  shape = (t, t)
-  mask = sm.CausalMask(shape) if window is None else sm.LocalMask(shape, (window - 1, 0), offset=0)
-  block = min(512, t)
-  if t % block:
-    raise ValueError(f"attention='splash' needs a sequence length that is a multiple of {block}, got {t}")
-  sizes = sk.BlockSizes(
-      block_q=block,
-      block_kv=block,
-      block_kv_compute=block,
-      block_q_dkv=block,
-      block_kv_dkv=block,
-      block_kv_dkv_compute=block,
-      block_q_dq=block,
-      block_kv_dq=block,
+  if t % 128:
+    raise ValueError(f"attention='splash' needs a sequence length that is a multiple of 128, got {t}")
+  block = next(size for size in (512, 256, 128) if t % size == 0)
+  mask = sm.CausalMask((t, t)) if window is None else sm.LocalMask((t, t), (window - 1, 0), offset=0)
+  fields = ("q", "kv", "kv_compute", "q_dkv", "kv_dkv", "kv_dkv_compute", "q_dq", "kv_dq")
+  sizes = sk.BlockSizes(**{f"block_{f}": block for f in fields})
+  mha = sk.make_splash_mha(
+      sm.MultiHeadMask([mask] * n), block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
   )
-  groups = n // k.shape[2]
-  mha = sk.make_splash_mha(sm.MultiHeadMask([mask] * n), block_sizes=sizes, head_shards=1, q_seq_shards=1)
   seg = sk.SegmentIds(q=kv_mask.astype(jnp.int32), kv=kv_mask.astype(jnp.int32))
+  groups = n // k.shape[2]
   # [B, T, N, D] -> [B, N, T, D]; the kernel takes pre-scaled queries and one KV head per query head.
   qh = (q * scale).transpose(0, 2, 1, 3)
   kh = jnp.repeat(k.transpose(0, 2, 1, 3), groups, axis=1)
