@@ -354,3 +354,8 @@ def test_splash_kernel_matches_xla_in_interpret_mode(window):
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for x, y in zip(got_grads, want_grads):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  if window is None:  # under a mesh: one kernel per device on its batch shard (shard_map)
+    mesh = shd.make_mesh(2, 1, 4)
+    out = jax.jit(lambda q, k, v: transformer._splash(q, k, v, mask, None, attn.scale, interpret=True, mesh=mesh))
+    want = attn._xla(q, k, v, allowed) * mask[:, :, None, None]
+    np.testing.assert_allclose(out(q, k, v) * mask[:, :, None, None], want, rtol=1e-5, atol=1e-5)

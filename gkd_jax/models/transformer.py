@@ -15,6 +15,7 @@ contiguous and slot distance equals position distance, as in HF.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -112,7 +113,7 @@ class Attention(nnx.Module):
     if kind == "dot_product":
       out = _dot_product(q, k, v, allowed, self.scale)
     elif kind == "splash":
-      out = _splash(q, k, v, kv_mask, window, self.scale)
+      out = _splash(q, k, v, kv_mask, window, self.scale, mesh=self.mesh, rules=self.rules)
     else:
       out = self._xla(q, k, v, allowed)
     out = c(out, ("batch", "length", "heads", "head_dim"))
@@ -140,12 +141,14 @@ def _dot_product(q, k, v, allowed, scale):
   ).astype(q.dtype)
 
 
-def _splash(q, k, v, kv_mask, window, scale, *, interpret: bool = False):
+def _splash(q, k, v, kv_mask, window, scale, *, interpret: bool = False, mesh=None, rules=None):
   """Pallas splash attention (TPU): causal (+ local window) block-sparse mask, left padding as segment ids
   (padding tokens form their own segment, so real rows see exactly the tokens the XLA path lets them see;
   padding rows differ, and nothing reads them). Uncached calls only (query slot i == key slot i); the
   sequence length must be a multiple of 128 (the kernel's lane width). KV heads are repeated per query head.
-  `interpret`: run the kernel in Pallas' interpreter (any backend; slow, for checks)."""
+  `interpret`: run the kernel in Pallas' interpreter (any backend; slow, for checks). Under a mesh (given,
+  or set with jax.set_mesh) the kernel runs per device with `shard_map`, the batch split like the
+  activations' "batch" axis and the heads gathered on each device."""
   if jax.default_backend() != "tpu" and not interpret:
     raise ValueError(
         f"attention='splash' needs a TPU (the Pallas splash-attention kernel); this backend is "
@@ -172,7 +175,13 @@ def _splash(q, k, v, kv_mask, window, scale, *, interpret: bool = False):
   qh = (q * scale).transpose(0, 2, 1, 3)
   kh = jnp.repeat(k.transpose(0, 2, 1, 3), groups, axis=1)
   vh = jnp.repeat(v.transpose(0, 2, 1, 3), groups, axis=1)
-  out = jax.vmap(mha)(qh, kh, vh, segment_ids=seg)
+  run = jax.vmap(mha)
+  mesh = shd._current_mesh(mesh)
+  if mesh is not None and math.prod(mesh.shape.values()) > 1:
+    batch = shd.logical_to_spec(("batch",), (q.shape[0],), mesh, rules)[0]
+    spec = jax.sharding.PartitionSpec(batch)
+    run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, spec), out_specs=spec, check_vma=False)
+  out = run(qh, kh, vh, seg)
   return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
