@@ -48,10 +48,11 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
 
   mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-  student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+  options = models.model_options(config)  # the layout (scanned or not) the checkpoint was saved in
+  student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **options)
   teacher = None
   if trainer.teacher_kind(config) == "model":
-    teacher = _abstract_params(config.teacher_model, dtype, param_dtype, mesh)
+    teacher = _abstract_params(config.teacher_model, dtype, param_dtype, mesh, options)
   state, _, _, lora_spec = trainer.initial_state(config, student, teacher, mesh)
   with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
     state, _ = ckpt.restore(resume.abstract_state(state), step=step, fingerprint=resume.fingerprint(config))
@@ -59,7 +60,7 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
   return export_student(student, tokenizer, rollout.student_weights(state, lora_spec), out, overwrite)
 
 
-def _abstract_params(path: str, dtype, param_dtype, mesh) -> nnx.State:
+def _abstract_params(path: str, dtype, param_dtype, mesh, options: dict) -> nnx.State:
   """A model's params as ShapeDtypeStructs in their mesh shardings, from its config.json (no weights read)."""
   if not os.path.isdir(path):
     from huggingface_hub import hf_hub_download
@@ -67,7 +68,7 @@ def _abstract_params(path: str, dtype, param_dtype, mesh) -> nnx.State:
     path = hf_hub_download(path, "config.json")
   cfg = models.ModelConfig.from_hf_config(path)
   abstract = nnx.eval_shape(
-      lambda: models.CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), mesh=mesh)
+      lambda: models.CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), mesh=mesh, **options)
   )
   state = nnx.state(abstract)
   for _, var in nnx.to_flat_state(state):

@@ -130,10 +130,14 @@ def build(config) -> Setup:
   kind = teacher_kind(config)
   if kind == "model" and config.teacher_model != config.model:
     _check_same_tokenizer(tokenizer, config.teacher_model)  # before any model loads
-  student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+  student = models.from_pretrained(
+      config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **models.model_options(config)
+  )
   teacher = None
   if kind == "model":
-    teacher = models.from_pretrained(config.teacher_model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    teacher = models.from_pretrained(
+        config.teacher_model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **models.model_options(config)
+    )
   vocab_size = len(tokenizer)
   cfg = step_config(config, vocab_size)
 
