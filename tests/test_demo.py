@@ -21,6 +21,13 @@ def load_config(arg=None):
   return recipe_configs.load_config("default", arg)
 
 
+def test_smoke_is_runlocal_and_other_args_are_an_error():
+  assert load_config("smoke").to_dict() == load_config("runlocal").to_dict()
+  assert load_config("smoke").teacher.total_steps < load_config().teacher.total_steps
+  with pytest.raises(ValueError, match=r"configs/default.py:fast is invalid: the arg must be one of \(''"):
+    load_config("fast")
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("demo")
