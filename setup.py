@@ -11,13 +11,20 @@ setup(
     packages=find_packages(include=["gkd_jax", "gkd_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
+        # Everything the package imports, directly or through a library's optional path it takes (jinja2:
+        # transformers' apply_chat_template), so that `pip install -e .` alone runs the default job.
         "jax>=0.4.35",
         "flax>=0.10.0",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.6.0",
         "transformers>=4.45",
+        "tokenizers>=0.20",  # the arithmetic task's word-level tokenizer
+        "jinja2>=3.1",  # chat templates (transformers imports it lazily)
         "datasets>=2.20",
         "ml-collections>=0.1.1",
+        "absl-py>=1.0",  # the CLI's flags and logging
+        "etils[epath]>=1.5",  # checkpoint paths (orbax)
+        "ml_dtypes>=0.4",  # bf16 / fp8 safetensors
         "chex>=0.1.87",
         "numpy>=1.26",
         "tqdm>=4.66",

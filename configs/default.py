@@ -20,7 +20,7 @@ Local CPU (no accelerator, no network):
 
     python -m gkd_jax.main --config=configs/default.py --workdir=/tmp/gkd_demo
     python -m gkd_jax.main --config=configs/default.py --workdir=/tmp/gkd_demo --config.gkd.beta=1.0  # redoes GKD only
-    python -m gkd_jax.main --config=configs/default.py:runlocal --workdir=/tmp/gkd_demo_tiny          # ~30 s smoke run
+    python -m gkd_jax.main --config=configs/default.py:smoke --workdir=/tmp/gkd_demo_tiny             # ~30 s smoke run
 
 GPU or single-host TPU VM (jax[cuda12] / jax[tpu] installed): the same command. The models are so small that
 an accelerator gains little; the demo exists to run anywhere. It is a single-host pipeline (it writes its
@@ -48,7 +48,10 @@ step than cross-entropy or forward KL (likely because JSD saturates, its gradien
 distributions barely overlap), and the on-policy half of the steps is what lifts it from 0.196 to 0.316. The experiments/ sweeps
 compare the variants over seeds.
 
-runlocal: tiny models and 4 steps per phase, about 30 s: checks that the pipeline runs, not that it learns.
+Args: "" (the run above), "smoke" or its alias "runlocal" (the other recipes' name for a quick local run): the
+same phases (task and tokenizer build, teacher SFT, student SFT, GKD, evaluation, HF export of each model) with
+tiny models, 256 train and 16 test problems and 4 steps per phase, about 30 s on 2 CPU cores (.ci/run runs it in
+an environment with only the runtime dependencies): checks that the pipeline runs, not that it learns.
 """
 
 import ml_collections
@@ -68,7 +71,12 @@ def _arch(hidden, layers, heads, kv_heads, intermediate):
   )
 
 
+ARGS = ("", "smoke", "runlocal")
+
+
 def get_config(arg=None):
+  if (arg or "") not in ARGS:
+    raise ValueError(f"configs/default.py:{arg} is invalid: the arg must be one of {ARGS}")
   c = ml_collections.ConfigDict()
   c.job = "demo"
   c.seed = 0
@@ -114,7 +122,7 @@ def get_config(arg=None):
   )
   c.eval = dict(split="test", num_examples=0, batch_size=250, max_new_tokens=32)
 
-  if arg == "runlocal":
+  if arg in ("smoke", "runlocal"):
     c.task.update(num_train=256, num_test=16)
     c.teacher.arch = _arch(32, 1, 2, 1, 64)
     c.student_sft.arch = _arch(16, 1, 2, 1, 32)

@@ -21,6 +21,13 @@ def load_config(arg=None):
   return recipe_configs.load_config("default", arg)
 
 
+def test_smoke_is_runlocal_and_other_args_are_an_error():
+  assert load_config("smoke").to_dict() == load_config("runlocal").to_dict()
+  assert load_config("smoke").teacher.total_steps < load_config().teacher.total_steps
+  with pytest.raises(ValueError, match=r"configs/default.py:fast is invalid: the arg must be one of \(''"):
+    load_config("fast")
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("demo")
@@ -79,10 +86,20 @@ def test_moved_workdir_keeps_its_phases(demo_run, tmp_path, capsys):
     assert again["models"][name]["checkpoint"].startswith(moved)
 
 
-def test_interrupted_phase_resumes_and_changed_settings_redo_it(tmp_path):
-  config = load_config("runlocal")
-  workdir = str(tmp_path)
-  demo.run(config, workdir)
+def test_interrupted_phase_resumes_and_changed_settings_redo_it(demo_run, tmp_path):
+  # On the shared finished run, in place (its trainer checkpoints name absolute paths, so a copy elsewhere
+  # could not resume), put back as it was afterwards for the other tests.
+  _, workdir, _ = demo_run
+  backup = str(tmp_path / "backup")
+  shutil.copytree(workdir, backup)  # copy2: the DONE files keep their times
+  try:
+    _interrupt_resume_and_redo(load_config("runlocal"), workdir)
+  finally:
+    shutil.rmtree(workdir)
+    shutil.move(backup, workdir)
+
+
+def _interrupt_resume_and_redo(config, workdir: str):
   done = lambda name: os.path.join(workdir, name, "DONE")
   stamps = {name: os.path.getmtime(done(name)) for name in demo.PHASES}
   metrics = os.path.join(workdir, "gkd", "metrics.jsonl")

@@ -47,3 +47,21 @@ def test_cli_flags_override_config(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "beta=1.0, lmbda=1.0" in out.stdout
   assert "'on_policy': 20" in out.stdout
+
+
+def test_transformers_no_torch_notice_is_dropped_and_nothing_else():
+  import logging
+
+  import gkd_jax  # noqa: F401  (installs the filter)
+
+  seen = []
+  handler = logging.Handler()
+  handler.emit = seen.append
+  logger = logging.getLogger("transformers")
+  logger.addHandler(handler)
+  try:  # error level: the filter must not depend on the verbosity the tests run with
+    logger.error("PyTorch was not found. Models won't be available and only tokenizers, ... can be used.")
+    logger.error("Some weights were not used")
+  finally:
+    logger.removeHandler(handler)
+  assert [r.getMessage() for r in seen] == ["Some weights were not used"]
