@@ -14,6 +14,8 @@ from gkd_jax import optim, task_metrics
 
 OBJECTIVES = ("gkd", "sft")
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots")
+ATTENTION = ("xla", "dot_product", "splash")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -28,6 +30,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.offload_teacher_model = False
   c.dtype = "float32"  # compute dtype ("bfloat16" on TPU/GPU)
   c.param_dtype = "float32"  # master weights
+  # Model execution. scan_layers: the decoder layers' weights are stacked on a leading "layers" axis and run
+  # under one lax.scan (compile time independent of depth); False runs a Python loop over per-layer modules.
+  # remat: per-layer activation checkpointing, "none" (keep all activations), "full" (keep only each layer's
+  # input, recompute the rest in the backward pass) or "dots" (keep the outputs of weight matmuls,
+  # jax.checkpoint_policies.dots_with_no_batch_dims_saveable; recompute the elementwise and attention parts).
+  # attention: "xla" (einsum + softmax), "dot_product" (jax.nn.dot_product_attention: cuDNN flash attention
+  # on GPU, XLA elsewhere) or "splash" (the Pallas splash-attention kernel, TPU only, for the uncached
+  # forward passes of training and scoring; cached sampling uses "xla"). Gemma 2's softcapped attention
+  # always uses "xla".
+  c.scan_layers = True
+  c.remat = "none"
+  c.attention = "xla"
   # Method.
   c.objective = "gkd"  # "gkd" or "sft" (NLL only, no teacher)
   c.beta = 0.5  # 0 = forward KL(teacher‖student), 1 = reverse KL(student‖teacher)
@@ -209,6 +223,12 @@ def validate(c) -> None:
         fail(field, c[field], "must be a positive int")
   if c.eval_temperature < 0:
     fail("eval_temperature", c.eval_temperature, "must be ≥ 0 (0 = greedy)")
+  if not isinstance(c.scan_layers, bool):
+    fail("scan_layers", c.scan_layers, "must be True or False")
+  if c.remat not in REMAT:
+    fail("remat", c.remat, f"must be one of {REMAT}")
+  if c.attention not in ATTENTION:
+    fail("attention", c.attention, f"must be one of {ATTENTION}")
   if not 0 < c.top_p <= 1:
     fail("top_p", c.top_p, "must be in (0, 1]")
   if c.top_k < 0:

@@ -12,6 +12,9 @@ delta is formed shard-locally with no reshape of a sharded dim. B starts at zero
 base model exactly. Same semantics as PEFT's LoRA on HF Linear layers (A: Kaiming-uniform, B: zeros; no
 bias training, no LoRA dropout).
 
+Stacked kernels of scanned models ([layers, *in, *out], first logical name "layers") get per-layer adapters
+stacked the same way: A [layers, *in, r], B [layers, r, *out].
+
 Adapters are an nnx.State {kernel path ("layers.0.attn.q.kernel"): {"a": LoRAParam, "b": LoRAParam}}; they are
 ordinary pytrees for jax.grad and optax, and `adapter_shardings` places them on a mesh.
 
@@ -108,6 +111,11 @@ def _kernels(params) -> list[tuple[tuple[str, ...], Any]]:
   ]
 
 
+def _num_lead_dims(names) -> int:
+  """1 for a stacked (scanned) kernel, whose first dim is the layer axis, else 0."""
+  return 1 if names and names[0] == "layers" else 0
+
+
 def _num_in_dims(names, shape) -> int:
   """How many leading dims of a kernel are its input. A projection either reads the residual stream
   (first dim "embed": q/k/v/gate/up/lm_head) or writes it (last dim "embed": o [heads, head_dim | embed],
@@ -155,26 +163,31 @@ def init_adapters(params, spec: LoraSpec, key: jax.Array) -> nnx.State:
   adapters = {}
   for (path, leaf), k in zip(targets, keys):
     shape, names = tuple(np.shape(_value(leaf))), _names(leaf)
-    n_in = _num_in_dims(names, shape)
-    fan_in = math.prod(shape[:n_in])
+    lead = _num_lead_dims(names)
+    n_in = lead + _num_in_dims(names[lead:], shape[lead:])
+    fan_in = math.prod(shape[lead:n_in])
     bound = 1.0 / math.sqrt(fan_in)
     a = jax.random.uniform(k, (*shape[:n_in], spec.rank), jnp.float32, -bound, bound).astype(spec.dtype)
-    b = jnp.zeros((spec.rank, *shape[n_in:]), spec.dtype)
+    b = jnp.zeros((*shape[:lead], spec.rank, *shape[n_in:]), spec.dtype)
     adapters[".".join(path)] = {
         "a": nnx.LoRAParam(a, out_sharding=(*names[:n_in], None), eager_sharding=False),
-        "b": nnx.LoRAParam(b, out_sharding=(None, *names[n_in:]), eager_sharding=False),
+        "b": nnx.LoRAParam(b, out_sharding=(*names[:lead], None, *names[n_in:]), eager_sharding=False),
     }
   return nnx.State(adapters)
 
 
-def delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-  """scale · A·B in float32 with W's structured shape [*in, *out] (no reshape: sharded dims stay put)."""
-  n_in, n_out = a.ndim - 1, b.ndim - 1
+def delta(a: jax.Array, b: jax.Array, scale: float, lead: int = 0) -> jax.Array:
+  """scale · A·B in float32 with W's structured shape [*lead, *in, *out] (no reshape: sharded dims stay
+  put). `lead` leading dims (the layer axis of a stacked kernel) are batch dims of A and B."""
+  n_in, n_out = a.ndim - 1 - lead, b.ndim - 1 - lead
   letters = string.ascii_letters
-  ins, outs = letters[:n_in], letters[n_in : n_in + n_out]
+  ls, ins, outs = letters[:lead], letters[lead : lead + n_in], letters[lead + n_in : lead + n_in + n_out]
   # HIGHEST: on TPU a default-precision f32 einsum runs in bf16; the contraction is only rank-long, so cheap.
   ab = jnp.einsum(
-      f"{ins}z,z{outs}->{ins}{outs}", a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+      f"{ls}{ins}z,{ls}z{outs}->{ls}{ins}{outs}",
+      a.astype(jnp.float32),
+      b.astype(jnp.float32),
+      precision=jax.lax.Precision.HIGHEST,
   )
   return scale * ab
 
@@ -196,9 +209,10 @@ def merge(params, adapters, spec: LoraSpec):
     used.add(name)
     a, b = flat[name]
     w = _value(leaf)
-    if a.shape[-1] != spec.rank or w.shape != a.shape[:-1] + b.shape[1:]:
+    lead = a.ndim + b.ndim - 2 - w.ndim  # shared leading (layer) dims
+    if lead < 0 or a.shape[-1] != spec.rank or w.shape != a.shape[:-1] + b.shape[lead + 1 :]:
       raise ValueError(f"adapter {name}: A {a.shape} · B {b.shape} does not fit kernel {w.shape} at rank {spec.rank}")
-    merged = (w.astype(jnp.float32) + delta(a, b, spec.scale)).astype(w.dtype)
+    merged = (w.astype(jnp.float32) + delta(a, b, spec.scale, lead)).astype(w.dtype)
     return leaf.replace(merged) if _is_var(leaf) else merged
 
   out = jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_var)

@@ -396,6 +396,12 @@ def _head_activation(logits, scale, softcap):
   return logits
 
 
+def apply_head(hidden, head, softcap=None, vocab_size=None):
+  """[N, H] hidden states through a (weight [H, V], softcap) head as `CausalLM.head` returns it: float32
+  logits cut to vocab_size, as every fused loss forms them chunk by chunk."""
+  return _head_activation(_raw_logits(hidden, head, None, vocab_size), 1.0, softcap)
+
+
 def fused_generalized_jsd_loss(
     student_hidden,
     student_head,

@@ -258,13 +258,10 @@ def _last_logits(model, out, vocab_size=None):
   and at P=512, V=152k that would be the largest buffer of the whole program. The unused full logits
   are then dead code and are removed.
   """
-  if not hasattr(model, "lm_head_weight"):
+  if not callable(getattr(model, "logits", None)):
     return out.logits[:, -1, :vocab_size]
   # The head comes cut to the vocabulary where that pays (CausalLM.lm_head_weight): fewer columns per step.
-  head = model.lm_head_weight(vocab_size)
-  logits = jnp.einsum("bh,hv->bv", out.hidden_states[:, -1], head)[:, :vocab_size]
-  cap = getattr(model.config, "final_logit_softcapping", None)
-  return jnp.tanh(logits / cap) * cap if cap else logits
+  return model.logits(out.hidden_states[:, -1], vocab_size)
 
 
 class _Loop(NamedTuple):
@@ -333,7 +330,8 @@ def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids
   return result, final.cache
 
 
-# The gkd_jax cache layout (CausalLM.init_cache): per layer {"k", "v"} of [B, S, kv_heads, head_dim].
+# The gkd_jax cache layout (CausalLM.init_cache): per layer {"k", "v"} of [B, S, kv_heads, head_dim], or
+# stacked on a leading layer axis for scanned models.
 _CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
 
 
@@ -353,7 +351,11 @@ def _init_cache(graphdef, state, batch, length, mesh):
   rules = getattr(model, "rules", None)
 
   def place(x):
-    names = _CACHE_AXES if x.ndim == 4 else ("batch",) + (None,) * (x.ndim - 1)
+    stacked = getattr(model, "scan_layers", False)
+    if x.ndim == 4 + stacked:
+      names = ("layers",) * stacked + _CACHE_AXES
+    else:
+      names = (None,) * stacked + ("batch",) + (None,) * (x.ndim - 1 - stacked)
     return shd.constrain(x, names, mesh, rules)
 
   return jax.tree.map(place, model.init_cache(batch, length))

@@ -22,6 +22,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical name -> mesh axis (str), axes (tuple) or None. Batch is split over data and fsdp (FSDP shards the
 # batch too), weights' embed dim over fsdp (ZeRO-3 style), and the wide dims over tensor (Megatron style).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("layers", None),  # the stacked layer axis of scanned models: every device holds every layer's slice
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("cache_length", None),

@@ -118,11 +118,7 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
 def head_logits(model, hidden, vocab_size):
   """The LM head applied to some hidden states (incl. final-logit softcapping), cut to the vocabulary (the
   head itself is cut first where that pays: no product for columns the loss never reads)."""
-  logits = jnp.einsum("...h,hv->...v", hidden, model.lm_head_weight(vocab_size), preferred_element_type=jnp.float32)
-  cap = model.config.final_logit_softcapping
-  if cap:
-    logits = cap * jnp.tanh(logits / cap)
-  return logits[..., :vocab_size]
+  return model.logits(hidden, vocab_size, dtype=jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------- the step
@@ -150,8 +146,7 @@ def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spe
         f"vocab_size {vocab} exceeds a model's embedding size {min(sizes)}: the models do not share " f"the tokenizer"
     )
   with_nll = cfg.objective == "sft" or cfg.sft_alpha > 0  # the NLL costs a pass over [B, C, V]: only when used
-  student_cap = student.config.final_logit_softcapping or None
-  teacher_cap = teacher_config.final_logit_softcapping or None
+  teacher_cap = (teacher if cfg.teacher == "model" else student).logit_softcap  # static: the head is traced
 
   def student_weights(params, base_params):
     return params if lora_spec is None else lora.merge(base_params, params, lora_spec)
@@ -168,7 +163,7 @@ def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spe
     prompt_mask = mb.get("teacher_prompt_mask", mb["prompt_mask"])
     _, _, hidden = completion_hidden(teacher, prompt_ids, prompt_mask, mb["completion_ids"], mb["completion_mask"])
     if cfg.divergence == "fused":
-      return jax.lax.stop_gradient({"hidden": hidden, "head": teacher.lm_head_weight(vocab)})
+      return jax.lax.stop_gradient({"hidden": hidden, "head": teacher.head(vocab)[0]})
     logits = jax.lax.stop_gradient(head_logits(teacher, hidden, vocab))
     if cfg.divergence == "topk":
       values, indices = losses.teacher_topk(logits, cfg.topk)
@@ -183,7 +178,7 @@ def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spe
     kw = dict(mask=mask, num_items=num_items)
     sums = {}
     if cfg.divergence == "fused":
-      head = student.lm_head_weight(vocab)
+      head, student_cap = student.head(vocab)
       nll = (
           losses.fused_nll_loss(
               hidden, head, targets, softcap=student_cap, vocab_size=vocab, chunk_size=cfg.chunk_size, **kw
@@ -305,13 +300,10 @@ def _token_sums(stats, mask):
 def _fused_stats(hidden, head, cap, t_hidden, t_head, t_cap, mask, vocab, temperature):
   """Token sums of the diagnostics for the fused path, one sequence at a time ([C, V] logits at most)."""
 
-  def project(h, w, c):
-    z = jnp.dot(h, w, preferred_element_type=jnp.float32)[:, :vocab]
-    return z if not c else c * jnp.tanh(z / c)
-
   def row(xs):
     h, th, m = xs
-    return _token_sums(losses.token_stats(project(h, head, cap), project(th, t_head, t_cap), temperature), m)
+    s_logits, t_logits = losses.apply_head(h, head, cap, vocab), losses.apply_head(th, t_head, t_cap, vocab)
+    return _token_sums(losses.token_stats(s_logits, t_logits, temperature), m)
 
   per_row = jax.lax.map(row, jax.lax.stop_gradient((hidden, t_hidden, mask)))
   return jax.tree.map(jnp.sum, per_row)

@@ -157,13 +157,17 @@ def build(config) -> Setup:
     )
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
   tokenizer = models.load_tokenizer(config.tokenizer or config.model)
-  student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+  student = models.from_pretrained(
+      config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **models.model_options(config)
+  )
   kind = teacher_kind(config)
   teacher = None
   if kind == "model":
     if config.teacher_model != config.model:
       _check_same_tokenizer(tokenizer, config.teacher_model)
-    teacher = models.from_pretrained(config.teacher_model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    teacher = models.from_pretrained(
+        config.teacher_model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **models.model_options(config)
+    )
   vocab_size = len(tokenizer)
   cfg = step_config(config, vocab_size)
 

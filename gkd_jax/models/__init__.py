@@ -1,4 +1,4 @@
-"""Flax NNX decoder-only LMs (Llama, Mistral, Qwen2/2.5, Qwen3) with HuggingFace safetensors import/export.
+"""Flax NNX decoder-only LMs (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3) with HuggingFace safetensors import/export.
 
 model = from_pretrained("Qwen/Qwen2.5-0.5B-Instruct", dtype=jnp.bfloat16, mesh=mesh)
 out = model(input_ids, attention_mask=mask)   # out.logits [B, T, V], out.hidden_states [B, T, H]
@@ -6,7 +6,7 @@ cache = model.init_cache(batch, max_len); out = model(ids, mask_S, positions=pos
 """
 
 from gkd_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
-from gkd_jax.models.hf_io import export_tensors, from_pretrained, load_tokenizer, save_pretrained
+from gkd_jax.models.hf_io import export_tensors, from_pretrained, load_tokenizer, model_options, save_pretrained
 from gkd_jax.models.transformer import CausalLM, ModelOutput
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "export_tensors",
     "from_pretrained",
     "load_tokenizer",
+    "model_options",
     "save_pretrained",
 ]

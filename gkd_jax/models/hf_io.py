@@ -1,7 +1,9 @@
 """HuggingFace checkpoints ⇄ CausalLM: from_pretrained, save_pretrained, load_tokenizer.
 
 Each parameter maps to one HF tensor through a reshape + transpose (both free views), so the loader can
-slice a memory-mapped tensor per device shard and build each array directly in its target sharding.
+slice a memory-mapped tensor per device shard and build each array directly in its target sharding. A stacked
+parameter of a scanned model ("layers.attn.q.kernel", [L, ...]) maps to the L per-layer HF tensors
+("model.layers.<i>.self_attn.q_proj.weight"), stacked on load and split on export.
 """
 
 from __future__ import annotations
@@ -85,6 +87,36 @@ def _layout(path: tuple, cfg: ModelConfig) -> Layout:
   raise KeyError(path)
 
 
+def _layouts(path: tuple, cfg: ModelConfig) -> list[Layout] | None:
+  """The per-layer layouts of a stacked (scanned) parameter, None for any other parameter."""
+  if path[0] != "layers" or isinstance(path[1], int):
+    return None
+  return [_layout(("layers", i, *path[1:]), cfg) for i in range(cfg.num_hidden_layers)]
+
+
+def _check(reader, lay: Layout, directory: str) -> None:
+  if lay.name not in reader:
+    raise ValueError(f"missing tensor {lay.name!r} (expected shape {lay.hf_shape}) in {directory}")
+  found = reader.shape(lay.name)
+  if found != lay.hf_shape:
+    raise ValueError(f"tensor {lay.name!r} has shape {found}, expected {lay.hf_shape} from config.json")
+
+
+class _Stacked:
+  """Lazy [L, ...] view over L per-layer views: indexing reads only the requested layers and slices."""
+
+  def __init__(self, views):
+    self.views = views
+
+  def __getitem__(self, idx):
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    layers = range(len(self.views))[idx[0]] if idx else range(len(self.views))
+    return np.stack([np.asarray(self.views[i][idx[1:]]) for i in layers])
+
+  def __array__(self, dtype=None, copy=None):
+    return self[(slice(None),)]
+
+
 def _flat_params(state: nnx.State):
   return [(tuple(p), var) for p, var in nnx.to_flat_state(state)]
 
@@ -107,6 +139,15 @@ def _resolve(path_or_id: str) -> str:
   return snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS + weights)
 
 
+def model_options(config) -> dict:
+  """from_pretrained's execution options from a run config (gkd_jax.config): scan_layers, remat, attention."""
+  return {
+      "scan_layers": bool(config.get("scan_layers", False)),
+      "remat": config.get("remat", "none"),
+      "attention": config.get("attention", "xla"),
+  }
+
+
 def from_pretrained(
     path_or_hub_id: str,
     dtype=jnp.float32,
@@ -116,32 +157,43 @@ def from_pretrained(
     *,
     remat: bool | str = False,
     rules=None,
+    scan_layers: bool = False,
+    attention: str = "xla",
 ) -> CausalLM:
   """Loads an HF safetensors checkpoint (directory or hub ID) into a CausalLM.
 
   With a mesh, every parameter is built with `jax.make_array_from_callback` in the sharding its logical
   names give: each device receives only its slice, read from the memory-mapped file.
-  `rngs` is accepted for symmetry with CausalLM(...) and unused. `remat` and `rules` go to CausalLM.
+  `rngs` is accepted for symmetry with CausalLM(...) and unused. `remat`, `rules`, `scan_layers` and
+  `attention` go to CausalLM (scan_layers=True stacks the per-layer tensors on a leading layer axis).
   """
   directory = _resolve(path_or_hub_id)
   cfg = ModelConfig.from_hf_config(directory)
   reader = st.CheckpointReader(directory)
   del rngs  # every weight comes from the checkpoint; the abstract init below needs no real randomness
   abstract = nnx.eval_shape(
-      lambda: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), remat=remat, mesh=mesh, rules=rules)
+      lambda: CausalLM(
+          cfg,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          rngs=nnx.Rngs(0),
+          remat=remat,
+          mesh=mesh,
+          rules=rules,
+          scan_layers=scan_layers,
+          attention=attention,
+      )
   )
   graphdef, state = nnx.split(abstract)
   np_dtype = np.dtype(param_dtype)
   used = set()
   for path, var in _flat_params(state):
-    lay = _layout(path, cfg)
-    used.add(lay.name)
-    if lay.name not in reader:
-      raise ValueError(f"missing tensor {lay.name!r} (expected shape {lay.hf_shape}) in {directory}")
-    found = reader.shape(lay.name)
-    if found != lay.hf_shape:
-      raise ValueError(f"tensor {lay.name!r} has shape {found}, expected {lay.hf_shape} from config.json")
-    view = reader.view(lay.name).reshape(lay.view_shape).transpose(lay.perm)
+    lays = _layouts(path, cfg) or [_layout(path, cfg)]
+    for lay in lays:
+      used.add(lay.name)
+      _check(reader, lay, directory)
+    views = [reader.view(lay.name).reshape(lay.view_shape).transpose(lay.perm) for lay in lays]
+    view = views[0] if _layouts(path, cfg) is None else _Stacked(views)
     shape = tuple(var.get_value().shape)
     if mesh is None:
       value = jnp.asarray(np.asarray(view).astype(np_dtype))
@@ -168,12 +220,13 @@ def export_tensors(model: CausalLM, dtype=None) -> dict[str, np.ndarray]:
   params = nnx.state(model, nnx.Param)
   tensors = {}
   for path, var in _flat_params(params):
-    lay = _layout(path, model.config)
-    inverse = tuple(np.argsort(lay.perm))
     array = np.asarray(jax.device_get(var.get_value()))
     if dtype is not None:
       array = array.astype(np.dtype(dtype))
-    tensors[lay.name] = np.ascontiguousarray(array.transpose(inverse).reshape(lay.hf_shape))
+    stacked = _layouts(path, model.config)
+    for lay, layer_array in zip(stacked, array) if stacked else [(_layout(path, model.config), array)]:
+      inverse = tuple(np.argsort(lay.perm))
+      tensors[lay.name] = np.ascontiguousarray(layer_array.transpose(inverse).reshape(lay.hf_shape))
   return tensors
 
 

@@ -1,4 +1,10 @@
-"""Decoder-only causal LM (Llama / Mistral / Qwen2 / Qwen3 families) in Flax NNX, with a functional KV cache.
+"""Decoder-only causal LM (Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3) in Flax NNX, with a functional KV cache.
+
+Two layer layouts: a Python loop over per-layer modules (`scan_layers=False`; params "layers.<i>.attn.q.kernel"),
+or one stacked DecoderLayer whose params carry a leading "layers" axis, run under `lax.scan`
+(`scan_layers=True`; params "layers.attn.q.kernel" of [L, ...]): compile time then no longer grows with depth.
+Per-layer differences (Gemma's sliding-window alternation and local RoPE base) become scanned per-layer
+arrays. The KV cache follows the layout: a list of per-layer {"k", "v"}, or one {"k", "v"} of [L, B, S, K, D].
 
 Masking works on cache *slots*: without a cache the T tokens sit in slots 0..T-1, with a cache the new tokens
 are written to slots [cache_index, cache_index+T). A query in slot i sees slot j when j <= i, the attention
@@ -24,7 +30,26 @@ from gkd_jax.models.layers import Dense, Embed, RMSNorm, param
 # Masked scores: a large finite value, so that a fully masked (padding) row gives a uniform softmax, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-Cache = list  # per layer: {"k": [B, S, kv_heads, head_dim], "v": same}
+Cache = Any  # loop: per layer {"k": [B, S, kv_heads, head_dim], "v": same}; scanned: {"k": [L, B, S, ...], "v"}
+ATTENTION_KINDS = ("xla", "dot_product", "splash")
+REMAT_KINDS = ("none", "full", "dots")
+_NO_WINDOW = 2**30  # the per-layer window of a full-attention layer under scan (larger than any sequence)
+
+
+def remat_policy(remat: bool | str | None):
+  """(enabled, policy) for a `remat` setting: False / None / "none" (off), True / "full" (save nothing but
+  the layer inputs), "dots" (save the outputs of weight matmuls: dots_with_no_batch_dims_saveable), or the
+  name of any other jax.checkpoint_policies member."""
+  if remat in (False, None, "none"):
+    return False, None
+  if remat in (True, "full"):
+    return True, None
+  if remat == "dots":
+    return True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  policy = getattr(jax.checkpoint_policies, remat, None) if isinstance(remat, str) else None
+  if policy is None:
+    raise ValueError(f"remat={remat!r} is invalid: one of {REMAT_KINDS}, True/False, or a jax.checkpoint_policies name")
+  return True, policy
 
 
 @jax.tree_util.register_dataclass
@@ -37,7 +62,9 @@ class ModelOutput:
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
+  def __init__(
+      self, cfg: ModelConfig, layer: int | None, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs, attention="xla"
+  ):
     h, n, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q = Dense((h,), (n, d), ("embed", "heads", "head_dim"), bias=cfg.qkv_bias, **kw)
@@ -49,13 +76,15 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(d, cfg.rms_norm_eps, names=("head_dim",), offset=cfg.norm_offset, **kw)
     else:
       self.q_norm = self.k_norm = None
-    self.window = cfg.window(layer)
+    self.window = None if layer is None else cfg.window(layer)  # stacked layers get theirs per call
+    self.attention = attention
     self.scale = (cfg.query_pre_attn_scalar or d) ** -0.5
     self.softcap = cfg.attn_logit_softcapping
     self.groups = n // kv
     self.dtype, self.mesh, self.rules = dtype, mesh, rules
 
-  def __call__(self, x, cos, sin, q_slots, kv_mask, layer_cache, cache_index):
+  def __call__(self, x, cos, sin, q_slots, kv_mask, layer_cache, cache_index, window=None):
+    """`window` (traced int, stacked layers only) overrides the static per-layer window."""
     c = lambda a, names: shd.constrain(a, names, self.mesh, self.rules)
     q, k, v = self.q(x), self.k(x), self.v(x)
     if self.q_norm is not None:
@@ -71,23 +100,85 @@ class Attention(nnx.Module):
     k = c(k, ("batch", "cache_length", "kv_heads", "head_dim"))
     v = c(v, ("batch", "cache_length", "kv_heads", "head_dim"))
 
-    b, t, _, d = q.shape
     s = k.shape[1]
+    kv_slots = jnp.arange(s)
+    allowed = (kv_slots[None, :] <= q_slots[:, None]) & kv_mask[:, None, :].astype(bool)  # [B, T, S]
+    window = self.window if window is None else window
+    if window is not None:
+      allowed &= (q_slots[:, None] - kv_slots[None, :]) < window
+    kind = self.attention
+    if self.softcap or (kind == "splash" and layer_cache is not None):
+      kind = "xla"  # softcapped scores (Gemma 2) and cached calls (sampling) need the explicit einsum
+    if kind == "dot_product":
+      out = _dot_product(q, k, v, allowed, self.scale)
+    elif kind == "splash":
+      out = _splash(q, k, v, kv_mask, window, self.scale)
+    else:
+      out = self._xla(q, k, v, allowed)
+    out = c(out, ("batch", "length", "heads", "head_dim"))
+    return self.o(out), layer_cache
+
+  def _xla(self, q, k, v, allowed):
+    b, t, _, d = q.shape
     # GQA: query heads grouped under their KV head; batch-major layouts keep XLA's dots transpose-free.
     q = q.reshape(b, t, -1, self.groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
     if self.softcap:  # Gemma 2
       scores = jnp.tanh(scores / self.softcap) * self.softcap
-    kv_slots = jnp.arange(s)
-    allowed = (kv_slots[None, :] <= q_slots[:, None]) & kv_mask[:, None, :].astype(bool)  # [B, T, S]
-    if self.window is not None:
-      allowed &= (q_slots[:, None] - kv_slots[None, :]) < self.window
     scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
-    out = c(out, ("batch", "length", "heads", "head_dim"))
-    return self.o(out), layer_cache
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
+
+
+def _dot_product(q, k, v, allowed, scale):
+  """jax.nn.dot_product_attention with the mask spelled out (left padding, causal, window): XLA's fused
+  attention; cuDNN's flash attention on GPU for 16-bit inputs."""
+  cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=allowed[:, None], scale=scale, implementation="cudnn" if cudnn else None
+  ).astype(q.dtype)
+
+
+def _splash(q, k, v, kv_mask, window, scale):
+  """Pallas splash attention (TPU): causal (+ local window) block-sparse mask, left padding as segment ids
+  (padding tokens form their own segment: real rows see exactly the tokens the XLA path lets them see).
+  Only uncached calls (query slot i == key slot i)."""
+  if jax.default_backend() != "tpu":
+    raise ValueError(
+        f"attention='splash' needs a TPU (the Pallas splash-attention kernel); this backend is "
+        f"{jax.default_backend()!r}: use 'xla' or 'dot_product'"
+    )
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  b, t, n, d = q.shape
+  if window is not None and not isinstance(window, int):
+    raise ValueError("attention='splash' needs static windows: build the model with scan_layers=False")
+  shape = (t, t)
+  mask = sm.CausalMask(shape) if window is None else sm.LocalMask(shape, (window - 1, 0), offset=0)
+  block = min(512, t)
+  if t % block:
+    raise ValueError(f"attention='splash' needs a sequence length that is a multiple of {block}, got {t}")
+  sizes = sk.BlockSizes(
+      block_q=block,
+      block_kv=block,
+      block_kv_compute=block,
+      block_q_dkv=block,
+      block_kv_dkv=block,
+      block_kv_dkv_compute=block,
+      block_q_dq=block,
+      block_kv_dq=block,
+  )
+  groups = n // k.shape[2]
+  mha = sk.make_splash_mha(sm.MultiHeadMask([mask] * n), block_sizes=sizes, head_shards=1, q_seq_shards=1)
+  seg = sk.SegmentIds(q=kv_mask.astype(jnp.int32), kv=kv_mask.astype(jnp.int32))
+  # [B, T, N, D] -> [B, N, T, D]; the kernel takes pre-scaled queries and one KV head per query head.
+  qh = (q * scale).transpose(0, 2, 1, 3)
+  kh = jnp.repeat(k.transpose(0, 2, 1, 3), groups, axis=1)
+  vh = jnp.repeat(v.transpose(0, 2, 1, 3), groups, axis=1)
+  out = jax.vmap(mha)(qh, kh, vh, segment_ids=seg)
+  return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 class MLP(nnx.Module):
@@ -111,23 +202,32 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+  """One block. `layer` None: a layer of a stack, whose window and RoPE choice arrive per call."""
 
-  def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs):
+  def __init__(
+      self, cfg: ModelConfig, layer: int | None, *, dtype, param_dtype, mesh, rules, rngs: nnx.Rngs, attention="xla"
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, names=("embed",), offset=cfg.norm_offset, **kw)
     self.attn_norm = norm()
-    self.attn = Attention(cfg, layer, mesh=mesh, rules=rules, **kw)
+    self.attn = Attention(cfg, layer, mesh=mesh, rules=rules, attention=attention, **kw)
     self.mlp_norm = norm()
     self.mlp = MLP(cfg, mesh=mesh, rules=rules, **kw)
     # Gemma's "sandwich": the attention and MLP outputs are normed too, before the residual add.
     self.attn_out_norm = norm() if cfg.sandwich_norm else None
     self.mlp_out_norm = norm() if cfg.sandwich_norm else None
-    self.local_rope = cfg.has_local_rope and cfg.window(layer) is not None
+    self.local_rope = layer is not None and cfg.has_local_rope and cfg.window(layer) is not None
     self.mesh, self.rules = mesh, rules
 
-  def __call__(self, x, rope_tables, q_slots, kv_mask, layer_cache, cache_index):
-    cos, sin = rope_tables[1 if self.local_rope else 0]
-    h, layer_cache = self.attn(self.attn_norm(x), cos, sin, q_slots, kv_mask, layer_cache, cache_index)
+  def __call__(self, x, rope_tables, q_slots, kv_mask, layer_cache, cache_index, window=None, local=None):
+    """`window` / `local` (traced, stacked layers only): this layer's window and whether it uses the local
+    RoPE tables."""
+    if local is not None:
+      (cos_g, sin_g), (cos_l, sin_l) = rope_tables
+      cos, sin = jnp.where(local, cos_l, cos_g), jnp.where(local, sin_l, sin_g)
+    else:
+      cos, sin = rope_tables[1 if self.local_rope else 0]
+    h, layer_cache = self.attn(self.attn_norm(x), cos, sin, q_slots, kv_mask, layer_cache, cache_index, window)
     x = x + (h if self.attn_out_norm is None else self.attn_out_norm(h))
     h = self.mlp(self.mlp_norm(x))
     x = x + (h if self.mlp_out_norm is None else self.mlp_out_norm(h))
@@ -138,11 +238,26 @@ def _run_layer(layer, x, rope_tables, q_slots, kv_mask, layer_cache, cache_index
   return layer(x, rope_tables, q_slots, kv_mask, layer_cache, cache_index)
 
 
-class CausalLM(nnx.Module):
-  """Decoder-only LM. `remat`: False, True (save nothing) or a `jax.checkpoint_policies` name per layer.
+def _stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+  """One DecoderLayer whose params are the given layers' params stacked on a leading "layers" axis."""
+  graphdef, first = nnx.split(layers[0])
+  states = [first] + [nnx.split(layer)[1] for layer in layers[1:]]
 
-  `mesh` (optional, static) is used for activation sharding constraints; without it the constraints
-  follow a mesh set with `jax.set_mesh`, or are skipped.
+  def stack(*vs):
+    names = vs[0].get_metadata().get("out_sharding") or (None,) * vs[0].get_value().ndim
+    return vs[0].replace(jnp.stack([v.get_value() for v in vs]), out_sharding=("layers", *names))
+
+  return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+class CausalLM(nnx.Module):
+  """Decoder-only LM.
+
+  `remat`: per-layer activation checkpointing, see `remat_policy` ("none", "full", "dots", a bool or a
+  `jax.checkpoint_policies` name). `scan_layers`: stacked layer params run under `lax.scan` (see the module
+  docstring). `attention`: "xla", "dot_product" or "splash" (see Attention). `mesh` (optional, static) is
+  used for activation sharding constraints; without it the constraints follow a mesh set with
+  `jax.set_mesh`, or are skipped.
   """
 
   def __init__(
@@ -155,16 +270,29 @@ class CausalLM(nnx.Module):
       remat: bool | str = False,
       mesh: Mesh | None = None,
       rules=None,
+      scan_layers: bool = False,
+      attention: str = "xla",
   ):
+    if attention not in ATTENTION_KINDS:
+      raise ValueError(f"attention={attention!r} is invalid: one of {ATTENTION_KINDS}")
+    remat_policy(remat)  # validates
+    if scan_layers and attention == "splash" and config.sliding_window is not None:
+      raise ValueError(
+          "attention='splash' takes static per-layer windows: with a sliding window use scan_layers=False "
+          "or attention='xla'/'dot_product'"
+      )
     self.config = config
     self.dtype, self.param_dtype = dtype, param_dtype
-    self.remat, self.mesh = remat, mesh
+    self.remat, self.mesh, self.scan_layers, self.attention = remat, mesh, bool(scan_layers), attention
     self.rules = shd.DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embed = Embed(config.vocab_size, config.hidden_size, **kw)
-    self.layers = nnx.List(
-        [DecoderLayer(config, i, mesh=mesh, rules=self.rules, **kw) for i in range(config.num_hidden_layers)]
-    )
+    # Built in the same order either way, so one seed gives the same weights in both layouts.
+    layers = [
+        DecoderLayer(config, None if scan_layers else i, mesh=mesh, rules=self.rules, attention=attention, **kw)
+        for i in range(config.num_hidden_layers)
+    ]
+    self.layers = _stack_layers(layers) if scan_layers else nnx.List(layers)
     self.final_norm = RMSNorm(
         config.hidden_size, config.rms_norm_eps, names=("embed",), offset=config.norm_offset, **kw
     )
@@ -197,12 +325,59 @@ class CausalLM(nnx.Module):
         w = w[:, :vocab_size]
     return w.astype(self.dtype)
 
+  def head(self, vocab_size: int | None = None) -> tuple[jax.Array, float | None]:
+    """(weight [H, V'], final-logit softcap or None): the LM head for code that applies it in chunks
+    (the fused losses); `logits` is the same head applied at once."""
+    return self.lm_head_weight(vocab_size), self.logit_softcap
+
+  @property
+  def logit_softcap(self) -> float | None:
+    """The final-logit softcap (Gemma 2; None: none): logits = cap * tanh(hidden @ head / cap)."""
+    return self.config.final_logit_softcapping or None
+
+  def logits(self, hidden: jax.Array, vocab_size: int | None = None, *, dtype=None) -> jax.Array:
+    """LM head + final-logit softcapping on hidden states [..., H] -> [..., V] (V = vocab_size if given).
+    `dtype`: the matmul's accumulation/output type (None: the compute dtype)."""
+    w, cap = self.head(vocab_size)
+    logits = jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=dtype)
+    if cap:
+      logits = jnp.tanh(logits / cap) * cap
+    return logits if vocab_size is None else logits[..., :vocab_size]
+
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> Cache:
-    """Zeroed KV cache: per layer {"k", "v"} of [B, max_length, kv_heads, head_dim] (compute dtype)."""
+    """Zeroed KV cache (compute dtype): per layer {"k", "v"} of [B, max_length, kv_heads, head_dim], or
+    with scan_layers one {"k", "v"} of [L, B, max_length, kv_heads, head_dim]."""
     cfg = self.config
     shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
     dtype = dtype or self.dtype
+    if self.scan_layers:
+      shape = (cfg.num_hidden_layers, *shape)
+      return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+
+  def _layer_flags(self):
+    """Per-layer (window [L] int32 or None, local-RoPE [L] bool or None) for the scanned stack."""
+    cfg = self.config
+    layers = range(cfg.num_hidden_layers)
+    window = local = None
+    if cfg.sliding_window is not None:
+      window = jnp.asarray([cfg.window(i) or _NO_WINDOW for i in layers], jnp.int32)
+    if cfg.has_local_rope:
+      local = jnp.asarray([cfg.window(i) is not None for i in layers])
+    return window, local
+
+  def _scan(self, x, tables, q_slots, mask, cache, cache_index, policy):
+    graphdef, state = nnx.split(self.layers)
+    window, local = self._layer_flags()
+
+    def body(x, xs):
+      layer_state, layer_window, layer_local, layer_cache = xs
+      layer = nnx.merge(graphdef, layer_state)
+      return layer(x, tables, q_slots, mask, layer_cache, cache_index, layer_window, layer_local)
+
+    if policy is not False:
+      body = jax.checkpoint(body, policy=policy)
+    return jax.lax.scan(body, x, (state, window, local, cache))
 
   def __call__(
       self, input_ids, attention_mask=None, *, positions=None, cache: Cache | None = None, cache_index=None
@@ -220,7 +395,7 @@ class CausalLM(nnx.Module):
     else:
       if cache_index is None:
         raise ValueError("cache_index is required with a cache")
-      s = cache[0]["k"].shape[1]
+      s = (cache["k"].shape[2]) if self.scan_layers else cache[0]["k"].shape[1]
       if attention_mask is None:
         mask = (jnp.arange(s) < cache_index + t).astype(jnp.int32)[None].repeat(b, 0)
       else:
@@ -240,20 +415,18 @@ class CausalLM(nnx.Module):
     if self.config.embed_scale:  # Gemma: sqrt(hidden), rounded to the weights' dtype like HF
       x = x * jnp.asarray(self.config.hidden_size**0.5, self.param_dtype).astype(self.dtype)
     x = shd.constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
-    run = _run_layer
-    if self.remat:
-      policy = None if self.remat is True else getattr(jax.checkpoint_policies, self.remat)
-      run = nnx.remat(_run_layer, policy=policy)
-    new_cache = None if cache is None else []
-    for i, layer in enumerate(self.layers):
-      x, layer_cache = run(layer, x, tables, q_slots, mask, None if cache is None else cache[i], cache_index)
-      if cache is not None:
-        new_cache.append(layer_cache)
+    enabled, policy = remat_policy(self.remat)
+    if self.scan_layers:
+      x, new_cache = self._scan(x, tables, q_slots, mask, cache, cache_index, policy if enabled else False)
+    else:
+      run = nnx.remat(_run_layer, policy=policy) if enabled else _run_layer
+      new_cache = None if cache is None else []
+      for i, layer in enumerate(self.layers):
+        x, layer_cache = run(layer, x, tables, q_slots, mask, None if cache is None else cache[i], cache_index)
+        if cache is not None:
+          new_cache.append(layer_cache)
 
     hidden = self.final_norm(x)
-    logits = jnp.einsum("bth,hv->btv", hidden, self.lm_head_weight())
-    if self.config.final_logit_softcapping:
-      cap = self.config.final_logit_softcapping
-      logits = jnp.tanh(logits / cap) * cap
+    logits = self.logits(hidden)
     logits = shd.constrain(logits, ("batch", "length", "vocab"), self.mesh, self.rules)
     return ModelOutput(logits=logits, hidden_states=hidden, cache=new_cache)
