@@ -472,14 +472,49 @@ def run(config, topology: str, programs=("train_step", "sampler")) -> dict:
   return result
 
 
+def markdown_table(results: list[dict]) -> str:
+  """One row per compiled program of --json results."""
+  lines = [
+      "| config | topology (mesh) | settings | program | args GiB | temps GiB | total GiB / chip | fits | "
+      "XLA FLOPs/chip | model FLOPs/chip | roofline ms | compile s (CPU s) |",
+      "|" + "---|" * 12,
+  ]
+  for r in results:
+    mesh = "×".join(str(v) for v in r["mesh"].values())
+    for p in r["programs"]:
+      chip = r["chip"]
+      if p["program"] == "train_step":  # older results: the compute bound from the larger FLOP count
+        compute = max(p["flops"], p["model_flops"]) / (chip["bf16_tflops"] * 1e12)
+        p["roofline_s"] = max(compute, p["bytes_accessed"] / (chip["hbm_gbps"] * 1e9))
+      total = f"{p['total_gib']:.2f}" + (f" (+state {p['with_state_gib']:.2f})" if "with_state_gib" in p else "")
+      cpu = f" ({p['compile_cpu_s']:.0f})" if "compile_cpu_s" in p else ""
+      lines.append(
+          f"| {r['config']} | {r['topology']} ({mesh}) | {' '.join(r['overrides'])} | {p['program']} | "
+          f"{p['arguments_gib']:.2f} | {p['temps_gib']:.2f} | {total} / {chip['hbm_gib']:.0f} | "
+          f"{'yes' if p['fits'] else '**no**'} | {p['flops']:.2e} | {p['model_flops']:.2e} | "
+          f"{p['roofline_s'] * 1e3:.0f} | {p['compile_s']:.0f}{cpu} |"
+      )
+  return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
-  ap.add_argument("--topology", required=True, help=f"one of {', '.join(TOPOLOGIES)}")
+  ap.add_argument("--table", nargs="+", metavar="JSON", help="print a markdown table of --json results and exit")
+  ap.add_argument("--config", help="configs/NAME.py[:arg]")
+  ap.add_argument("--topology", help=f"one of {', '.join(TOPOLOGIES)}")
   ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override (repeatable)")
   ap.add_argument("--programs", default="train_step,sampler", help="comma-separated: train_step, sampler")
   ap.add_argument("--json", help="also write the numbers to this file")
   args = ap.parse_args(argv)
+  if args.table:
+    results = []
+    for path in args.table:
+      with open(path) as f:
+        results.append(json.load(f))
+    print(markdown_table(results))
+    return {}
+  if not (args.config and args.topology):
+    ap.error("--config and --topology are required")
   config = load_config(args.config, args.set)
   result = run(config, args.topology, tuple(args.programs.split(",")))
   result.update(config=args.config, overrides=args.set)

@@ -12,6 +12,9 @@ declare -A ROWS=(
   [v5p8]="--config=$G --topology=v5p-8 --set dtype=bfloat16 --programs=train_step"
   [v4_8]="--config=$G --topology=v4-8 --set dtype=bfloat16 --programs=train_step"
   [v6e8]="--config=$G --topology=v6e-8 --set dtype=bfloat16 --programs=train_step"
+  [sft_v5e8]="--config=configs/sft.py --topology=v5e-8 --set dtype=bfloat16 --programs=train_step"
+  [teacher_server_v5e8]="--config=configs/teacher_server.py --topology=v5e-8 --set dtype=bfloat16 --programs=train_step"
+  [opsd_v5e8]="--config=configs/opsd.py --topology=v5e-8 --set dtype=bfloat16 --set fused_loss=True --set remat=full --programs=train_step"
   [v5e64_7b]="--config=$G:7b --topology=v5e-64 --set dtype=bfloat16 --set batch_size=64 --programs=train_step"
   [v5e64_7b_fused_remat]="--config=$G:7b --topology=v5e-64 --set dtype=bfloat16 --set batch_size=64 --set fused_loss=True --set remat=full --programs=train_step"
 )
