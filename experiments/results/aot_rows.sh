@@ -20,6 +20,6 @@ declare -A ROWS=(
 )
 for row in "$@"; do
   echo "== $row: python experiments/aot_compile.py ${ROWS[$row]}"
-  timeout 1000 python experiments/aot_compile.py ${ROWS[$row]} --json="$out/$row.json" 2>&1 \
+  timeout ${AOT_TIMEOUT:-1000} python experiments/aot_compile.py ${ROWS[$row]} --json="$out/$row.json" 2>&1 \
     | grep -v "^E0000\|Source Location\|libtpu_init\|^=== \|^WARNING: Logging\|TPU_ACC\|host bounds"
 done
