@@ -36,7 +36,15 @@ setup(
     ],
     extras_require={
         # Reference libraries the tests compare against. torch is pinned to the CPU build.
-        "test": ["pytest>=8", "torch==2.13.0", "trl>=0.20", "matplotlib>=3.7"],
+        # libtpu: TPU compiles on a CPU host (experiments/aot_compile.py, tests/test_aot.py); the release jax
+        # 0.10.2's `tpu` extra pins.
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "trl>=0.20",
+            "matplotlib>=3.7",
+            "libtpu==0.0.42.*; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        ],
         # experiments/sweep.py's figures.
         "experiments": ["matplotlib>=3.7"],
         # Accelerator wheels: `pip install -e .[cuda12]` on NVIDIA GPUs, `.[tpu]` on Cloud TPU VMs.

@@ -24,6 +24,12 @@ Expected: runlocal takes about a minute on 2 CPU cores and under 2 GiB of RAM (m
 (7,473 GSM8K train rows, 1,000 steps of 32) is not measured here: expect on the order of an hour on one
 80 GB GPU with the 1.5B teacher, with the student's and teacher's weights (~8 GiB in f32/bf16) plus
 activations well within memory; use the 7B teacher with offload_teacher_model or an FSDP mesh.
+TPU memory, measured by compiling the step for the slice on a CPU host (experiments/aot_compile.py;
+experiments/results/aot.md), with --config.dtype=bfloat16: the 1.5B-teacher step needs 17.3 GiB per chip on
+v5e-8 (over its 16 GiB) and fits with --config.fused_loss=True (12.2 GiB); it fits v6e-8 (19.6 of 32 GiB)
+and v5p-8 (35.8 of 95 GiB) as is; on v4-8 (4 chips) it needs 34.6 of 32 GiB.
+The 7B teacher on v5e-64 (fsdp over all 64 chips, --config.batch_size=64 to split over them,
+--config.fused_loss=True --config.remat=full): 1.7 GiB per chip.
 """
 
 from gkd_jax import config as config_lib

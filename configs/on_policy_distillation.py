@@ -23,6 +23,10 @@ A TPU pod slice:
 Args: "" or "runlocal[=FIXTURE_DIR]".
 Expected: runlocal about a minute on 2 CPU cores (generation dominates: 32 new tokens per step). Full run
 not measured here; generation is most of the step time, so it scales with max_completion_length.
+TPU memory: the same models, batch and widths as configs/gsm8k_qwen2_5.py, so the same compiled step
+(experiments/results/aot.md, --config.dtype=bfloat16): 17.3 GiB per chip on v5e-8 (over 16 GiB; 12.2 GiB
+with --config.fused_loss=True), 19.6 of 32 GiB on v6e-8, 35.8 of 95 GiB on v5p-8. The sampler adds
+little: 0.75 GiB per chip on v5e-8 next to the 1.4 GiB train state.
 """
 
 from gkd_jax import config as config_lib

@@ -23,7 +23,9 @@ A TPU pod slice:
 
 Args: "" (dynamic), "fixed", "runlocal[=FIXTURE_DIR]", "runlocal_fixed[=FIXTURE_DIR]".
 Expected: runlocal about a minute on 2 CPU cores. Full run not measured here; one model in memory (two
-for "fixed").
+for "fixed"). TPU memory, measured by compiling the step for the slice on a CPU host
+(experiments/aot_compile.py; experiments/results/aot.md): the dynamic step with --config.dtype=bfloat16
+--config.fused_loss=True --config.remat=full needs 4.9 GiB per chip on v5e-8 (16 GiB).
 """
 
 from gkd_jax import config as config_lib

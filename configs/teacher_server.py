@@ -30,7 +30,9 @@ Local smoke run on CPU (offline): serve the fixture's teacher, then train agains
   python -m gkd_jax.main --config=configs/teacher_server.py:runlocal --workdir=/tmp/gkd_server_local
 
 Args: "" or "runlocal[=FIXTURE_DIR]". gkd_logits_topk must not exceed the server's --max-logprobs.
-Expected: runlocal about a minute on 2 CPU cores.
+Expected: runlocal about a minute on 2 CPU cores. TPU memory of the training side (the student only),
+measured by compiling its step for the slice on a CPU host (experiments/aot_compile.py;
+experiments/results/aot.md): 14.5 GiB per chip on v5e-8 (16 GiB) with --config.dtype=bfloat16.
 """
 
 from gkd_jax import config as config_lib

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd_jax import lora, losses
 
@@ -88,10 +89,23 @@ def create_train_state(student_params, tx, *, teacher_params=None, rng, base_par
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=student_params,
-      opt_state=jax.jit(tx.init)(student_params),
+      opt_state=jax.jit(tx.init, out_shardings=opt_state_shardings(tx, student_params))(student_params),
       teacher_params=teacher_params,
       rng=rng,
       base_params=base_params,
+  )
+
+
+def opt_state_shardings(tx, params):
+  """Shardings of tx.init(params): each moment as its param (ZeRO: sharded like the weights), the rest
+  (step counts) replicated on the params' mesh; None when the params are not on a mesh. jit(tx.init) by
+  itself would put the whole state on one device: its zeros depend on no input, so no sharding reaches them."""
+  on_mesh = [x.sharding for x in jax.tree.leaves(params) if isinstance(getattr(x, "sharding", None), NamedSharding)]
+  if not on_mesh:
+    return None
+  replicated = NamedSharding(on_mesh[0].mesh, PartitionSpec())
+  return optax.tree_map_params(
+      tx, lambda _, p: p.sharding, jax.eval_shape(tx.init, params), params, transform_non_params=lambda _: replicated
   )
 
 

@@ -208,3 +208,20 @@ def test_step_config_errors():
     ts.StepConfig(objective="sft")
   with pytest.raises(ValueError, match=r"sft_alpha must be ≥ 0, got -1"):
     ts.StepConfig(sft_alpha=-1)
+
+
+def test_optimizer_state_is_sharded_like_the_params():
+  """ZeRO: the Adam moments take their params' shardings (jit(tx.init) alone leaves them on one device)."""
+  mesh = sharding.make_mesh(1, -1, 1)
+  params = {
+      "w": jax.device_put(jnp.ones((16, 4)), NamedSharding(mesh, PartitionSpec("fsdp"))),
+      "b": jax.device_put(jnp.ones((4,)), NamedSharding(mesh, PartitionSpec())),
+  }
+  tx, _ = optim.make_optimizer(1e-3, 10, weight_decay=0.1)
+  state = ts.create_train_state(params, tx, rng=jax.random.key(0))
+  shapes = {l.shape: l.sharding for l in jax.tree.leaves(state.opt_state)}
+  assert shapes[(16, 4)].spec == PartitionSpec("fsdp") and shapes[(16, 4)].mesh == mesh
+  assert shapes[(4,)].spec == PartitionSpec() and shapes[(4,)].mesh == mesh
+  assert shapes[()].mesh == mesh  # step counts: replicated on the mesh
+  moments = [l for l in jax.tree.leaves(state.opt_state) if l.shape == (16, 4)]
+  assert len(moments) == 2 and all(m.addressable_shards[0].data.shape == (16 // mesh.size, 4) for m in moments)

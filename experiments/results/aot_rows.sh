@@ -1,0 +1,25 @@
+#!/bin/bash
+# The rows of experiments/results/aot.md, one compile at a time: bash experiments/results/aot_rows.sh OUT_DIR [ROW...]
+out=${1:-/tmp/aot_out}; shift; mkdir -p "$out"
+G=configs/gsm8k_qwen2_5.py
+declare -A ROWS=(
+  [v5e8_scan]="--config=$G --topology=v5e-8 --set dtype=bfloat16"
+  [v5e8_scan_step]="--config=$G --topology=v5e-8 --set dtype=bfloat16 --programs=train_step"
+  [v5e8_noscan]="--config=$G --topology=v5e-8 --set dtype=bfloat16 --set scan_layers=False --programs=train_step"
+  [v5e8_remat]="--config=$G --topology=v5e-8 --set dtype=bfloat16 --set remat=full --programs=train_step"
+  [v5e8_fused]="--config=$G --topology=v5e-8 --set dtype=bfloat16 --set fused_loss=True --programs=train_step"
+  [v5e8_fused_remat]="--config=$G --topology=v5e-8 --set dtype=bfloat16 --set fused_loss=True --set remat=full --programs=train_step"
+  [v5p8]="--config=$G --topology=v5p-8 --set dtype=bfloat16 --programs=train_step"
+  [v4_8]="--config=$G --topology=v4-8 --set dtype=bfloat16 --programs=train_step"
+  [v6e8]="--config=$G --topology=v6e-8 --set dtype=bfloat16 --programs=train_step"
+  [sft_v5e8]="--config=configs/sft.py --topology=v5e-8 --set dtype=bfloat16 --programs=train_step"
+  [teacher_server_v5e8]="--config=configs/teacher_server.py --topology=v5e-8 --set dtype=bfloat16 --programs=train_step"
+  [opsd_v5e8]="--config=configs/opsd.py --topology=v5e-8 --set dtype=bfloat16 --set fused_loss=True --set remat=full --programs=train_step"
+  [v5e64_7b]="--config=$G:7b --topology=v5e-64 --set dtype=bfloat16 --set batch_size=64 --programs=train_step"
+  [v5e64_7b_fused_remat]="--config=$G:7b --topology=v5e-64 --set dtype=bfloat16 --set batch_size=64 --set fused_loss=True --set remat=full --programs=train_step"
+)
+for row in "$@"; do
+  echo "== $row: python experiments/aot_compile.py ${ROWS[$row]}"
+  timeout ${AOT_TIMEOUT:-1000} python experiments/aot_compile.py ${ROWS[$row]} --json="$out/$row.json" 2>&1 \
+    | grep -v "^E0000\|Source Location\|libtpu_init\|^=== \|^WARNING: Logging\|TPU_ACC\|host bounds"
+done
