@@ -40,6 +40,7 @@ setup(
         # 0.10.2's `tpu` extra pins.
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # tests/pytest.ini runs two workers
             "torch==2.13.0",
             "trl>=0.20",
             "matplotlib>=3.7",

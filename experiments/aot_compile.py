@@ -43,6 +43,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd_jax import lora, metrics, models, optim, sampling, sharding, trainer
+from gkd_jax import data as data_lib
 from gkd_jax import train_step as ts
 
 GIB = 1024**3
@@ -287,7 +288,7 @@ def build_abstract(config, mesh) -> Abstract:
       weight_decay=config.weight_decay,
       max_grad_norm=config.max_grad_norm,
   )
-  weights, base_params, lora_spec = params, None, trainer.lora_spec_from(config)
+  weights, base_params, lora_spec = params, None, lora.spec_from_config(config)
   key = jax.eval_shape(lambda: jax.random.key(config.seed))
   if lora_spec is not None:
     base_params = params
@@ -303,7 +304,7 @@ def build_abstract(config, mesh) -> Abstract:
       base_params=base_params,
   )
   b = config.batch_size
-  limits = trainer.data_lib.Limits(config.max_length, config.max_prompt_length, config.max_completion_length)
+  limits = data_lib.Limits(config.max_length, config.max_prompt_length, config.max_completion_length)
   p = limits.prompt_budget
   c = min(x for x in (config.max_completion_length, config.max_length) if x is not None)
   rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
