@@ -280,14 +280,7 @@ def build_abstract(config, mesh) -> Abstract:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding.with_memory_kind("pinned_host")),
         teacher_params,
     )
-  tx, schedule = optim.make_optimizer(
-      config.learning_rate,
-      config.total_steps,
-      warmup_steps=config.warmup_steps,
-      schedule=config.lr_schedule,
-      weight_decay=config.weight_decay,
-      max_grad_norm=config.max_grad_norm,
-  )
+  tx, schedule = optim.from_config(config)
   weights, base_params, lora_spec = params, None, lora.spec_from_config(config)
   key = jax.eval_shape(lambda: jax.random.key(config.seed))
   if lora_spec is not None:

@@ -50,3 +50,15 @@ def make_optimizer(
   adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
   tx = adamw if not max_grad_norm else optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
   return tx, lr
+
+
+def from_config(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, lr schedule) of a run config (gkd_jax.config): the trainer's and the AOT tool's one mapping."""
+  return make_optimizer(
+      config.learning_rate,
+      config.total_steps,
+      warmup_steps=config.warmup_steps,
+      schedule=config.lr_schedule,
+      weight_decay=config.weight_decay,
+      max_grad_norm=config.max_grad_norm,
+  )

@@ -198,14 +198,7 @@ def build(config) -> Setup:
 def initial_state(config, student: nnx.Module, teacher_params, mesh) -> tuple[ts.TrainState, Any, Any, Any]:
   """(state, optimizer, lr schedule, LoRA spec) of a fresh run: the student's params (or LoRA adapters on
   its frozen weights), their optimizer state, and teacher_params as given, on the mesh."""
-  tx, schedule = optim.make_optimizer(
-      config.learning_rate,
-      config.total_steps,
-      warmup_steps=config.warmup_steps,
-      schedule=config.lr_schedule,
-      weight_decay=config.weight_decay,
-      max_grad_norm=config.max_grad_norm,
-  )
+  tx, schedule = optim.from_config(config)
   params, base_params, lora_spec = nnx.state(student), None, lora.spec_from_config(config)
   if lora_spec is not None:  # train adapters only; the student's weights become a frozen input
     base_params = params
