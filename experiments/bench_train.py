@@ -1,14 +1,23 @@
 """Training throughput of the GKD step (gkd_jax.trainer) against TRL's GKDTrainer, side by side.
 
-On the fixture of experiments/fixture.py (Qwen2 12.3M student, 65M teacher, vocab 32768, chat arithmetic
-rows; built once into --fixture), batch 8, beta 0.5, temperature 0.9, three modes: off-policy (lmbda 0,
-the dataset's completions), on-policy (lmbda 1, 64 new tokens sampled by the student) and mixed (lmbda 0.5).
+On a fixture of experiments/fixture.py, beta 0.5, temperature 0.9, three modes: off-policy (lmbda 0, the
+dataset's completions), on-policy (lmbda 1, new tokens sampled by the student) and mixed (lmbda 0.5).
+Shapes (--shape): "small" (Qwen2 12.3M student, 65M teacher, 32,768 embedding rows, batch 8, 64 new tokens)
+and "qwen4l" (Qwen2.5-0.5B and -1.5B widths cut to 4 layers, 151,936 rows, batch 4, prompts and completions
+up to 128 tokens each). --full-vocab pads the tokenizer to the embedding rows (small: 32,768; qwen4l: Qwen2.5's
+151,665), so both sides compute every LM-head column as with a real checkpoint; without it the tokenizer has
+1,024 tokens and gkd_jax cuts its heads to them (TRL does not): quote the full-vocabulary form first.
 
-    python experiments/bench_train.py                                   # ours only
-    python experiments/bench_train.py --compare-trl /root/venv/bin/python --steps 10 --warmup 3
-    python experiments/bench_train.py --modes off --steps 3 --warmup 2  # a quick smoke run
+    python experiments/bench_train.py --full-vocab --compare-trl /root/venv/bin/python --steps 10 --warmup 3
+    python experiments/bench_train.py --compare-trl /root/venv/bin/python --steps 10 --warmup 3  # cut form
+    python experiments/bench_train.py --shape qwen4l --full-vocab --compare-trl /root/venv/bin/python --steps 3
+    python experiments/bench_train.py --modes off --steps 3 --warmup 2  # a quick smoke run, ours only
     python experiments/bench_train.py --modes off --set fused_loss=True  # any config field
     python experiments/bench_train.py --modes off --variant "bf16:dtype='bfloat16'"  # A/B, interleaved
+
+Both sides run under the same glibc malloc settings: gkd_jax.host_malloc's (what the gkd_jax CLI uses on
+CPU hosts; this script re-executes itself under them and TRL's subprocess inherits them), or with
+--system-malloc glibc's defaults on both sides.
 
 What runs is the real trainer: `trainer.build(config)` and, per step, the loop body of `trainer.run`
 (`BatchSource.get` → host batch, with the student's sampler call on generating steps; the jitted, donated
@@ -51,6 +60,12 @@ import subprocess
 import sys
 import time
 
+if "--system-malloc" in sys.argv:
+  os.environ["GKD_JAX_MALLOC"] = "system"
+from gkd_jax import host_malloc  # noqa: E402
+
+host_malloc.reexec_if_wanted()  # before jax starts; TRL's subprocess inherits the same malloc settings
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -70,6 +85,11 @@ from gkd_jax import train_step as ts  # noqa: E402
 from gkd_jax import rollout, trainer  # noqa: E402
 
 MODES = {"off": 0.0, "on": 1.0, "mixed": 0.5}
+# Per fixture shape: batch, prompt and new-token widths, and the tokenizer size of the full-vocabulary form.
+SHAPES = {
+    "small": dict(batch=8, max_prompt=64, max_new_tokens=64, full_tokenizer=32768),
+    "qwen4l": dict(batch=4, max_prompt=128, max_new_tokens=128, full_tokenizer=151665),
+}
 NAMES = {"off": "off-policy (λ=0)", "on": "on-policy (λ=1)", "mixed": "mixed (λ=0.5)"}
 
 
@@ -89,13 +109,14 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 # ------------------------------------------------------------------------------------------ config
 
 
-def make_config(fixture_dir, lmbda, total_steps, max_new_tokens, overrides, peak):
+def make_config(args, lmbda, total_steps, overrides, peak):
   c = config_lib.base_config()
   c.model, c.teacher_model = "student", "teacher"  # use_local_fixture points both at the fixture
-  config_lib.use_local_fixture(c, fixture_dir)
+  config_lib.use_local_fixture(c, args.fixture)
   c.lmbda, c.beta, c.temperature = lmbda, 0.5, 0.9
-  c.batch_size, c.total_steps, c.warmup_steps, c.learning_rate = 8, total_steps, 0, 1e-5
-  c.max_length, c.max_prompt_length, c.max_completion_length = 128, 64, max_new_tokens
+  c.batch_size, c.total_steps, c.warmup_steps, c.learning_rate = args.batch, total_steps, 0, 1e-5
+  c.max_prompt_length, c.max_completion_length = args.max_prompt, args.max_new_tokens
+  c.max_length = args.max_prompt + args.max_new_tokens
   c.peak_flops = peak
   for item in overrides:
     key, _, value = item.partition("=")
@@ -161,7 +182,7 @@ class Runner:
   def __init__(self, args, mode, overrides, peak):
     lmbda = MODES[mode]
     self.expected = {"on_policy"} if lmbda == 1 else ({"dataset"} if lmbda == 0 else {"on_policy", "dataset"})
-    self.setup = trainer.build(make_config(args.fixture, lmbda, 10**6, args.max_new_tokens, overrides, peak))
+    self.setup = trainer.build(make_config(args, lmbda, 10**6, overrides, peak))
     self.source = rollout.BatchSource(self.setup)
     self.state = self.setup.state
     self.teacher_forward = teacher_forward_fn(self.setup)
@@ -257,9 +278,11 @@ def run_trl(args, mode, threads, steps=None, warmup=None):
       "--warmup",
       str(warmup or args.warmup),
       "--batch",
-      "8",
+      str(args.batch),
       "--max-new-tokens",
       str(args.max_new_tokens),
+      "--max-length",
+      str(args.max_prompt + args.max_new_tokens),
       "--threads",
       str(threads),
   ]
@@ -322,11 +345,19 @@ def table(rows, compare):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--fixture", default="/tmp/gkd_bench_fixture")
+  ap.add_argument("--shape", choices=sorted(SHAPES), default="small", help="fixture shape (experiments/fixture.py)")
+  ap.add_argument(
+      "--full-vocab",
+      action="store_true",
+      help="pad the fixture's tokenizer to the embedding rows (32,768; qwen4l: Qwen2.5's 151,665), so both sides "
+      "compute every LM-head column, as with a real checkpoint",
+  )
+  ap.add_argument("--fixture", help="fixture directory (default: /tmp/gkd_bench_SHAPE[_full])")
   ap.add_argument("--modes", default="off,on,mixed")
   ap.add_argument("--steps", type=int, default=10, help="timed steps per mode, after the warm-up")
   ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--max-new-tokens", type=int, default=64)
+  ap.add_argument("--batch", type=int, help="rows per step (default: the shape's)")
+  ap.add_argument("--max-new-tokens", type=int, help="new tokens on generating steps (default: the shape's)")
   ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override (repeatable)")
   ap.add_argument(
       "--variant",
@@ -341,10 +372,23 @@ def main():
       default="1,2",
       help="torch thread counts to try on a short probe; the faster is used for every mode",
   )
+  ap.add_argument(
+      "--system-malloc",
+      action="store_true",
+      help="run both sides with glibc's default malloc settings instead of gkd_jax.host_malloc's (which the "
+      "gkd_jax CLI applies on CPU hosts; TRL's subprocess inherits whichever this process runs with)",
+  )
   ap.add_argument("--json", help="also write all results to this file")
   args = ap.parse_args()
   args.trl_threads = [int(t) for t in args.trl_threads.split(",")]
-  fixture.build(args.fixture)
+  shape = SHAPES[args.shape]
+  args.batch = args.batch or shape["batch"]
+  args.max_new_tokens = args.max_new_tokens or shape["max_new_tokens"]
+  args.max_prompt = shape["max_prompt"]
+  if args.fixture is None:
+    name = "gkd_bench_fixture" if args.shape == "small" else f"gkd_bench_{args.shape}"
+    args.fixture = os.path.join("/tmp", name + ("_full" if args.full_vocab else ""))
+  fixture.build(args.fixture, args.shape, shape["full_tokenizer"] if args.full_vocab else None)
 
   variants = [("", args.set)] + [
       (f" [{v.partition(':')[0]}]", args.set + v.partition(":")[2].split(";")) for v in args.variant
@@ -352,6 +396,7 @@ def main():
   peaks = [measure_peak()]
   print(
       f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+      f"malloc {'gkd_jax.host_malloc' if host_malloc.applied() else 'system default'} (both sides); "
       f"overrides {args.set or 'none'}",
       file=sys.stderr,
       flush=True,
@@ -375,7 +420,9 @@ def main():
     ours["mfu"] *= peaks[0] / peak
     ours["step_mfu"] *= peaks[0] / peak
   print(
-      f"\nbatch 8, {args.steps} timed steps after ≥{args.warmup} warm-up, {args.max_new_tokens} new tokens on "
+      f"\nmalloc: {'gkd_jax.host_malloc settings' if host_malloc.applied() else 'system default'} on both sides; "
+      f"{args.shape} fixture, tokenizer {'padded to the embedding rows' if args.full_vocab else 'of 1,024 tokens'}, "
+      f"batch {args.batch}, {args.steps} timed steps after ≥{args.warmup} warm-up, {args.max_new_tokens} new tokens on "
       f"generating steps; f32 matmul ceiling {peak / 1e9:.0f} GFLOP/s; load {os.getloadavg()[0]:.1f}"
   )
   print(table(rows, bool(args.compare_trl)))

@@ -35,6 +35,7 @@ def main():
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--max-new-tokens", type=int, default=64)
+  ap.add_argument("--max-length", type=int, default=256, help="prompt + completion tokens kept")
   ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
   args = ap.parse_args()
 
@@ -90,7 +91,7 @@ def main():
       temperature=0.9,
       max_new_tokens=args.max_new_tokens,
       learning_rate=1e-5,
-      max_length=256,
+      max_length=args.max_length,
       bf16=False,
       use_cpu=True,
       gradient_checkpointing=False,

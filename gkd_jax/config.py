@@ -113,8 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_length = 512
   c.max_prompt_length = 256
   c.max_completion_length = 128
-  # Allowed padded widths of prompts and completions (None: gkd_jax.data.DEFAULT_BUCKETS, powers of two
-  # from 16); each batch takes the smallest that fits, so a run compiles once per width used.
+  # Allowed padded widths of prompts and completions (None: gkd_jax.data.DEFAULT_BUCKETS, powers of two and
+  # 1.5x powers of two from 16); each batch takes the smallest that fits, so a run compiles once per width.
   c.length_buckets = ml_collections.FieldReference(None, field_type=tuple)
   # Optimization.
   c.batch_size = 8  # global, over all hosts

@@ -8,6 +8,8 @@ gkd_jax.demos.bigram).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gkd_jax import host_malloc
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/NAME.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and exports.")
 _MODE = flags.DEFINE_enum(
@@ -57,6 +59,7 @@ def run(config, workdir, mode="train"):
 
 
 def main(argv):
+  host_malloc.reexec_if_wanted()  # CPU hosts: malloc settings that keep large buffers between steps
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:

@@ -221,10 +221,10 @@ def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spe
       logits = head_logits(student, hidden, vocab)
       nll = losses.nll_loss(logits, targets, **kw) if with_nll else None
       if cfg.objective == "gkd" and cfg.divergence == "full":
-        distill = losses.generalized_jsd_loss(
+        distill, stats = losses.jsd_loss_and_stats(
             logits, teacher["logits"], beta=cfg.beta, temperature=cfg.temperature, **kw
         )
-        sums = _token_sums(losses.token_stats(logits, teacher["logits"], cfg.temperature), mask)
+        sums = _token_sums(stats, mask)
       elif cfg.objective == "gkd":
         distill = losses.topk_generalized_jsd_loss(
             logits,

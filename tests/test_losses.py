@@ -515,6 +515,31 @@ def test_token_stats_values():
   )
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_jsd_loss_and_stats_match_the_separate_functions(beta):
+  s, t, mask = random_inputs(23)
+  loss, stats = L.jsd_loss_and_stats(s, t, mask, beta=beta, temperature=0.8)
+  np.testing.assert_allclose(loss, L.generalized_jsd_loss(s, t, mask, beta=beta, temperature=0.8), rtol=1e-6)
+  ref = L.token_stats(s, t, temperature=0.8)
+  for name, value in ref.items():
+    np.testing.assert_allclose(np.where(mask, stats[name], 0), np.where(mask, value, 0), rtol=1e-5, atol=1e-6)
+  # The loss's gradient is the plain loss's; the stats carry none.
+  g = jax.grad(lambda x: L.jsd_loss_and_stats(x, t, mask, beta=beta)[0])(s)
+  np.testing.assert_allclose(g, jax.grad(lambda x: L.generalized_jsd_loss(x, t, mask, beta=beta))(s), rtol=1e-6)
+  np.testing.assert_array_equal(jax.grad(stats_sum)(s, t, mask, beta), 0.0)
+
+
+def stats_sum(s, t, mask, beta):
+  return sum(jnp.sum(v) for v in L.jsd_loss_and_stats(s, t, mask, beta=beta)[1].values())
+
+
+def test_first_argmax_is_argmax_with_ties_and_neg_inf():
+  x = np.array([[1.0, 3.0, 3.0, 0.0], [-np.inf, -np.inf, 2.0, 2.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -3.0, -4.0]])
+  np.testing.assert_array_equal(L.first_argmax(x), np.argmax(x, -1))
+  r = np.random.default_rng(0).normal(size=(3, 5, 257)).astype(np.float32)
+  np.testing.assert_array_equal(L.first_argmax(r), np.argmax(r, -1))
+
+
 def test_align_vocab_cuts_padding():
   s, t = np.zeros((2, 3, 12)), np.ones((2, 3, 10))
   a, b = L.align_vocab(s, t)

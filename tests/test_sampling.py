@@ -126,7 +126,7 @@ def test_stop_mask_example():
 
 
 def test_bucketing():
-  assert [sampling.bucket_length(n) for n in (1, 16, 17, 64, 65)] == [16, 16, 32, 64, 128]
+  assert [sampling.bucket_length(n) for n in (1, 16, 17, 25, 64, 65)] == [16, 16, 24, 32, 64, 96]
   assert sampling.bucket_length(10, buckets=(8, 12, 64)) == 12
   with pytest.raises(ValueError):
     sampling.bucket_length(65, buckets=(16, 64))

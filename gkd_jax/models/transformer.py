@@ -14,6 +14,7 @@ contiguous and slot distance equals position distance, as in HF.
 
 from __future__ import annotations
 
+import functools
 import dataclasses
 import math
 from typing import Any
@@ -254,6 +255,32 @@ def _stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
   return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def head_product(hidden: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
+  """hidden [..., H] @ w [H, V] -> [..., V] (accumulated in `dtype`).
+
+  Its backward forms dW as hidden^T [H, N] @ dlogits [N, V]: both operands in the layout a GEMM reads
+  directly. Left to autodiff, XLA:CPU computes the tied embedding's gradient as dlogits^T @ hidden and
+  fuses the whole loss backward into a [V, N] transpose of dlogits: strided reads of every [N, V]
+  operand (0.37 s of a 1.4 s step at V = 32,768)."""
+  return jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=dtype)
+
+
+def _head_product_fwd(hidden, w, dtype):
+  return head_product(hidden, w, dtype), (hidden, w)
+
+
+def _head_product_bwd(dtype, residuals, g):
+  hidden, w = residuals
+  d_hidden = jnp.einsum("...v,hv->...h", g, w.astype(g.dtype)).astype(hidden.dtype)
+  flat_h, flat_g = hidden.reshape(-1, hidden.shape[-1]), g.reshape(-1, g.shape[-1])
+  d_w = jnp.einsum("nh,nv->hv", flat_h.astype(g.dtype), flat_g).astype(w.dtype)
+  return d_hidden, d_w
+
+
+head_product.defvjp(_head_product_fwd, _head_product_bwd)
+
+
 class CausalLM(nnx.Module):
   """Decoder-only LM.
 
@@ -343,7 +370,7 @@ class CausalLM(nnx.Module):
     """LM head + final-logit softcapping on hidden states [..., H] -> [..., V] (V = vocab_size if given).
     `dtype`: the matmul's accumulation/output type (None: the compute dtype)."""
     w, cap = self.head(vocab_size)
-    logits = jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=dtype)
+    logits = head_product(hidden, w, dtype)
     if cap:
       logits = jnp.tanh(logits / cap) * cap
     return logits if vocab_size is None else logits[..., :vocab_size]
