@@ -412,6 +412,7 @@ def main():
           file=sys.stderr,
           flush=True,
       )
+    host_malloc.release()  # our freed buffers back to the kernel before TRL's process needs the memory
     trl = run_trl(args, mode, trl_threads) if args.compare_trl else None
     rows += [(mode, label, ours, trl) for (label, _), ours in zip(variants, results)]
     peaks.append(measure_peak())

@@ -48,3 +48,14 @@ def reexec_if_wanted() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **SETTINGS})
+
+
+def release() -> None:
+  """Returns the heap's free memory to the kernel (glibc malloc_trim): under SETTINGS nothing else does, so
+  call it when a phase that peaked is over and something else (another process) needs the memory."""
+  if applied():
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
