@@ -27,18 +27,20 @@ an accelerator gains little; the demo exists to run anywhere. It is a single-hos
 phases with plain file I/O): for multi-host runs use the `train` recipes (configs/sft.py,
 configs/on_policy_distillation.py) with --distributed.
 
-Expected (2 idle CPU cores, JAX 0.10 CPU, scanned layers, one run): 11.1 min wall, 19.4 min CPU time
-(user+sys); teacher 6.7 min, student SFT 1.3, GKD 2.1; about 1 GB resident; a rerun with everything cached
-takes seconds. Runs are deterministic for a seed:
+Expected (2 idle CPU cores, JAX 0.10 CPU, scanned layers, 1.5x length buckets, gkd_jax.host_malloc's settings,
+one run): 7.0 min wall, 11.7 min CPU time (user+sys; 19.4 min before the malloc settings, much of it page
+faults); teacher 3.4 min with the task build, student SFT 0.9, GKD 1.6, evaluation 1.0; 1.4 GB resident; a
+rerun with everything cached takes seconds. Runs are deterministic for a seed:
 
     model                       params  greedy accuracy  chain accuracy
-    teacher (SFT)              988,928            0.926           0.280
-    student, initial (SFT)     308,160            0.090           0.004
-    student, distilled (GKD)   308,160            0.406           0.120    (+31.6 points)
+    teacher (SFT)              988,928            0.974           0.274
+    student, initial (SFT)     308,160            0.056           0.002
+    student, distilled (GKD)   308,160            0.364           0.074    (+30.8 points)
 
-The comparisons below were measured with the earlier unrolled layer stack, whose float sums associate
-differently over 1,200 steps (there: teacher 0.968, initial student 0.088, distilled 0.316 in 9.6 min on a
-loaded machine); they are indications, the experiments/ sweeps measure the variants over seeds.
+Padding widths change how float sums associate, so other layouts give other numbers for the same seed:
+with power-of-two buckets 0.926 / 0.090 / 0.406; the comparisons below were measured with the earlier
+unrolled layer stack (there: teacher 0.968, initial student 0.088, distilled 0.316 in 9.6 min on a loaded
+machine); they are indications, the experiments/ sweeps measure the variants over seeds.
 Accuracy = right final answer; chain accuracy = every step a correct addition of a new operand. The teacher
 learns the sum long before it copies operands exactly: it often swaps units digits between operands (a swap
 that keeps the total), hence its low chain accuracy. GKD learning rate: 1e-3 gave 0.276, 3e-3 0.316, 6e-3
