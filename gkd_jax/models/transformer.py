@@ -14,8 +14,8 @@ contiguous and slot distance equals position distance, as in HF.
 
 from __future__ import annotations
 
-import functools
 import dataclasses
+import functools
 import math
 from typing import Any
 
