@@ -112,6 +112,32 @@ def test_splits_disjoint_unique_and_sized(splits):
   assert {len(r["operands"]) for r in splits["train"]} == {3, 4, 5}
 
 
+def test_partial_shuffle_gives_a_dominant_mode_and_keeps_problems():
+  full = ar.build_dataset(seed=5, num_train=2000, num_test=10, num_operands=(3, 3))
+  part = ar.build_dataset(seed=5, num_train=2000, num_test=10, num_operands=(3, 3), shuffle_train=0.3)
+  assert part["train"]["operands"] == full["train"]["operands"] and part["test"].to_list() == full["test"].to_list()
+  in_order = [chain_values(r["messages"][1]["content"]) == tuple(r["operands"]) for r in part["train"]]
+  # 70% keep the prompt's order, and a uniform permutation of the other 30% keeps it 1 time in 6: 75%.
+  assert 0.72 < np.mean(in_order) < 0.78
+  assert all(ar.check_chain(r, r["messages"][1]["content"]) for r in part["train"])
+  as_float = ar.build_dataset(seed=5, num_train=10, num_test=0, shuffle_train=1.0)
+  assert as_float["train"].to_list() == ar.build_dataset(seed=5, num_train=10, num_test=0)["train"].to_list()
+  for bad in (1.5, -0.1, "x"):
+    with pytest.raises(ValueError, match="shuffle_train=.* must be a probability in \\[0, 1\\]"):
+      ar.build_dataset(seed=0, num_train=1, num_test=1, shuffle_train=bad)
+
+
+def test_validation_split_is_new_and_leaves_the_others_alone():
+  plain = ar.build_dataset(seed=2, num_train=300, num_test=50, num_test_long=20)
+  ds = ar.build_dataset(seed=2, num_train=300, num_test=50, num_test_long=20, num_validation=60)
+  assert list(ds) == ["train", "validation", "test", "test_long"] and len(ds["validation"]) == 60
+  assert ds["test"].to_list() == plain["test"].to_list() and ds["test_long"].to_list() == plain["test_long"].to_list()
+  val = {multiset(r) for r in ds["validation"]}
+  assert not val & {multiset(r) for name in ("train", "test", "test_long") for r in ds[name]}
+  assert all(r["messages"][1]["content"] == ar.format_completion(r["operands"]) for r in ds["validation"])
+  assert "validation" not in plain
+
+
 def test_size_knobs_and_their_limits():
   ds = ar.build_dataset(seed=0, num_train=300, num_test=0, num_operands=(2, 2), digits=(1, 3))
   assert len(ds["test"]) == 0 and all(len(r["operands"]) == 2 for r in ds["train"])

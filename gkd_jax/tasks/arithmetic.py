@@ -11,7 +11,8 @@ spreads its probability over up to k! equally correct chains. That multimodality
 KL, reverse KL and JSD(β): with a one-hot teacher they all reduce to cross-entropy. Test splits keep the
 prompt's order; the checkers accept any order.
 
-Rows (`datasets.DatasetDict` with `train`, `test` and optionally `test_long`, longer problems than trained on)
+Rows (`datasets.DatasetDict` with `train`, `test` and optionally `validation`, for choosing hyperparameters
+without touching test, and `test_long`, longer problems than trained on)
 have a `messages` column, the layout `gkd_jax.data` reads, plus `operands` and `answer` for the checkers;
 `prompt_only` drops the assistant turns for on-policy training. No problem (as a multiset of operands) occurs
 twice across all splits. Everything is a pure function of the seed and the size knobs; for fixed knobs the
@@ -77,7 +78,8 @@ FEATURES = datasets.Features(
     }
 )
 # Independent random streams per split: the test set does not depend on num_train.
-_SPLIT_STREAMS = {"test": 0, "test_long": 1, "train": 2}
+_SPLIT_STREAMS = {"test": 0, "test_long": 1, "train": 2, "validation": 3}
+_SPLIT_ORDER = ("train", "validation", "test", "test_long")
 
 
 # ------------------------------------------------------------------------------------------- formatting
@@ -156,32 +158,53 @@ def build_dataset(
     num_test: int,
     num_operands: Sequence[int] = (3, 5),
     digits: Sequence[int] = (2, 2),
-    shuffle_train: bool = True,
+    shuffle_train: float | bool = True,
     num_test_long: int = 0,
     long_num_operands: Sequence[int] = (6, 7),
+    num_validation: int = 0,
 ) -> datasets.DatasetDict:
-  """Splits `train` (chains in random operand order when shuffle_train), `test` (prompt order) and, when
-  num_test_long > 0, `test_long` (long_num_operands operands, prompt order). Problems are drawn test first,
-  then test_long, then train, each new to all before it."""
-  if seed < 0 or min(num_train, num_test, num_test_long) < 0:
+  """Splits `train`, `test` (prompt order) and, when their counts are > 0, `validation` (like test) and
+  `test_long` (long_num_operands operands, prompt order). Problems are drawn test first, then test_long,
+  validation and train, each new to all before it (so num_validation=0 leaves the other splits as they
+  were). shuffle_train is the probability that a train chain adds the operands in a uniformly random order
+  (True = 1, False = 0: every chain in the prompt's order); the others keep the prompt's order, so a fraction
+  in between gives a dominant mode plus minor ones."""
+  if seed < 0 or min(num_train, num_test, num_test_long, num_validation) < 0:
     raise ValueError(f"seed={seed} and the row counts must be non-negative")
+  shuffle = _shuffle_probability(shuffle_train)
   seen: set = set()
   plan = [
-      ("test", num_test, num_operands, False),
-      ("test_long", num_test_long, long_num_operands, False),
-      ("train", num_train, num_operands, shuffle_train),
+      ("test", num_test, num_operands, 0.0),
+      ("test_long", num_test_long, long_num_operands, 0.0),
+      ("validation", num_validation, num_operands, 0.0),
+      ("train", num_train, num_operands, shuffle),
   ]
   splits = {}
-  for name, count, operand_range, shuffle in plan:
-    if name == "test_long" and not count:
+  for name, count, operand_range, p_shuffle in plan:
+    if name in ("test_long", "validation") and not count:
       continue
     stream = _SPLIT_STREAMS[name]
     problems = draw_problems(np.random.default_rng([seed, stream, 0]), count, operand_range, digits, seen)
-    order_rng = np.random.default_rng([seed, stream, 1])  # separate, so shuffle_train keeps the problems
-    rows = [make_row(p, order_rng.permutation(len(p)) if shuffle else None) for p in problems]
+    # Separate streams, so shuffle_train keeps the problems (and 1.0 the orders it always drew).
+    order_rng = np.random.default_rng([seed, stream, 1])
+    coins = np.random.default_rng([seed, stream, 2]).random(count) < p_shuffle if 0 < p_shuffle < 1 else None
+    rows = []
+    for i, p in enumerate(problems):
+      shuffled = p_shuffle == 1 or (coins is not None and coins[i])
+      rows.append(make_row(p, order_rng.permutation(len(p)) if shuffled else None))
     # Columns, not from_list: an empty split still gets its columns.
     splits[name] = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in FEATURES}, features=FEATURES)
-  return datasets.DatasetDict({name: splits[name] for name in ("train", "test", "test_long") if name in splits})
+  return datasets.DatasetDict({name: splits[name] for name in _SPLIT_ORDER if name in splits})
+
+
+def _shuffle_probability(value) -> float:
+  try:
+    p = float(value)
+  except (TypeError, ValueError):
+    p = float("nan")
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f"shuffle_train={value!r} must be a probability in [0, 1] (True = 1, False = 0)")
+  return p
 
 
 def prompt_only(rows: datasets.Dataset) -> datasets.Dataset:
@@ -380,9 +403,10 @@ def make_task(
     num_test: int,
     num_operands: Sequence[int] = (3, 5),
     digits: Sequence[int] = (2, 2),
-    shuffle_train: bool = True,
+    shuffle_train: float | bool = True,
     num_test_long: int = 0,
     long_num_operands: Sequence[int] = (6, 7),
+    num_validation: int = 0,
 ) -> dict[str, str]:
   """Writes out_dir/tokenizer (see build_tokenizer), out_dir/data (build_dataset's DatasetDict, save_to_disk)
   and out_dir/task.json (the inputs and split sizes). Returns {'tokenizer', 'data', 'spec'} paths.
@@ -394,10 +418,12 @@ def make_task(
       "num_test": int(num_test),
       "num_operands": [int(x) for x in num_operands],
       "digits": [int(x) for x in digits],
-      "shuffle_train": bool(shuffle_train),
+      "shuffle_train": _shuffle_probability(shuffle_train),
       "num_test_long": int(num_test_long),
       "long_num_operands": [int(x) for x in long_num_operands],
   }
+  if num_validation:  # only when asked, so the caches of tasks without one stay valid
+    knobs["num_validation"] = int(num_validation)
   inputs = {"version": TASK_VERSION, "tokenizer": _TOKENIZER_ID, **knobs}
   paths = {name: os.path.join(out_dir, name) for name in ("tokenizer", "data")}
   paths["spec"] = os.path.join(out_dir, "task.json")
