@@ -1,27 +1,37 @@
-"""The paper-replication sweeps on the offline arithmetic task (experiments/sweep.py reads this file).
+"""The GKD paper's comparisons on the offline arithmetic task (experiments/sweep.py reads this file).
 
-Base models as in configs/default.py (teacher 989K params, SFT to high accuracy; student 308K params, SFT to a
-mediocre start), trained once per workdir. Every run below starts from that student and trains `steps`
-optimizer steps of batch 64, once per seed (the seed changes the data order, the λ coin and the samples; the
-base models are shared, so the spread is the training noise the paper's seeds measure too):
+Base models (trained once per workdir, the demo's phases):
+  task         "Add a+b+c" -> chain of additions; SHUFFLE of the train chains add the operands in a random
+               order, the rest in the prompt's: the teacher learns a dominant mode (prompt order, which it
+               copies exactly) and minor ones (other orders, where it swaps digits between operands). That
+               is the paper's setting for mode-seeking vs mean-seeking: a teacher whose distribution holds
+               modes of different quality, and a student too small to cover all of them.
+  teacher      4 layers x 128 (989K params), SFT 1200 steps
+  student_sft  a capacity-limited student, SFT briefly: the mediocre starting point of every arm
 
-  sft               continued SFT on the dataset's chains
-  seqkd             SeqKD: SFT on the teacher's samples (τ=1) for the train prompts, generated once
-  supkd             supervised KD: λ=0, forward KL on the dataset's chains
-  onpolicy_<div>    on-policy GKD, λ=1, with div ∈ fkl (β=0), jsd01, jsd05, jsd09 (β=0.1, 0.5, 0.9), rkl (β=1)
-  lambda_<100λ>     λ ∈ {0.25, 0.5, 0.75}, forward KL (λ=0 is supkd, λ=1 is onpolicy_fkl)
-  onpolicy_fkl_5pct on-policy GKD with forward KL on 5% of the train prompts (data efficiency vs supkd's 100%)
+Arms, each trained `steps` optimizer steps from that student (warmup, cosine decay, τ=1 sampling):
+  sft                 continued SFT on the dataset's chains
+  seqkd               SeqKD: SFT on the teacher's samples (τ=1) for the train prompts, generated once
+  supkd               supervised KD: λ=0, forward KL on the dataset's chains
+  onpolicy_<div>      on-policy GKD, λ=1, div ∈ fkl (β=0), jsd01, jsd05, jsd09 (β=0.1, 0.5, 0.9), rkl (β=1)
+  lambda_<100λ>       λ ∈ {0.25, 0.5, 0.75}, forward KL (λ=0 is supkd, λ=1 is onpolicy_fkl)
+  best_lambda_<100λ>  λ ∈ {0, 0.25, 0.5, 0.75} with the best on-policy divergence (λ=1 is onpolicy_<best>)
+  onpolicy_best_5pct  on-policy GKD with the best divergence on 5% of the train prompts
 
-Evaluation of each product (and of the teacher and the initial student): greedy accuracy and chain accuracy on
-`eval.num_test` test problems; sampling accuracy at τ ∈ eval.temperatures; diversity = distinct valid chains
-among eval.num_samples samples at each τ for eval.diversity_problems problems; greedy accuracy on longer
-problems (4 operands) than any trained on.
+"best" is the on-policy divergence with the highest validation accuracy (seed `grid_seed`, each at its best
+learning rate); an arm that resolves to the same settings as another (best = fkl) reuses its runs.
+Learning rates: every arm trains on seed `grid_seed` at each rate of `lr_grid`, and keeps the rate with the
+highest greedy accuracy on the validation split (never the test split); its other seeds train at that rate.
+Evaluation on the test split: greedy accuracy and chain accuracy; sampling accuracy at τ ∈ eval.temperatures;
+diversity = distinct valid chains (operand orders) among eval.num_samples samples per problem; greedy
+accuracy on 4-operand problems (longer than any trained on).
 
-    python experiments/sweep.py --config=configs/sweep.py --workdir=/tmp/gkd_sweep --workers=2
+    python experiments/sweep.py --config=configs/sweep.py --workdir=/tmp/gkd_sweep --workers=2 \
+        --results_dir=experiments/results/sweep
     python experiments/sweep.py --config=configs/sweep.py --workdir=/tmp/gkd_sweep --report   # table + PNGs
     python experiments/sweep.py --config=configs/sweep.py:runlocal --workdir=/tmp/gkd_sweep_tiny  # ~1 min
 
-Args: "" or "runlocal" (tiny models, 4 steps, 2 runs x 2 seeds: checks the machinery, not the findings).
+Args: "" or "runlocal" (tiny models, 4 steps, a few arms x 2 seeds: checks the machinery, not the findings).
 """
 
 import importlib.util
@@ -29,47 +39,48 @@ import os
 
 import ml_collections
 
-# The base phases are exactly the demo's: one definition of the teacher and the initial student.
+# The base phases are the demo's: one definition of the teacher, the task and the training fields.
 _spec = importlib.util.spec_from_file_location("_default_config", os.path.join(os.path.dirname(__file__), "default.py"))
 _default = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_default)
 
 # Run-name suffix -> β (names avoid dots: they are ConfigDict keys and --config.runs.NAME.x flags).
 DIVERGENCES = {"fkl": 0.0, "jsd01": 0.1, "jsd05": 0.5, "jsd09": 0.9, "rkl": 1.0}
+SHUFFLE = 0.05
 
 
 def get_config(arg=None):
+  if (arg or "") not in ("", "runlocal"):
+    raise ValueError(f"configs/sweep.py takes '' or 'runlocal', got {arg!r}")
   c = _default.get_config("runlocal" if arg == "runlocal" else None)
   c.job = "sweep"
-  # Problems with 4 operands test length generalization (train and test have 3).
-  c.task.update(num_test_long=200, long_num_operands=(4, 4))
-  # Room for the long problems' prompts (32-token bucket) and 48 new tokens at evaluation.
-  for phase in (c.teacher, c.student_sft):
-    phase.arch.max_position_embeddings = 128
-  c.seeds = (0, 1, 2)
-  c.steps = 300
+  # Problems with 4 operands test length generalization (train and test have 3); validation picks the lr.
+  c.task.update(shuffle_train=SHUFFLE, num_validation=500, num_test_long=200, long_num_operands=(4, 4))
+  c.teacher.total_steps = 1500
+  c.student_sft.update(total_steps=1000, warmup_steps=25)
+  c.divergences = dict(DIVERGENCES)
+  c.seeds = (0, 1, 2, 3, 4)
+  c.grid_seed = 0
+  c.lr_grid = (3e-4, 1e-3)
+  c.steps = 200
   c.data_fraction = 0.05
   c.seqkd = dict(temperature=1.0, batch_size=500)
-  gkd = dict(
-      objective="gkd",
-      temperature=1.0,
-      batch_size=64,
-      learning_rate=3e-3,
-      warmup_steps=0,
-      weight_decay=0.01,
-      lmbda=0.0,
-      beta=0.0,
-  )
-  sft = dict(gkd, objective="sft")
+  # Fields every arm shares (the demo's trainer fields); each run adds objective, lmbda, divergence, data.
+  c.train = dict(temperature=1.0, batch_size=64, warmup_steps=20, weight_decay=0.01)
+  gkd = dict(objective="gkd", lmbda=0.0, divergence="fkl", data="full")
+  sft = dict(gkd, objective="sft", divergence="none")
   runs = {"sft": dict(sft), "seqkd": dict(sft, data="seqkd"), "supkd": dict(gkd)}
-  for name, beta in DIVERGENCES.items():
-    runs[f"onpolicy_{name}"] = dict(gkd, lmbda=1.0, beta=beta)
+  for name in DIVERGENCES:
+    runs[f"onpolicy_{name}"] = dict(gkd, lmbda=1.0, divergence=name)
   for lmbda in (0.25, 0.5, 0.75):
     runs[f"lambda_{round(100 * lmbda):03d}"] = dict(gkd, lmbda=lmbda)
-  runs["onpolicy_fkl_5pct"] = dict(gkd, lmbda=1.0, data="fraction")
+  for lmbda in (0.0, 0.25, 0.5, 0.75):
+    runs[f"best_lambda_{round(100 * lmbda):03d}"] = dict(gkd, lmbda=lmbda, divergence="best")
+  runs["onpolicy_best_5pct"] = dict(gkd, lmbda=1.0, divergence="best", data="fraction")
   c.runs = runs
   c.eval.update(
       num_test=500,
+      num_validation=500,
       batch_size=256,
       max_new_tokens=48,
       temperatures=(0.1, 0.5, 1.0),
@@ -79,15 +90,19 @@ def get_config(arg=None):
   )
 
   if arg == "runlocal":
-    c.task.update(num_test_long=8)
+    c.task.update(num_test_long=8, num_validation=8)
     c.seeds = (0, 1)
+    c.lr_grid = (1e-3, 3e-3)
     c.steps = 4
     c.data_fraction = 0.25
     c.seqkd.batch_size = 64
-    c.runs = {k: c.runs[k] for k in ("seqkd", "onpolicy_fkl_5pct")}
-    for run in c.runs.values():
-      run.batch_size = 8
-    c.eval.update(num_test=16, batch_size=16, diversity_problems=4, num_samples=4, num_test_long=8)
-  elif arg:
-    raise ValueError(f"configs/sweep.py takes '' or 'runlocal', got {arg!r}")
+    c.student_sft.arch = _default._arch(16, 1, 2, 1, 32)
+    c.teacher.total_steps = 4
+    c.student_sft.update(total_steps=4, warmup_steps=0)
+    c.train.update(batch_size=8, warmup_steps=1)
+    c.runs = {k: c.runs[k] for k in ("seqkd", "onpolicy_fkl", "onpolicy_rkl", "best_lambda_050")}
+    c.eval.update(num_test=16, num_validation=8, batch_size=16, diversity_problems=4, num_samples=4, num_test_long=8)
+  # Room for the long problems' prompts (32-token bucket) and 48 new tokens at evaluation.
+  for phase in (c.teacher, c.student_sft):
+    phase.arch.max_position_embeddings = 128
   return c

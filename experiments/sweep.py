@@ -142,7 +142,8 @@ def _prepare(config, workdir: str) -> dict:
 
 def evaluate_model(model_dir: str, task_data: str, ev) -> dict:
   """Every metric of the sweep for one checkpoint (keys: greedy, greedy_chain, long, long_chain, and per
-  sampling temperature t: sample_t, sample_chain_t, distinct_t, valid_t)."""
+  sampling temperature t: sample_t, sample_chain_t, distinct_t (distinct valid chains among a problem's
+  samples), unique_t (distinct completions among them) and valid_t (the samples' valid-chain rate))."""
   import numpy as np
   from gkd_jax import evaluate as evaluate_lib
   from gkd_jax import models
@@ -176,8 +177,24 @@ def evaluate_model(model_dir: str, task_data: str, ev) -> dict:
     texts = complete([p for p in problems for _ in range(n)], t, seed=101 + i)
     groups = [texts[j * n : (j + 1) * n] for j in range(len(problems))]
     out[f"distinct_{t}"] = float(np.mean([arithmetic.distinct_valid_chains(g, p) for g, p in zip(groups, problems)]))
+    # Distinct texts among a problem's samples, right or wrong: the diversity Self-BLEU measures.
+    out[f"unique_{t}"] = float(np.mean([len(set(g)) for g in groups]))
     out[f"valid_{t}"] = float(np.mean([arithmetic.check_chain(p, c) for g, p in zip(groups, problems) for c in g]))
   return out
+
+
+def validation_accuracy(model_dir: str, task_data: str, ev) -> float:
+  """Greedy accuracy on the validation split: what the learning-rate grid is scored by."""
+  from gkd_jax import evaluate as evaluate_lib
+  from gkd_jax import models
+  from gkd_jax.tasks import arithmetic
+
+  rows = list(arithmetic.load_task(os.path.dirname(task_data))["validation"])[: ev.num_validation]
+  model, tokenizer = models.from_pretrained(model_dir), models.load_tokenizer(model_dir)
+  texts = evaluate_lib.generate_completions(
+      model, tokenizer, rows, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, temperature=0.0
+  )
+  return arithmetic.evaluate(texts, rows)["accuracy"]
 
 
 def evaluate_product(config, directory: str, done: dict, task_data: str) -> dict:
@@ -191,24 +208,6 @@ def evaluate_product(config, directory: str, done: dict, task_data: str) -> dict
     return dict(evaluate_model(done["model"], task_data, config.eval), eval_seconds=round(time.perf_counter() - t0, 1))
 
   return file_cache.json_cache(os.path.join(directory, "metrics.json"), fingerprint, compute)
-
-
-# ------------------------------------------------------------------------------------------------------ runs
-
-
-def jobs(config, only=None) -> list[tuple[str, int]]:
-  """(run, seed) pairs, seed-major: a partial sweep has every arm at its first seeds."""
-  names = list(config.runs)
-  if only:
-    unknown = sorted(set(only) - set(names))
-    if unknown:
-      raise ValueError(f"--only names unknown runs {unknown}; config.runs has {sorted(names)}")
-    names = [n for n in names if n in only]
-  return [(name, seed) for seed in config.seeds for name in names]
-
-
-def run_dir(workdir: str, name: str, seed: int) -> str:
-  return os.path.join(workdir, "runs", name, f"seed{seed}")
 
 
 @contextlib.contextmanager
@@ -227,73 +226,233 @@ def _claim(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def train_and_evaluate(config, workdir: str, base: dict, name: str, seed: int) -> dict:
+# ------------------------------------------------------------------------------------------------------ runs
+#
+# Jobs are ("grid", arm, lr): the arm on seed config.grid_seed at one rate of config.lr_grid, scored by greedy
+# accuracy on the validation split; and ("final", arm, seed): the arm at its chosen rate, evaluated on the test
+# split. A run's directory is runs/ARM/lrLR/seedS, so the final run of grid_seed at the chosen rate is the grid
+# run itself (its training is cached; only the test evaluation is new).
+
+
+def onpolicy_arms(config) -> dict[str, str]:
+  """{arm: divergence} of the λ=1, full-data arms with a named divergence: the candidates for "best"."""
+  return {
+      name: run.divergence
+      for name, run in config.runs.items()
+      if run.lmbda == 1.0 and run.data == "full" and run.divergence in config.divergences
+  }
+
+
+def settings(config, name: str, best: str | None) -> dict | None:
+  """The arm's training fields with its divergence resolved to β (None while it needs "best" and best is
+  unknown); learning rate and seed are added per run."""
+  run = config.runs[name]
+  divergence = best if run.divergence == "best" else run.divergence
+  if divergence is None:
+    return None
+  out = dict(config.train.to_dict(), objective=run.objective, lmbda=run.lmbda, data=run.data)
+  if run.objective == "gkd":
+    if divergence not in config.divergences:
+      raise ValueError(
+          f"runs.{name}.divergence={run.divergence!r}: expected 'best' or one of {sorted(config.divergences)}"
+      )
+    out["beta"] = config.divergences[divergence]
+  return out
+
+
+def canonical(config, name: str, best: str | None) -> str | None:
+  """An arm with a named divergence and the same resolved settings, else the arm itself (so best_lambda_000
+  reuses supkd's runs when best is fkl); None while `best` is unknown and needed."""
+  mine = settings(config, name, best)
+  if mine is None:
+    return None
+  named = sorted(other for other in config.runs if config.runs[other].divergence != "best")
+  return next((other for other in named if settings(config, other, best) == mine), name)
+
+
+def run_dir(workdir: str, name: str, lr: float, seed: int) -> str:
+  return os.path.join(workdir, "runs", name, f"lr{lr:g}", f"seed{seed}")
+
+
+def _read(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, ValueError):
+    return None
+
+
+def validation_score(config, workdir: str, name: str, lr: float) -> float | None:
+  found = _read(os.path.join(run_dir(workdir, name, lr, config.grid_seed), "validation.json"))
+  return None if found is None else found["greedy"]
+
+
+def best_divergence(config, workdir: str) -> str | None:
+  """The on-policy divergence whose arm scores highest on validation at its best rate; None until all of
+  their grid runs finished. Ties go to the smaller β."""
+  scores = {}
+  for name, divergence in onpolicy_arms(config).items():
+    found = [validation_score(config, workdir, name, lr) for lr in config.lr_grid]
+    if None in found:
+      return None
+    scores[divergence] = max(found)
+  if not scores:
+    raise ValueError("arms use divergence='best' but config.runs has no λ=1 arm with a named divergence")
+  return max(scores, key=lambda d: (scores[d], -config.divergences[d]))
+
+
+def chosen_lr(config, workdir: str, name: str) -> float | None:
+  """The rate of config.lr_grid with the best validation accuracy for the arm (its canonical arm's grid);
+  None until the grid finished. Ties go to the smaller rate."""
+  canon = canonical(config, name, best_divergence(config, workdir))
+  if canon is None:
+    return None
+  found = {lr: validation_score(config, workdir, canon, lr) for lr in sorted(config.lr_grid)}
+  if None in found.values():
+    return None
+  return max(found, key=lambda lr: (found[lr], -lr))
+
+
+def jobs(config, only=None) -> list[tuple[str, str, float | int]]:
+  """Grid jobs first (arms not needing "best" before those that do), then final jobs seed-major (a partial
+  sweep has every arm at its first seeds). `only` restricts the arms; arms that need "best" bring the
+  on-policy arms' grid jobs with them."""
+  names = list(config.runs)
+  if only:
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+      raise ValueError(f"--only names unknown runs {unknown}; config.runs has {sorted(names)}")
+    names = [n for n in names if n in only]
+  needs_best = [n for n in names if config.runs[n].divergence == "best"]
+  grid_arms = [n for n in config.runs if n in names or (needs_best and n in onpolicy_arms(config))]
+  grid_arms.sort(key=lambda n: config.runs[n].divergence == "best")
+  out = [("grid", n, lr) for n in grid_arms for lr in config.lr_grid]
+  return out + [("final", n, seed) for seed in config.seeds for n in names]
+
+
+def _job_dir(config, workdir: str, job) -> str | None:
+  """Where the job's result goes; None while it waits for "best" or the arm's grid."""
+  kind, name, x = job
+  canon = canonical(config, name, best_divergence(config, workdir))
+  if canon is None:
+    return None
+  if kind == "grid":
+    return run_dir(workdir, canon, x, config.grid_seed)
+  lr = chosen_lr(config, workdir, name)
+  return None if lr is None else run_dir(workdir, canon, lr, x)
+
+
+def _result_name(job) -> str:
+  return "validation.json" if job[0] == "grid" else "result.json"
+
+
+def train_run(config, workdir: str, base: dict, name: str, lr: float, seed: int) -> dict:
+  """Trains (or finds cached) one run of an arm; returns the phase's DONE record."""
   import ml_collections
   from gkd_jax import models
   from gkd_jax.demos import arithmetic as demo
 
-  run = config.runs[name]
-  phase = {k: v for k, v in run.items() if k != "data"}
-  phase["total_steps"] = config.steps
+  phase = settings(config, name, best_divergence(config, workdir))
+  data = phase.pop("data")
+  phase.update(learning_rate=lr, total_steps=config.steps)
   seeded = config.copy_and_resolve_references()
   seeded.seed = seed
-  dataset = base["data"][run.get("data", "full")]
-  gkd = run.objective == "gkd"
-  rel = os.path.relpath(run_dir(workdir, name, seed), workdir)
-  done = demo.train_phase(
+  gkd = phase["objective"] == "gkd"
+  rel = os.path.relpath(run_dir(workdir, canonical(config, name, best_divergence(config, workdir)), lr, seed), workdir)
+  return demo.train_phase(
       rel,
       workdir,
       seeded,
       ml_collections.ConfigDict(phase),
-      dataset=dataset,
+      dataset=base["data"][data],
       tokenizer=models.load_tokenizer(base["student"]["model"]),
       init_from=base["student"]["model"],
       teacher_model=base["teacher"]["model"] if gkd else None,
       depends=(base["task_id"], base["teacher"]["fingerprint"], base["student"]["fingerprint"]),
   )
-  metrics = evaluate_product(config, run_dir(workdir, name, seed), done, base["data"]["full"])
-  return {"train_seconds": done["seconds"], **metrics}
+
+
+def run_job(config, workdir: str, base: dict, job) -> dict:
+  kind, name, x = job
+  if kind == "grid":
+    lr, seed = x, config.grid_seed
+  else:
+    lr, seed = chosen_lr(config, workdir, name), x
+  done = train_run(config, workdir, base, name, lr, seed)
+  if kind == "grid":
+    return {"greedy": validation_accuracy(done["model"], base["data"]["full"], config.eval), "learning_rate": lr}
+  metrics = evaluate_product(config, os.path.dirname(done["model"]), done, base["data"]["full"])
+  return {"train_seconds": done["seconds"], "learning_rate": lr, **metrics}
 
 
 def work(config, workdir: str, base: dict, only=None) -> int:
-  """Trains and evaluates every unclaimed job (finished phases and evaluations are cached by fingerprint, so
-  a job whose settings did not change returns at once); returns how many this process went through."""
-  done = 0
-  for name, seed in jobs(config, only):
-    directory = run_dir(workdir, name, seed)
-    # The lock lives outside the run directory: train_phase may wipe that directory to restart a run.
-    with _claim(os.path.join(workdir, "locks", f"{name}.seed{seed}")) as mine:
-      if not mine:
+  """Runs every job that is ready (its grid or "best" known) and unclaimed, until all have results; waits
+  while the only jobs left are claimed by other workers or wait on them. Finished phases and evaluations
+  are cached by fingerprint, so a job whose settings did not change returns at once. Returns how many jobs
+  this process ran."""
+  ran = 0
+  while True:
+    pending, started = 0, False
+    for job in jobs(config, only):
+      directory = _job_dir(config, workdir, job)
+      if directory is not None and os.path.exists(os.path.join(directory, _result_name(job))):
         continue
-      print(f"=== {name} seed {seed}", flush=True)
-      result = train_and_evaluate(config, workdir, base, name, seed)
-      with open(os.path.join(directory, "result.json.tmp"), "w") as f:
-        json.dump(result, f, indent=1)
-      os.replace(os.path.join(directory, "result.json.tmp"), os.path.join(directory, "result.json"))
-      print(f"=== {name} seed {seed}: greedy {result['greedy']:.3f}", flush=True)
-      done += 1
-  return done
+      pending += 1
+      if directory is None:
+        continue
+      # The lock lives outside the run directory: train_phase may wipe that directory to restart a run.
+      lock = os.path.join(workdir, "locks", os.path.relpath(directory, os.path.join(workdir, "runs")) + f".{job[0]}")
+      with _claim(lock) as mine:
+        if not mine or os.path.exists(os.path.join(directory, _result_name(job))):
+          continue
+        print(f"=== {job[0]} {job[1]} {job[2]}", flush=True)
+        result = run_job(config, workdir, base, job)
+        path = os.path.join(directory, _result_name(job))
+        with open(path + ".tmp", "w") as f:
+          json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"=== {job[0]} {job[1]} {job[2]}: greedy {result['greedy']:.3f}", flush=True)
+        ran, started = ran + 1, True
+        break  # rescan: this result may have unblocked jobs earlier in the order
+    if not pending:
+      return ran
+    if not started:
+      time.sleep(2)
 
 
-def spawn_workers(count: int, workdir: str, todo: list) -> None:
+def _pin(index: int, count: int) -> None:
+  """Pins worker `index` of `count` to its share of this process's CPUs. XLA:CPU's thread pool spans every
+  core it sees, so unpinned workers contend for all of them: two 100-step on-policy runs side by side on 2
+  cores took 53 s unpinned and 44 s pinned to one core each."""
+  if not hasattr(os, "sched_setaffinity"):
+    return
+  cores = sorted(os.sched_getaffinity(0))
+  if count > 1 and count <= len(cores):
+    share = len(cores) // count
+    os.sched_setaffinity(0, set(cores[index * share : (index + 1) * share]))
+
+
+def spawn_workers(config, count: int, workdir: str, todo: list) -> None:
   """count worker processes of this sweep (same flags); waits for them, showing finished jobs."""
   from tqdm.auto import tqdm
 
-  argv = [a for a in sys.argv[1:] if not a.startswith("--workers")]
+  argv = [a for a in sys.argv[1:] if not a.startswith(("--workers", "--worker_index"))]
   logs = [os.path.join(workdir, f"worker{i}.log") for i in range(count)]
   procs = [
       subprocess.Popen(
-          [sys.executable, os.path.abspath(__file__), *argv, "--worker"],
+          [sys.executable, os.path.abspath(__file__), *argv, "--worker", f"--worker_index={i}", f"--workers={count}"],
           stdout=open(log, "a"),
           stderr=subprocess.STDOUT,
       )
-      for log in logs
+      for i, log in enumerate(logs)
   ]
   start = time.time()
 
   def finished():  # result files (re)written by this invocation's workers
-    paths = [os.path.join(run_dir(workdir, n, s), "result.json") for n, s in todo]
-    return sum(os.path.exists(p) and os.path.getmtime(p) >= start for p in paths)
+    paths = [(_job_dir(config, workdir, job), _result_name(job)) for job in todo]
+    return sum(
+        d is not None and os.path.exists(p := os.path.join(d, n)) and os.path.getmtime(p) >= start for d, n in paths
+    )
 
   with tqdm(total=len(todo), desc="runs") as bar:
     while any(p.poll() is None for p in procs):
@@ -309,21 +468,30 @@ def spawn_workers(count: int, workdir: str, todo: list) -> None:
 
 
 def collect(config, workdir: str) -> dict:
-  """{arm: {metric: [value per seed]}} for every finished run, plus 'teacher' and 'initial' (one value)."""
+  """{arm: {metric: [value per seed]}} for every finished final run, plus 'teacher' and 'initial' (one value
+  each), and 'selection': the validation accuracy per arm and rate, the chosen rates and the best divergence."""
   results = {}
   for name in ("teacher", "initial"):
-    path = os.path.join(workdir, BASE, name, "metrics.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        results[name] = {k: [v] for k, v in json.load(f)["value"].items()}
+    found = _read(os.path.join(workdir, BASE, name, "metrics.json"))
+    if found:
+      results[name] = {k: [v] for k, v in found["value"].items()}
+  best = best_divergence(config, workdir) if any(r.divergence == "best" for r in config.runs.values()) else None
+  selection = {"best_divergence": best, "validation": {}, "learning_rate": {}, "same_runs_as": {}}
   for name in config.runs:
+    canon = canonical(config, name, best)
+    if canon is None:
+      continue
+    if canon != name:
+      selection["same_runs_as"][name] = canon
+    selection["validation"][name] = {f"{lr:g}": validation_score(config, workdir, canon, lr) for lr in config.lr_grid}
+    lr = chosen_lr(config, workdir, name)
+    if lr is None:
+      continue
+    selection["learning_rate"][name] = lr
     for seed in config.seeds:
-      path = os.path.join(run_dir(workdir, name, seed), "result.json")
-      if os.path.exists(path):
-        with open(path) as f:
-          for k, v in json.load(f).items():
-            results.setdefault(name, {}).setdefault(k, []).append(v)
-  return results
+      for k, v in (_read(os.path.join(run_dir(workdir, canon, lr, seed), "result.json")) or {}).items():
+        results.setdefault(name, {}).setdefault(k, []).append(v)
+  return {"selection": selection, **results}
 
 
 def main(argv):
@@ -340,6 +508,8 @@ def main(argv):
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import sweep_report
 
+  if _WORKER.value:
+    _pin(_WORKER_INDEX.value, _WORKERS.value)
   results_dir = _RESULTS_DIR.value or os.path.join(workdir, "report")
   if not _REPORT.value:
     t0 = time.perf_counter()
@@ -347,7 +517,7 @@ def main(argv):
     if _WORKER.value or _WORKERS.value <= 1:
       work(config, workdir, base, _ONLY.value)
     else:
-      spawn_workers(_WORKERS.value, workdir, jobs(config, _ONLY.value))
+      spawn_workers(config, _WORKERS.value, workdir, jobs(config, _ONLY.value))
     if _WORKER.value:
       return
     print(f"sweep: {time.perf_counter() - t0:.0f} s this invocation", flush=True)
@@ -355,10 +525,14 @@ def main(argv):
 
 
 if __name__ == "__main__":  # flags here: tests import this module beside gkd_jax.main's flags
+  from gkd_jax import host_malloc
+
+  host_malloc.reexec_if_wanted()  # CPU hosts: the CLI's malloc settings (workers inherit them)
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep.py", "The sweep's config file.")
   _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep (shared by all its workers).")
   _WORKERS = flags.DEFINE_integer("workers", 1, "Worker processes training runs in parallel (1 = in this one).")
   _WORKER = flags.DEFINE_bool("worker", False, "Internal: this process is a worker of a sweep.")
+  _WORKER_INDEX = flags.DEFINE_integer("worker_index", 0, "Internal: which worker (for CPU pinning).")
   _REPORT = flags.DEFINE_bool("report", False, "Only write the report from the results so far.")
   _ONLY = flags.DEFINE_list("only", None, "Run only these runs (names from config.runs).")
   _RESULTS_DIR = flags.DEFINE_string("results_dir", None, "Where the table and figures go (default WORKDIR/report).")

@@ -4,12 +4,13 @@ The sweep's training path is the demo's (tests/test_demo.py runs it); these are 
 
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from recipe_configs import load_config
+from recipe_configs import ROOT, load_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import sweep  # noqa: E402
@@ -30,24 +31,71 @@ def test_config_has_every_arm_of_the_issue():
       "lambda_025",
       "lambda_050",
       "lambda_075",
-      "onpolicy_fkl_5pct",
+      "best_lambda_000",
+      "best_lambda_025",
+      "best_lambda_050",
+      "best_lambda_075",
+      "onpolicy_best_5pct",
   }
-  assert len(c.seeds) >= 3
-  assert [c.runs[a].beta for a, _ in sweep_report.DIVERGENCE_ARMS] == [b for _, b in sweep_report.DIVERGENCE_ARMS]
-  assert [c.runs[a].lmbda for a, _ in sweep_report.LAMBDA_ARMS] == [lam for _, lam in sweep_report.LAMBDA_ARMS]
-  assert all(c.runs[a].beta == 0.0 for a, _ in sweep_report.LAMBDA_ARMS)  # the λ sweep is forward KL throughout
+  assert len(c.seeds) == 5 and len(c.lr_grid) >= 2 and c.train.warmup_steps > 0 and c.train.temperature == 1.0
+  beta = lambda arm: c.divergences[c.runs[arm].divergence]
+  assert [beta(a) for a, _ in sweep_report.DIVERGENCE_ARMS] == [b for _, b in sweep_report.DIVERGENCE_ARMS]
+  assert all(c.runs[a].lmbda == lam for a, lam in sweep_report.LAMBDA_ARMS + sweep_report.BEST_LAMBDA_ARMS)
+  assert all(c.runs[a].divergence == "fkl" for a, _ in sweep_report.LAMBDA_ARMS)  # the FKL λ sweep
+  assert all(c.runs[a].divergence == "best" for a, _ in sweep_report.BEST_LAMBDA_ARMS)
   assert c.runs.sft.objective == c.runs.seqkd.objective == "sft" and c.runs.seqkd.data == "seqkd"
-  assert c.runs.onpolicy_fkl_5pct.data == "fraction" and c.data_fraction == 0.05
+  assert c.runs.onpolicy_best_5pct.data == "fraction" and c.data_fraction == 0.05
+  assert c.task.num_validation == c.eval.num_validation > 0 and 0 < c.task.shuffle_train < 1
 
 
-def test_jobs_are_seed_major_and_only_checks_names():
+def _validation(tmp_path, c, scores):
+  """Writes grid results: scores[arm] = (accuracy at lr_grid[0], at lr_grid[1])."""
+  for arm, accs in scores.items():
+    for lr, acc in zip(c.lr_grid, accs):
+      d = sweep.run_dir(str(tmp_path), arm, lr, c.grid_seed)
+      os.makedirs(d, exist_ok=True)
+      with open(os.path.join(d, "validation.json"), "w") as f:
+        json.dump({"greedy": acc}, f)
+
+
+def test_jobs_grid_first_then_best_arms_then_seed_major():
   c = load_config("sweep")
   order = sweep.jobs(c)
-  assert len(order) == len(c.runs) * len(c.seeds)
-  assert [s for _, s in order] == sorted(s for _, s in order)
-  assert sweep.jobs(c, ["sft"]) == [("sft", s) for s in c.seeds]
+  grid = [j for j in order if j[0] == "grid"]
+  final = [j for j in order if j[0] == "final"]
+  assert order == grid + final and len(grid) == len(c.runs) * len(c.lr_grid)
+  assert len(final) == len(c.runs) * len(c.seeds) and [s for *_, s in final] == sorted(s for *_, s in final)
+  needs_best = [c.runs[n].divergence == "best" for _, n, _ in grid]
+  assert needs_best == sorted(needs_best)  # the arms that wait for "best" come last
+  only = sweep.jobs(c, ["best_lambda_050"])  # brings the on-policy arms' grid: they decide "best"
+  assert {n for k, n, _ in only if k == "grid"} == {"best_lambda_050"} | set(sweep.onpolicy_arms(c))
+  assert {n for k, n, _ in only if k == "final"} == {"best_lambda_050"}
   with pytest.raises(ValueError, match="unknown runs \\['nope'\\]"):
     sweep.jobs(c, ["sft", "nope"])
+
+
+def test_best_divergence_learning_rate_and_shared_runs(tmp_path):
+  c = load_config("sweep")
+  w = str(tmp_path)
+  assert sweep.best_divergence(c, w) is None and sweep.chosen_lr(c, w, "best_lambda_050") is None
+  assert sweep._job_dir(c, w, ("grid", "best_lambda_050", c.lr_grid[0])) is None  # waits for "best"
+  _validation(tmp_path, c, {"onpolicy_fkl": (0.5, 0.6), "onpolicy_jsd01": (0.4, 0.4), "onpolicy_jsd05": (0.1, 0.2)})
+  _validation(tmp_path, c, {"onpolicy_jsd09": (0.7, 0.2)})
+  assert sweep.best_divergence(c, w) is None  # rkl's grid is missing
+  _validation(tmp_path, c, {"onpolicy_rkl": (0.65, 0.7)})
+  assert sweep.best_divergence(c, w) == "jsd09"  # a tie (0.7) goes to the smaller β
+  _validation(tmp_path, c, {"onpolicy_rkl": (0.65, 0.75)})
+  assert sweep.best_divergence(c, w) == "rkl"
+  assert (
+      sweep.chosen_lr(c, w, "onpolicy_rkl") == c.lr_grid[1] and sweep.chosen_lr(c, w, "onpolicy_jsd09") == c.lr_grid[0]
+  )
+  assert sweep.chosen_lr(c, w, "onpolicy_jsd01") == min(c.lr_grid)  # ties go to the smaller rate
+  assert sweep.settings(c, "onpolicy_best_5pct", "rkl")["beta"] == 1.0
+  assert sweep.canonical(c, "best_lambda_050", "rkl") == "best_lambda_050"
+  # When forward KL wins, the best-divergence arms are the forward-KL arms: same runs, no retraining.
+  assert sweep.canonical(c, "best_lambda_050", "fkl") == "lambda_050"
+  assert sweep.canonical(c, "best_lambda_000", "fkl") == "supkd"
+  assert sweep.canonical(c, "onpolicy_best_5pct", "fkl") == "onpolicy_best_5pct"  # its data differ
 
 
 def test_a_claimed_run_is_not_claimed_twice(tmp_path):
@@ -60,7 +108,25 @@ def test_a_claimed_run_is_not_claimed_twice(tmp_path):
     assert again
 
 
-def test_report_table_and_figures(tmp_path):
+def test_paired_t_test_and_verdicts():
+  a, b = [1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 1.0, 1.0, 2.0]
+  diff, std, p = sweep_report.paired(a, b)
+  d = np.subtract(a, b)
+  t = d.mean() / (d.std(ddof=1) / np.sqrt(5))  # 5.88 on 4 degrees of freedom
+  from scipy import stats as sps
+
+  assert diff == pytest.approx(2.2) and std == pytest.approx(d.std(ddof=1))
+  assert p == pytest.approx(2 * sps.t.sf(t, 4)) and 0.004 < p < 0.005
+  assert np.isnan(sweep_report.paired([0.8, 0.9], [0.5, 0.6])[2])  # equal differences (up to rounding): no test
+  with pytest.raises(ValueError, match="one per seed"):
+    sweep_report.paired([1.0], [1.0, 2.0])
+  assert sweep_report.verdict(2.2, 0.004, +1) == "**agrees**"
+  assert sweep_report.verdict(2.2, 0.004, -1) == "**disagrees**"
+  assert sweep_report.verdict(2.2, 0.2, +1) == "same direction, not significant"
+  assert sweep_report.verdict(-2.2, float("nan"), +1) == "opposite direction, not significant"
+
+
+def test_report_table_claims_and_figures(tmp_path):
   c = load_config("sweep")
   temps = tuple(c.eval.temperatures)
   rng = np.random.default_rng(0)
@@ -73,18 +139,62 @@ def test_report_table_and_figures(tmp_path):
               f"sample_{t}": list(rng.random(n)),
               f"sample_chain_{t}": list(rng.random(n)),
               f"distinct_{t}": list(6 * rng.random(n)),
+              f"unique_{t}": list(8 * rng.random(n)),
               f"valid_{t}": list(rng.random(n)),
           }
       )
     return m
 
   results = {"teacher": metrics(1), "initial": metrics(1)}
-  results.update({arm: dict(metrics(3), train_seconds=[10.0, 12.0, 14.0]) for arm in c.runs})
-  results["sft"]["greedy"] = [0.5, 0.6, 0.7]
-  sweep_report.write(c, results, str(tmp_path))
+  results.update({arm: dict(metrics(5), train_seconds=[10.0] * 5) for arm in c.runs})
+  results["sft"]["greedy"] = [0.5, 0.6, 0.7, 0.6, 0.6]
+  results["onpolicy_rkl"]["greedy"] = [0.8, 0.9, 0.85, 0.8, 0.9]
+  results["best_lambda_050"]["greedy"] = [0.5, 0.6, 0.55, 0.55, 0.6]
+  selection = {
+      "best_divergence": "rkl",
+      "validation": {arm: {f"{lr:g}": 0.5 for lr in c.lr_grid} for arm in c.runs},
+      "learning_rate": {arm: c.lr_grid[0] for arm in c.runs},
+      "same_runs_as": {},
+  }
+  sweep_report.write(c, {"selection": selection, **results}, str(tmp_path))
   md = (tmp_path / "sweep.md").read_text()
-  assert "| continued SFT | 3 | 60.0 ± 10.0 |" in md  # mean ± sample std, in %
-  assert "| teacher | 1 |" in md and md.count("\n| ") == len(results) + 1
-  assert json.loads((tmp_path / "results.json").read_text())["sft"]["greedy"] == [0.5, 0.6, 0.7]
+  assert "| continued SFT | 5 | 60.0 ± 7.1 |" in md  # mean ± sample std, in %
+  assert "| teacher | 1 |" in md
+  # On-policy RKL beats the mixed arm by 25-30 points on every seed: the claim row says so with its test.
+  row = next(line for line in md.splitlines() if line.startswith("| on-policy > mixed") and "| greedy |" in line)
+  p = sweep_report.paired(results["onpolicy_rkl"]["greedy"], results["best_lambda_050"]["greedy"])[2]
+  assert f"| on-policy RKL | λ=0.5, best div. | greedy | 85.0 ± 5.0 | 56.0 ± 4.2 | +29.0 ± 2.2 | {p:.3f} |" in row
+  assert row.endswith("| **agrees** |") and p < 1e-4
+  assert "Best on-policy divergence on validation: rkl" in md and "| continued SFT | 50.0 | 50.0 |" in md
+  stored = json.loads((tmp_path / "results.json").read_text())
+  assert stored["sft"]["greedy"] == results["sft"]["greedy"] and stored["selection"]["best_divergence"] == "rkl"
   for name in ("fig1_methods", "fig4_quality_diversity", "fig7_lambda", "fig8_divergence", "fig_data_efficiency"):
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+def test_runlocal_sweep_end_to_end(tmp_path):
+  """configs/sweep.py:runlocal through both stages with two workers: grid, "best", chosen rates, report."""
+  workdir = str(tmp_path / "sweep")
+  out = subprocess.run(
+      [
+          sys.executable,
+          "experiments/sweep.py",
+          "--config=configs/sweep.py:runlocal",
+          f"--workdir={workdir}",
+          "--workers=2",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  c = load_config("sweep", "runlocal")
+  stored = json.loads(open(os.path.join(workdir, "report", "results.json")).read())
+  sel = stored["selection"]
+  assert sel["best_divergence"] in ("fkl", "rkl") and set(sel["learning_rate"]) == set(c.runs)
+  for arm in c.runs:
+    assert len(stored[arm]["greedy"]) == len(c.seeds), arm
+    assert set(sel["validation"][arm]) == {f"{lr:g}" for lr in c.lr_grid}
+  md = open(os.path.join(workdir, "report", "sweep.md")).read()
+  assert "## The paper's claims" in md and "| on-policy > mixed |" in md
