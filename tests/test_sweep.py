@@ -198,3 +198,19 @@ def test_runlocal_sweep_end_to_end(tmp_path):
     assert set(sel["validation"][arm]) == {f"{lr:g}" for lr in c.lr_grid}
   md = open(os.path.join(workdir, "report", "sweep.md")).read()
   assert "## The paper's claims" in md and "| on-policy > mixed |" in md
+
+
+def test_workers_are_pinned_to_their_share_of_the_cpus():
+  script = (
+      "import os, sys; sys.path.insert(0, 'experiments'); import sweep; "
+      "cores = sorted(os.sched_getaffinity(0)); sweep._pin(int(sys.argv[1]), int(sys.argv[2])); "
+      "print(len(cores), sorted(os.sched_getaffinity(0)))"
+  )
+  run = lambda index, count: subprocess.run(
+      [sys.executable, "-c", script, str(index), str(count)], cwd=ROOT, capture_output=True, text=True, check=True
+  ).stdout.split(" ", 1)
+  n, alone = run(0, 1)
+  assert len(json.loads(alone)) == int(n)  # one worker: untouched
+  if int(n) >= 2:
+    first, second = (json.loads(run(i, 2)[1]) for i in (0, 1))
+    assert first and second and not set(first) & set(second) and len(first) == len(second) == int(n) // 2
