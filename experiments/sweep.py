@@ -274,6 +274,30 @@ def run_dir(workdir: str, name: str, lr: float, seed: int) -> str:
   return os.path.join(workdir, "runs", name, f"lr{lr:g}", f"seed{seed}")
 
 
+_KEYS: dict = {}
+
+
+def sweep_key(config, workdir: str) -> str:
+  """What every result file depends on besides its path (arm, rate, seed): the base models' fingerprints and
+  the config, less the seeds and rates (adding some keeps the other results). A result written under another
+  key is stale and its job runs again; its training and evaluation come back from their own fingerprinted
+  caches where nothing they depend on changed."""
+  from gkd_jax import file_cache
+
+  done = [os.path.join(workdir, BASE, phase, "DONE") for phase in ("teacher", "student_sft")]
+  memo = (workdir, id(config), tuple(os.path.getmtime(p) if os.path.exists(p) else None for p in done))
+  if memo not in _KEYS:
+    shared = {k: v for k, v in config.to_dict().items() if k not in ("seeds", "lr_grid")}
+    _KEYS[memo] = file_cache.fingerprint([shared, [file_cache.read_text(p) for p in done]])
+  return _KEYS[memo]
+
+
+def _read_result(config, workdir: str, path: str) -> dict | None:
+  """A result file of this sweep (validation.json, result.json), or None when absent or stale."""
+  found = _read(path)
+  return found if found is not None and found.get("sweep") == sweep_key(config, workdir) else None
+
+
 def _read(path: str) -> dict | None:
   try:
     with open(path) as f:
@@ -283,7 +307,7 @@ def _read(path: str) -> dict | None:
 
 
 def validation_score(config, workdir: str, name: str, lr: float) -> float | None:
-  found = _read(os.path.join(run_dir(workdir, name, lr, config.grid_seed), "validation.json"))
+  found = _read_result(config, workdir, os.path.join(run_dir(workdir, name, lr, config.grid_seed), "validation.json"))
   return None if found is None else found["greedy"]
 
 
@@ -346,6 +370,10 @@ def _result_name(job) -> str:
   return "validation.json" if job[0] == "grid" else "result.json"
 
 
+def _done(config, workdir: str, directory: str, job) -> bool:
+  return _read_result(config, workdir, os.path.join(directory, _result_name(job))) is not None
+
+
 def train_run(config, workdir: str, base: dict, name: str, lr: float, seed: int) -> dict:
   """Trains (or finds cached) one run of an arm; returns the phase's DONE record."""
   import ml_collections
@@ -395,7 +423,7 @@ def work(config, workdir: str, base: dict, only=None) -> int:
     pending, started = 0, False
     for job in jobs(config, only):
       directory = _job_dir(config, workdir, job)
-      if directory is not None and os.path.exists(os.path.join(directory, _result_name(job))):
+      if directory is not None and _done(config, workdir, directory, job):
         continue
       pending += 1
       if directory is None:
@@ -403,10 +431,10 @@ def work(config, workdir: str, base: dict, only=None) -> int:
       # The lock lives outside the run directory: train_phase may wipe that directory to restart a run.
       lock = os.path.join(workdir, "locks", os.path.relpath(directory, os.path.join(workdir, "runs")) + f".{job[0]}")
       with _claim(lock) as mine:
-        if not mine or os.path.exists(os.path.join(directory, _result_name(job))):
+        if not mine or _done(config, workdir, directory, job):
           continue
         print(f"=== {job[0]} {job[1]} {job[2]}", flush=True)
-        result = run_job(config, workdir, base, job)
+        result = dict(run_job(config, workdir, base, job), sweep=sweep_key(config, workdir))
         path = os.path.join(directory, _result_name(job))
         with open(path + ".tmp", "w") as f:
           json.dump(result, f, indent=1)
@@ -449,10 +477,9 @@ def spawn_workers(config, count: int, workdir: str, todo: list) -> None:
   start = time.time()
 
   def finished():  # result files (re)written by this invocation's workers
-    paths = [(_job_dir(config, workdir, job), _result_name(job)) for job in todo]
-    return sum(
-        d is not None and os.path.exists(p := os.path.join(d, n)) and os.path.getmtime(p) >= start for d, n in paths
-    )
+    dirs = [(_job_dir(config, workdir, job), job) for job in todo]
+    paths = [os.path.join(d, _result_name(job)) for d, job in dirs if d is not None and _done(config, workdir, d, job)]
+    return sum(os.path.getmtime(p) >= start for p in paths)
 
   with tqdm(total=len(todo), desc="runs") as bar:
     while any(p.poll() is None for p in procs):
@@ -489,7 +516,10 @@ def collect(config, workdir: str) -> dict:
       continue
     selection["learning_rate"][name] = lr
     for seed in config.seeds:
-      for k, v in (_read(os.path.join(run_dir(workdir, canon, lr, seed), "result.json")) or {}).items():
+      path = os.path.join(run_dir(workdir, canon, lr, seed), "result.json")
+      for k, v in (_read_result(config, workdir, path) or {}).items():
+        if k == "sweep":
+          continue
         results.setdefault(name, {}).setdefault(k, []).append(v)
   return {"selection": selection, **results}
 

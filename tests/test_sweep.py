@@ -55,7 +55,7 @@ def _validation(tmp_path, c, scores):
       d = sweep.run_dir(str(tmp_path), arm, lr, c.grid_seed)
       os.makedirs(d, exist_ok=True)
       with open(os.path.join(d, "validation.json"), "w") as f:
-        json.dump({"greedy": acc}, f)
+        json.dump({"greedy": acc, "sweep": sweep.sweep_key(c, str(tmp_path))}, f)
 
 
 def test_jobs_grid_first_then_best_arms_then_seed_major():
@@ -96,6 +96,13 @@ def test_best_divergence_learning_rate_and_shared_runs(tmp_path):
   assert sweep.canonical(c, "best_lambda_050", "fkl") == "lambda_050"
   assert sweep.canonical(c, "best_lambda_000", "fkl") == "supkd"
   assert sweep.canonical(c, "onpolicy_best_5pct", "fkl") == "onpolicy_best_5pct"  # its data differ
+  # Results of other settings (another config, other base models) are stale: their jobs run again.
+  c2 = load_config("sweep")
+  c2.steps += 1
+  assert sweep.best_divergence(c2, w) is None and sweep.chosen_lr(c2, w, "onpolicy_rkl") is None
+  c3 = load_config("sweep")
+  c3.seeds, c3.lr_grid = (0, 1, 2, 3, 4, 5), tuple(c.lr_grid)  # more seeds keep the grid
+  assert sweep.best_divergence(c3, w) == "rkl"
 
 
 def test_a_claimed_run_is_not_claimed_twice(tmp_path):
