@@ -76,6 +76,7 @@ def test_jobs_grid_first_then_best_arms_then_seed_major():
 
 def test_best_divergence_learning_rate_and_shared_runs(tmp_path):
   c = load_config("sweep")
+  c.lr_grid = (3e-4, 1e-3)  # two rates: the scores below are (lower, higher)
   w = str(tmp_path)
   assert sweep.best_divergence(c, w) is None and sweep.chosen_lr(c, w, "best_lambda_050") is None
   assert sweep._job_dir(c, w, ("grid", "best_lambda_050", c.lr_grid[0])) is None  # waits for "best"
@@ -177,6 +178,17 @@ def test_report_table_claims_and_figures(tmp_path):
   assert stored["sft"]["greedy"] == results["sft"]["greedy"] and stored["selection"]["best_divergence"] == "rkl"
   for name in ("fig1_methods", "fig4_quality_diversity", "fig7_lambda", "fig8_divergence", "fig_data_efficiency"):
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+def test_claims_are_tested_greedy_and_sampled():
+  """Greedy accuracy saturates once the task is learned: the λ and 5%-prompt claims also run at the top τ."""
+  rows = sweep_report.claim_rows("jsd01", (0.1, 1.0))
+  metrics = lambda claim: {m for c, *_, m, _ in rows if c == claim}
+  for claim in ("on-policy on 5% of prompts > supervised KD on 100%", "on-policy (λ=1) > supervised (λ=0), forward KL"):
+    assert metrics(claim) == {"greedy", "sample_1.0"}, claim
+  assert ("larger β at λ=0: lower diversity", "best_lambda_000", "supkd", "unique_1.0", -1) in rows
+  # With forward KL best, λ=0 at the best divergence is supervised KD itself: no self-comparison.
+  assert not [r for r in sweep_report.claim_rows("fkl", (1.0,)) if r[0].startswith("larger β")]
 
 
 def test_runlocal_sweep_end_to_end(tmp_path):
