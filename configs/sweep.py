@@ -33,8 +33,8 @@ Arms, each trained `steps` optimizer steps from that student (warmup, cosine dec
 
 Steps and rates: 400 steps, lr ∈ {3e-4, 1e-3, 3e-3}. At 200 steps with {3e-4, 1e-3} every arm kept the top
 rate and the supervised arms stood at 72-80% greedy, still climbing (experiments/results/sweep/
-steps200_results.json); at 400 they reach 99.5%, and 12 of 16 arms keep
-1e-3, the grid's middle (on-policy FKL, λ=0.5 and 0.75 FKL and the 5%-prompt arm keep 3e-3).
+steps200_results.json); at 400 they reach 99.5%, and 12 of 16 arms keep 1e-3, the grid's middle (on-policy
+FKL, λ=0.5 and 0.75 FKL and the 5%-prompt arm keep 3e-3).
 
 "best" is the on-policy divergence with the highest validation accuracy (seed `grid_seed`, each at its best
 learning rate); an arm that resolves to the same settings as another (best = fkl) reuses its runs.

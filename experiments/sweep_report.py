@@ -117,7 +117,7 @@ def claim_rows(best: str | None, temperatures) -> list[tuple[str, str, str, str,
     rows.append(("mode-seeking: lower diversity", mode_seeking, "onpolicy_fkl", f"unique_{temperatures[-1]}", -1))
     rows.append(("mode-seeking: fewer valid modes", mode_seeking, "onpolicy_fkl", f"distinct_{temperatures[-1]}", -1))
   if best and best != "fkl":
-    # The same comparison on the dataset's chains (λ=0), where every seed learns the task: β apart, arms match.
+    # The divergence comparison again on the dataset's chains (λ=0): the two arms differ only in β.
     rows.append(("larger β at λ=0: better sampled quality", "best_lambda_000", "supkd", hot, 1))
     rows.append(("larger β at λ=0: lower diversity", "best_lambda_000", "supkd", f"unique_{temperatures[-1]}", -1))
   if best:
