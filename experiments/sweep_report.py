@@ -97,33 +97,34 @@ def verdict(diff: float, p: float, direction: int, alpha: float = 0.05) -> str:
 
 def claim_rows(best: str | None, temperatures) -> list[tuple[str, str, str, str, int]]:
   """(claim, arm A, arm B, metric, sign of A - B the paper reports) for every comparison of the report."""
-  hot = f"sample_{temperatures[-1]}"
-  on = f"onpolicy_{best}" if best else None
-  rows = []
-  if best:
-    for metric in ("greedy", hot):
-      rows += [
-          ("on-policy > mixed", on, "best_lambda_050", metric, 1),
-          ("mixed > supervised KD", "best_lambda_050", "supkd", metric, 1),
-          ("supervised KD > SeqKD", "supkd", "seqkd", metric, 1),
-      ]
+  hot, unique, distinct = (f"{m}_{temperatures[-1]}" for m in ("sample", "unique", "distinct"))
   # Greedy accuracy can saturate (every arm that learns the task copies the dominant chain): τ=1 still separates.
-  for metric in ("greedy", hot):
-    if best:
-      rows.append(("on-policy (λ=1) > supervised (λ=0), best divergence", on, "best_lambda_000", metric, 1))
-    rows.append(("on-policy (λ=1) > supervised (λ=0), forward KL", "onpolicy_fkl", "supkd", metric, 1))
+  both = ("greedy", hot)
+  on = f"onpolicy_{best}" if best else None
+  pairs = []  # (claim, A, B, metrics, sign)
+  if best:
+    pairs += [
+        ("on-policy > mixed", on, "best_lambda_050", both, 1),
+        ("mixed > supervised KD", "best_lambda_050", "supkd", both, 1),
+        ("supervised KD > SeqKD", "supkd", "seqkd", both, 1),
+        ("on-policy (λ=1) > supervised (λ=0), best divergence", on, "best_lambda_000", both, 1),
+    ]
+  pairs.append(("on-policy (λ=1) > supervised (λ=0), forward KL", "onpolicy_fkl", "supkd", both, 1))
   for mode_seeking in ("onpolicy_rkl", "onpolicy_jsd09"):
-    rows.append(("mode-seeking: better sampled quality", mode_seeking, "onpolicy_fkl", hot, 1))
-    rows.append(("mode-seeking: lower diversity", mode_seeking, "onpolicy_fkl", f"unique_{temperatures[-1]}", -1))
-    rows.append(("mode-seeking: fewer valid modes", mode_seeking, "onpolicy_fkl", f"distinct_{temperatures[-1]}", -1))
+    pairs += [
+        ("mode-seeking: better sampled quality", mode_seeking, "onpolicy_fkl", (hot,), 1),
+        ("mode-seeking: lower diversity", mode_seeking, "onpolicy_fkl", (unique,), -1),
+        ("mode-seeking: fewer valid modes", mode_seeking, "onpolicy_fkl", (distinct,), -1),
+    ]
   if best and best != "fkl":
     # The divergence comparison again on the dataset's chains (λ=0): the two arms differ only in β.
-    rows.append(("larger β at λ=0: better sampled quality", "best_lambda_000", "supkd", hot, 1))
-    rows.append(("larger β at λ=0: lower diversity", "best_lambda_000", "supkd", f"unique_{temperatures[-1]}", -1))
+    pairs += [
+        ("larger β at λ=0: better sampled quality", "best_lambda_000", "supkd", (hot,), 1),
+        ("larger β at λ=0: lower diversity", "best_lambda_000", "supkd", (unique,), -1),
+    ]
   if best:
-    for metric in ("greedy", hot):
-      rows.append(("on-policy on 5% of prompts > supervised KD on 100%", "onpolicy_best_5pct", "supkd", metric, 1))
-  return rows
+    pairs.append(("on-policy on 5% of prompts > supervised KD on 100%", "onpolicy_best_5pct", "supkd", both, 1))
+  return [(claim, a, b, metric, sign) for claim, a, b, metrics, sign in pairs for metric in metrics]
 
 
 def claims(results: dict, best: str | None, temperatures) -> str:
