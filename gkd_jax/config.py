@@ -29,7 +29,7 @@ import time
 
 import ml_collections
 
-from gkd_jax import optim
+from gkd_jax import files, optim, storage
 
 OBJECTIVES = ("gkd", "sft")
 EVAL_METRICS = ("none", "math", "arithmetic", "rouge")  # scored by gkd_jax.evaluate.metric
@@ -313,9 +313,13 @@ def validate_with_tokenizer(c, vocab_size: int) -> None:
 
 
 def has_checkpoints(workdir: str) -> bool:
-  """Whether the workdir holds a complete checkpoint (a step directory; orbax's temporaries are not)."""
-  directory = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+  """Whether the workdir holds a complete checkpoint: a step directory (orbax's temporaries are not), on
+  object storage one holding orbax's commit marker (written last, as there is no rename there)."""
+  directory = storage.join(workdir, "checkpoints")
+  steps = [n for n in storage.listdir(directory) if n.isdigit()]
+  if not storage.is_url(workdir):
+    return bool(steps)
+  return any(storage.exists(storage.join(directory, n, "commit_success.txt")) for n in steps)
 
 
 def config_changes(saved: dict, config) -> dict[str, tuple]:
@@ -338,12 +342,11 @@ def _describe(changes: dict) -> str:
 def check_resume(workdir: str, c, fixed_fields=()) -> dict[str, tuple]:
   """Compares `c` with the config.json of the run whose checkpoints are in `workdir`; returns the changes
   to accept, or raises ValueError listing the refused ones (old → new). Touches nothing on disk."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path) or not has_checkpoints(workdir):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path) or not has_checkpoints(workdir):
     return {}
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(storage.read_text(path))
   except ValueError as e:
     if c.get("allow_config_change"):
       return {"config.json": ("unreadable", "this config")}
@@ -371,20 +374,17 @@ def check_resume(workdir: str, c, fixed_fields=()) -> dict[str, tuple]:
 def write_run_config(workdir: str, c, fixed_fields=(), write: bool = True) -> dict[str, tuple]:
   """Checks `c` against the workdir's run (check_resume), then saves it as WORKDIR/config.json (when `write`:
   process 0), keeping a replaced one as config.replaced-TIMESTAMP.json. Returns the accepted changes."""
-  from gkd_jax import files
-
   changes = check_resume(workdir, c, fixed_fields)
   if changes:
     logger.warning("resuming the run in %s with a changed config: %s", workdir, _describe(changes))
   if not write:
     return changes
   files.require_directory(workdir, "--workdir")
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
+  storage.makedirs(workdir)
+  path = storage.join(workdir, "config.json")
   with files.writing(path, "the run config"):
-    if changes and os.path.exists(path):
-      os.replace(path, os.path.join(workdir, f"config.replaced-{time.strftime('%Y%m%d-%H%M%S')}.json"))
-    with open(path + ".tmp", "w") as f:
-      f.write(c.to_json(indent=1))
-    os.replace(path + ".tmp", path)
+    if changes and storage.exists(path):  # kept beside (a copy: object storage has no rename)
+      old = storage.join(workdir, f"config.replaced-{time.strftime('%Y%m%d-%H%M%S')}.json")
+      storage.write_text(old, storage.read_text(path))
+    storage.write_text(path, c.to_json(indent=1))
   return changes

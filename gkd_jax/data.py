@@ -42,6 +42,7 @@ import datasets
 import numpy as np
 
 from gkd_jax.buckets import DEFAULT_BUCKETS, bucket_size  # noqa: F401 (part of this module's API)
+from gkd_jax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def load_rows(
   if isinstance(source, datasets.Dataset):
     return source
   files = [source] if isinstance(source, str) else list(source)
+  files = [storage.local_copy(f) for f in files]  # gs://... files, globs and directories: a local copy
   first = files[0]
   if len(files) == 1 and os.path.isdir(first):
     if any(os.path.exists(os.path.join(first, f)) for f in ("state.json", "dataset_dict.json")):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from typing import Any, Callable, Sequence
 
@@ -30,7 +29,7 @@ from flax import nnx
 
 from gkd_jax import data as data_lib
 from gkd_jax import config as config_lib
-from gkd_jax import rollout, sampling
+from gkd_jax import rollout, sampling, storage
 
 logger = logging.getLogger(__name__)
 
@@ -228,13 +227,12 @@ def evaluate_workdir(config, workdir: str) -> dict:
     raise ValueError("config.eval_split=None is invalid for --mode=eval: name the held-out split to evaluate")
   files.require_directory(workdir, "--workdir")
   setup = trainer.build(config)
-  with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+  with checkpoints.Checkpointer(storage.join(workdir, "checkpoints")) as ckpt:
     state, step = resume.restore_or_start(ckpt, setup.state, setup.loader, config)
   result = {"step": step, **evaluate(setup, state, workdir)}
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f, indent=1)
+    storage.makedirs(workdir)
+    storage.write_text(storage.join(workdir, "eval.json"), json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
   if setup.teacher_client is not None:
     setup.teacher_client.close()
@@ -261,12 +259,10 @@ def teacher_generation_metric(setup, state, rows, score, workdir) -> dict:
   teacher is the student)."""
   if setup.teacher is None:
     return {}
-  path = None if workdir is None else os.path.join(workdir, "teacher_eval.json")
-  if path and os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  path = None if workdir is None else storage.join(workdir, "teacher_eval.json")
+  if path and storage.exists(path):
+    return json.loads(storage.read_text(path))
   result = generation_metric(setup, (nnx.graphdef(setup.teacher), state.teacher_params), rows, score)
   if path and jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(result, f)
+    storage.write_text(path, json.dumps(result))
   return result

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from gkd_jax import checkpoints, files, models, resume, rollout
+from gkd_jax import checkpoints, files, models, resume, rollout, storage
 from gkd_jax import sharding as shd
 
 
@@ -36,12 +36,11 @@ def export_student(student: nnx.Module, tokenizer, weights, out_dir: str, overwr
 def export(workdir: str, out: str, step: int | None = None, overwrite: bool = False) -> str:
   files.require_directory(workdir, "--workdir")
   files.check_output_directory(out, overwrite=overwrite, what="--out")  # before anything loads
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir")
   try:
-    with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.loads(storage.read_text(path)))
   except ValueError as e:
     raise ValueError(f"{path} is not valid JSON ({e}): it should be the config a training run saved") from e
   from gkd_jax import trainer
@@ -54,7 +53,7 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
   if trainer.teacher_kind(config) == "model":
     teacher = _abstract_params(config.teacher_model, dtype, param_dtype, mesh, options)
   state, _, _, lora_spec = trainer.initial_state(config, student, teacher, mesh)
-  with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+  with checkpoints.Checkpointer(storage.join(workdir, "checkpoints")) as ckpt:
     state, _ = ckpt.restore(resume.abstract_state(state), step=step, fingerprint=resume.fingerprint(config))
   tokenizer = models.load_tokenizer(config.tokenizer or config.model)
   return export_student(student, tokenizer, rollout.student_weights(state, lora_spec), out, overwrite)
@@ -62,7 +61,9 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
 
 def _abstract_params(path: str, dtype, param_dtype, mesh, options: dict) -> nnx.State:
   """A model's params as ShapeDtypeStructs in their mesh shardings, from its config.json (no weights read)."""
-  if not os.path.isdir(path):
+  if storage.is_url(path):
+    path = storage.local_copy(storage.join(path, "config.json"))
+  elif not os.path.isdir(path):
     from huggingface_hub import hf_hub_download
 
     path = hf_hub_download(path, "config.json")

@@ -1,9 +1,18 @@
 """Entry point: `python -m gkd_jax.main --config=configs/NAME.py[:arg] --workdir=DIR [--config.key=value]`.
 
+A run stopped by SIGTERM (a preempted spot / queued-resource VM) saves a checkpoint and exits with status
+75 (checkpoints.PREEMPTED_EXIT_CODE, "rerun me"); rerunning the same command resumes it:
+
+  until python -m gkd_jax.main --config=... --workdir=gs://BUCKET/run; do [ $? -eq 75 ] || exit 1; done
+
 `config.job` picks what runs: "train" (the GKD / SFT trainer, gkd_jax.trainer), "demo" (the embedded
 offline pipeline of configs/default.py, gkd_jax.demos.arithmetic) or "bigram" (GKD between bigram LMs,
 gkd_jax.demos.bigram).
 """
+
+import logging as std_logging
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -67,7 +76,22 @@ def main(argv):
   # Orbax and JAX log every checkpoint step at INFO; keep the console to progress bars and warnings.
   logging.set_verbosity(logging.WARNING)
   initialize_distributed()
-  run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  from gkd_jax import checkpoints, storage  # after the re-exec above, like every jax-importing module here
+
+  # gcsfs logs every exhausted retry with a traceback; the run's own error names the URL once.
+  std_logging.getLogger("gcsfs").setLevel(std_logging.CRITICAL)
+  try:
+    run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except checkpoints.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(checkpoints.PREEMPTED_EXIT_CODE)
+  except storage.StorageError as e:
+    logging.error("%s", e)
+    # Orbax / tensorstore threads may go on retrying the lost storage for many minutes; nothing they could
+    # still finish would count (a checkpoint without its commit marker is never listed), so stop now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

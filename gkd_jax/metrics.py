@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 
-from gkd_jax import files
+from gkd_jax import files, storage
 
 logger = logging.getLogger(__name__)
 
@@ -20,49 +22,82 @@ class MetricsWriter:
   """Writes records as JSON lines — WORKDIR/metrics.jsonl for training, WORKDIR/{prefix}.jsonl otherwise
   (e.g. eval.jsonl) — and their numbers to TensorBoard (WORKDIR/tensorboard, tags "{prefix}/{name}"), on
   process 0 only. On resume, records past the restored step (from a run killed after its last checkpoint)
-  are dropped so each file holds each step once."""
+  are dropped so each file holds each step once.
+
+  A URL workdir (gs://) cannot be appended to: the JSON-lines objects are rewritten whole and the event
+  files (written to a local directory) uploaded at each `flush()` — the trainer's checkpoint saves — and at
+  most every 30 s between them."""
 
   def __init__(self, workdir: str, resumed_step: int = 0):
     self.workdir, self.resumed_step, self.files, self.tb = workdir, resumed_step, {}, None
+    self._tb_local = None
     if jax.process_index() != 0:
       return
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     from tensorboardX import SummaryWriter
 
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_step + 1)
+    tb_dir = storage.join(workdir, "tensorboard")
+    if storage.is_url(workdir):
+      self._tb_local = tempfile.mkdtemp(prefix="gkd_jax_tb-")
+      tb_dir = self._tb_local
+    self.tb = SummaryWriter(tb_dir, purge_step=resumed_step + 1)
 
-  def _file(self, prefix: str):
+  def _file(self, prefix: str) -> storage.JsonLines:
     if prefix not in self.files:
-      path = os.path.join(self.workdir, "metrics.jsonl" if prefix == "train" else f"{prefix}.jsonl")
-      if os.path.exists(path):
-        keep_records_up_to(path, self.resumed_step)
-      self.files[prefix] = open(path, "a")
+      path = storage.join(self.workdir, "metrics.jsonl" if prefix == "train" else f"{prefix}.jsonl")
+      kept = keep_records_up_to(path, self.resumed_step) if storage.exists(path) else []
+      self.files[prefix] = storage.JsonLines(path, lines=kept if storage.is_url(path) else None)
     return self.files[prefix]
 
   def write(self, record: dict, prefix: str = "train"):
     if self.tb is None:
       return
-    f = self._file(prefix)
-    with files.writing(f.name, "metrics", intact="the lines before this record are on disk"):
-      f.write(json.dumps(record) + "\n")
-      f.flush()
+    self.write_lines(prefix, [record])
     step = record["step"]
     for name, value in record.items():
       if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
         self.tb.add_scalar(f"{prefix}/{name}", value, step)
 
+  def write_lines(self, prefix: str, records: list[dict]):
+    """Records to WORKDIR/{prefix}.jsonl only (no TensorBoard scalars)."""
+    if self.tb is None:
+      return
+    f = self._file(prefix)
+    with files.writing(f.path, "metrics", intact="the lines before this record are on disk"):
+      for record in records:
+        f.write(json.dumps(record))
+
   def write_text(self, tag: str, text: str, step: int):
     if self.tb is not None:
       self.tb.add_text(tag, text, step)
 
-  def close(self):
+  def flush(self):
+    """Everything written so far is in the workdir (on a URL workdir: uploaded) when this returns."""
+    if self.tb is None:
+      return
     for f in self.files.values():
-      f.close()
-    if self.tb is not None:
+      f.flush()
+    self.tb.flush()
+    if self._tb_local is not None:
+      for name in storage.walk_files(self._tb_local):
+        storage.upload(os.path.join(self._tb_local, name), storage.join(self.workdir, "tensorboard", name))
+
+  def close(self, flush: bool = True):
+    """Flushes (unless `flush` is off: the storage is known to be gone) and closes the files."""
+    if self.tb is None:
+      return
+    try:
+      if flush:
+        self.flush()
+    finally:
+      for f in self.files.values():
+        f.close(flush=False)
       self.tb.close()
+      if self._tb_local is not None:
+        shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
-def log_samples(tokenizer, writer: MetricsWriter, batch: dict, step: int, workdir: str, count: int = 2):
+def log_samples(tokenizer, writer: MetricsWriter, batch: dict, step: int, count: int = 2):
   """A few sampled completions (decoded) to WORKDIR/samples.jsonl and TensorBoard."""
   if jax.process_index() != 0:
     return
@@ -71,18 +106,16 @@ def log_samples(tokenizer, writer: MetricsWriter, batch: dict, step: int, workdi
     prompt = batch["prompt_ids"][i][batch["prompt_mask"][i]]
     completion = batch["completion_ids"][i][batch["completion_mask"][i]]
     rows.append({"step": step, "prompt": tokenizer.decode(prompt), "completion": tokenizer.decode(completion)})
-  with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
+  writer.write_lines("samples", rows)
   writer.write_text("samples", "\n\n".join(f"{r['prompt']} → {r['completion']}" for r in rows), step)
 
 
-def keep_records_up_to(path: str, step: int) -> None:
+def keep_records_up_to(path: str, step: int) -> list[str]:
   """Drops the records of a JSON-lines file past `step` (logged after the checkpoint a run resumes from), and
   lines that are not JSON records: a partial last line left by a crash mid-write. Dropped unreadable lines
-  are appended to PATH.dropped rather than lost; the file is rewritten through a temporary + rename, so an
-  interruption here leaves either the old or the new file."""
-  with open(path, "rb") as f:
-    lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+  are appended to PATH.dropped rather than lost; the file is replaced whole (storage.write_text), so an
+  interruption here leaves either the old or the new file. Returns the kept lines."""
+  lines = storage.read_lines(path)
   kept, past, bad = [], 0, []
   for number, line in enumerate(lines, 1):
     if not line.strip():
@@ -98,7 +131,7 @@ def keep_records_up_to(path: str, step: int) -> None:
     else:
       past += 1
   if not bad and not past:
-    return
+    return kept
   if bad:
     logger.warning(
         "%s: dropped %d unreadable line(s) (line %s; a partial last line is what a crash mid-write leaves); "
@@ -108,12 +141,12 @@ def keep_records_up_to(path: str, step: int) -> None:
         ", ".join(str(n) for n, _ in bad[:5]),
         path,
     )
-    with open(path + ".dropped", "a") as f:
-      f.writelines(line if line.endswith("\n") else line + "\n" for _, line in bad)
+    dropped = "".join(storage.read_lines(path + ".dropped"))
+    dropped += "".join(line if line.endswith("\n") else line + "\n" for _, line in bad)
+    storage.write_text(path + ".dropped", dropped)
   with files.writing(path, "metrics"):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    storage.write_text(path, "".join(kept))
+  return kept
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs

@@ -601,7 +601,7 @@ def build_engine(
 
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m gkd_jax.serve", description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", required=True, help="HF checkpoint directory or hub id")
+  p.add_argument("--model", required=True, help="HF checkpoint directory (local or gs://) or hub id")
   p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")
   p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
   p.add_argument("--port", type=int, default=8000)

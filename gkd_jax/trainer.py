@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd_jax import checkpoints, evaluate, export, files, lora, models, optim, resume, rollout, sampling, sharding
+from gkd_jax import storage
 from gkd_jax import config as config_lib
 from gkd_jax import data as data_lib
 from gkd_jax import metrics as metrics_lib
@@ -221,22 +221,25 @@ def initial_state(config, student: nnx.Module, teacher_params, mesh) -> tuple[ts
 
 
 def train(config, workdir: str) -> dict:
-  """Builds everything from `config` and runs it; returns the last step's metrics."""
+  """Builds everything from `config` and runs it; returns the last step's metrics. Raises
+  `checkpoints.Preempted` when a SIGTERM (or JAX's multi-host preemption notice) stopped it after saving."""
   files.require_directory(workdir, "--workdir")
+  checkpoints.check_shared_workdir(workdir)  # every process must see one workdir (a bucket on a pod)
   config_lib.check_resume(workdir, config, resume.FINGERPRINT_FIELDS)  # before anything loads
   return run(build(config), workdir)
 
 
 def run(setup: Setup, workdir: str) -> dict:
   """Runs optimizer steps up to config.total_steps, resuming from the workdir's latest checkpoint; saves
-  every `save_every` steps, at the end, and on preemption (SIGTERM), then exits cleanly. Returns the last
-  step's record; setup.state is left holding the state the run ended with."""
+  every `save_every` steps, at the end, and on preemption (SIGTERM), then raises `checkpoints.Preempted`
+  (the CLI exits with checkpoints.PREEMPTED_EXIT_CODE: rerun me). Returns the last step's record;
+  setup.state is left holding the state the run ended with."""
   from tqdm.auto import tqdm
 
   config = setup.config
   config_lib.write_run_config(workdir, config, resume.FINGERPRINT_FIELDS, write=jax.process_index() == 0)
   ckpt = checkpoints.Checkpointer(
-      os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints, save_every=config.save_every
+      storage.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints, save_every=config.save_every
   )
   state, start = resume.restore_or_start(ckpt, setup.state, setup.loader, config)
   preemption = checkpoints.install_preemption_handler()
@@ -250,6 +253,7 @@ def run(setup: Setup, workdir: str) -> dict:
       dynamic_ncols=True,
   )
   record, source, fp = {}, rollout.BatchSource(setup), resume.fingerprint(config)
+  preempted = failure = None
   try:
     for step in range(start, config.total_steps):
       done = step + 1
@@ -282,7 +286,7 @@ def run(setup: Setup, workdir: str) -> dict:
       record = {"step": done, "mode": mode, **metrics, **timing}
       writer.write(record)
       if mode != "dataset" and config.sample_every and done % config.sample_every == 0:
-        metrics_lib.log_samples(setup.tokenizer, writer, batch, done, workdir)
+        metrics_lib.log_samples(setup.tokenizer, writer, batch, done)
       last = done == config.total_steps
       if setup.eval_loader is not None and ((config.eval_every and done % config.eval_every == 0) or last):
         writer.write({"step": done, **evaluate.evaluate(setup, state, workdir)}, prefix="eval")
@@ -290,24 +294,47 @@ def run(setup: Setup, workdir: str) -> dict:
       if done % config.log_every == 0 or last:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", mode=mode)
       stop = ckpt.reached_preemption(done)
-      ckpt.save(done, state, {"data": setup.loader.state(done), "fingerprint": fp}, force=stop or last)
+      if ckpt.save(done, state, {"data": setup.loader.state(done), "fingerprint": fp}, force=stop or last):
+        writer.flush()  # the logs cover every checkpointed step (on a bucket they are uploaded here)
       if stop:
-        logger.warning("preempted: saved step %d and stopping", done)
+        ckpt.wait()
+        preempted = checkpoints.Preempted(done, workdir)
         break
+  except BaseException as e:
+    failure = e
+    raise
   finally:
     setup.state = state
     bar.close()
-    writer.close()
-    ckpt.close()
+    _stop(setup, writer, ckpt, failure)
     preemption.uninstall()
-    if setup.teacher_client is not None:
-      setup.teacher_client.close()
+  if preempted is not None:
+    raise preempted
   if config.export_on_finish and int(state.step) == config.total_steps:
     weights = rollout.student_weights(state, setup.lora_spec)
     export.export_student(
-        setup.student, setup.tokenizer, weights, os.path.join(workdir, "export"), overwrite=True
+        setup.student, setup.tokenizer, weights, storage.join(workdir, "export"), overwrite=True
     )  # the run's own export
   return record
+
+
+def _stop(setup: Setup, writer, ckpt, failure: BaseException | None) -> None:
+  """Closes the run's outputs. After a failure nothing here may hide it: errors are logged, and when the
+  storage itself is gone nothing more is written or waited for."""
+  lost = isinstance(failure, storage.StorageError)
+  steps = [
+      lambda: writer.close(flush=not lost),
+      lambda: ckpt.close(wait=not lost),
+      lambda: setup.teacher_client is not None and setup.teacher_client.close(),
+  ]
+  for close in steps:
+    if failure is None:
+      close()
+      continue
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001 - the failure being raised is the one to report
+      logger.warning("while stopping after %s: %s", type(failure).__name__, storage.short(e))
 
 
 def _teacher_config(setup: Setup):

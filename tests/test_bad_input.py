@@ -268,12 +268,14 @@ def test_disk_full_metrics_write_names_the_file_and_keeps_earlier_lines(tmp_path
   before = path.read_text()
 
   class Full:
-    name = str(path)
+
+    def __init__(self, path):
+      self.path = path
 
     def write(self, text):
       enospc()
 
-  writer.files["train"] = Full()
+  writer.files["train"] = Full(str(path))
   with pytest.raises(
       files.DiskFullError,
       match=rf"writing metrics to {re.escape(str(path))}; stopped here; the " r"lines before this record are on disk",

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from gkd_jax import sharding as shd
+from gkd_jax import storage
 from gkd_jax.models import safetensors_io as st
 from gkd_jax.models.config import ModelConfig
 from gkd_jax.models.transformer import CausalLM
@@ -122,6 +123,14 @@ def _flat_params(state: nnx.State):
 
 
 def _resolve(path_or_id: str) -> str:
+  if storage.is_url(path_or_id):  # gs://...: downloaded once into the local cache (storage.local_copy)
+    directory = storage.local_copy(path_or_id)
+    if not os.path.isdir(directory) or not os.path.exists(os.path.join(directory, "config.json")):
+      raise FileNotFoundError(
+          f"{path_or_id} is not a checkpoint directory: it holds no config.json (on object storage an HF "
+          f"checkpoint is complete only once its config.json is written)"
+      )
+    return directory
   if os.path.isdir(path_or_id):
     return path_or_id
   if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")):
