@@ -217,7 +217,10 @@ class Runner:
               gen_s=gen_s,
               teacher_s=teacher_s,
               shape=(p, c),
-              tokens=int(batch["prompt_mask"].sum() + batch["completion_mask"].sum()),
+              # Counted on the host (all rows: one process), after the timing; no device program to compile.
+              tokens=int(
+                  rollout.host_rows(batch["prompt_mask"]).sum() + rollout.host_rows(batch["completion_mask"]).sum()
+              ),
               train_flops=train_flops,
               gen_flops=gen_flops,
           )
