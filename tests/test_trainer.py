@@ -247,6 +247,7 @@ def write_config(task, path, mesh=(2, 2, 2), **overrides):
           "seq_kd",
           "save_every",
           "peak_flops",
+          "sample_every",
       )
   }
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
@@ -353,7 +354,7 @@ def test_two_processes_equal_one(task, tmp_path):
   from safetensors.numpy import load_file
 
   config = write_config(
-      task, tmp_path / "cfg.py", total_steps=3, lmbda=0.5, save_every=1000, batch_size=8, mesh=(2, 4, 1)
+      task, tmp_path / "cfg.py", total_steps=3, lmbda=0.5, save_every=1000, batch_size=8, mesh=(2, 4, 1), sample_every=1
   )
   base = [sys.executable, "-m", "gkd_jax.main", f"--config={config}"]
   single = tmp_path / "single"
@@ -383,6 +384,9 @@ def test_two_processes_equal_one(task, tmp_path):
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err.decode()[-3000:]
   assert losses_by_step(multi) == pytest.approx(losses_by_step(single), rel=1e-5)
+  # Process 0 logs samples from its own devices' rows: the global batch's first rows, as in one process.
+  samples = lambda workdir: [(s["step"], s["prompt"]) for s in map(json.loads, open(workdir / "samples.jsonl"))]
+  assert samples(multi) == samples(single) and [s for s, _ in samples(single)] == [3, 3]  # step 3: on-policy
   ours, theirs = load_file(str(multi / "export" / "model.safetensors")), load_file(
       str(single / "export" / "model.safetensors")
   )
@@ -504,3 +508,29 @@ def test_host_rows_are_this_hosts_rows_in_order(mixed_setup):
   np.testing.assert_array_equal(rollout.host_rows(x), local)
   np.testing.assert_array_equal(rollout.host_rows(x, limit=3), local[:3])
   np.testing.assert_array_equal(rollout.host_rows(local, limit=2), local[:2])
+
+
+def test_teacher_server_request_gets_this_hosts_sampled_rows(mixed_setup):
+  """On generating steps the teacher server's request is built from the completions' addressable rows (the
+  loader's prompts, the sampled completions), and its answer joins the global batch."""
+  import concurrent.futures
+  import dataclasses
+
+  class Client:
+
+    def submit(self, ids, mask):
+      self.sent = (ids, mask)
+      future = concurrent.futures.Future()
+      future.set_result((np.ones(ids.shape + (2,), np.float32), np.zeros(ids.shape + (2,), np.int32)))
+      return future
+
+  client = Client()
+  source = rollout.BatchSource(dataclasses.replace(mixed_setup, teacher_client=client))
+  for step in (0, 2):  # seq_kd, on_policy
+    batch, mode, _ = source.get(step, mixed_setup.state)
+    assert mode != "dataset"
+    row = lambda k: np.asarray(batch[k])  # one process: all rows are this host's
+    np.testing.assert_array_equal(client.sent[0], np.concatenate([row("prompt_ids"), row("completion_ids")], 1))
+    np.testing.assert_array_equal(client.sent[1], np.concatenate([row("prompt_mask"), row("completion_mask")], 1))
+    assert batch["teacher_topk_values"].shape == batch["completion_ids"].shape + (2,)
+    assert batch["teacher_topk_values"].sharding.is_equivalent_to(mixed_setup.batch_sharding, 3)
