@@ -20,11 +20,13 @@ CPU hosts; this script re-executes itself under them and TRL's subprocess inheri
 --system-malloc glibc's defaults on both sides.
 
 What runs is the real trainer: `trainer.build(config)` and, per step, the loop body of `trainer.run`
-(`BatchSource.get` → host batch, with the student's sampler call on generating steps; the jitted, donated
-`setup.train_step`; metrics fetched to the host), without checkpoints or metric files. Timings:
+(`BatchSource.get` → the global batch, with the student's sampler call on generating steps, its completions
+left on the devices; the jitted, donated `setup.train_step`; metrics fetched to the host), without
+checkpoints or metric files. Timings:
 
   step      wall time of that loop body (median over the timed steps is "s/step").
-  gen       the sampler call inside it (`rollout.prepare_batch`'s own timer; it blocks on the result).
+  gen       the sampler call inside it: from its dispatch until its completions are computed
+            (`rollout.prepare_batch`'s own timer, a thread waiting on them; the host does not wait).
   teacher   the teacher's part of the train step, timed on its own right after each step: the same teacher
             forward the step runs (`train_step.completion_hidden` + the head, or the hidden states for the
             fused loss), jitted separately, on the same batch and params.
@@ -82,7 +84,7 @@ import fixture  # noqa: E402
 from gkd_jax import config as config_lib  # noqa: E402
 from gkd_jax import metrics as metrics_lib  # noqa: E402
 from gkd_jax import train_step as ts  # noqa: E402
-from gkd_jax import rollout, trainer  # noqa: E402
+from gkd_jax import rollout, sharding, trainer  # noqa: E402
 
 MODES = {"off": 0.0, "on": 1.0, "mixed": 0.5}
 # Per fixture shape: batch, prompt and new-token widths, and the tokenizer size of the full-vocabulary form.
@@ -193,11 +195,11 @@ class Runner:
   def step(self, record=True):
     setup, step = self.setup, self.next_step
     t0 = time.perf_counter()
-    host, kind, gen_s = self.source.get(step, self.state)
-    batch = {k: rollout.to_global(setup.batch_sharding, v) for k, v in host.items()}
+    batch, kind, gen = self.source.get(step, self.state)  # global arrays; sampled completions stay on device
     self.state, metrics = setup.train_step(self.state, batch)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     step_s = time.perf_counter() - t0
+    gen_s = gen.result()
     t1 = time.perf_counter()
     jax.block_until_ready(self.teacher_forward(self.state.teacher_params, batch))
     teacher_s = time.perf_counter() - t1
@@ -206,7 +208,7 @@ class Runner:
     self.seen.add(kind)
     self.next_step += 1
     if record:
-      p, c = host["prompt_ids"].shape[1], host["completion_ids"].shape[1]
+      p, c = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
       train_flops, gen_flops = step_flops(setup, self.head_columns, p, c, c if kind == "on_policy" else 0)
       self.records.append(
           dict(
@@ -215,7 +217,10 @@ class Runner:
               gen_s=gen_s,
               teacher_s=teacher_s,
               shape=(p, c),
-              tokens=int(host["prompt_mask"].sum() + host["completion_mask"].sum()),
+              # Counted on the host (all rows: one process), after the timing; no device program to compile.
+              tokens=int(
+                  sharding.host_rows(batch["prompt_mask"]).sum() + sharding.host_rows(batch["completion_mask"]).sum()
+              ),
               train_flops=train_flops,
               gen_flops=gen_flops,
           )

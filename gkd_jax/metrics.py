@@ -13,7 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from gkd_jax import files, storage
+from gkd_jax import files, sharding, storage
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +98,16 @@ class MetricsWriter:
 
 
 def log_samples(tokenizer, writer: MetricsWriter, batch: dict, step: int, count: int = 2):
-  """A few sampled completions (decoded) to WORKDIR/samples.jsonl and TensorBoard."""
+  """A few sampled completions (decoded) to WORKDIR/samples.jsonl and TensorBoard: the first `count` rows of
+  process 0, fetched from its own devices (the batch is global arrays or host numpy)."""
   if jax.process_index() != 0:
     return
+  keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+  local = {k: sharding.host_rows(batch[k], limit=count) for k in keys}
   rows = []
-  for i in range(min(count, len(batch["prompt_ids"]))):
-    prompt = batch["prompt_ids"][i][batch["prompt_mask"][i]]
-    completion = batch["completion_ids"][i][batch["completion_mask"][i]]
+  for i in range(len(local["prompt_ids"])):
+    prompt = local["prompt_ids"][i][local["prompt_mask"][i]]
+    completion = local["completion_ids"][i][local["completion_mask"][i]]
     rows.append({"step": step, "prompt": tokenizer.decode(prompt), "completion": tokenizer.decode(completion)})
   writer.write_lines("samples", rows)
   writer.write_text("samples", "\n\n".join(f"{r['prompt']} → {r['completion']}" for r in rows), step)
@@ -217,8 +220,9 @@ def throughput(
     peak_flops: float,
 ) -> dict:
   """Step timing, tokens/s and an MFU estimate (model FLOPs / (time × measured matmul ceiling)) of one step
-  on the global `batch` (host arrays of its shape). teacher_config is None when no teacher forward runs. The
-  train step runs teacher and student in one program: their split is estimated from their FLOP shares."""
+  on the global `batch` (global or host arrays: only their shapes are read). teacher_config is None when no
+  teacher forward runs. The train step runs teacher and student in one program: their split is estimated from
+  their FLOP shares."""
   b, p = batch_size, batch["prompt_ids"].shape[1]
   c = batch["completion_ids"].shape[1]
   flops = step_flops(

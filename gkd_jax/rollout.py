@@ -2,26 +2,34 @@
 the teacher server's top-k requests, prefetched one step ahead when they do not depend on the params.
 
     source = BatchSource(setup)
-    batch, mode, gen_s = source.get(step, state)   # host numpy arrays; completions sampled if on-policy
-    state, metrics = setup.train_step(state, {k: to_global(setup.batch_sharding, v) for k, v in batch.items()})
+    batch, mode, gen = source.get(step, state)   # global jax.Arrays; completions sampled if on-policy
+    state, metrics = setup.train_step(state, batch)
+    gen.result()                                 # seconds the sampler took (0 on dataset steps)
 
 The coin u for a step comes from a generator seeded by (seed, step): u < lmbda → the student samples the
 completions of the batch's prompts with its current params (on-policy); else, with seq_kd, the teacher
 samples them; else the dataset's completions are used. The coin is the same on every host and after a
 restart.
+
+Batches stay on the device. The loader's host rows become global arrays once (`to_global`); on generating
+steps the sampler's completions (global arrays, rows where their prompts are) go straight into the train
+step, with no gather across hosts and no host copy. Host copies of this host's rows are fetched from the
+addressable shards (`host_rows`) only where the host needs them: the teacher server's request and the
+logged samples.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from gkd_jax import lora, sampling
+from gkd_jax import lora, sampling, sharding
 
 MODES = ("on_policy", "seq_kd", "dataset")
 
@@ -54,8 +62,15 @@ def student_weights(state, lora_spec: lora.LoraSpec | None):
   return state.params if lora_spec is None else _merge(state.base_params, state.params, lora_spec)
 
 
-def sample_completions(setup, state, mode: str, batch: dict, step: int) -> tuple[np.ndarray, np.ndarray]:
-  """Completions for an on-policy (student) or seq_kd (teacher) step, from the params in `state`."""
+@functools.lru_cache(maxsize=None)
+def _finish_fn(batch_sharding):
+  """Jitted (ids, mask, row_mask) -> (ids, mask & row_mask), both laid out like the rest of the batch."""
+  return jax.jit(lambda ids, mask, rows: (ids, mask & rows[:, None]), out_shardings=(batch_sharding, batch_sharding))
+
+
+def sample_completions(setup, state, mode: str, batch: dict, step: int) -> tuple[jax.Array, jax.Array]:
+  """Completions [B, max_completion_length] (global arrays, sharded like the prompts) for an on-policy
+  (student) or seq_kd (teacher) step, from the params in `state`; `batch` holds the global prompt arrays."""
   config = setup.config
   if mode == "on_policy":
     model, prompt, mask = (
@@ -75,8 +90,8 @@ def sample_completions(setup, state, mode: str, batch: dict, step: int) -> tuple
   key = jax.random.fold_in(jax.random.fold_in(state.rng, step), MODES.index(mode))
   out = sampling.generate(
       model,
-      to_global(setup.batch_sharding, batch[prompt]),
-      to_global(setup.batch_sharding, batch[mask]),
+      batch[prompt],
+      batch[mask],
       key=key,
       max_new_tokens=config.max_completion_length,
       temperature=config.temperature,
@@ -86,14 +101,11 @@ def sample_completions(setup, state, mode: str, batch: dict, step: int) -> tuple
       pad_token_id=setup.tokenizer.pad_token_id,
       vocab_size=setup.step_cfg.vocab_size,
   )
-  ids = np.asarray(multihost_utils.process_allgather(out.completion_ids, tiled=True))
-  mask = np.asarray(multihost_utils.process_allgather(out.completion_mask, tiled=True))
-  lo = jax.process_index() * setup.loader.local_batch_size
-  return ids[lo : lo + setup.loader.local_batch_size], mask[lo : lo + setup.loader.local_batch_size]
+  return out.completion_ids, out.completion_mask
 
 
 def model_inputs(setup, batch: dict) -> dict:
-  """The keys of a host batch that the train and eval steps take (teacher prompts only for a local teacher)."""
+  """The keys of a batch that the train and eval steps take (teacher prompts only for a local teacher)."""
   keys = ["prompt_ids", "prompt_mask", "completion_ids", "completion_mask"]
   if "student_generated" in batch:
     keys.append("student_generated")
@@ -102,32 +114,74 @@ def model_inputs(setup, batch: dict) -> dict:
   return {k: batch[k] for k in keys}
 
 
-def prepare_batch(setup, state, step: int) -> tuple[dict, str, float]:
-  """Host batch for `step` with its completions filled by the step's mode; returns (batch, mode, gen_seconds)."""
+class Seconds:
+  """Seconds from `start` until `arrays` are computed, measured by a thread that waits on them, so the host
+  goes on dispatching meanwhile; `result()` waits for the measurement. Without arrays: a known value."""
+
+  def __init__(self, start: float | None = None, arrays=None, value: float = 0.0):
+    self.value, self.thread, self.end = value, None, None  # end: time.perf_counter() when they were ready
+    if arrays is not None:
+      self.thread = threading.Thread(target=self._wait, args=(start, arrays), daemon=True)
+      self.thread.start()
+
+  def _wait(self, start, arrays):
+    try:
+      jax.block_until_ready(arrays)
+    except Exception:  # noqa: BLE001 - a failed computation raises where the train step uses its result
+      pass
+    self.end = time.perf_counter()
+    self.value = self.end - start
+
+  def result(self) -> float:
+    if self.thread is not None:
+      self.thread.join()
+    return self.value
+
+
+def _prepare(setup, state, step: int) -> tuple[dict, dict, str, Seconds]:
+  """(global batch, host batch, mode, generation seconds) of `step`; see `prepare_batch`. The host batch is the
+  loader's rows of this host, with dataset completions only (sampled ones stay on the device)."""
   config = setup.config
-  batch = setup.loader.batch(step)
+  host = setup.loader.batch(step)
   mode = step_mode(config, step)
-  gen_time = 0.0
+  glob = functools.partial(to_global, setup.batch_sharding)
   if mode == "dataset":
-    missing = np.flatnonzero(batch["row_mask"] & ~batch["has_completion"])
+    missing = np.flatnonzero(host["row_mask"] & ~host["has_completion"])
     if len(missing):
       raise ValueError(
           f"step {step} is an off-policy step (lmbda={config.lmbda}, seq_kd={config.seq_kd}) but "
           f"rows {missing.tolist()} of its batch have no completion; use lmbda=1 or seq_kd for "
           f"prompt-only data"
       )
-  else:
-    t0 = time.perf_counter()
-    batch["completion_ids"], batch["completion_mask"] = sample_completions(setup, state, mode, batch, step)
-    gen_time = time.perf_counter() - t0
-  batch["completion_mask"] = batch["completion_mask"] & batch["row_mask"][:, None]
-  batch["student_generated"] = np.array(mode == "on_policy")
-  return model_inputs(setup, batch), mode, gen_time
+    host["completion_mask"] = host["completion_mask"] & host["row_mask"][:, None]
+    host["student_generated"] = np.array(False)
+    return {k: glob(v) for k, v in model_inputs(setup, host).items()}, host, mode, Seconds()
+  # Prompts (and teacher prompts: the seq_kd sampler may read them) go to the devices once, for the sampler
+  # and the train step alike; the completions never leave them.
+  batch = {k: glob(v) for k, v in host.items() if k.startswith(("prompt_", "teacher_prompt_"))}
+  t0 = time.perf_counter()
+  ids, mask = sample_completions(setup, state, mode, batch, step)
+  batch["completion_ids"], batch["completion_mask"] = _finish_fn(setup.batch_sharding)(
+      ids, mask, glob(host["row_mask"])
+  )
+  batch["student_generated"] = glob(np.array(mode == "on_policy"))
+  del host["completion_ids"], host["completion_mask"]  # the dataset's, not this step's
+  return model_inputs(setup, batch), host, mode, Seconds(t0, (ids, mask))
+
+
+def prepare_batch(setup, state, step: int) -> tuple[dict, str, Seconds]:
+  """Global batch of `step` (jax.Arrays over setup.batch_sharding, the train step's inputs) with its
+  completions filled by the step's mode; returns (batch, mode, generation seconds). Sampled completions are
+  [B, max_completion_length]; dataset completions keep the loader's bucketed width."""
+  batch, _, mode, gen = _prepare(setup, state, step)
+  return batch, mode, gen
 
 
 def request_teacher_topk(client, batch: dict) -> "Mapped":
-  """Starts the teacher server's top-k request for a host batch; returns a future of the batch's
-  (values, indices) [B, C, k] at the completion columns (the positions predicting completion tokens)."""
+  """Starts the teacher server's top-k request for this host's rows of a batch (host numpy, or global arrays:
+  then their addressable rows are fetched, see `host_rows`); returns a future of those rows' (values,
+  indices) [b, C, k] at the completion columns (the positions predicting completion tokens)."""
+  batch = {k: sharding.host_rows(batch[k]) for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
   ids = np.concatenate([batch["prompt_ids"], batch["completion_ids"]], axis=1)
   mask = np.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
   future = client.submit(ids, mask)
@@ -146,7 +200,7 @@ class Mapped:
 
 
 class BatchSource:
-  """Host batches in step order. With a teacher server, the next step's top-k request goes out before the
+  """Global batches in step order. With a teacher server, the next step's top-k request goes out before the
   current step runs when the next batch is already known (a dataset step: its completions don't depend
   on the params being trained), so the HTTP round trip overlaps the device work."""
 
@@ -154,18 +208,23 @@ class BatchSource:
     self.setup, self.ahead = setup, None
 
   def _prepare(self, step, state):
-    batch, mode, gen_time = prepare_batch(self.setup, state, step)
+    batch, host, mode, gen = _prepare(self.setup, state, step)
     client = self.setup.teacher_client
-    topk = request_teacher_topk(client, batch) if client else None
-    return step, batch, mode, gen_time, topk
+    # The host rows the request needs: the loader's, and on generating steps the completions' addressable rows.
+    topk = request_teacher_topk(client, {**batch, **host}) if client else None
+    return step, batch, mode, gen, topk
 
-  def get(self, step: int, state) -> tuple[dict, str, float]:
-    """(host batch, mode, generation seconds) of `step`; on-policy completions come from `state`'s params."""
+  def get(self, step: int, state) -> tuple[dict, str, Seconds]:
+    """(global batch, mode, generation seconds) of `step`; on-policy completions come from `state`'s params."""
     ahead, self.ahead = self.ahead, None
-    _, batch, mode, gen_time, topk = ahead if ahead and ahead[0] == step else self._prepare(step, state)
+    _, batch, mode, gen, topk = ahead if ahead and ahead[0] == step else self._prepare(step, state)
     config = self.setup.config
     if self.setup.teacher_client and step + 1 < config.total_steps and step_mode(config, step + 1) == "dataset":
       self.ahead = self._prepare(step + 1, state)  # a dataset step reads no params
     if topk is not None:
-      batch["teacher_topk_values"], batch["teacher_topk_indices"] = topk.result()
-    return batch, mode, gen_time
+      values, indices = topk.result()
+      batch["teacher_topk_values"], batch["teacher_topk_indices"] = (
+          to_global(self.setup.batch_sharding, values),
+          to_global(self.setup.batch_sharding, indices),
+      )
+    return batch, mode, gen

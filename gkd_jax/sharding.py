@@ -129,3 +129,29 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=None) -> nnx.State:
 def shard_state(state: nnx.State, mesh: Mesh, rules=None) -> nnx.State:
   """device_put every array of `state` into the sharding its logical names give."""
   return jax.device_put(state, state_shardings(state, mesh, rules))
+
+
+def host_rows(x: jax.Array, limit: int | None = None) -> np.ndarray:
+  """This host's rows of a global array sharded over the batch (`to_global`'s inverse), as host numpy, in
+  this host's row order; with `limit`, only the shards holding the first `limit` of them are fetched.
+
+  Reads the addressable shards only: no collective, nothing from other hosts. `make_array_from_process_local_data`
+  puts a host's rows on its devices in increasing global position, so the shards sorted by their first
+  row give them back in order."""
+  if not isinstance(x, jax.Array):
+    return np.asarray(x)[:limit]
+  starts, shards = set(), []
+  for shard in sorted(x.addressable_shards, key=lambda s: s.index[0].indices(x.shape[0])[0]):
+    start = shard.index[0].indices(x.shape[0])[0]
+    if start not in starts:  # replicas (e.g. over the tensor axis) hold the same rows
+      starts.add(start)
+      shards.append(shard.data)
+  rows = sum(s.shape[0] for s in shards)
+  if rows * jax.process_count() != x.shape[0]:
+    raise ValueError(
+        f"this host addresses {rows} of the {x.shape[0]} rows of a {x.sharding} array, not 1/{jax.process_count()} "
+        f"of them: the batch sharding does not give each host its own rows"
+    )
+  if limit is not None:
+    shards = shards[: next(i + 1 for i, n in enumerate(np.cumsum([s.shape[0] for s in shards])) if n >= limit)]
+  return np.concatenate(jax.device_get(shards))[:limit]

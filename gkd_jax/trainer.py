@@ -258,14 +258,14 @@ def run(setup: Setup, workdir: str) -> dict:
     for step in range(start, config.total_steps):
       done = step + 1
       t0 = time.perf_counter()
-      # Algorithm 1: the step's coin picks the mode; on-policy / seq_kd steps sample their completions.
-      batch, mode, gen_time = source.get(step, state)
+      # Algorithm 1: the step's coin picks the mode; on-policy / seq_kd steps sample their completions, which
+      # stay on the devices: the batch is global arrays, and the host does not wait for the sampler.
+      batch, mode, gen = source.get(step, state)
       t1 = time.perf_counter()
-      state, metrics = setup.train_step(
-          state, {k: rollout.to_global(setup.batch_sharding, v) for k, v in batch.items()}
-      )
+      state, metrics = setup.train_step(state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      train_time = time.perf_counter() - t1
+      gen_time = gen.result()
+      train_time = time.perf_counter() - max(t1, gen.end or t1)  # from when batch and completions were both ready
       if not np.isfinite(metrics["loss"]):
         raise FloatingPointError(
             f"loss is {metrics['loss']} at step {step} (mode {mode}); stopping with the "

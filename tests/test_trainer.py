@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from gkd_jax import config as config_lib
-from gkd_jax import resume, rollout, sampling, trainer
+from gkd_jax import resume, rollout, sampling, sharding, trainer
 from gkd_jax.tasks import arithmetic
 
 
@@ -247,6 +247,7 @@ def write_config(task, path, mesh=(2, 2, 2), **overrides):
           "seq_kd",
           "save_every",
           "peak_flops",
+          "sample_every",
       )
   }
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
@@ -356,7 +357,7 @@ def test_two_processes_equal_one(task, tmp_path):
   from safetensors.numpy import load_file
 
   config = write_config(
-      task, tmp_path / "cfg.py", total_steps=3, lmbda=0.5, save_every=1000, batch_size=8, mesh=(2, 4, 1)
+      task, tmp_path / "cfg.py", total_steps=3, lmbda=0.5, save_every=1000, batch_size=8, mesh=(2, 4, 1), sample_every=1
   )
   base = [sys.executable, "-m", "gkd_jax.main", f"--config={config}"]
   single = tmp_path / "single"
@@ -386,6 +387,9 @@ def test_two_processes_equal_one(task, tmp_path):
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err.decode()[-3000:]
   assert losses_by_step(multi) == pytest.approx(losses_by_step(single), rel=1e-5)
+  # Process 0 logs samples from its own devices' rows: the global batch's first rows, as in one process.
+  samples = lambda workdir: [(s["step"], s["prompt"]) for s in map(json.loads, open(workdir / "samples.jsonl"))]
+  assert samples(multi) == samples(single) and [s for s, _ in samples(single)] == [3, 3]  # step 3: on-policy
   ours, theirs = load_file(str(multi / "export" / "model.safetensors")), load_file(
       str(single / "export" / "model.safetensors")
   )
@@ -431,3 +435,105 @@ def test_teacher_server_lost_mid_run_stops_with_the_checkpoint_intact(task, tmp_
   state, extra = ckpt.restore(resume.abstract_state(setup.state), fingerprint=resume.fingerprint(config))
   assert int(state.step) == last and extra["data"]["step"] == last
   ckpt.close()
+
+
+# ------------------------------------------------------------------------------------ on-device batches
+
+
+def host_round_trip_batch(setup, state, step):
+  """The batch as the trainer built it before batches stayed on device: the sampled completions gathered to
+  every host (process_allgather), this host's rows cut out, masked on the host, then made global again."""
+  from jax.experimental import multihost_utils
+
+  host = setup.loader.batch(step)
+  mode = rollout.step_mode(setup.config, step)
+  glob = lambda x: rollout.to_global(setup.batch_sharding, x)
+  if mode != "dataset":
+    prompts = {k: glob(v) for k, v in host.items() if k.startswith(("prompt_", "teacher_prompt_"))}
+    ids, mask = rollout.sample_completions(setup, state, mode, prompts, step)
+    lo, b = jax.process_index() * setup.loader.local_batch_size, setup.loader.local_batch_size
+    host["completion_ids"] = np.asarray(multihost_utils.process_allgather(ids, tiled=True))[lo : lo + b]
+    host["completion_mask"] = np.asarray(multihost_utils.process_allgather(mask, tiled=True))[lo : lo + b]
+  host["completion_mask"] = host["completion_mask"] & host["row_mask"][:, None]
+  host["student_generated"] = np.array(mode == "on_policy")
+  return {k: glob(v) for k, v in rollout.model_inputs(setup, host).items()}, mode
+
+
+@pytest.fixture(scope="module")
+def mixed_setup(task):
+  """lmbda 0.5 with seq_kd on a (data 2, fsdp 2, tensor 2) mesh: steps 0-3 are seq_kd, seq_kd, on_policy, seq_kd."""
+  return trainer.build(make_config(task, lmbda=0.5, seq_kd=True, sft_alpha=0.1))
+
+
+def test_sampled_batches_stay_on_device_with_bitwise_equal_losses(mixed_setup, monkeypatch):
+  """Sampled completions go from the sampler into the train step as global arrays: the per-step metrics are
+  bitwise those of the old host round trip, and the new path neither gathers nor copies anything to the host."""
+  from jax._src.array import ArrayImpl as array_impl
+  from jax.experimental import multihost_utils
+
+  setup, steps = mixed_setup, 4
+  modes = [rollout.step_mode(setup.config, s) for s in range(steps)]
+  assert set(modes) == {"on_policy", "seq_kd"}
+  initial = jax.tree.map(lambda x: x.copy(), setup.state)  # each path trains its own copy (the step donates)
+  records = {}
+  for path in ("round_trip", "on_device"):
+    state, records[path] = jax.tree.map(lambda x: x.copy(), initial), []
+    for step in range(steps):
+      if path == "round_trip":
+        batch, mode = host_round_trip_batch(setup, state, step)
+      else:
+        # No gather, and no device → host copy: the transfer guard catches any on accelerators; on CPU, where it
+        # does not fire (and np.asarray is a zero-copy view), reads through _value (device_get, float, item) fail.
+        with monkeypatch.context() as m, jax.transfer_guard_device_to_host("disallow_explicit"):
+          m.setattr(multihost_utils, "process_allgather", lambda *a, **k: pytest.fail("process_allgather called"))
+          m.setattr(array_impl, "_value", property(lambda self: pytest.fail(f"host copy of a {self.shape} array")))
+          batch, mode, gen = rollout.prepare_batch(setup, state, step)
+          for k in ("completion_ids", "completion_mask"):  # the train step's layout, nothing to move
+            assert batch[k].sharding.is_equivalent_to(setup.batch_sharding, 2), k
+        assert gen.result() > 0
+        assert batch["completion_ids"].shape == (setup.config.batch_size, setup.config.max_completion_length)
+      state, metrics = setup.train_step(state, batch)
+      records[path].append((mode, jax.device_get(metrics)))
+  assert [m for m, _ in records["on_device"]] == modes
+  for (mode, want), (_, got) in zip(records["round_trip"], records["on_device"]):
+    assert want.keys() == got.keys()
+    for name in want:
+      assert np.asarray(got[name]).tobytes() == np.asarray(want[name]).tobytes(), (mode, name, got[name], want[name])
+
+
+def test_host_rows_are_this_hosts_rows_in_order(mixed_setup):
+  """host_rows inverts to_global over the batch sharding (rows replicated over tensor fetched once), and with
+  `limit` reads only the leading shards."""
+  setup = mixed_setup
+  local = np.arange(4 * 6, dtype=np.int32).reshape(4, 6)
+  x = rollout.to_global(setup.batch_sharding, local)
+  assert len(x.addressable_shards) == 8  # 4 row blocks, each on 2 tensor replicas
+  np.testing.assert_array_equal(sharding.host_rows(x), local)
+  np.testing.assert_array_equal(sharding.host_rows(x, limit=3), local[:3])
+  np.testing.assert_array_equal(sharding.host_rows(local, limit=2), local[:2])
+
+
+def test_teacher_server_request_gets_this_hosts_sampled_rows(mixed_setup):
+  """On generating steps the teacher server's request is built from the completions' addressable rows (the
+  loader's prompts, the sampled completions), and its answer joins the global batch."""
+  import concurrent.futures
+  import dataclasses
+
+  class Client:
+
+    def submit(self, ids, mask):
+      self.sent = (ids, mask)
+      future = concurrent.futures.Future()
+      future.set_result((np.ones(ids.shape + (2,), np.float32), np.zeros(ids.shape + (2,), np.int32)))
+      return future
+
+  client = Client()
+  source = rollout.BatchSource(dataclasses.replace(mixed_setup, teacher_client=client))
+  for step in (0, 2):  # seq_kd, on_policy
+    batch, mode, _ = source.get(step, mixed_setup.state)
+    assert mode != "dataset"
+    row = lambda k: np.asarray(batch[k])  # one process: all rows are this host's
+    np.testing.assert_array_equal(client.sent[0], np.concatenate([row("prompt_ids"), row("completion_ids")], 1))
+    np.testing.assert_array_equal(client.sent[1], np.concatenate([row("prompt_mask"), row("completion_mask")], 1))
+    assert batch["teacher_topk_values"].shape == batch["completion_ids"].shape + (2,)
+    assert batch["teacher_topk_values"].sharding.is_equivalent_to(mixed_setup.batch_sharding, 3)
