@@ -50,6 +50,11 @@ def initialize_distributed():
 
 def run(config, workdir, mode="train"):
   job = config.get("job", "train")
+  if job in ("demo", "bigram") and "://" in workdir:
+    raise ValueError(
+        f"--workdir={workdir}: the {job} job is an offline CPU demo and writes a local workdir; give a local path "
+        f"(gs:// workdirs are for config.job='train')"
+    )
   if job == "demo":
     from gkd_jax.demos import arithmetic
 

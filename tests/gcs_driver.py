@@ -47,6 +47,7 @@ class Driver:
 
     self.fs = fsspec.filesystem("gs")
     self.result: dict = {"emulator": self.emulator.url}
+    self._seen: dict = {}
 
   # ---------------------------------------------------------------------------------------------- bucket
 
@@ -143,14 +144,24 @@ class Driver:
         codes[host] = "timeout"
     return codes
 
-  def pod(self, tag: str, config: str, workdir: str, processes: int = 2, devices: int = 4) -> dict:
-    """Starts one jax.distributed run of `processes` hosts; returns {host: Popen}."""
+  def pod(self, workdir: str, config: str, processes: int = 2, devices: int = 4) -> dict:
+    """Starts one jax.distributed run on hosts h0, h1, ...; returns {host: Popen}. A host keeps its own disk
+    (cwd, caches) from one run to the next, as a real one does."""
     port = gcs_emulator.free_port()
     common = [f"--config={config}", f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}"]
     return {
-        f"{tag}{i}": self.start(f"{tag}{i}", common + [f"--num_processes={processes}", f"--process_id={i}"], devices)
+        f"h{i}": self.start(f"h{i}", common + [f"--num_processes={processes}", f"--process_id={i}"], devices)
         for i in range(processes)
     }
+
+  def logs(self, tag: str) -> dict:
+    """The hosts' logs so far, under `tag` (each host's log file collects all of its runs)."""
+    out = {}
+    for host in ("h0", "h1"):
+      text = self.log(host)
+      out[f"{tag}{host[1:]}"] = text[self._seen.get(host, 0) :][-3000:]
+      self._seen[host] = len(text)
+    return out
 
   def losses(self, url: str) -> dict:
     text = self.fs.cat_file(f"{url.removeprefix('gs://')}/metrics.jsonl").decode()
@@ -179,9 +190,9 @@ class Driver:
         eval_dataset=os.path.join(self.task["data_dir"], "test.jsonl"),
         **common,
     )
-    run = f"gs://{BUCKET}/run"
-    codes = self.finish({"remote": self.start("remote", [f"--config={remote}", f"--workdir={run}"])})
-    codes.update(self.finish({"local": self.start("local", [f"--config={local}", f"--workdir=run"])}))
+    run, local_run = f"gs://{BUCKET}/run", os.path.join(self.work, "local_run")
+    codes = self.finish({"remote": self.start("h0", [f"--config={remote}", f"--workdir={run}"])})
+    codes.update(self.finish({"local": self.start("h0", [f"--config={local}", f"--workdir={local_run}"])}))
     out = os.path.join(self.work, "out")
     # The export CLI, from the bucket's workdir into the bucket; then the serve CLI's loader on a gs:// model.
     cli = self.start("export", [f"--workdir={run}", f"--out=gs://{BUCKET}/exported"], module="gkd_jax.export")
@@ -200,7 +211,7 @@ class Driver:
     ).returncode
     self.result.update(
         codes=codes,
-        logs={h: self.log(h)[-3000:] for h in ("remote", "local", "export")},
+        logs={h: self.log(h)[-3000:] for h in ("h0", "export")},
         objects=self.objects(run),
         exported=self.objects(f"gs://{BUCKET}/exported"),
         run_export=self.download(f"{run}/export", os.path.join(out, "run_export")),
@@ -208,8 +219,8 @@ class Driver:
         remote_metrics=self.fs.cat_file(f"{BUCKET}/run/metrics.jsonl").decode(),
         remote_eval=self.fs.cat_file(f"{BUCKET}/run/eval.jsonl").decode(),
         remote_samples=self.fs.cat_file(f"{BUCKET}/run/samples.jsonl").decode(),
-        local_run=os.path.join(self.work, "hosts", "local", "cwd", "run"),
-        stray=sorted(os.listdir(os.path.join(self.work, "hosts", "remote", "cwd"))),
+        local_run=local_run,
+        stray=sorted(os.listdir(os.path.join(self.work, "hosts", "h0", "cwd"))),
         serve=json.load(open(serve)) if os.path.exists(serve) else None,
     )
 
@@ -220,26 +231,31 @@ class Driver:
     config = self.config("pod", **fields)
     one = f"gs://{BUCKET}/one"
     codes = self.finish({"one": self.start("one", [f"--config={config}", f"--workdir={one}"], devices=8)})
+    logs = {"one": self.log("one")[-3000:]}
     pod = f"gs://{BUCKET}/pod"
-    codes.update(self.finish(self.pod("pod", config, pod)))
+    codes.update({f"pod{h[1:]}": c for h, c in self.finish(self.pod(pod, config)).items()})
+    logs.update(self.logs("pod"))
     # kill -9 both hosts once step 2 is committed, then restart both.
     killed = f"gs://{BUCKET}/killed"
-    procs = self.pod("kill", config, killed)
+    procs = self.pod(killed, config)
     deadline = time.time() + 900
     while not self.committed(killed, 2) and time.time() < deadline and all(p.poll() is None for p in procs.values()):
       time.sleep(0.2)
     for p in procs.values():
       p.send_signal(signal.SIGKILL)
     killed_at = {h: p.wait() for h, p in procs.items()}
-    steps_at_kill = [n for n in self.objects(f"{killed}/checkpoints") if n.endswith("commit_success.txt")]
-    codes.update({f"restart_{h}": c for h, c in self.finish(self.pod("kill", config, killed)).items()})
+    steps_at_kill = [n for n in self.objects(f"{killed}/checkpoints") if re.fullmatch(r"\d+/commit_success.txt", n)]
+    logs.update(self.logs("kill"))
+    codes.update({f"restart{h[1:]}": c for h, c in self.finish(self.pod(killed, config)).items()})
+    logs.update(self.logs("restart"))
     # Each host its own local workdir: refused at start-up, by every host.
-    codes.update(self.finish(self.pod("local", config, "run")))
+    codes.update({f"local{h[1:]}": c for h, c in self.finish(self.pod("run", config)).items()})
+    logs.update(self.logs("local"))
     self.result.update(
         codes=codes,
         killed_at=killed_at,
         steps_at_kill=steps_at_kill,
-        logs={h: self.log(h)[-3000:] for h in ("one", "pod0", "pod1", "kill0", "kill1", "local0", "local1")},
+        logs=logs,
         one=self.losses(one),
         pod=self.losses(pod),
         killed=self.losses(killed),
@@ -247,7 +263,8 @@ class Driver:
             name: self.download(f"{url}/export", os.path.join(self.work, "out", name))
             for name, url in (("one", one), ("pod", pod), ("killed", killed))
         },
-        local_dirs={h: os.listdir(os.path.join(self.work, "hosts", h, "cwd")) for h in ("local0", "local1")},
+        killed_lines=len(self.fs.cat_file(f"{killed.removeprefix('gs://')}/metrics.jsonl").decode().splitlines()),
+        local_files={h: _files(os.path.join(self.work, "hosts", h, "cwd")) for h in ("h0", "h1")},
     )
 
   def emulator_stops(self):
@@ -277,6 +294,10 @@ class Driver:
         logs={h: self.log(h)[-4000:] for h in ("run", "resume")},
         losses=self.losses(run),
     )
+
+
+def _files(directory: str) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(r, n), directory) for r, _, names in os.walk(directory) for n in names)
 
 
 def main():

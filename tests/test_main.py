@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from gkd_jax import main as gkd_main
 import recipe_configs
 
@@ -24,6 +26,11 @@ def test_bigram_job_distills(tmp_path):
   assert final["top1_agreement"] > 0.9
   modes = [r["mode"] for r in records]
   assert set(modes) == {"on_policy", "dataset"}  # lmbda=0.5, seq_kd off
+
+
+def test_demo_jobs_refuse_a_bucket_workdir():
+  with pytest.raises(ValueError, match=r"--workdir=gs://b/run: the bigram job is an offline CPU demo"):
+    gkd_main.run(load_config("runlocal"), "gs://b/run")
 
 
 def test_cli_flags_override_config(tmp_path):
