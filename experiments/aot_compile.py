@@ -502,7 +502,7 @@ def markdown_table(results: list[dict]) -> str:
       lines.append(
           f"| {r['config']} | {r['topology']} ({mesh}) | {' '.join(r['overrides'])} | {p['program']} | "
           f"{p['arguments_gib']:.2f} | {p['temps_gib']:.2f} | {total} / {chip['hbm_gib']:.0f} | "
-          f"{'yes' if p['fits'] else '**no**'} | {p['flops']:.2e} | {p['model_flops']:.2e} | "
+          f"{'fits' if p['fits'] else '**no**'} | {p['flops']:.2e} | {p['model_flops']:.2e} | "
           f"{p['roofline_s'] * 1e3:.0f} | {p['compile_s']:.0f}{cpu} |"
       )
   return "\n".join(lines)
