@@ -343,6 +343,7 @@ def _report(name, compiled, lower_s, compile_s, chip: Chip) -> dict:
       "temps_gib": mem.temp_size_in_bytes / GIB,
       "code_gib": mem.generated_code_size_in_bytes / GIB,
       "host_arguments_gib": mem.host_argument_size_in_bytes / GIB,
+      "host_temps_gib": getattr(mem, "host_temp_size_in_bytes", 0) / GIB,  # e.g. remat="offload"'s residuals
       "flops": float(cost.get("flops", 0.0)),
       "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
       "lower_s": lower_s,
@@ -368,6 +369,19 @@ def _compile(fn, *args):
   return compiled, t1 - t0, time.perf_counter() - t1, time.process_time() - c1
 
 
+def remat_recompute_flops(cfg: models.ModelConfig, remat: str, batch: int, seq_len: int) -> float:
+  """Matmul FLOPs the student's backward pass recomputes under a remat policy: "full" runs each layer's
+  forward again; "dots" / "offload" keep the weight matmuls' outputs and recompute the attention products
+  (QKᵀ and AV, which have batch dimensions); "none" recomputes no matmul. Elementwise work is left out."""
+  if remat in (None, False, "none"):
+    return 0.0
+  if remat in (True, "full"):
+    head = 2.0 * cfg.hidden_size * cfg.vocab_size
+    return batch * seq_len * (metrics.forward_flops_per_token(cfg, seq_len / 2) - head)
+  q = cfg.num_attention_heads * cfg.head_dim
+  return batch * seq_len * cfg.num_hidden_layers * 4.0 * q * seq_len / 2
+
+
 def compile_train_step(a: Abstract, chip: Chip) -> dict:
   """The trainer's jitted step (same shardings, donation) compiled for the topology."""
   step_fn, _ = ts.make_steps(a.student, a.tx, a.schedule, a.step_cfg, teacher=a.teacher, lora_spec=a.lora_spec)
@@ -385,9 +399,10 @@ def compile_train_step(a: Abstract, chip: Chip) -> dict:
   )
   p, c = a.batch["prompt_ids"].shape[1], a.batch["completion_ids"].shape[1]
   model = metrics.step_flops(a.student.config, teacher_cfg, config.batch_size, p + c, c)
-  out["model_flops"] = (model["student"] + model["teacher"]) / a.mesh.size
+  out["recompute_flops"] = remat_recompute_flops(a.student.config, config.remat, config.batch_size, p + c) / a.mesh.size
+  out["model_flops"] = (model["student"] + model["teacher"]) / a.mesh.size + out["recompute_flops"]
   # XLA counts a scanned layer stack's body once: the compute bound takes the larger of its count and the
-  # model's (which leaves out remat's recomputation).
+  # model's (with remat's recomputation in the backward pass).
   out["compute_s"] = max(out["flops"], out["model_flops"]) / (chip.bf16_tflops * 1e12)
   out["roofline_s"] = max(out["compute_s"], out["memory_s"])
   out["state_gib"] = per_chip_bytes(a.state) / GIB
@@ -440,6 +455,7 @@ def _print(rows: list[dict], header: str):
         f"  {r['program']:<10} HBM/chip: args {r['arguments_gib']:.2f} + out {r['outputs_gib']:.2f} "
         f"- aliased {r['aliased_gib']:.2f} + temps {r['temps_gib']:.2f} = {r['total_gib']:.2f} GiB "
         f"of {r['capacity_gib']:.0f}{extra} [{'fits' if r['fits'] else 'DOES NOT FIT'}]"
+        + (f"; host memory: {r['host_temps_gib']:.2f} GiB" if r.get("host_temps_gib") else "")
     )
     print(
         f"  {'':<10} FLOPs/chip: XLA {r['flops']:.3e}, model {r['model_flops']:.3e}; bytes {r['bytes_accessed']:.3e}; "
@@ -481,11 +497,12 @@ def markdown_table(results: list[dict]) -> str:
         compute = max(p["flops"], p["model_flops"]) / (chip["bf16_tflops"] * 1e12)
         p["roofline_s"] = max(compute, p["bytes_accessed"] / (chip["hbm_gbps"] * 1e9))
       total = f"{p['total_gib']:.2f}" + (f" (+state {p['with_state_gib']:.2f})" if "with_state_gib" in p else "")
+      total += f" (+host {p['host_temps_gib']:.2f})" if p.get("host_temps_gib") else ""
       cpu = f" ({p['compile_cpu_s']:.0f})" if "compile_cpu_s" in p else ""
       lines.append(
           f"| {r['config']} | {r['topology']} ({mesh}) | {' '.join(r['overrides'])} | {p['program']} | "
           f"{p['arguments_gib']:.2f} | {p['temps_gib']:.2f} | {total} / {chip['hbm_gib']:.0f} | "
-          f"{'yes' if p['fits'] else '**no**'} | {p['flops']:.2e} | {p['model_flops']:.2e} | "
+          f"{'fits' if p['fits'] else '**no**'} | {p['flops']:.2e} | {p['model_flops']:.2e} | "
           f"{p['roofline_s'] * 1e3:.0f} | {p['compile_s']:.0f}{cpu} |"
       )
   return "\n".join(lines)

@@ -33,7 +33,7 @@ from gkd_jax import files, optim, storage
 OBJECTIVES = ("gkd", "sft")
 EVAL_METRICS = ("none", "math", "arithmetic", "rouge")  # scored by gkd_jax.evaluate.metric
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots")
+REMAT = ("none", "full", "dots", "offload")
 ATTENTION = ("xla", "dot_product", "splash")
 
 logger = logging.getLogger(__name__)
@@ -80,14 +80,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Model execution. scan_layers: the decoder layers' weights are stacked on a leading "layers" axis and run
   # under one lax.scan (compile time independent of depth); False runs a Python loop over per-layer modules.
   # remat: per-layer activation checkpointing, "none" (keep all activations), "full" (keep only each layer's
-  # input, recompute the rest in the backward pass) or "dots" (keep the outputs of weight matmuls,
-  # jax.checkpoint_policies.dots_with_no_batch_dims_saveable; recompute the elementwise and attention parts).
+  # input, recompute the rest in the backward pass), "dots" (keep the outputs of weight matmuls,
+  # jax.checkpoint_policies.dots_with_no_batch_dims_saveable; recompute the elementwise and attention parts)
+  # or "offload" (the same outputs, moved to host memory until the backward pass needs them). "dots" is the
+  # default: on the recipes' TPU steps it costs ~0.5% more matmul FLOPs than "none" and keeps 35% less in
+  # HBM (experiments/results/aot.md).
   # attention: "xla" (einsum + softmax), "dot_product" (jax.nn.dot_product_attention: cuDNN flash attention
   # on GPU, XLA elsewhere) or "splash" (the Pallas splash-attention kernel, TPU only, for the uncached
   # forward passes of training and scoring; cached sampling uses "xla"). Gemma 2's softcapped attention
   # always uses "xla".
   c.scan_layers = True
-  c.remat = "none"
+  c.remat = "dots"
   c.attention = "xla"
   # Method.
   c.objective = "gkd"  # "gkd" or "sft" (NLL only, no teacher)
@@ -175,6 +178,7 @@ def use_local_fixture(c, fixture: str | None = None):
   c.dataset, c.dataset_config, c.dataset_split = f"{fixture}/train.jsonl", None, "train"
   c.dataset_columns = ml_collections.ConfigDict()
   c.dtype = c.param_dtype = "float32"
+  c.remat = "none"  # tiny models: nothing to gain from recomputing activations on a CPU
   c.batch_size, c.grad_accum_steps, c.total_steps, c.warmup_steps = 8, 1, 20, 2
   c.learning_rate = 1e-4
   c.max_length, c.max_prompt_length, c.max_completion_length = 128, 64, 32

@@ -32,6 +32,9 @@ def test_recipe_validates(name, arg):
   text = open(os.path.join(ROOT, "configs", f"{name}.py")).read()
   for launch in ("python -m gkd_jax.main", "--worker=all", "runlocal"):
     assert launch in text, f"{name}: docstring lacks {launch!r}"
+  # The pod command: a workdir every worker shares, rerun while the trainer exits 75 (preempted after saving).
+  assert "--workdir=gs://$BUCKET/" in text, f"{name}: the TPU pod command needs a gs:// workdir"
+  assert "until python -m gkd_jax.main" in text and "-eq 75" in text, f"{name}: no restart loop on exit 75"
 
 
 def test_opsd_modes():

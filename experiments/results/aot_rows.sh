@@ -17,6 +17,22 @@ declare -A ROWS=(
   [opsd_v5e8]="--config=configs/opsd.py --topology=v5e-8 --set dtype=bfloat16 --set fused_loss=True --set remat=full --programs=train_step"
   [v5e64_7b]="--config=$G:7b --topology=v5e-64 --set dtype=bfloat16 --set batch_size=64 --programs=train_step"
   [v5e64_7b_fused_remat]="--config=$G:7b --topology=v5e-64 --set dtype=bfloat16 --set batch_size=64 --set fused_loss=True --set remat=full --programs=train_step"
+  # Remat policies on the gsm8k step (after the scan-residual fix), then each recipe as shipped at the smallest
+  # topology its docstring names, with only the flags of its TPU launch command. The recipes' table:
+  #   bash experiments/results/aot_rows.sh OUT recipe_gsm8k recipe_gsm8k_7b gsm8k_7b_v5e16 recipe_opd recipe_opsd \
+  #     recipe_sft recipe_teacher_server
+  [v5e8_none]="--config=$G --topology=v5e-8 --set dtype=bfloat16 --set remat=none --programs=train_step"
+  [v5e8_dots]="--config=$G --topology=v5e-8 --set dtype=bfloat16 --set remat=dots --programs=train_step"
+  [v5e8_full]="--config=$G --topology=v5e-8 --set dtype=bfloat16 --set remat=full --programs=train_step"
+  [v5e8_offload]="--config=$G --topology=v5e-8 --set dtype=bfloat16 --set remat=offload --programs=train_step"
+  [recipe_gsm8k]="--config=$G --topology=v5e-8 --set dtype=bfloat16"
+  [recipe_gsm8k_7b]="--config=$G:7b --topology=v5e-8 --set dtype=bfloat16"
+  [gsm8k_7b_v5e16]="--config=$G:7b --topology=v5e-16 --set dtype=bfloat16"
+  [opsd_full_v5e8]="--config=configs/opsd.py --topology=v5e-8 --set dtype=bfloat16 --set remat=full --programs=train_step"
+  [recipe_opsd]="--config=configs/opsd.py --topology=v5e-8 --set dtype=bfloat16"
+  [recipe_sft]="--config=configs/sft.py --topology=v5e-8 --set dtype=bfloat16 --programs=train_step"
+  [recipe_teacher_server]="--config=configs/teacher_server.py --topology=v5e-8 --set dtype=bfloat16"
+  [recipe_opd]="--config=configs/on_policy_distillation.py --topology=v5e-8 --set dtype=bfloat16"
 )
 for row in "$@"; do
   echo "== $row: python experiments/aot_compile.py ${ROWS[$row]}"

@@ -78,6 +78,7 @@ def trainer_config(config, phase: dict, dataset: str, model: str, teacher_model:
     c[k] = v
   c.teacher_model = teacher_model
   c.export_on_finish, c.keep_checkpoints = True, 1  # the phase's product is the HF export
+  c.remat = "none"  # tiny CPU models: no activation memory to save
   for k, v in phase.items():
     if k not in ("arch", "init_seed"):
       c[k] = v

@@ -7,6 +7,7 @@ loader and `gkd_jax.sharding` place arrays, so modules can be built without a me
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -89,8 +90,15 @@ class RMSNorm(nnx.Module):
     self.scale = param(rngs, (dim,), names, param_dtype, "zeros" if offset else "ones")
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    if self.offset:
-      return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
-    return x32.astype(self.dtype) * self.scale[...].astype(self.dtype)
+    return _rms_norm(x, self.scale[...], self.eps, self.offset, self.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3, 4))
+def _rms_norm(x, scale, eps, offset, dtype):
+  """Rematerialized: the backward pass keeps x (and scale), not x's float32 copy, and recomputes the rest
+  (under `lax.scan` the float32 copy would be stored for every layer)."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  if offset:
+    return (x32 * (1.0 + scale.astype(jnp.float32))).astype(dtype)
+  return x32.astype(dtype) * scale.astype(dtype)

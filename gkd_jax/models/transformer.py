@@ -34,20 +34,24 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 Cache = Any  # loop: per layer {"k": [B, S, kv_heads, head_dim], "v": same}; scanned: {"k": [L, B, S, ...], "v"}
 ATTENTION_KINDS = ("xla", "dot_product", "splash")
-REMAT_KINDS = ("none", "full", "dots")
+REMAT_KINDS = ("none", "full", "dots", "offload")
 _NO_WINDOW = 2**30  # the per-layer window of a full-attention layer under scan (larger than any sequence)
 
 
 def remat_policy(remat: bool | str | None):
   """(enabled, policy) for a `remat` setting: False / None / "none" (off), True / "full" (save nothing but
-  the layer inputs), "dots" (save the outputs of weight matmuls: dots_with_no_batch_dims_saveable), or the
-  name of any other jax.checkpoint_policies member."""
+  the layer inputs), "dots" (save the outputs of weight matmuls: dots_with_no_batch_dims_saveable; attention
+  and elementwise ops are recomputed), "offload" (the same outputs, moved to the host's pinned memory in the
+  forward pass and brought back for the backward: offload_dot_with_no_batch_dims), or the name of any other
+  jax.checkpoint_policies member."""
   if remat in (False, None, "none"):
     return False, None
   if remat in (True, "full"):
     return True, None
   if remat == "dots":
     return True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if remat == "offload":
+    return True, jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
   policy = getattr(jax.checkpoint_policies, remat, None) if isinstance(remat, str) else None
   if policy is None:
     raise ValueError(f"remat={remat!r} is invalid: one of {REMAT_KINDS}, True/False, or a jax.checkpoint_policies name")
@@ -88,7 +92,7 @@ class Attention(nnx.Module):
   def __call__(self, x, cos, sin, q_slots, kv_mask, layer_cache, cache_index, window=None):
     """`window` (traced int, stacked layers only) overrides the static per-layer window."""
     c = lambda a, names: shd.constrain(a, names, self.mesh, self.rules)
-    q, k, v = self.q(x), self.k(x), self.v(x)
+    q, k, v = _project(x, self.q, self.k, self.v)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
@@ -129,8 +133,42 @@ class Attention(nnx.Module):
     if self.softcap:  # Gemma 2
       scores = jnp.tanh(scores / self.softcap) * self.softcap
     scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
+    out = softmax_values(scores, v, self.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
+
+
+def _project(x, *denses):
+  """The Dense layers applied to one input, flattened once to [N, H]: their backward passes then share one
+  saved copy of it (under `lax.scan` each reshape's output would otherwise be stored separately per layer)."""
+  flat = x.reshape(-1, x.shape[-1])
+  return [dense(flat).reshape(*x.shape[:-1], *dense.kernel.shape[1:]) for dense in denses]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def softmax_values(scores: jax.Array, v: jax.Array, dtype) -> jax.Array:
+  """softmax(scores) over keys, applied to the values: [B, K, G, T, S] (float32) x [B, K, S, D] -> [B, K, G, T, D]
+  (the probabilities cast to `dtype` for the product).
+
+  Its backward keeps only the float32 probabilities (and v), like the custom-JVP softmax. Autodiff of the
+  plain expression keeps the masked scores, their exp and the probabilities' `dtype` copy; unrolled, XLA
+  fuses those away, but under `lax.scan` (scan_layers) each is stored for every layer."""
+  return jnp.einsum("bkgts,bksd->bkgtd", jax.nn.softmax(scores, axis=-1).astype(dtype), v)
+
+
+def _softmax_values_fwd(scores, v, dtype):
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(dtype), v), (probs, v)
+
+
+def _softmax_values_bwd(dtype, residuals, g):
+  probs, v = residuals
+  d_v = jnp.einsum("bkgts,bkgtd->bksd", probs.astype(dtype), g).astype(v.dtype)
+  d_probs = jnp.einsum("bkgtd,bksd->bkgts", g, v, preferred_element_type=jnp.float32)
+  d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+  return d_scores, d_v
+
+
+softmax_values.defvjp(_softmax_values_fwd, _softmax_values_bwd)
 
 
 def _dot_product(q, k, v, allowed, scale):
@@ -199,11 +237,33 @@ class MLP(nnx.Module):
     self.mesh, self.rules = mesh, rules
 
   def __call__(self, x):
-    gate = self.gate(x)
-    gate = jax.nn.silu(gate) if self.act == "silu" else jax.nn.gelu(gate, approximate=True)
-    hidden = gate * self.up(x)
+    gate, up = _project(x, self.gate, self.up)
+    hidden = gated_activation(gate, up, self.act)
     hidden = shd.constrain(hidden, ("batch", "length", "mlp"), self.mesh, self.rules)
     return self.down(hidden)
+
+
+def _activation(x, act: str):
+  return jax.nn.silu(x) if act == "silu" else jax.nn.gelu(x, approximate=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gated_activation(gate: jax.Array, up: jax.Array, act: str) -> jax.Array:
+  """act(gate) * up, whose backward keeps only gate and up and recomputes the activation (autodiff of the
+  expression keeps act's intermediates too: three more [B, T, intermediate] arrays per layer under scan)."""
+  return _activation(gate, act) * up
+
+
+def _gated_activation_fwd(gate, up, act):
+  return gated_activation(gate, up, act), (gate, up)
+
+
+def _gated_activation_bwd(act, residuals, g):
+  _, vjp = jax.vjp(lambda a, b: _activation(a, act) * b, *residuals)
+  return vjp(g)
+
+
+gated_activation.defvjp(_gated_activation_fwd, _gated_activation_bwd)
 
 
 class DecoderLayer(nnx.Module):
