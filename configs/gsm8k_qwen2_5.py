@@ -20,7 +20,8 @@ resumes from the workdir) and stops on any other exit status.
 
   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="cd gkd_jax && \\
     pip install -e '.[tpu]' && until python -m gkd_jax.main --config=configs/gsm8k_qwen2_5.py \\
-    --workdir=gs://$BUCKET/gkd_gsm8k --distributed --config.dtype=bfloat16; do [ \\$? -eq 75 ] || break; done"
+    --workdir=gs://$BUCKET/gkd_gsm8k --distributed --config.dtype=bfloat16; \\
+    do s=\\$?; [ \\$s -eq 75 ] || exit \\$s; done"
 
 The 7B teacher (also v5e-8 or larger): the same command with --config=configs/gsm8k_qwen2_5.py:7b and
 --workdir=gs://$BUCKET/gkd_gsm8k_7b.

@@ -21,7 +21,7 @@ resumes from the workdir) and stops on any other exit status.
 
   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="cd gkd_jax && \\
     pip install -e '.[tpu]' && until python -m gkd_jax.main --config=configs/on_policy_distillation.py \\
-    --workdir=gs://$BUCKET/gkd_opd --distributed --config.dtype=bfloat16; do [ \\$? -eq 75 ] || break; done"
+    --workdir=gs://$BUCKET/gkd_opd --distributed --config.dtype=bfloat16; do s=\\$?; [ \\$s -eq 75 ] || exit \\$s; done"
 
 Args: "" or "runlocal[=FIXTURE_DIR]".
 Expected: runlocal about a minute on 2 CPU cores (generation dominates: 32 new tokens per step). Full run

@@ -22,7 +22,8 @@ resumes from the workdir) and stops on any other exit status.
 
   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="cd gkd_jax && \\
     pip install -e '.[tpu]' && until python -m gkd_jax.main --config=configs/opsd.py \\
-    --workdir=gs://$BUCKET/gkd_opsd --distributed --config.dtype=bfloat16; do [ \\$? -eq 75 ] || break; done"
+    --workdir=gs://$BUCKET/gkd_opsd --distributed --config.dtype=bfloat16; \\
+    do s=\\$?; [ \\$s -eq 75 ] || exit \\$s; done"
 
 Args: "" (dynamic), "fixed", "runlocal[=FIXTURE_DIR]", "runlocal_fixed[=FIXTURE_DIR]".
 Expected: runlocal about a minute on 2 CPU cores. Full run not measured here; one model in memory (two

@@ -20,7 +20,7 @@ resumes from the workdir) and stops on any other exit status.
 
   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="cd gkd_jax && \\
     pip install -e '.[tpu]' && until python -m gkd_jax.main --config=configs/sft.py \\
-    --workdir=gs://$BUCKET/gkd_sft --distributed --config.dtype=bfloat16; do [ \\$? -eq 75 ] || break; done"
+    --workdir=gs://$BUCKET/gkd_sft --distributed --config.dtype=bfloat16; do s=\\$?; [ \\$s -eq 75 ] || exit \\$s; done"
 
 Args: "", "lora" (rank-16 adapters on every projection), "runlocal[=FIXTURE_DIR]".
 Expected: runlocal well under a minute on 2 CPU cores. The trained model is written to WORKDIR/export.

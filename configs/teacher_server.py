@@ -24,7 +24,7 @@ resumes from the workdir) and stops on any other exit status.
   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="cd gkd_jax && \\
     pip install -e '.[tpu]' && until python -m gkd_jax.main --config=configs/teacher_server.py \\
     --workdir=gs://$BUCKET/gkd_server --distributed --config.dtype=bfloat16 \\
-    --config.teacher_model_server=http://$TEACHER_HOST:8000; do [ \\$? -eq 75 ] || break; done"
+    --config.teacher_model_server=http://$TEACHER_HOST:8000; do s=\\$?; [ \\$s -eq 75 ] || exit \\$s; done"
 
 Local smoke run on CPU (offline): serve the fixture's teacher, then train against it:
 

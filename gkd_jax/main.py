@@ -3,7 +3,7 @@
 A run stopped by SIGTERM (a preempted spot / queued-resource VM) saves a checkpoint and exits with status
 75 (checkpoints.PREEMPTED_EXIT_CODE, "rerun me"); rerunning the same command resumes it:
 
-  until python -m gkd_jax.main --config=... --workdir=gs://BUCKET/run; do [ $? -eq 75 ] || exit 1; done
+  until python -m gkd_jax.main --config=... --workdir=gs://BUCKET/run; do s=$?; [ $s -eq 75 ] || exit $s; done
 
 `config.job` picks what runs: "train" (the GKD / SFT trainer, gkd_jax.trainer), "demo" (the embedded
 offline pipeline of configs/default.py, gkd_jax.demos.arithmetic) or "bigram" (GKD between bigram LMs,
