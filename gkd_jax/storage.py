@@ -198,7 +198,7 @@ class JsonLines:
     self.path, self.min_interval = path, min_interval
     self._url = is_url(path)
     self._lines = list(lines or [])
-    self._dirty, self._flushed_at = False, 0.0
+    self._dirty, self._flushed_at = False, time.monotonic()
     self._file = None if self._url else open(path, "a", encoding="utf-8")
 
   def write(self, line: str) -> None:

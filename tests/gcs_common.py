@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from gkd_jax.tasks import arithmetic
+import tiny_runs
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_driver.py")
 
@@ -30,18 +31,7 @@ def build_task(root) -> str:
   models = {}
   for name, hidden, extra_rows in (("student", 32, 0), ("teacher", 48, 3)):
     torch.manual_seed(hidden)
-    cfg = transformers.Qwen2Config(
-        vocab_size=len(tok) + extra_rows,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=name == "student",
-    )
+    cfg = tiny_runs.qwen2_config(tok, hidden, len(tok) + extra_rows, tied=name == "student")
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(root / name)
     tok.save_pretrained(root / name)
     models[name] = str(root / name)

@@ -21,19 +21,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import gcs_emulator  # noqa: E402  (a sibling helper, not a package)
+import gcs_emulator  # noqa: E402  (sibling helpers, not a package)
+import tiny_runs  # noqa: E402
 
 BUCKET = "bkt"
-CONFIG_FILE = """
-import json
-from gkd_jax import config as config_lib
-
-def get_config(arg=None):
-  c = config_lib.base_config()
-  c.job = "train"
-  c.update(json.loads({overrides!r}))
-  return c
-"""
 
 
 class Driver:
@@ -99,7 +90,7 @@ class Driver:
     )
     path = os.path.join(self.work, f"{name}.py")
     with open(path, "w") as f:
-      f.write(CONFIG_FILE.format(overrides=json.dumps({**base, **fields})))
+      f.write(tiny_runs.CONFIG_FILE.format(overrides=json.dumps({**base, **fields})))
     return path
 
   def host_env(self, host: str, devices: int) -> tuple[dict, str]:

@@ -13,6 +13,7 @@ import transformers
 from gkd_jax import config as config_lib
 from gkd_jax import resume, rollout, sampling, sharding, trainer
 from gkd_jax.tasks import arithmetic
+import tiny_runs
 
 
 @pytest.fixture(scope="module")
@@ -23,38 +24,16 @@ def task(tmp_path_factory):
   checkpoints = {}
   # One layer each: every test here compiles its own train step and samplers (most of its time), and the layer
   # stack itself is covered by test_models.
-  for name, (hidden, layers, vocab) in {"student": (32, 1, len(tok)), "teacher": (48, 1, len(tok) + 3)}.items():
+  for name, (hidden, vocab) in {"student": (32, len(tok)), "teacher": (48, len(tok) + 3)}.items():
     torch.manual_seed(len(name))
-    cfg = transformers.Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=name == "student",
-    )
+    cfg = tiny_runs.qwen2_config(tok, hidden, vocab, tied=name == "student")
     path = str(root / name)
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     checkpoints[name] = path
   # A teacher over exactly the tokenizer's vocabulary, sharper than a random init, for the server test.
   torch.manual_seed(3)
-  cfg = transformers.Qwen2Config(
-      vocab_size=len(tok),
-      hidden_size=48,
-      intermediate_size=96,
-      num_hidden_layers=1,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      max_position_embeddings=256,
-      eos_token_id=tok.eos_token_id,
-      pad_token_id=tok.pad_token_id,
-      tie_word_embeddings=False,
-  )
+  cfg = tiny_runs.qwen2_config(tok, 48, len(tok), tied=False)
   sharp = transformers.Qwen2ForCausalLM(cfg)
   with torch.no_grad():
     sharp.lm_head.weight.mul_(20.0)
@@ -216,18 +195,6 @@ def test_lora_trains_only_the_adapters(task, tmp_path):
   np.testing.assert_allclose(np.asarray(from_pretrained(again)(ids).logits), ours, atol=1e-5)
 
 
-CONFIG_FILE = """
-import json
-from gkd_jax import config as config_lib
-
-def get_config(arg=None):
-  c = config_lib.base_config()
-  c.job = "train"
-  c.update(json.loads({overrides!r}))
-  return c
-"""
-
-
 def write_config(task, path, mesh=(2, 2, 2), **overrides):
   c = make_config(task, **overrides)
   fields = {
@@ -252,7 +219,7 @@ def write_config(task, path, mesh=(2, 2, 2), **overrides):
   }
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
   fields["mesh"] = c.mesh.to_dict()
-  path.write_text(CONFIG_FILE.format(overrides=json.dumps(fields)))
+  path.write_text(tiny_runs.CONFIG_FILE.format(overrides=json.dumps(fields)))
   return str(path)
 
 
