@@ -11,11 +11,14 @@ Implements the part of the OpenAI-compatible `/v1/completions` API that distilla
 Entry t ≥ 1 of `prompt_logprobs` holds the teacher's top-k log-probabilities for token t given tokens < t,
 plus the actual prompt token t (so k or k+1 entries, as vLLM). Log-probs are the model's full softmax at
 temperature 1 (vLLM's raw prompt log-probs); request fields such as `temperature` do not change them. With
-`max_tokens: 1` the completion is the greedy next token. Also `GET /health`, `GET /v1/models`, `GET /stats`.
+`max_tokens: 1` the completion is the greedy next token. Also `GET /health`, `GET /v1/models`, `GET /stats`
+(counters: requests, forwards, batch sizes, rejected, cancelled prompts, client disconnects, ...).
 
 Concurrent requests are queued and batched into one jitted forward, padded to bucketed shapes (powers of two
 in batch and length) so the number of compilations stays bounded. The forward runs in a worker thread so the
 event loop keeps answering. Bad requests get HTTP 400 with a message naming the field; a full queue gets 503.
+A client that disconnects before its answer has its queued prompts dropped and is counted in `/stats` as a
+disconnect.
 """
 
 from __future__ import annotations
@@ -202,6 +205,7 @@ class Batcher:
         rejected=0,
         errors=0,
         cancelled=0,
+        disconnects=0,
         batch_sizes=collections.Counter(),
     )
 
@@ -318,6 +322,14 @@ async def _unless_client_gone(request, awaitable, poll_s: float = 0.02):
   finally:
     if not task.done():
       task.cancel()
+    # A gather whose futures were cancelled (the client went away) ends with a CancelledError nobody awaits;
+    # retrieve it, or asyncio logs "exception was never retrieved" with a traceback for every disconnect.
+    task.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future):
+  if not future.cancelled():
+    future.exception()
 
 
 def _is_int(x) -> bool:
@@ -442,6 +454,12 @@ def make_app(
   def error(status, message, kind):
     return web.json_response({"object": "error", "message": message, "type": kind, "code": status}, status=status)
 
+  def client_gone(request, when: str, dropped: str = ""):
+    """A client that closed its connection before its answer: counted, one debug line, no traceback."""
+    batcher.stats["disconnects"] += 1
+    log.debug("client %s went away %s%s", request.remote, when, dropped)
+    return web.Response(status=499, text="client closed the connection")  # Nobody reads it; aiohttp drops it.
+
   async def health(_):
     return web.json_response({"status": "ok"})
 
@@ -470,9 +488,13 @@ def make_app(
 
   async def completions(request):
     try:
-      body = json.loads(await request.read())
+      raw = await request.read()
     except web.HTTPRequestEntityTooLarge as e:
       return error(413, f"request body too large: {e.text}", "BadRequestError")
+    except ConnectionError:  # aiohttp's ClientConnectionResetError: the connection closed mid-body
+      return client_gone(request, "while sending its request")
+    try:
+      body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
       return error(400, f"request body is not valid JSON: {e}", "BadRequestError")
     try:
@@ -494,8 +516,7 @@ def make_app(
       results = await _unless_client_gone(request, asyncio.gather(*futures))
     except ClientGone:
       dropped = batcher.cancel(futures)
-      log.info("client went away: dropped %d of its %d queued prompts", dropped, len(futures))
-      return web.Response(status=499, text="client closed the connection")
+      return client_gone(request, "before its answer", f" (dropped {dropped} of its {len(futures)} queued prompts)")
     except Overloaded as e:
       return error(503, str(e), "ServiceUnavailableError")
     except Exception as e:
@@ -507,7 +528,13 @@ def make_app(
     text = await asyncio.get_running_loop().run_in_executor(
         None, lambda: json.dumps(completion_json(engine, model_name, prompts, results, k, max_tokens))
     )
-    return web.Response(text=text, content_type="application/json")
+    response = web.Response(text=text, content_type="application/json")
+    try:  # Sent here, not by aiohttp, to count a client that left while its answer was being built or sent.
+      await response.prepare(request)
+      await response.write_eof()
+    except ConnectionError:
+      client_gone(request, "while its answer was sent")
+    return response
 
   async def on_startup(_):
     await batcher.start()

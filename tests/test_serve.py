@@ -1,8 +1,11 @@
 """Teacher server + client on loopback: values vs a direct JAX forward, loss vs the local top-k teacher,
-batching, validation (400), overload (503), retries, unreachable / malformed servers, vLLM-format parsing."""
+batching, validation (400), overload (503), client disconnects, retries, unreachable / malformed servers,
+vLLM-format parsing."""
 
 import concurrent.futures
+import gc
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -230,6 +233,39 @@ def test_event_loop_answers_during_a_forward_and_forward_errors_are_500(engine):
     with TeacherClient(s.url, k=1, max_retries=1, backoff=0.01) as client:
       with pytest.raises(TeacherServerError, match="failed after 2 attempts; last error: HTTP 500.*NaN"):
         client.topk_logprobs(np.array([[1, 2, 3]]))
+
+
+def send_raw(port, body: bytes, *, extra_length=0) -> socket.socket:
+  """A POST /v1/completions written on a raw socket (Content-Length `extra_length` more than sent)."""
+  sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+  head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+  sock.sendall(f"{head}Content-Length: {len(body) + extra_length}\r\n\r\n".encode() + body)
+  return sock
+
+
+def test_client_disconnects_are_counted_without_tracebacks(engine, caplog):
+  caplog.set_level(logging.DEBUG)
+  with serve.ServerThread(serve.make_app(SlowEngine(engine, delay=0.4), NAME)) as s:
+    body = json.dumps({"prompt": [1, 2, 3], "prompt_logprobs": 2}).encode()
+    queued = [send_raw(s.port, body) for _ in range(12)]  # Whole requests, waiting behind a 0.4 s forward...
+    half = [send_raw(s.port, body[:10], extra_length=len(body) - 10) for _ in range(4)]  # ...and half-sent ones.
+    time.sleep(0.1)
+    for sock in queued + half:
+      sock.close()  # Before any answer.
+    for _ in range(100):
+      stats = get(s.url, "/stats")
+      if stats["disconnects"] == 16:
+        break
+      time.sleep(0.05)
+    assert stats["disconnects"] == 16 and stats["requests"] == 12, stats
+    assert post(s.url, {"prompt": [5, 6, 7], "prompt_logprobs": 1})[0] == 200  # Still serving.
+    assert get(s.url, "/stats")["disconnects"] == 16  # An answered request is no disconnect.
+  gc.collect()  # asyncio reports a never-retrieved exception when its future is collected.
+  loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not loud, [r.getMessage() for r in loud]
+  gone = [r.getMessage() for r in caplog.records if r.name == "gkd_jax.serve" and "went away" in r.getMessage()]
+  assert len(gone) == 16 and all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "gkd_jax.serve")
+  assert sum("before its answer" in m for m in gone) == 12 and sum("while sending" in m for m in gone) == 4
 
 
 def test_cli_serves_a_checkpoint(ckpt):
