@@ -16,9 +16,9 @@ temperature 1 (vLLM's raw prompt log-probs); request fields such as `temperature
 
 Concurrent requests are queued and batched into one jitted forward, padded to bucketed shapes (powers of two
 in batch and length) so the number of compilations stays bounded. The forward runs in a worker thread so the
-event loop keeps answering. Bad requests get HTTP 400 with a message naming the field; a full queue gets 503.
-A client that disconnects before its answer has its queued prompts dropped and is counted in `/stats` as a
-disconnect.
+event loop keeps answering. Bad requests get HTTP 400 with a message naming the field (also a key given
+twice in one JSON object, and `echo: true`: prompts are not echoed); a full queue gets 503. A client that
+disconnects before its answer has its queued prompts dropped and is counted in `/stats` as a disconnect.
 """
 
 from __future__ import annotations
@@ -332,6 +332,16 @@ def _retrieve(future: asyncio.Future):
     future.exception()
 
 
+def _no_duplicate_keys(pairs):
+  """json.loads' object_pairs_hook: a key given twice in one object is refused, not silently overwritten."""
+  obj = {}
+  for key, value in pairs:
+    if key in obj:
+      raise BadRequest(f"key {key!r} appears more than once in a JSON object of the request body; give each field once")
+    obj[key] = value
+  return obj
+
+
 def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
@@ -383,6 +393,11 @@ def parse_request(
     raise BadRequest("'n' and 'best_of' must be 1")
   if body.get("logprobs") is not None:
     raise BadRequest("'logprobs' (of generated tokens) is not supported; use 'prompt_logprobs'")
+  if body.get("echo") not in (None, False):
+    raise BadRequest(
+        f"'echo' must be false or absent, got {body['echo']!r:.40}: this server does not echo the prompt into the "
+        "completion; use 'prompt_logprobs' for the prompt tokens' log-probs"
+    )
   return prompts, k, max_tokens
 
 
@@ -494,7 +509,9 @@ def make_app(
     except ConnectionError:  # aiohttp's ClientConnectionResetError: the connection closed mid-body
       return client_gone(request, "while sending its request")
     try:
-      body = json.loads(raw)
+      body = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except BadRequest as e:
+      return error(400, str(e), "BadRequestError")
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
       return error(400, f"request body is not valid JSON: {e}", "BadRequestError")
     try:

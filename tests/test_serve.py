@@ -150,6 +150,7 @@ def test_list_of_prompts_one_choice_each_and_no_logprobs(server, local_logp):
   np.testing.assert_allclose(entry[str(prompts[0][2])]["logprob"], local_logp(prompts[0])[1, prompts[0][2]], atol=2e-5)
   status, body = post(server.url, {"prompt": prompts[0]})
   assert status == 200 and body["choices"][0]["prompt_logprobs"] is None
+  assert post(server.url, {"prompt": prompts[0], "echo": False})[0] == 200  # vLLM's default, said explicitly
   assert get(server.url, "/health") == {"status": "ok"}
   card = get(server.url, "/v1/models")["data"][0]
   assert card["id"] == NAME and card["max_logprobs"] == K_MAX
@@ -178,6 +179,11 @@ def test_list_of_prompts_one_choice_each_and_no_logprobs(server, local_logp):
         ({"prompt": [1, 2], "max_tokens": 16}, 400, "'max_tokens' must be 0 or 1"),
         ({"prompt": [1, 2], "model": "other"}, 400, "'other' is not served"),
         ({"prompt": [1, 2], "stream": True}, 400, "'stream'"),
+        (b'{"prompt": [1], "prompt": [2]}', 400, "key 'prompt' appears more than once"),
+        (b'{"prompt": [1, 2], "max_tokens": 1, "max_tokens": 0}', 400, "key 'max_tokens' appears more than once"),
+        (b'{"prompt": [1, 2], "extra_body": {"a": 1, "a": 1}}', 400, "key 'a' appears more than once"),
+        ({"prompt": [1, 2], "echo": True}, 400, "'echo' must be false or absent, got True: this server does not echo"),
+        ({"prompt": [1, 2], "echo": 1}, 400, "'echo' must be false or absent"),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(server, body, status, words):
