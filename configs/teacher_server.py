@@ -22,6 +22,10 @@ On a TPU pod slice, serve the teacher on another slice or host and pass its addr
     pip install -e '.[tpu]' && python -m gkd_jax.main --config=configs/teacher_server.py \\
     --workdir=/tmp/gkd_server --distributed --config.teacher_model_server=http://$TEACHER_HOST:8000"
 
+A teacher that other hosts reach (`--host 0.0.0.0`) should need a key: start it with GKD_JAX_API_KEY=KEY in its
+environment (or --api-key KEY), and give the trainer the same variable (or --config.teacher_model_server_api_key,
+which config.json stores redacted).
+
 Local smoke run on CPU (offline): serve the fixture's teacher, then train against it:
 
   python experiments/fixture.py /tmp/gkd_fixture

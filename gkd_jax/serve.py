@@ -14,6 +14,12 @@ temperature 1 (vLLM's raw prompt log-probs); request fields such as `temperature
 `max_tokens: 1` the completion is the greedy next token. Also `GET /health`, `GET /v1/models`, `GET /stats`
 (counters: requests, forwards, batch sizes, rejected, cancelled prompts, client disconnects, ...).
 
+Authentication, as vLLM's `--api-key` / `VLLM_API_KEY`: with `--api-key KEY` (or the environment variable
+`GKD_JAX_API_KEY`; the flag wins) every endpoint except `GET /health` answers HTTP 401 unless the request
+carries `Authorization: Bearer KEY` (compared in constant time). Without a key the server is open, as vLLM's,
+and says so in a warning at start-up when `--host` is not a loopback address. The trainer sends the key of
+`config.teacher_model_server_api_key`, or of `GKD_JAX_API_KEY` when that is None.
+
 Concurrent requests are queued and batched into one jitted forward, padded to bucketed shapes (powers of two
 in batch and length) so the number of compilations stays bounded. The forward runs in a worker thread so the
 event loop keeps answering. Bad requests get HTTP 400 with a message naming the field (also a key given
@@ -28,8 +34,11 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import hmac
+import ipaddress
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -38,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from gkd_jax.teacher_client import API_KEY_ENV
 
 log = logging.getLogger("gkd_jax.serve")
 
@@ -206,6 +217,7 @@ class Batcher:
         errors=0,
         cancelled=0,
         disconnects=0,
+        unauthorized=0,
         batch_sizes=collections.Counter(),
     )
 
@@ -459,15 +471,41 @@ def make_app(
     max_prompts: int = 64,
     max_body_bytes: int = 64 << 20,
     batch_wait_s: float = 0.002,
+    api_key: str | None = None,
 ):
-  """The aiohttp application. The batcher starts and stops with the app."""
+  """The aiohttp application. The batcher starts and stops with the app. With `api_key`, every endpoint but
+  GET /health needs the header `Authorization: Bearer <api_key>` (else HTTP 401)."""
   web = _aiohttp_web()
+  if api_key is not None and not api_key:
+    raise ValueError("api_key is empty: give a key, or None for a server without authentication")
+  key = None if api_key is None else api_key.encode()
   batcher = Batcher(engine, max_queue=max_queue, batch_wait_s=batch_wait_s)
-  app = web.Application(client_max_size=max_body_bytes)
-  created = int(time.time())
 
-  def error(status, message, kind):
-    return web.json_response({"object": "error", "message": message, "type": kind, "code": status}, status=status)
+  def error(status, message, kind, headers=None):
+    body = {"object": "error", "message": message, "type": kind, "code": status}
+    return web.json_response(body, status=status, headers=headers)
+
+  @web.middleware
+  async def authenticate(request, handler):
+    if key is None or (request.path == "/health" and request.method in ("GET", "HEAD")):
+      return await handler(request)
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    # Constant time: how long the comparison takes says nothing about how much of the key was right.
+    if hmac.compare_digest(token.encode("utf-8", "surrogateescape"), key):
+      return await handler(request)
+    batcher.stats["unauthorized"] += 1
+    problem = "no API key was sent" if not token else "the API key sent is wrong"
+    return error(
+        401,
+        f"{problem}: this server needs the header 'Authorization: Bearer <key>' with its --api-key "
+        f"(or ${API_KEY_ENV})",
+        "AuthenticationError",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+  app = web.Application(client_max_size=max_body_bytes, middlewares=[authenticate])
+  created = int(time.time())
 
   def client_gone(request, when: str, dropped: str = ""):
     """A client that closed its connection before its answer: counted, one debug line, no traceback."""
@@ -621,6 +659,38 @@ class ServerThread:
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
+def is_loopback(host: str) -> bool:
+  """Whether a bind address only accepts connections from this machine ("localhost", 127.x.y.z, ::1)."""
+  if host.lower() == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host.strip("[]")).is_loopback
+  except ValueError:  # "0.0.0.0" is an address (not loopback); a host name may resolve to anything
+    return False
+
+
+def resolve_api_key(flag: str | None) -> str | None:
+  """The server's key: --api-key, else $GKD_JAX_API_KEY (empty = unset), else None (no authentication)."""
+  if flag is not None:
+    if not flag:
+      raise ValueError("--api-key is empty: give a key, or leave the flag out for a server without one")
+    return flag
+  return os.environ.get(API_KEY_ENV) or None
+
+
+def warn_if_open(host: str, api_key: str | None) -> bool:
+  """Logs one warning when the server takes requests from other machines without a key; returns whether."""
+  if api_key is not None or is_loopback(host):
+    return False
+  log.warning(
+      "serving on --host %s without an API key: anyone who can reach this port can use the teacher; set "
+      "--api-key KEY or $%s (clients then send 'Authorization: Bearer KEY')",
+      host,
+      API_KEY_ENV,
+  )
+  return True
+
+
 def build_engine(
     model_path: str, *, dtype: str = "bfloat16", mesh: str | None = None, tokenizer: str | None = "", **engine_kw
 ) -> TeacherEngine:
@@ -649,6 +719,11 @@ def main(argv=None):
   p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")
   p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
   p.add_argument("--port", type=int, default=8000)
+  p.add_argument(
+      "--api-key",
+      default=None,
+      help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: ${API_KEY_ENV}, else none)",
+  )
   p.add_argument("--max-logprobs", type=int, default=64, help="largest prompt_logprobs k accepted")
   p.add_argument("--max-seq-len", type=int, default=4096, help="longest prompt in tokens")
   p.add_argument("--max-batch-size", type=int, default=32, help="prompts per forward")
@@ -667,6 +742,10 @@ def main(argv=None):
       help="shapes to compile before serving: all buckets avoids compile stalls mid-run",
   )
   args = p.parse_args(argv)
+  try:
+    api_key = resolve_api_key(args.api_key)
+  except ValueError as e:
+    p.error(str(e))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
   engine = build_engine(
@@ -689,14 +768,17 @@ def main(argv=None):
       max_prompts=args.max_prompts_per_request,
       max_body_bytes=int(args.max_body_mb * 2**20),
       batch_wait_s=args.batch_wait_ms / 1000,
+      api_key=api_key,
   )
+  warn_if_open(args.host, api_key)
   log.info(
-      "serving %s on http://%s:%d (max_logprobs=%d, vocab=%d)",
+      "serving %s on http://%s:%d (max_logprobs=%d, vocab=%d, %s)",
       args.model,
       args.host,
       args.port,
       engine.max_logprobs,
       engine.vocab_size,
+      "API key required" if api_key else "no API key",
   )
   _aiohttp_web().run_app(app, host=args.host, port=args.port, access_log=None, print=None)
 
