@@ -26,6 +26,10 @@ resumes from the workdir) and stops on any other exit status.
     --workdir=gs://$BUCKET/gkd_server --distributed --config.dtype=bfloat16 \\
     --config.teacher_model_server=http://$TEACHER_HOST:8000; do s=\\$?; [ \\$s -eq 75 ] || exit \\$s; done"
 
+A teacher that other hosts reach (`--host 0.0.0.0`) should need a key: start it with GKD_JAX_API_KEY=KEY in its
+environment (or --api-key KEY), and give the trainer the same variable (or --config.teacher_model_server_api_key,
+which config.json stores redacted).
+
 Local smoke run on CPU (offline): serve the fixture's teacher, then train against it:
 
   python experiments/fixture.py /tmp/gkd_fixture

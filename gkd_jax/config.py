@@ -17,6 +17,10 @@ workdir's config.json first (`check_resume`), before anything loads and before c
     lengths, ...) changes the method mid-run: refused with the list of changes, unless
     `allow_config_change=True` says the change is meant.
 An accepted change keeps the previous config.json as config.replaced-TIMESTAMP.json.
+
+SECRET_FIELDS (the teacher server's API key) are credentials, not part of the run: config.json holds them as
+"<redacted>" (when set), and resuming never compares them (a key set, rotated or moved to $GKD_JAX_API_KEY
+is no config change).
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ RESUME_SAFE_FIELDS = (
     "attention",
     "allow_config_change",
 )
+# Credentials: written to config.json as REDACTED, never compared on resume, never in an error message.
+SECRET_FIELDS = ("teacher_model_server_api_key",)
+REDACTED = "<redacted>"
 _RESUME_NOTES = {"total_steps": " (the learning-rate schedule now spans the new total)"}
 
 
@@ -74,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher_model = ml_collections.FieldReference(None, field_type=str)
   c.tokenizer = ml_collections.FieldReference(None, field_type=str)
   c.teacher_model_server = ml_collections.FieldReference(None, field_type=str)
+  # The server's API key (sent as "Authorization: Bearer KEY"); None: $GKD_JAX_API_KEY, else no key ("": no key
+  # either). Saved in the workdir's config.json as "<redacted>": prefer the environment variable on shared machines.
+  c.teacher_model_server_api_key = ml_collections.FieldReference(None, field_type=str)
   c.offload_teacher_model = False
   c.dtype = "float32"  # compute dtype ("bfloat16" on TPU/GPU)
   c.param_dtype = "float32"  # master weights
@@ -327,11 +337,11 @@ def has_checkpoints(workdir: str) -> bool:
 
 def config_changes(saved: dict, config) -> dict[str, tuple]:
   """{field: (saved value, new value)} for every top-level field that differs (JSON values; a field
-  missing on one side counts as its default)."""
+  missing on one side counts as its default), SECRET_FIELDS aside."""
   now, defaults = json.loads(config.to_json()), json.loads(base_config().to_json())
   missing = object()
   changes = {}
-  for field in sorted(saved.keys() | now.keys()):
+  for field in sorted((saved.keys() | now.keys()) - set(SECRET_FIELDS)):
     old, new = saved.get(field, defaults.get(field, missing)), now.get(field, defaults.get(field, missing))
     if old != new:
       changes[field] = tuple(None if v is missing else v for v in (old, new))
@@ -374,6 +384,15 @@ def check_resume(workdir: str, c, fixed_fields=()) -> dict[str, tuple]:
   return changes
 
 
+def run_config_json(c) -> str:
+  """The config as saved in WORKDIR/config.json: SECRET_FIELDS that are set read REDACTED."""
+  d = json.loads(c.to_json())
+  for field in SECRET_FIELDS:
+    if d.get(field) is not None:
+      d[field] = REDACTED
+  return json.dumps(d, indent=1)
+
+
 def write_run_config(workdir: str, c, fixed_fields=(), write: bool = True) -> dict[str, tuple]:
   """Checks `c` against the workdir's run (check_resume), then saves it as WORKDIR/config.json (when `write`:
   process 0), keeping a replaced one as config.replaced-TIMESTAMP.json. Returns the accepted changes."""
@@ -389,5 +408,5 @@ def write_run_config(workdir: str, c, fixed_fields=(), write: bool = True) -> di
     if changes and storage.exists(path):  # kept beside (a copy: object storage has no rename)
       old = storage.join(workdir, f"config.replaced-{time.strftime('%Y%m%d-%H%M%S')}.json")
       storage.write_text(old, storage.read_text(path))
-    storage.write_text(path, c.to_json(indent=1))
+    storage.write_text(path, run_config_json(c))
   return changes

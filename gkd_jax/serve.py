@@ -11,11 +11,20 @@ Implements the part of the OpenAI-compatible `/v1/completions` API that distilla
 Entry t ≥ 1 of `prompt_logprobs` holds the teacher's top-k log-probabilities for token t given tokens < t,
 plus the actual prompt token t (so k or k+1 entries, as vLLM). Log-probs are the model's full softmax at
 temperature 1 (vLLM's raw prompt log-probs); request fields such as `temperature` do not change them. With
-`max_tokens: 1` the completion is the greedy next token. Also `GET /health`, `GET /v1/models`, `GET /stats`.
+`max_tokens: 1` the completion is the greedy next token. Also `GET /health`, `GET /v1/models`, `GET /stats`
+(counters: requests, forwards, batch sizes, rejected, cancelled prompts, client disconnects, ...).
+
+Authentication, as vLLM's `--api-key` / `VLLM_API_KEY`: with `--api-key KEY` (or the environment variable
+`GKD_JAX_API_KEY`; the flag wins) every endpoint except `GET /health` answers HTTP 401 unless the request
+carries `Authorization: Bearer KEY` (compared in constant time). Without a key the server is open, as vLLM's,
+and says so in a warning at start-up when `--host` is not a loopback address. The trainer sends the key of
+`config.teacher_model_server_api_key`, or of `GKD_JAX_API_KEY` when that is None.
 
 Concurrent requests are queued and batched into one jitted forward, padded to bucketed shapes (powers of two
 in batch and length) so the number of compilations stays bounded. The forward runs in a worker thread so the
-event loop keeps answering. Bad requests get HTTP 400 with a message naming the field; a full queue gets 503.
+event loop keeps answering. Bad requests get HTTP 400 with a message naming the field (also a key given
+twice in one JSON object, and `echo: true`: prompts are not echoed); a full queue gets 503. A client that
+disconnects before its answer has its queued prompts dropped and is counted in `/stats` as a disconnect.
 """
 
 from __future__ import annotations
@@ -25,8 +34,11 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import hmac
+import ipaddress
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -35,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from gkd_jax.teacher_client import API_KEY_ENV
 
 log = logging.getLogger("gkd_jax.serve")
 
@@ -202,6 +216,8 @@ class Batcher:
         rejected=0,
         errors=0,
         cancelled=0,
+        disconnects=0,
+        unauthorized=0,
         batch_sizes=collections.Counter(),
     )
 
@@ -318,6 +334,24 @@ async def _unless_client_gone(request, awaitable, poll_s: float = 0.02):
   finally:
     if not task.done():
       task.cancel()
+    # A gather whose futures were cancelled (the client went away) ends with a CancelledError nobody awaits;
+    # retrieve it, or asyncio logs "exception was never retrieved" with a traceback for every disconnect.
+    task.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future):
+  if not future.cancelled():
+    future.exception()
+
+
+def _no_duplicate_keys(pairs):
+  """json.loads' object_pairs_hook: a key given twice in one object is refused, not silently overwritten."""
+  obj = {}
+  for key, value in pairs:
+    if key in obj:
+      raise BadRequest(f"key {key!r} appears more than once in a JSON object of the request body; give each field once")
+    obj[key] = value
+  return obj
 
 
 def _is_int(x) -> bool:
@@ -371,6 +405,11 @@ def parse_request(
     raise BadRequest("'n' and 'best_of' must be 1")
   if body.get("logprobs") is not None:
     raise BadRequest("'logprobs' (of generated tokens) is not supported; use 'prompt_logprobs'")
+  if body.get("echo") not in (None, False):
+    raise BadRequest(
+        f"'echo' must be false or absent, got {body['echo']!r:.40}: this server does not echo the prompt into the "
+        "completion; use 'prompt_logprobs' for the prompt tokens' log-probs"
+    )
   return prompts, k, max_tokens
 
 
@@ -432,15 +471,47 @@ def make_app(
     max_prompts: int = 64,
     max_body_bytes: int = 64 << 20,
     batch_wait_s: float = 0.002,
+    api_key: str | None = None,
 ):
-  """The aiohttp application. The batcher starts and stops with the app."""
+  """The aiohttp application. The batcher starts and stops with the app. With `api_key`, every endpoint but
+  GET /health needs the header `Authorization: Bearer <api_key>` (else HTTP 401)."""
   web = _aiohttp_web()
+  if api_key is not None and not api_key:
+    raise ValueError("api_key is empty: give a key, or None for a server without authentication")
+  key = None if api_key is None else api_key.encode()
   batcher = Batcher(engine, max_queue=max_queue, batch_wait_s=batch_wait_s)
-  app = web.Application(client_max_size=max_body_bytes)
+
+  def error(status, message, kind, headers=None):
+    body = {"object": "error", "message": message, "type": kind, "code": status}
+    return web.json_response(body, status=status, headers=headers)
+
+  @web.middleware
+  async def authenticate(request, handler):
+    if key is None or (request.path == "/health" and request.method in ("GET", "HEAD")):
+      return await handler(request)
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    # Constant time: how long the comparison takes says nothing about how much of the key was right.
+    if hmac.compare_digest(token.encode("utf-8", "surrogateescape"), key):
+      return await handler(request)
+    batcher.stats["unauthorized"] += 1
+    problem = "no API key was sent" if not token else "the API key sent is wrong"
+    return error(
+        401,
+        f"{problem}: this server needs the header 'Authorization: Bearer <key>' with its --api-key "
+        f"(or ${API_KEY_ENV})",
+        "AuthenticationError",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+  app = web.Application(client_max_size=max_body_bytes, middlewares=[authenticate])
   created = int(time.time())
 
-  def error(status, message, kind):
-    return web.json_response({"object": "error", "message": message, "type": kind, "code": status}, status=status)
+  def client_gone(request, when: str, dropped: str = ""):
+    """A client that closed its connection before its answer: counted, one debug line, no traceback."""
+    batcher.stats["disconnects"] += 1
+    log.debug("client %s went away %s%s", request.remote, when, dropped)
+    return web.Response(status=499, text="client closed the connection")  # Nobody reads it; aiohttp drops it.
 
   async def health(_):
     return web.json_response({"status": "ok"})
@@ -470,9 +541,15 @@ def make_app(
 
   async def completions(request):
     try:
-      body = json.loads(await request.read())
+      raw = await request.read()
     except web.HTTPRequestEntityTooLarge as e:
       return error(413, f"request body too large: {e.text}", "BadRequestError")
+    except ConnectionError:  # aiohttp's ClientConnectionResetError: the connection closed mid-body
+      return client_gone(request, "while sending its request")
+    try:
+      body = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except BadRequest as e:
+      return error(400, str(e), "BadRequestError")
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
       return error(400, f"request body is not valid JSON: {e}", "BadRequestError")
     try:
@@ -494,8 +571,7 @@ def make_app(
       results = await _unless_client_gone(request, asyncio.gather(*futures))
     except ClientGone:
       dropped = batcher.cancel(futures)
-      log.info("client went away: dropped %d of its %d queued prompts", dropped, len(futures))
-      return web.Response(status=499, text="client closed the connection")
+      return client_gone(request, "before its answer", f" (dropped {dropped} of its {len(futures)} queued prompts)")
     except Overloaded as e:
       return error(503, str(e), "ServiceUnavailableError")
     except Exception as e:
@@ -507,7 +583,13 @@ def make_app(
     text = await asyncio.get_running_loop().run_in_executor(
         None, lambda: json.dumps(completion_json(engine, model_name, prompts, results, k, max_tokens))
     )
-    return web.Response(text=text, content_type="application/json")
+    response = web.Response(text=text, content_type="application/json")
+    try:  # Sent here, not by aiohttp, to count a client that left while its answer was being built or sent.
+      await response.prepare(request)
+      await response.write_eof()
+    except ConnectionError:
+      client_gone(request, "while its answer was sent")
+    return response
 
   async def on_startup(_):
     await batcher.start()
@@ -577,6 +659,38 @@ class ServerThread:
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
+def is_loopback(host: str) -> bool:
+  """Whether a bind address only accepts connections from this machine ("localhost", 127.x.y.z, ::1)."""
+  if host.lower() == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host.strip("[]")).is_loopback
+  except ValueError:  # "0.0.0.0" is an address (not loopback); a host name may resolve to anything
+    return False
+
+
+def resolve_api_key(flag: str | None) -> str | None:
+  """The server's key: --api-key, else $GKD_JAX_API_KEY (empty = unset), else None (no authentication)."""
+  if flag is not None:
+    if not flag:
+      raise ValueError("--api-key is empty: give a key, or leave the flag out for a server without one")
+    return flag
+  return os.environ.get(API_KEY_ENV) or None
+
+
+def warn_if_open(host: str, api_key: str | None) -> bool:
+  """Logs one warning when the server takes requests from other machines without a key; returns whether."""
+  if api_key is not None or is_loopback(host):
+    return False
+  log.warning(
+      "serving on --host %s without an API key: anyone who can reach this port can use the teacher; set "
+      "--api-key KEY or $%s (clients then send 'Authorization: Bearer KEY')",
+      host,
+      API_KEY_ENV,
+  )
+  return True
+
+
 def build_engine(
     model_path: str, *, dtype: str = "bfloat16", mesh: str | None = None, tokenizer: str | None = "", **engine_kw
 ) -> TeacherEngine:
@@ -605,6 +719,11 @@ def main(argv=None):
   p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")
   p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
   p.add_argument("--port", type=int, default=8000)
+  p.add_argument(
+      "--api-key",
+      default=None,
+      help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: ${API_KEY_ENV}, else none)",
+  )
   p.add_argument("--max-logprobs", type=int, default=64, help="largest prompt_logprobs k accepted")
   p.add_argument("--max-seq-len", type=int, default=4096, help="longest prompt in tokens")
   p.add_argument("--max-batch-size", type=int, default=32, help="prompts per forward")
@@ -623,6 +742,10 @@ def main(argv=None):
       help="shapes to compile before serving: all buckets avoids compile stalls mid-run",
   )
   args = p.parse_args(argv)
+  try:
+    api_key = resolve_api_key(args.api_key)
+  except ValueError as e:
+    p.error(str(e))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
   engine = build_engine(
@@ -645,14 +768,17 @@ def main(argv=None):
       max_prompts=args.max_prompts_per_request,
       max_body_bytes=int(args.max_body_mb * 2**20),
       batch_wait_s=args.batch_wait_ms / 1000,
+      api_key=api_key,
   )
+  warn_if_open(args.host, api_key)
   log.info(
-      "serving %s on http://%s:%d (max_logprobs=%d, vocab=%d)",
+      "serving %s on http://%s:%d (max_logprobs=%d, vocab=%d, %s)",
       args.model,
       args.host,
       args.port,
       engine.max_logprobs,
       engine.vocab_size,
+      "API key required" if api_key else "no API key",
   )
   _aiohttp_web().run_app(app, host=args.host, port=args.port, access_log=None, print=None)
 

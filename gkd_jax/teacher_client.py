@@ -16,7 +16,9 @@ Works with our `gkd_jax.serve` and with vLLM (`vllm serve MODEL --max-logprobs K
 tokens are sent (left or right padding both work). Requests run concurrently (at most `max_parallel` in
 flight) on a private event loop in a background thread; transient failures (connection errors, timeouts,
 HTTP 408/429/5xx) are retried with exponential backoff; anything else, or a response that does not match
-what was sent, raises `TeacherServerError` naming the URL and the problem.
+what was sent, raises `TeacherServerError` naming the URL and the problem. A server started with an API key
+(`gkd_jax.serve --api-key`, `vllm serve --api-key`) needs `api_key=`; HTTP 401 (missing or wrong key) is one
+error at `check()`, not retried.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ import threading
 import numpy as np
 
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+# The environment variable that holds the teacher server's API key: read by `python -m gkd_jax.serve` and by
+# the trainer when config.teacher_model_server_api_key is None (vLLM's is VLLM_API_KEY).
+API_KEY_ENV = "GKD_JAX_API_KEY"
 
 
 class TeacherServerError(RuntimeError):
@@ -165,6 +170,7 @@ class TeacherClient:
     self.max_retries, self.backoff = max_retries, backoff
     self.max_parallel, self.rows_per_request, self.vocab_size = max_parallel, rows_per_request, vocab_size
     self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    self._sends_key = bool(api_key)
     self._loop = asyncio.new_event_loop()
     self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-client", daemon=True)
     self._thread.start()
@@ -250,6 +256,13 @@ class TeacherClient:
         except ValueError as e:
           raise self._error(f"{method} {path} answered malformed JSON ({e}): {body[:200]!r}") from None
       message = body[:500].decode("utf-8", "replace")
+      if status == 401:  # Retrying cannot help: say which key is at fault.
+        detail = "the key sent was refused" if self._sends_key else "none was sent"
+        raise self._error(
+            f"{method} {path} was refused with HTTP 401 Unauthorized: the API key is missing or wrong ({detail}); "
+            f"give the server's key as api_key= (in training: config.teacher_model_server_api_key or "
+            f"${API_KEY_ENV}). Server said: {message}"
+        )
       if status in RETRY_STATUS:
         last = f"HTTP {status}: {message}"
         continue

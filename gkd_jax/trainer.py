@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
@@ -40,6 +41,33 @@ def teacher_kind(config) -> str:
   if not config.teacher_model:
     return "self"
   return "model"  # includes OPSD fixed: teacher_model == model gives a frozen copy of the initial student
+
+
+def teacher_server_api_key(config) -> str | None:
+  """config.teacher_model_server_api_key, or when that is None $GKD_JAX_API_KEY (empty = unset), or None."""
+  from gkd_jax.teacher_client import API_KEY_ENV
+
+  key = config.get("teacher_model_server_api_key")
+  return key if key is not None else os.environ.get(API_KEY_ENV) or None
+
+
+def teacher_server_client(config, vocab_size: int):
+  """The TeacherClient of config.teacher_model_server (with its API key), checked: an unreachable server, a
+  missing or wrong key (HTTP 401) or a k it does not serve stops the run here, not at the first step."""
+  from gkd_jax.teacher_client import TeacherClient
+
+  client = TeacherClient(
+      config.teacher_model_server,
+      config.gkd_logits_topk,
+      vocab_size=vocab_size,
+      api_key=teacher_server_api_key(config),
+  )
+  try:
+    client.check()
+  except BaseException:
+    client.close()
+    raise
+  return client
 
 
 def step_config(config, vocab_size: int) -> ts.StepConfig:
@@ -170,10 +198,7 @@ def build(config) -> Setup:
   eval_rows, eval_loader = evaluate.held_out(config, tokenizer) if config.eval_split else (None, None)
   client = None
   if kind == "server":
-    from gkd_jax.teacher_client import TeacherClient
-
-    client = TeacherClient(config.teacher_model_server, config.gkd_logits_topk, vocab_size=vocab_size)
-    client.check()  # fail at start-up, not at the first step
+    client = teacher_server_client(config, vocab_size)  # fail at start-up, not at the first step
   eval_step = jax.jit(eval_fn, in_shardings=(state_sharding, None), out_shardings=replicated)
   return Setup(
       config,

@@ -66,3 +66,24 @@ def test_good_config_passes():
   c = good()
   c.teacher_model_server, c.gkd_logits_topk, c.teacher_model = "http://127.0.0.1:8000", 64, None
   config_lib.validate(c)
+
+
+def test_run_config_redacts_the_api_key_and_resuming_ignores_it(tmp_path):
+  from gkd_jax import resume
+
+  workdir = str(tmp_path)
+  c = good()
+  c.teacher_model_server, c.gkd_logits_topk, c.teacher_model_server_api_key = "http://teacher:8000", 8, "s3cret"
+  assert config_lib.write_run_config(workdir, c, resume.FINGERPRINT_FIELDS) == {}
+  text = (tmp_path / "config.json").read_text()
+  assert "s3cret" not in text and '"teacher_model_server_api_key": "<redacted>"' in text
+  assert "teacher_model_server_api_key" not in resume.FINGERPRINT_FIELDS  # the checkpoint's fingerprint
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)  # a run to resume
+  for key in ("s3cret", "rotated", None):  # the same key, another one, or $GKD_JAX_API_KEY: no change
+    c.teacher_model_server_api_key = key
+    assert config_lib.write_run_config(workdir, c, resume.FINGERPRINT_FIELDS) == {}
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith("config.replaced-")]
+  c.teacher_model_server_api_key, c.beta = "s3cret", 0.9
+  with pytest.raises(ValueError, match="changed method: beta: 0.5 → 0.9 ") as e:
+    config_lib.write_run_config(workdir, c, resume.FINGERPRINT_FIELDS)
+  assert "s3cret" not in str(e.value)

@@ -1,8 +1,12 @@
 """Teacher server + client on loopback: values vs a direct JAX forward, loss vs the local top-k teacher,
-batching, validation (400), overload (503), retries, unreachable / malformed servers, vLLM-format parsing."""
+batching, validation (400), overload (503), API keys (401), client disconnects, retries, unreachable /
+malformed servers, vLLM-format parsing."""
 
 import concurrent.futures
+import gc
+import hmac
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -24,9 +28,10 @@ from aiohttp import web  # noqa: E402
 from gkd_jax import losses  # noqa: E402
 from gkd_jax import serve  # noqa: E402
 from gkd_jax.models import from_pretrained  # noqa: E402
-from gkd_jax.teacher_client import TeacherClient, TeacherServerError, parse_prompt_logprobs  # noqa: E402
+from gkd_jax.teacher_client import API_KEY_ENV, TeacherClient, TeacherServerError, parse_prompt_logprobs  # noqa: E402
 
 V, K_MAX, MAX_LEN, NAME = 128, 16, 32, "tiny-teacher"
+KEY = "sk-test-Key_42"
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +88,26 @@ def server(engine):
     yield s
 
 
-def post(url, body, timeout=30):
-  data = body if isinstance(body, bytes) else json.dumps(body).encode()
-  req = urllib.request.Request(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"})
+@pytest.fixture(scope="module")
+def keyed(engine):
+  """The same engine behind a server that needs KEY."""
+  with serve.ServerThread(serve.make_app(engine, NAME, batch_wait_s=0.002, api_key=KEY)) as s:
+    yield s
+
+
+def call(url, path, body=None, headers=(), timeout=30):
+  """(status, JSON answer, response headers) of a GET (body None) or POST."""
+  data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+  req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json", **dict(headers)})
   try:
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-      return resp.status, json.loads(resp.read())
+      return resp.status, json.loads(resp.read()), resp.headers
   except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read())
+    return e.code, json.loads(e.read()), e.headers
+
+
+def post(url, body, timeout=30):
+  return call(url, "/v1/completions", body, timeout=timeout)[:2]
 
 
 def get(url, path):
@@ -147,6 +164,7 @@ def test_list_of_prompts_one_choice_each_and_no_logprobs(server, local_logp):
   np.testing.assert_allclose(entry[str(prompts[0][2])]["logprob"], local_logp(prompts[0])[1, prompts[0][2]], atol=2e-5)
   status, body = post(server.url, {"prompt": prompts[0]})
   assert status == 200 and body["choices"][0]["prompt_logprobs"] is None
+  assert post(server.url, {"prompt": prompts[0], "echo": False})[0] == 200  # vLLM's default, said explicitly
   assert get(server.url, "/health") == {"status": "ok"}
   card = get(server.url, "/v1/models")["data"][0]
   assert card["id"] == NAME and card["max_logprobs"] == K_MAX
@@ -175,6 +193,11 @@ def test_list_of_prompts_one_choice_each_and_no_logprobs(server, local_logp):
         ({"prompt": [1, 2], "max_tokens": 16}, 400, "'max_tokens' must be 0 or 1"),
         ({"prompt": [1, 2], "model": "other"}, 400, "'other' is not served"),
         ({"prompt": [1, 2], "stream": True}, 400, "'stream'"),
+        (b'{"prompt": [1], "prompt": [2]}', 400, "key 'prompt' appears more than once"),
+        (b'{"prompt": [1, 2], "max_tokens": 1, "max_tokens": 0}', 400, "key 'max_tokens' appears more than once"),
+        (b'{"prompt": [1, 2], "extra_body": {"a": 1, "a": 1}}', 400, "key 'a' appears more than once"),
+        ({"prompt": [1, 2], "echo": True}, 400, "'echo' must be false or absent, got True: this server does not echo"),
+        ({"prompt": [1, 2], "echo": 1}, 400, "'echo' must be false or absent"),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(server, body, status, words):
@@ -232,6 +255,166 @@ def test_event_loop_answers_during_a_forward_and_forward_errors_are_500(engine):
         client.topk_logprobs(np.array([[1, 2, 3]]))
 
 
+def send_raw(port, body: bytes, *, extra_length=0) -> socket.socket:
+  """A POST /v1/completions written on a raw socket (Content-Length `extra_length` more than sent)."""
+  sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+  head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+  sock.sendall(f"{head}Content-Length: {len(body) + extra_length}\r\n\r\n".encode() + body)
+  return sock
+
+
+def test_client_disconnects_are_counted_without_tracebacks(engine, caplog):
+  caplog.set_level(logging.DEBUG)
+  with serve.ServerThread(serve.make_app(SlowEngine(engine, delay=0.4), NAME)) as s:
+    body = json.dumps({"prompt": [1, 2, 3], "prompt_logprobs": 2}).encode()
+    queued = [send_raw(s.port, body) for _ in range(12)]  # Whole requests, waiting behind a 0.4 s forward...
+    half = [send_raw(s.port, body[:10], extra_length=len(body) - 10) for _ in range(4)]  # ...and half-sent ones.
+    time.sleep(0.1)
+    for sock in queued + half:
+      sock.close()  # Before any answer.
+    for _ in range(100):
+      stats = get(s.url, "/stats")
+      if stats["disconnects"] == 16:
+        break
+      time.sleep(0.05)
+    assert stats["disconnects"] == 16 and stats["requests"] == 12, stats
+    assert post(s.url, {"prompt": [5, 6, 7], "prompt_logprobs": 1})[0] == 200  # Still serving.
+    assert get(s.url, "/stats")["disconnects"] == 16  # An answered request is no disconnect.
+  gc.collect()  # asyncio reports a never-retrieved exception when its future is collected.
+  loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not loud, [r.getMessage() for r in loud]
+  gone = [r.getMessage() for r in caplog.records if r.name == "gkd_jax.serve" and "went away" in r.getMessage()]
+  assert len(gone) == 16 and all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "gkd_jax.serve")
+  assert sum("before its answer" in m for m in gone) == 12 and sum("while sending" in m for m in gone) == 4
+
+
+# ------------------------------------------------------------------------------------------------ API key
+
+
+def test_api_key_401_unless_the_bearer_key_matches_health_stays_open(keyed):
+  auth = lambda key: {"Authorization": f"Bearer {key}"}
+  good = {"prompt": [1, 2, 3], "prompt_logprobs": 2}
+  before = call(keyed.url, "/stats", None, auth(KEY))[1]
+  for path, body in (("/v1/completions", good), ("/v1/models", None), ("/stats", None), ("/v1/nothing", None)):
+    for headers, problem in (
+        ({}, "no API key was sent"),
+        (auth(KEY + "x"), "the API key sent is wrong"),
+        (auth(KEY[:-1]), "the API key sent is wrong"),
+        ({"Authorization": KEY}, "no API key was sent"),  # not a Bearer token
+        (auth(""), "no API key was sent"),
+    ):
+      status, answer, response_headers = call(keyed.url, path, body, headers)
+      assert status == 401 and answer["type"] == "AuthenticationError" and answer["code"] == 401, (path, answer)
+      assert problem in answer["message"] and "Authorization: Bearer <key>" in answer["message"]
+      assert KEY not in json.dumps(answer) and response_headers["WWW-Authenticate"] == "Bearer"
+  for headers in (auth(KEY), {"Authorization": f"bearer  {KEY} "}):  # The scheme is case-insensitive.
+    status, answer, _ = call(keyed.url, "/v1/completions", good, headers)
+    assert status == 200 and len(answer["choices"][0]["prompt_logprobs"]) == 3
+    assert call(keyed.url, "/v1/models", None, headers)[1]["data"][0]["id"] == NAME
+  status, answer, _ = call(keyed.url, "/stats", None, auth(KEY))
+  assert status == 200 and answer["unauthorized"] - before["unauthorized"] == 20
+  assert answer["requests"] - before["requests"] == 2  # Refused ones never reached the queue.
+  assert call(keyed.url, "/health", None)[:2] == (200, {"status": "ok"})  # For load balancers: no key.
+  assert call(keyed.url, "/health", None, auth("wrong"))[0] == 200
+
+
+def test_api_key_is_compared_in_constant_time(keyed, monkeypatch):
+  calls = []
+
+  def spy(a, b):
+    calls.append((a, b))
+    return hmac_compare(a, b)
+
+  hmac_compare = hmac.compare_digest
+  monkeypatch.setattr(hmac, "compare_digest", spy)
+  assert call(keyed.url, "/v1/models", None, {"Authorization": "Bearer nope"})[0] == 401
+  assert call(keyed.url, "/v1/models", None, {"Authorization": f"Bearer {KEY}"})[0] == 200
+  assert call(keyed.url, "/v1/models", None)[0] == 401
+  assert calls == [(b"nope", KEY.encode()), (KEY.encode(), KEY.encode()), (b"", KEY.encode())]
+  with pytest.raises(ValueError, match="api_key is empty"):
+    serve.make_app(None, NAME, api_key="")
+
+
+def test_client_with_the_key_works_without_it_one_clear_401_not_retried(keyed):
+  stats = lambda: call(keyed.url, "/stats", None, {"Authorization": f"Bearer {KEY}"})[1]
+  with TeacherClient(keyed.url, k=2, api_key=KEY) as client:
+    assert client.check()["id"] == NAME
+    assert client.topk_logprobs(np.array([[1, 2, 3]]))[1].shape == (1, 3, 2)
+  for api_key, detail in ((None, "none was sent"), ("sk-not-it", "the key sent was refused")):
+    before = stats()["unauthorized"]
+    with TeacherClient(keyed.url, k=2, api_key=api_key, max_retries=3, backoff=0.01) as client:
+      with pytest.raises(TeacherServerError) as e:
+        client.check()
+    message = str(e.value)
+    assert message.startswith(f"teacher server {keyed.url}: GET /v1/models was refused with HTTP 401 Unauthorized")
+    assert f"the API key is missing or wrong ({detail})" in message and API_KEY_ENV in message
+    assert "sk-not-it" not in message  # The key is never echoed.
+    assert stats()["unauthorized"] == before + 1  # Not retried.
+
+
+def test_trainer_client_takes_the_key_from_config_else_from_the_environment(keyed, monkeypatch):
+  from gkd_jax import config as config_lib
+  from gkd_jax import trainer
+
+  c = config_lib.base_config()
+  c.teacher_model_server, c.gkd_logits_topk = keyed.url, 2
+  monkeypatch.delenv(API_KEY_ENV, raising=False)
+  with pytest.raises(TeacherServerError, match=rf"{keyed.url}: .*HTTP 401.*missing or wrong \(none was sent\)"):
+    trainer.teacher_server_client(c, V)
+  for config_key, env_key in ((KEY, None), (None, KEY), (KEY, "stale"), ("", KEY)):
+    c.teacher_model_server_api_key = config_key
+    if env_key is None:
+      monkeypatch.delenv(API_KEY_ENV, raising=False)
+    else:
+      monkeypatch.setenv(API_KEY_ENV, env_key)
+    if config_key == "":  # set, but empty: no key sent (the environment is only read when the field is None)
+      with pytest.raises(TeacherServerError, match="none was sent"):
+        trainer.teacher_server_client(c, V)
+      continue
+    client = trainer.teacher_server_client(c, V)
+    try:
+      assert client.model == NAME and client.topk_logprobs(np.array([[4, 5]]))[1].shape == (1, 2, 2)
+    finally:
+      client.close()
+  c.teacher_model_server_api_key = "wrong"  # The config's key wins over the environment's.
+  with pytest.raises(TeacherServerError, match=r"missing or wrong \(the key sent was refused\)"):
+    trainer.teacher_server_client(c, V)
+
+
+def test_cli_key_from_flag_or_environment_and_a_warning_when_open_beyond_loopback(engine, monkeypatch, caplog):
+  apps = []
+  monkeypatch.setattr(serve, "build_engine", lambda *args, **kw: engine)
+  monkeypatch.setattr(web, "run_app", lambda app, host, port, **kw: apps.append((app, host)))
+
+  def main(*flags, env=None):
+    if env is None:
+      monkeypatch.delenv(API_KEY_ENV, raising=False)
+    else:
+      monkeypatch.setenv(API_KEY_ENV, env)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gkd_jax.serve"):
+      serve.main(["--model", "m", "--warmup", "none", *flags])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    with serve.ServerThread(apps[-1][0]) as s:
+      open_ = call(s.url, "/v1/models", None)[0] == 200
+      keys = [
+          k for k in (KEY, "env-key") if call(s.url, "/v1/models", None, {"Authorization": f"Bearer {k}"})[0] == 200
+      ]
+    return open_, keys, warnings
+
+  open_, keys, warnings = main("--host", "0.0.0.0")
+  assert (
+      open_ and len(warnings) == 1 and "--host 0.0.0.0 without an API key" in warnings[0] and API_KEY_ENV in warnings[0]
+  )
+  assert main("--host", "127.0.0.1") == (True, [KEY, "env-key"], [])  # Open, quietly: loopback only.
+  assert main("--host", "localhost")[2] == [] and main("--host", "::1")[2] == []
+  assert main("--host", "0.0.0.0", env="env-key") == (False, ["env-key"], [])
+  assert main("--host", "0.0.0.0", "--api-key", KEY, env="env-key") == (False, [KEY], [])  # The flag wins.
+  assert main("--host", "0.0.0.0", env="")[2] != []  # An empty variable is no key.
+  with pytest.raises(SystemExit):
+    serve.main(["--model", "m", "--api-key", ""])
+
+
 def test_cli_serves_a_checkpoint(ckpt):
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
@@ -255,7 +438,7 @@ def test_cli_serves_a_checkpoint(ckpt):
       "--warmup",
       "none",
   ]
-  env = dict(os.environ, XLA_FLAGS="")  # One CPU device is enough for the server process.
+  env = dict(os.environ, XLA_FLAGS="", GKD_JAX_API_KEY=KEY)  # One CPU device is enough for the server process.
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   try:
     url = f"http://127.0.0.1:{port}"
@@ -266,7 +449,8 @@ def test_cli_serves_a_checkpoint(ckpt):
       except OSError:
         assert proc.poll() is None, proc.communicate()[0].decode()
         time.sleep(0.25)
-    with TeacherClient(url, k=4) as client:
+    assert call(url, "/v1/models", None)[0] == 401  # The key came from $GKD_JAX_API_KEY.
+    with TeacherClient(url, k=4, api_key=KEY) as client:
       card = client.check()
       assert card["id"] == ckpt and card["max_logprobs"] == 4
       values, indices = client.topk_logprobs(np.array([[3, 4, 5, 6]]))
@@ -274,7 +458,7 @@ def test_cli_serves_a_checkpoint(ckpt):
   finally:
     proc.terminate()
     out = proc.communicate(timeout=30)[0].decode()
-  assert "serving" in out, out
+  assert "serving" in out and "API key required" in out, out
 
 
 # ---------------------------------------------------------------------------------------------- client
