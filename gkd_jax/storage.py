@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -87,6 +88,50 @@ def join(base: str, *parts: str) -> str:
   if is_url(base):
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
   return os.path.join(base, *parts)
+
+
+def normalize(path: str) -> str:
+  """A form of `path` to compare with others: a local path resolved (os.path.realpath: absolute, symlinks
+  followed); a URL with its scheme in lower case (gcs:// as gs://) and no repeated or trailing slashes, `.`
+  or `..` segments."""
+  if not is_url(path):
+    return os.path.realpath(path)
+  scheme, rest = path.split(_URL_MARK, 1)
+  scheme = scheme.lower()
+  scheme = "gs" if scheme == "gcs" else scheme
+  return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+
+
+def within(path: str, directory: str) -> bool:
+  """Whether `path` is `directory` or lies under it (compared in their normalized forms)."""
+  if is_url(path) != is_url(directory):
+    return False
+  p, d = normalize(path), normalize(directory)
+  return p == d or p.startswith(d.rstrip("/") + "/")
+
+
+def parents(path: str) -> list[str]:
+  """The directories above `path`, nearest first, up to the root (for a URL: up to its bucket)."""
+  p, out = normalize(path), []
+  if is_url(p):
+    scheme, rest = p.split(_URL_MARK, 1)
+    parts = rest.split("/")
+    return [f"{scheme}://{'/'.join(parts[:i])}" for i in range(len(parts) - 1, 0, -1)]
+  while os.path.dirname(p) != p:
+    p = os.path.dirname(p)
+    out.append(p)
+  return out
+
+
+def list_files(path: str) -> list[str]:
+  """Relative paths of every file (object) under a directory (prefix), sorted; [] when it does not exist."""
+  if not is_url(path):
+    return walk_files(path) if os.path.isdir(path) else []
+  fs, p = _fs(path)
+  if not _call(path, "list", fs.isdir, p):
+    return []
+  root = p.rstrip("/") + "/"
+  return sorted(n[len(root) :] for n in _call(path, "list", fs.find, p) if n.startswith(root))
 
 
 def exists(path: str) -> bool:
