@@ -81,7 +81,7 @@ def main(argv):
   # Orbax and JAX log every checkpoint step at INFO; keep the console to progress bars and warnings.
   logging.set_verbosity(logging.WARNING)
   initialize_distributed()
-  from gkd_jax import checkpoints, storage  # after the re-exec above, like every jax-importing module here
+  from gkd_jax import checkpoints, storage, workdir_lock  # after the re-exec above, like every jax-importing module
 
   # gcsfs logs every exhausted retry with a traceback; the run's own error names the URL once.
   std_logging.getLogger("gcsfs").setLevel(std_logging.CRITICAL)
@@ -90,6 +90,9 @@ def main(argv):
   except checkpoints.Preempted as e:
     logging.warning("%s", e)
     sys.exit(checkpoints.PREEMPTED_EXIT_CODE)
+  except workdir_lock.WorkdirLocked as e:
+    logging.error("%s", e)
+    sys.exit(1)
   except storage.StorageError as e:
     logging.error("%s", e)
     # Orbax / tensorstore threads may go on retrying the lost storage for many minutes; nothing they could

@@ -196,6 +196,35 @@ def write_text(path: str, text: str) -> None:
       os.remove(tmp)
 
 
+def create_text(path: str, text: str) -> bool:
+  """Writes `path` only if nothing is there yet; returns whether it did. Locally O_CREAT|O_EXCL; on a URL an
+  upload with a create-only precondition (gcsfs mode="create": GCS ifGenerationMatch=0) where the filesystem
+  has one, else a check then a write (a race: two writers between the check and the write both succeed)."""
+  if not is_url(path):
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    return True
+  fs, p = _fs(path)
+  data = text.encode("utf-8")
+  try:
+    fs.pipe_file(p, data, mode="create")
+    return True
+  except FileExistsError:
+    return False
+  except TypeError:  # this filesystem has no create-only mode: check, then write
+    pass
+  except Exception as e:
+    raise _wrap(path, "write", e) from e
+  if _call(path, "check", fs.exists, p):
+    return False
+  _call(path, "write", fs.pipe_file, p, data)
+  return True
+
+
 def remove(path: str) -> None:
   """Deletes one file or object (missing is fine)."""
   if not is_url(path):

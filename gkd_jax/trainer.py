@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd_jax import checkpoints, evaluate, export, files, lora, models, optim, resume, rollout, sampling, sharding
-from gkd_jax import storage
+from gkd_jax import storage, workdir_lock
 from gkd_jax import config as config_lib
 from gkd_jax import data as data_lib
 from gkd_jax import metrics as metrics_lib
@@ -225,15 +225,22 @@ def train(config, workdir: str) -> dict:
   `checkpoints.Preempted` when a SIGTERM (or JAX's multi-host preemption notice) stopped it after saving."""
   files.require_directory(workdir, "--workdir")
   checkpoints.check_shared_workdir(workdir)  # every process must see one workdir (a bucket on a pod)
-  config_lib.check_resume(workdir, config, resume.FINGERPRINT_FIELDS)  # before anything loads
-  return run(build(config), workdir)
+  with workdir_lock.hold(workdir):  # one run per workdir, refused before anything loads
+    config_lib.check_resume(workdir, config, resume.FINGERPRINT_FIELDS)  # before anything loads
+    return _run(build(config), workdir)
 
 
 def run(setup: Setup, workdir: str) -> dict:
   """Runs optimizer steps up to config.total_steps, resuming from the workdir's latest checkpoint; saves
   every `save_every` steps, at the end, and on preemption (SIGTERM), then raises `checkpoints.Preempted`
   (the CLI exits with checkpoints.PREEMPTED_EXIT_CODE: rerun me). Returns the last step's record;
-  setup.state is left holding the state the run ended with."""
+  setup.state is left holding the state the run ended with. Holds the workdir's lock (gkd_jax.workdir_lock)
+  throughout: raises WorkdirLocked when another run has it."""
+  with workdir_lock.hold(workdir):
+    return _run(setup, workdir)
+
+
+def _run(setup: Setup, workdir: str) -> dict:
   from tqdm.auto import tqdm
 
   config = setup.config
