@@ -1,7 +1,8 @@
 """Entry point: `python -m gkd_jax.main --config=configs/NAME.py[:arg] --workdir=DIR [--config.key=value]`.
 
 A run stopped by SIGTERM (a preempted spot / queued-resource VM) saves a checkpoint and exits with status
-75 (checkpoints.PREEMPTED_EXIT_CODE, "rerun me"); rerunning the same command resumes it:
+75 (checkpoints.PREEMPTED_EXIT_CODE, "rerun me"); one Ctrl-C saves too and exits with 130 (a second one stops
+at once, without saving); rerunning the same command resumes it:
 
   until python -m gkd_jax.main --config=... --workdir=gs://BUCKET/run; do [ $? -eq 75 ] || exit 1; done
 
@@ -87,6 +88,9 @@ def main(argv):
   std_logging.getLogger("gcsfs").setLevel(std_logging.CRITICAL)
   try:
     run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except checkpoints.Interrupted as e:  # a first Ctrl-C: saved, and says where to resume
+    logging.warning("%s", e)
+    sys.exit(checkpoints.INTERRUPTED_EXIT_CODE)
   except checkpoints.Preempted as e:
     logging.warning("%s", e)
     sys.exit(checkpoints.PREEMPTED_EXIT_CODE)

@@ -233,7 +233,8 @@ def train(config, workdir: str) -> dict:
 def run(setup: Setup, workdir: str) -> dict:
   """Runs optimizer steps up to config.total_steps, resuming from the workdir's latest checkpoint; saves
   every `save_every` steps, at the end, and on preemption (SIGTERM), then raises `checkpoints.Preempted`
-  (the CLI exits with checkpoints.PREEMPTED_EXIT_CODE: rerun me). Returns the last step's record;
+  (the CLI exits with checkpoints.PREEMPTED_EXIT_CODE: rerun me), or on a first Ctrl-C, then raises
+  `checkpoints.Interrupted` (the CLI exits with 130). Returns the last step's record;
   setup.state is left holding the state the run ended with. Holds the workdir's lock (gkd_jax.workdir_lock)
   throughout: raises WorkdirLocked when another run has it."""
   with workdir_lock.hold(workdir):
@@ -305,7 +306,8 @@ def _run(setup: Setup, workdir: str) -> dict:
         writer.flush()  # the logs cover every checkpointed step (on a bucket they are uploaded here)
       if stop:
         ckpt.wait()
-        preempted = checkpoints.Preempted(done, workdir)
+        stopped = checkpoints.Interrupted if preemption.interrupted else checkpoints.Preempted
+        preempted = stopped(done, workdir)
         break
   except BaseException as e:
     failure = e
