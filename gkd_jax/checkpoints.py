@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 import jax
@@ -242,15 +243,27 @@ def check_shared_workdir(workdir: str) -> None:
 class Checkpointer:
   """Periodic async saves with keep-N, and validated restores into target shardings."""
 
-  def __init__(self, directory, *, max_to_keep: int | None = 3, save_every: int = 100, async_save: bool = True):
+  def __init__(
+      self,
+      directory,
+      *,
+      max_to_keep: int | None = 3,
+      save_every: int = 100,
+      async_save: bool = True,
+      keep_period: int | None = None,
+  ):
     if save_every < 1:
       raise ValueError(f"save_every must be ≥ 1, got {save_every}")
     directory = str(directory)  # orbax wants local paths absolute (a relative --workdir failed at the first save)
     self.directory = epath.Path(directory if storage.is_url(directory) else os.path.abspath(directory))
     self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
-    )  # leftovers of a save killed mid-write
+        max_to_keep=max_to_keep,
+        keep_period=keep_period,  # steps that are multiples of it are kept besides the last max_to_keep
+        enable_async_checkpointing=async_save,
+        create=True,
+        cleanup_tmp_directories=True,  # leftovers of a save killed mid-write
+    )
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=options,
@@ -273,6 +286,24 @@ class Checkpointer:
 
   def step_dir(self, step: int) -> epath.Path:
     return self.directory / str(step)
+
+  def set_aside_after(self, step: int) -> tuple[list[int], str | None]:
+    """Moves the checkpoints after `step` out of this directory (into DIRECTORY.set-aside-TIMESTAMP, by
+    process 0), so that a run resumed from `step` saves its own later steps and keep-N counts only them.
+    Returns (the steps moved, where to)."""
+    later = sorted(s for s in self._manager.all_steps() if s > step)
+    if not later:
+      return [], None
+    aside = f"{self.directory}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      for s in later:
+        storage.move(str(self.step_dir(s)), storage.join(aside, str(s)))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("gkd_jax: later checkpoints set aside")
+    self._manager.reload()
+    return later, aside
 
   def reached_preemption(self, step: int) -> bool:
     """True once SIGTERM arrived (single process, handler installed) or at JAX's multi-host preemption

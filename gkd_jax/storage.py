@@ -246,6 +246,17 @@ def rmtree(path: str) -> None:
     _call(path, "delete", fs.rm, p, recursive=True)
 
 
+def move(src: str, dst: str) -> None:
+  """Moves a file or directory (prefix) to `dst` (which must not exist): locally a rename; on object storage a
+  copy of each object then its deletion."""
+  if not is_url(src):
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    os.rename(src, dst)
+    return
+  fs, p = _fs(src)
+  _call(src, "move", fs.mv, p, _fs(dst)[1], recursive=True)
+
+
 def upload(local: str, url: str) -> None:
   """Copies one local file to `url` (one object: atomic)."""
   fs, p = _fs(url)

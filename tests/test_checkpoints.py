@@ -179,6 +179,15 @@ def test_interval_keep_n_async_and_latest(tmp_path):
   ckpt.close()
 
 
+def test_keep_period_keeps_periodic_steps_beside_keep_n(tmp_path):
+  state = sft_state()
+  with checkpoints.Checkpointer(tmp_path, max_to_keep=2, save_every=1, keep_period=4) as ckpt:
+    for step in range(1, 11):
+      ckpt.save(step, state, {})
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 8, 9, 10]  # a bad stretch cannot push out every earlier checkpoint
+
+
 @pytest.fixture
 def one_checkpoint(tmp_path):
   state = sft_state(step=4)
