@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 import jax
@@ -110,30 +111,63 @@ class Preempted(Exception):
     self.step, self.workdir = step, workdir
 
 
+# The CLI's exit status after a Ctrl-C save: 128 + SIGINT, what a shell reports for a job stopped by Ctrl-C
+# (a supervisor does not rerun it: the user asked it to stop).
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+
+
+class Interrupted(KeyboardInterrupt):
+  """The run stopped on Ctrl-C (SIGINT) after saving `step`; rerunning the same command resumes it."""
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(f"interrupted: saved step {step} in {workdir}; rerun the same command to resume")
+    self.step, self.workdir = step, workdir
+
+  def __str__(self):
+    return self.args[0]
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 @dataclasses.dataclass
 class PreemptionHandler:
-  """A SIGTERM flag for the train loop; `uninstall()` restores the previous handler."""
+  """A stop flag for the train loop, set by SIGTERM or a first Ctrl-C (SIGINT); a second Ctrl-C raises
+  KeyboardInterrupt at once. `uninstall()` restores the previous handlers."""
 
   callback: Callable[[int], None] | None = None
   _event: threading.Event = dataclasses.field(default_factory=threading.Event)
-  _previous: Any = None
+  _previous: dict = dataclasses.field(default_factory=dict)
   _installed: bool = False
+  signum: int | None = None  # the first signal that asked to stop
 
   @property
   def requested(self) -> bool:
     return self._event.is_set()
 
+  @property
+  def interrupted(self) -> bool:
+    """Whether the stop was asked by Ctrl-C (SIGINT) rather than SIGTERM."""
+    return self.signum == signal.SIGINT
+
   def _handle(self, signum, frame):
     del frame
+    if signum == signal.SIGINT and self._event.is_set():
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
     # Only set a flag (and let a light callback run): the train loop saves at the next step boundary,
     # outside the signal handler, where jax and orbax calls are safe.
+    if self.signum is None:
+      self.signum = signum
     self._event.set()
+    if signum == signal.SIGINT:
+      os.write(2, b"\ninterrupt: saving at the end of this step, then stopping (Ctrl-C again to stop at once)\n")
     if self.callback is not None:
       self.callback(signum)
 
   def uninstall(self):
     if self._installed:
-      signal.signal(signal.SIGTERM, self._previous)
+      for sig, previous in self._previous.items():
+        signal.signal(sig, previous)
       self._installed = False
 
   def __enter__(self):
@@ -147,19 +181,22 @@ _ACTIVE: list[PreemptionHandler] = []  # the installed handler (a signal handler
 
 
 def install_preemption_handler(callback: Callable[[int], None] | None = None) -> PreemptionHandler:
-  """SIGTERM → `handler.requested` becomes True (and `callback(signum)` runs); the process keeps running.
+  """SIGTERM or a first Ctrl-C (SIGINT) → `handler.requested` becomes True (and `callback(signum)` runs);
+  the process keeps running, and the train loop saves at the next step boundary and stops (`interrupted`
+  tells a Ctrl-C from SIGTERM). A second Ctrl-C raises KeyboardInterrupt at once.
 
   With several processes, JAX's own preemption service (started by `jax.distributed.initialize`) already
   turns SIGTERM into a step that all hosts agree on (`Checkpointer.reached_preemption`); replacing its
   signal handler would break that, and hosts seeing the signal at different steps would deadlock in save.
-  So there the handler is not installed and `requested` stays False.
+  So there the handler is not installed (for SIGINT neither: Ctrl-C keeps Python's KeyboardInterrupt) and
+  `requested` stays False.
   """
   handler = PreemptionHandler(callback)
   if jax.process_count() > 1:
     return handler
   if threading.current_thread() is not threading.main_thread():
     raise RuntimeError("install_preemption_handler must be called from the main thread (a Python signal rule)")
-  handler._previous = signal.signal(signal.SIGTERM, handler._handle)
+  handler._previous = {sig: signal.signal(sig, handler._handle) for sig in _SIGNALS}
   handler._installed = True
   _ACTIVE[:] = [handler]
   return handler
@@ -206,15 +243,27 @@ def check_shared_workdir(workdir: str) -> None:
 class Checkpointer:
   """Periodic async saves with keep-N, and validated restores into target shardings."""
 
-  def __init__(self, directory, *, max_to_keep: int | None = 3, save_every: int = 100, async_save: bool = True):
+  def __init__(
+      self,
+      directory,
+      *,
+      max_to_keep: int | None = 3,
+      save_every: int = 100,
+      async_save: bool = True,
+      keep_period: int | None = None,
+  ):
     if save_every < 1:
       raise ValueError(f"save_every must be ≥ 1, got {save_every}")
     directory = str(directory)  # orbax wants local paths absolute (a relative --workdir failed at the first save)
     self.directory = epath.Path(directory if storage.is_url(directory) else os.path.abspath(directory))
     self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
-    )  # leftovers of a save killed mid-write
+        max_to_keep=max_to_keep,
+        keep_period=keep_period,  # steps that are multiples of it are kept besides the last max_to_keep
+        enable_async_checkpointing=async_save,
+        create=True,
+        cleanup_tmp_directories=True,  # leftovers of a save killed mid-write
+    )
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=options,
@@ -237,6 +286,24 @@ class Checkpointer:
 
   def step_dir(self, step: int) -> epath.Path:
     return self.directory / str(step)
+
+  def set_aside_after(self, step: int) -> tuple[list[int], str | None]:
+    """Moves the checkpoints after `step` out of this directory (into DIRECTORY.set-aside-TIMESTAMP, by
+    process 0), so that a run resumed from `step` saves its own later steps and keep-N counts only them.
+    Returns (the steps moved, where to)."""
+    later = sorted(s for s in self._manager.all_steps() if s > step)
+    if not later:
+      return [], None
+    aside = f"{self.directory}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      for s in later:
+        storage.move(str(self.step_dir(s)), storage.join(aside, str(s)))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("gkd_jax: later checkpoints set aside")
+    self._manager.reload()
+    return later, aside
 
   def reached_preemption(self, step: int) -> bool:
     """True once SIGTERM arrived (single process, handler installed) or at JAX's multi-host preemption

@@ -31,6 +31,7 @@ import math
 import time
 
 import ml_collections
+import numpy as np
 
 from gkd_jax import files, optim, storage
 
@@ -65,6 +66,9 @@ RESUME_SAFE_FIELDS = (
     "remat",
     "attention",
     "allow_config_change",
+    "resume_step",
+    "keep_period",
+    "stop_on_zero_grad_steps",
 )
 # Credentials: written to config.json as REDACTED, never compared on resume, never in an error message.
 SECRET_FIELDS = ("teacher_model_server_api_key",)
@@ -159,6 +163,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.save_every = 500
   c.keep_checkpoints = 3
+  # Also keep every checkpoint whose step is a multiple of keep_period (None: only the last keep_checkpoints),
+  # so that a bad stretch of training cannot push all earlier history out of keep-N.
+  c.keep_period = ml_collections.FieldReference(None, field_type=int)
+  # Resume from this checkpoint step instead of the latest (None: the latest), e.g. the last good one before a
+  # divergence; later checkpoints are set aside in WORKDIR/checkpoints.set-aside-TIMESTAMP. Applied once: a
+  # rerun whose config.json already has the same resume_step (after a preemption) resumes from the latest.
+  c.resume_step = ml_collections.FieldReference(None, field_type=int)
+  # Stop when the global grad norm is exactly 0 for this many consecutive steps (a collapsed run); 0 = never.
+  c.stop_on_zero_grad_steps = 20
   # Resume even when fields that change the method (beta, lmbda, learning_rate, ...) differ from the workdir's
   # config.json (see the module docstring).
   c.allow_config_change = False
@@ -195,6 +208,23 @@ def use_local_fixture(c, fixture: str | None = None):
   c.log_every, c.save_every = 5, 10
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   return c
+
+
+# Float fields that reach the optimizer, the loss or the sampler as float32 (validate checks them there).
+FLOAT32_FIELDS = (
+    "learning_rate",
+    "weight_decay",
+    "max_grad_norm",
+    "beta",
+    "lmbda",
+    "temperature",
+    "loss_temperature",
+    "sft_alpha",
+    "lora_alpha",
+    "top_p",
+    "eval_temperature",
+)
+_F32_MAX, _F32_TINY = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
 
 
 def validate(c) -> None:
@@ -311,6 +341,39 @@ def validate(c) -> None:
     fail("top_p", c.top_p, "must be in (0, 1]")
   if c.top_k < 0:
     fail("top_k", c.top_k, "must be ≥ 0 (0 = off)")
+  # Finite (or positive) as a Python float is not enough: these values reach the optimizer and the loss as
+  # float32, where e.g. learning_rate=1e39 is inf and temperature=1e-50 is 0.
+  for field in FLOAT32_FIELDS:
+    value = c.get(field)
+    if value is None or isinstance(value, bool):
+      continue
+    with np.errstate(over="ignore", under="ignore"):
+      f32 = np.float32(value)
+    if not np.isfinite(f32):
+      fail(
+          field,
+          value,
+          f"must be finite in float32, the dtype it is used in (it is {f32} there; the largest is {_F32_MAX:.4g})",
+      )
+    if value != 0 and f32 == 0:
+      fail(
+          field,
+          value,
+          f"is 0 in float32, the dtype it is used in (the smallest positive normal float32 is {_F32_TINY:.4g})",
+      )
+  if c.get("resume_step") is not None and not (isinstance(c.resume_step, int) and c.resume_step >= 1):
+    fail("resume_step", c.resume_step, "must be a checkpoint step ≥ 1 (or None for the latest checkpoint)")
+  keep_period = c.get("keep_period")
+  if keep_period is not None:
+    if not (isinstance(keep_period, int) and keep_period >= 1):
+      fail("keep_period", keep_period, "must be a positive int (or None)")
+    if keep_period % c.save_every:
+      fail(
+          "keep_period", keep_period, f"must be a multiple of save_every={c.save_every} (only saved steps can be kept)"
+      )
+  zero = c.get("stop_on_zero_grad_steps", 0)
+  if not (isinstance(zero, int) and not isinstance(zero, bool) and zero >= 0):
+    fail("stop_on_zero_grad_steps", zero, "must be an int ≥ 0 (0 = never stop on zero gradients)")
 
 
 def validate_with_tokenizer(c, vocab_size: int) -> None:

@@ -7,6 +7,10 @@ and writes the student, LoRA adapters merged, loadable by transformers' AutoMode
 The teacher's weights and the dataset are not read (the teacher's part of the state is sized from its
 config.json alone). HF_DIR must be new or empty unless --overwrite; the checkpoint is written beside it and
 renamed in, so HF_DIR never holds a mix of two models.
+
+HF_DIR may never be, contain or lie inside a training run's workdir (DIR itself, or any directory holding
+checkpoints/) or a model directory the run reads (its model, teacher_model, tokenizer): those are refused
+before anything loads, --overwrite or not, as replacing them would delete the run or its models.
 """
 
 import argparse
@@ -19,6 +23,7 @@ import ml_collections
 from flax import nnx
 
 from gkd_jax import checkpoints, files, models, resume, rollout, storage
+from gkd_jax import config as config_lib
 from gkd_jax import sharding as shd
 
 
@@ -33,9 +38,55 @@ def export_student(student: nnx.Module, tokenizer, weights, out_dir: str, overwr
   return out_dir
 
 
+_MODEL_FIELDS = ("model", "teacher_model", "tokenizer")
+
+
+def _workdirs_under(directory: str) -> list[str]:
+  """The directories at or below `directory` that hold a run's checkpoints (a step directory in checkpoints/)."""
+  found = set()
+  for name in storage.list_files(directory):
+    parts = name.split("/")
+    for i in range(len(parts) - 2):
+      if parts[i] == "checkpoints" and parts[i + 1].isdigit():
+        found.add(storage.join(directory, *parts[:i]) if i else directory)
+  return sorted(d for d in found if config_lib.has_checkpoints(d))
+
+
+def check_out_collisions(workdir: str, out: str, config) -> None:
+  """Refuses (ValueError naming --out, the directory it collides with and why) an `out` that is, contains or
+  lies inside the run's workdir, any other workdir holding checkpoints, or a model directory the run reads
+  (config.model, teacher_model, tokenizer). --overwrite does not lift this: it would replace them whole.
+  Paths are compared normalized (storage.normalize: real paths locally, cleaned-up URLs)."""
+  run = "the run's checkpoints, metrics and config.json"
+  protected = [(workdir, f"the workdir {workdir} (the --workdir given)", run)]
+  for d in storage.parents(out) + _workdirs_under(out):
+    if config_lib.has_checkpoints(d):
+      protected.append((d, f"the workdir {d} (it holds a run's checkpoints)", run))
+  for field in _MODEL_FIELDS:
+    path = config.get(field)
+    if path and (storage.is_url(path) or os.path.isdir(path)):  # else a hub id: nothing local to replace
+      protected.append(
+          (
+              path,
+              f"the model directory {path} (config.{field} of this run)",
+              f"the model files the run in {workdir} reads",
+          )
+      )
+  for directory, what, holds in protected:
+    if storage.within(out, directory):
+      relation = "is" if storage.normalize(out) == storage.normalize(directory) else "lies inside"
+    elif storage.within(directory, out):
+      relation = "contains"
+    else:
+      continue
+    raise ValueError(
+        f"--out={out} {relation} {what}: an export there would replace or mix into {holds}; choose a "
+        f"directory outside it (refused even with --overwrite)"
+    )
+
+
 def export(workdir: str, out: str, step: int | None = None, overwrite: bool = False) -> str:
   files.require_directory(workdir, "--workdir")
-  files.check_output_directory(out, overwrite=overwrite, what="--out")  # before anything loads
   path = storage.join(workdir, "config.json")
   if not storage.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir")
@@ -43,6 +94,8 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
     config = ml_collections.ConfigDict(json.loads(storage.read_text(path)))
   except ValueError as e:
     raise ValueError(f"{path} is not valid JSON ({e}): it should be the config a training run saved") from e
+  check_out_collisions(workdir, out, config)  # before anything loads, --overwrite or not
+  files.check_output_directory(out, overwrite=overwrite, what="--out")
   from gkd_jax import trainer
 
   mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)

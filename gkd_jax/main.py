@@ -1,7 +1,8 @@
 """Entry point: `python -m gkd_jax.main --config=configs/NAME.py[:arg] --workdir=DIR [--config.key=value]`.
 
 A run stopped by SIGTERM (a preempted spot / queued-resource VM) saves a checkpoint and exits with status
-75 (checkpoints.PREEMPTED_EXIT_CODE, "rerun me"); rerunning the same command resumes it:
+75 (checkpoints.PREEMPTED_EXIT_CODE, "rerun me"); one Ctrl-C saves too and exits with 130 (a second one stops
+at once, without saving); rerunning the same command resumes it:
 
   until python -m gkd_jax.main --config=... --workdir=gs://BUCKET/run; do s=$?; [ $s -eq 75 ] || exit $s; done
 
@@ -81,15 +82,21 @@ def main(argv):
   # Orbax and JAX log every checkpoint step at INFO; keep the console to progress bars and warnings.
   logging.set_verbosity(logging.WARNING)
   initialize_distributed()
-  from gkd_jax import checkpoints, storage  # after the re-exec above, like every jax-importing module here
+  from gkd_jax import checkpoints, storage, workdir_lock  # after the re-exec above, like every jax-importing module
 
   # gcsfs logs every exhausted retry with a traceback; the run's own error names the URL once.
   std_logging.getLogger("gcsfs").setLevel(std_logging.CRITICAL)
   try:
     run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except checkpoints.Interrupted as e:  # a first Ctrl-C: saved, and says where to resume
+    logging.warning("%s", e)
+    sys.exit(checkpoints.INTERRUPTED_EXIT_CODE)
   except checkpoints.Preempted as e:
     logging.warning("%s", e)
     sys.exit(checkpoints.PREEMPTED_EXIT_CODE)
+  except workdir_lock.WorkdirLocked as e:
+    logging.error("%s", e)
+    sys.exit(1)
   except storage.StorageError as e:
     logging.error("%s", e)
     # Orbax / tensorstore threads may go on retrying the lost storage for many minutes; nothing they could

@@ -40,17 +40,32 @@ def abstract_state(state):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-def restore_or_start(ckpt, state, loader, config) -> tuple[object, int]:
-  """(state, step to start at): the latest checkpoint restored into `state`'s layout, with the loader's
-  position checked against it; or `state` itself and 0 when there is no checkpoint."""
+def restore_or_start(ckpt, state, loader, config, resume_step: int | None = None) -> tuple[object, int]:
+  """(state, step to start at): the latest checkpoint (or the one at `resume_step`) restored into `state`'s
+  layout, with the loader's position checked against it; or `state` itself and 0 when there is no
+  checkpoint. Resuming from an earlier step sets the later checkpoints aside (Checkpointer.set_aside_after)."""
+  if resume_step is not None and resume_step not in ckpt.all_steps():
+    raise ValueError(
+        f"config.resume_step={resume_step} is not a checkpoint in {ckpt.directory} (steps: {ckpt.all_steps()}); "
+        f"give one of those, or None for the latest"
+    )
   if ckpt.latest_step() is None:
     return state, 0
-  state, extra = ckpt.restore(abstract_state(state), fingerprint=fingerprint(config))
+  restored = ckpt.latest_step() if resume_step is None else resume_step
+  state, extra = ckpt.restore(abstract_state(state), step=restored, fingerprint=fingerprint(config))
   step = loader.resume_step(extra["data"])
   if step != int(state.step):
     raise ValueError(
-        f"checkpoint {ckpt.step_dir(ckpt.latest_step())}: data position {step} does not match the "
-        f"state's step {int(state.step)}"
+        f"checkpoint {ckpt.step_dir(restored)}: data position {step} does not match the state's step {int(state.step)}"
+    )
+  later, aside = ckpt.set_aside_after(step)
+  if later:
+    logger.warning(
+        "config.resume_step=%d: resuming from step %d; the later checkpoints (steps %s) were moved to %s",
+        step,
+        step,
+        later,
+        aside,
     )
   logger.info("resumed from step %d", step)
   return state, step

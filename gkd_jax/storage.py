@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -89,6 +90,50 @@ def join(base: str, *parts: str) -> str:
   return os.path.join(base, *parts)
 
 
+def normalize(path: str) -> str:
+  """A form of `path` to compare with others: a local path resolved (os.path.realpath: absolute, symlinks
+  followed); a URL with its scheme in lower case (gcs:// as gs://) and no repeated or trailing slashes, `.`
+  or `..` segments."""
+  if not is_url(path):
+    return os.path.realpath(path)
+  scheme, rest = path.split(_URL_MARK, 1)
+  scheme = scheme.lower()
+  scheme = "gs" if scheme == "gcs" else scheme
+  return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+
+
+def within(path: str, directory: str) -> bool:
+  """Whether `path` is `directory` or lies under it (compared in their normalized forms)."""
+  if is_url(path) != is_url(directory):
+    return False
+  p, d = normalize(path), normalize(directory)
+  return p == d or p.startswith(d.rstrip("/") + "/")
+
+
+def parents(path: str) -> list[str]:
+  """The directories above `path`, nearest first, up to the root (for a URL: up to its bucket)."""
+  p, out = normalize(path), []
+  if is_url(p):
+    scheme, rest = p.split(_URL_MARK, 1)
+    parts = rest.split("/")
+    return [f"{scheme}://{'/'.join(parts[:i])}" for i in range(len(parts) - 1, 0, -1)]
+  while os.path.dirname(p) != p:
+    p = os.path.dirname(p)
+    out.append(p)
+  return out
+
+
+def list_files(path: str) -> list[str]:
+  """Relative paths of every file (object) under a directory (prefix), sorted; [] when it does not exist."""
+  if not is_url(path):
+    return walk_files(path) if os.path.isdir(path) else []
+  fs, p = _fs(path)
+  if not _call(path, "list", fs.isdir, p):
+    return []
+  root = p.rstrip("/") + "/"
+  return sorted(n[len(root) :] for n in _call(path, "list", fs.find, p) if n.startswith(root))
+
+
 def exists(path: str) -> bool:
   if not is_url(path):
     return os.path.exists(path)
@@ -151,6 +196,35 @@ def write_text(path: str, text: str) -> None:
       os.remove(tmp)
 
 
+def create_text(path: str, text: str) -> bool:
+  """Writes `path` only if nothing is there yet; returns whether it did. Locally O_CREAT|O_EXCL; on a URL an
+  upload with a create-only precondition (gcsfs mode="create": GCS ifGenerationMatch=0) where the filesystem
+  has one, else a check then a write (a race: two writers between the check and the write both succeed)."""
+  if not is_url(path):
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    return True
+  fs, p = _fs(path)
+  data = text.encode("utf-8")
+  try:
+    fs.pipe_file(p, data, mode="create")
+    return True
+  except FileExistsError:
+    return False
+  except TypeError:  # this filesystem has no create-only mode: check, then write
+    pass
+  except Exception as e:
+    raise _wrap(path, "write", e) from e
+  if _call(path, "check", fs.exists, p):
+    return False
+  _call(path, "write", fs.pipe_file, p, data)
+  return True
+
+
 def remove(path: str) -> None:
   """Deletes one file or object (missing is fine)."""
   if not is_url(path):
@@ -170,6 +244,17 @@ def rmtree(path: str) -> None:
   fs, p = _fs(path)
   if _call(path, "list", fs.exists, p):
     _call(path, "delete", fs.rm, p, recursive=True)
+
+
+def move(src: str, dst: str) -> None:
+  """Moves a file or directory (prefix) to `dst` (which must not exist): locally a rename; on object storage a
+  copy of each object then its deletion."""
+  if not is_url(src):
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    os.rename(src, dst)
+    return
+  fs, p = _fs(src)
+  _call(src, "move", fs.mv, p, _fs(dst)[1], recursive=True)
 
 
 def upload(local: str, url: str) -> None:

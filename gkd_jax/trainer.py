@@ -11,6 +11,7 @@ teacher on seq_kd steps: gkd_jax.rollout), one train step, and logs, evaluates (
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -23,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd_jax import checkpoints, evaluate, export, files, lora, models, optim, resume, rollout, sampling, sharding
-from gkd_jax import storage
+from gkd_jax import storage, workdir_lock
 from gkd_jax import config as config_lib
 from gkd_jax import data as data_lib
 from gkd_jax import metrics as metrics_lib
@@ -250,23 +251,37 @@ def train(config, workdir: str) -> dict:
   `checkpoints.Preempted` when a SIGTERM (or JAX's multi-host preemption notice) stopped it after saving."""
   files.require_directory(workdir, "--workdir")
   checkpoints.check_shared_workdir(workdir)  # every process must see one workdir (a bucket on a pod)
-  config_lib.check_resume(workdir, config, resume.FINGERPRINT_FIELDS)  # before anything loads
-  return run(build(config), workdir)
+  with workdir_lock.hold(workdir):  # one run per workdir, refused before anything loads
+    config_lib.check_resume(workdir, config, resume.FINGERPRINT_FIELDS)  # before anything loads
+    return _run(build(config), workdir)
 
 
 def run(setup: Setup, workdir: str) -> dict:
   """Runs optimizer steps up to config.total_steps, resuming from the workdir's latest checkpoint; saves
   every `save_every` steps, at the end, and on preemption (SIGTERM), then raises `checkpoints.Preempted`
-  (the CLI exits with checkpoints.PREEMPTED_EXIT_CODE: rerun me). Returns the last step's record;
-  setup.state is left holding the state the run ended with."""
+  (the CLI exits with checkpoints.PREEMPTED_EXIT_CODE: rerun me), or on a first Ctrl-C, then raises
+  `checkpoints.Interrupted` (the CLI exits with 130). Returns the last step's record;
+  setup.state is left holding the state the run ended with. Holds the workdir's lock (gkd_jax.workdir_lock)
+  throughout: raises WorkdirLocked when another run has it."""
+  with workdir_lock.hold(workdir):
+    return _run(setup, workdir)
+
+
+def _run(setup: Setup, workdir: str) -> dict:
   from tqdm.auto import tqdm
 
   config = setup.config
+  resume_step = _resume_step(workdir, config)  # read before config.json is replaced
   config_lib.write_run_config(workdir, config, resume.FINGERPRINT_FIELDS, write=jax.process_index() == 0)
   ckpt = checkpoints.Checkpointer(
-      storage.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints, save_every=config.save_every
+      storage.join(workdir, "checkpoints"),
+      max_to_keep=config.keep_checkpoints,
+      save_every=config.save_every,
+      keep_period=config.get("keep_period"),
   )
-  state, start = resume.restore_or_start(ckpt, setup.state, setup.loader, config)
+  state, start = resume.restore_or_start(ckpt, setup.state, setup.loader, config, resume_step)
+  all_finite = jax.jit(_all_finite, out_shardings=NamedSharding(setup.mesh, PartitionSpec()))
+  zero_grad_limit, zero_grad_steps = config.get("stop_on_zero_grad_steps", 0), 0
   preemption = checkpoints.install_preemption_handler()
   writer = metrics_lib.MetricsWriter(workdir, resumed_step=start)
   peak = (config.peak_flops or metrics_lib.measure_peak_flops(jnp.dtype(config.dtype))) * jax.process_count()
@@ -291,11 +306,20 @@ def run(setup: Setup, workdir: str) -> dict:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       gen_time = gen.result()
       train_time = time.perf_counter() - max(t1, gen.end or t1)  # from when batch and completions were both ready
-      if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(
-            f"loss is {metrics['loss']} at step {step} (mode {mode}); stopping with the "
-            f"last checkpoint (step {ckpt.latest_step()}) intact"
-        )
+      for name in ("loss", "grad_norm"):  # every step: the step's metrics are on the host anyway
+        if name in metrics and not np.isfinite(metrics[name]):
+          raise _diverged(
+              f"{'the global grad norm' if name == 'grad_norm' else 'the loss'} is {metrics[name]}", done, mode, ckpt
+          )
+      if zero_grad_limit:
+        zero_grad_steps = zero_grad_steps + 1 if metrics.get("grad_norm") == 0.0 else 0
+        if zero_grad_steps >= zero_grad_limit:
+          raise Collapsed(
+              f"the global grad norm was exactly 0 for {zero_grad_steps} consecutive steps (steps "
+              f"{done - zero_grad_steps + 1}-{done}): the student gets no training signal any more (a collapsed "
+              f"run: e.g. saturated weights after a too high learning rate, or batches without target tokens); "
+              f"stopping. {_resume_hint(ckpt)}. Set config.stop_on_zero_grad_steps=0 to train on regardless"
+          )
       step_time = time.perf_counter() - t0
       timing = metrics_lib.throughput(
           setup.student.config,
@@ -319,11 +343,14 @@ def run(setup: Setup, workdir: str) -> dict:
       if done % config.log_every == 0 or last:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", mode=mode)
       stop = ckpt.reached_preemption(done)
+      if (stop or last or done % config.save_every == 0) and not bool(all_finite(state.params)):
+        raise _diverged("a parameter is not finite (inf or nan) after the update", done, mode, ckpt)
       if ckpt.save(done, state, {"data": setup.loader.state(done), "fingerprint": fp}, force=stop or last):
         writer.flush()  # the logs cover every checkpointed step (on a bucket they are uploaded here)
       if stop:
         ckpt.wait()
-        preempted = checkpoints.Preempted(done, workdir)
+        stopped = checkpoints.Interrupted if preemption.interrupted else checkpoints.Preempted
+        preempted = stopped(done, workdir)
         break
   except BaseException as e:
     failure = e
@@ -341,6 +368,57 @@ def run(setup: Setup, workdir: str) -> dict:
         setup.student, setup.tokenizer, weights, storage.join(workdir, "export"), overwrite=True
     )  # the run's own export
   return record
+
+
+class Collapsed(RuntimeError):
+  """The global grad norm stayed exactly 0 for config.stop_on_zero_grad_steps consecutive steps."""
+
+
+def _all_finite(tree) -> jax.Array:
+  """Whether every float leaf of `tree` is finite (one jitted reduction; run at save steps only)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _resume_hint(ckpt) -> str:
+  last = ckpt.latest_step()  # saves are checked finite before they start: every listed step is good
+  if last is None:
+    return "No checkpoint was saved before it: start again (in a new workdir), e.g. with a lower learning_rate"
+  return (
+      f"The last good checkpoint is step {last} in {ckpt.directory}: to resume from it, rerun with "
+      f"--config.resume_step={last} (changing e.g. learning_rate too needs --config.allow_config_change=True)"
+  )
+
+
+def _diverged(what: str, done: int, mode: str, ckpt) -> FloatingPointError:
+  """The error of a non-finite step; `done` counts steps like checkpoints do (from 1)."""
+  return FloatingPointError(f"{what} at step {done} (mode {mode}): stopping without saving it. {_resume_hint(ckpt)}")
+
+
+def _resume_step(workdir: str, config) -> int | None:
+  """config.resume_step, unless this workdir's run was already rewound to it (its config.json has the same
+  resume_step: a rerun of the same command after a preemption continues from the latest checkpoint)."""
+  step = config.get("resume_step")
+  path = storage.join(workdir, "config.json")
+  if step is not None and jax.process_index() == 0 and config_lib.has_checkpoints(workdir) and storage.exists(path):
+    try:
+      saved = json.loads(storage.read_text(path)).get("resume_step")
+    except ValueError:
+      saved = None
+    if saved == step:
+      logger.warning(
+          "config.resume_step=%d was applied by an earlier run in %s (its config.json has it): resuming from "
+          "the latest checkpoint",
+          step,
+          workdir,
+      )
+      step = None
+  if jax.process_count() > 1:  # process 0's answer: the others might read config.json after it was replaced
+    from jax.experimental import multihost_utils
+
+    step = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
+    step = None if step < 0 else step
+  return step
 
 
 def _stop(setup: Setup, writer, ckpt, failure: BaseException | None) -> None:

@@ -29,6 +29,15 @@ BAD_CONFIG = [
     ({"weight_decay": -0.01}, r"config.weight_decay=-0.01 is invalid: must be ≥ 0 and finite"),
     ({"learning_rate": math.nan}, r"config.learning_rate=nan is invalid: must be ≥ 0 and finite"),
     ({"learning_rate": math.inf}, r"config.learning_rate=inf is invalid: must be ≥ 0 and finite"),
+    ({"learning_rate": 1e39}, r"config.learning_rate=1e\+39 is invalid: must be finite in float32, the dtype it is "),
+    ({"weight_decay": 1e39}, r"config.weight_decay=1e\+39 is invalid: must be finite in float32"),
+    ({"max_grad_norm": 3.5e38}, r"config.max_grad_norm=3.5e\+38 is invalid: must be finite in float32"),
+    ({"temperature": 1e-50}, r"config.temperature=1e-50 is invalid: is 0 in float32, the dtype it is used in"),
+    ({"loss_temperature": 1e39}, r"config.loss_temperature=1e\+39 is invalid: must be finite in float32"),
+    ({"sft_alpha": 1e39}, r"config.sft_alpha=1e\+39 is invalid: must be finite in float32"),
+    ({"resume_step": 0}, r"config.resume_step=0 is invalid: must be a checkpoint step ≥ 1"),
+    ({"keep_period": 750}, r"config.keep_period=750 is invalid: must be a multiple of save_every=500"),
+    ({"stop_on_zero_grad_steps": -1}, r"config.stop_on_zero_grad_steps=-1 is invalid: must be an int ≥ 0"),
     ({"mesh.data": 0}, r"config.mesh.data=0 is invalid: must be a positive int, or -1 for the devices"),
     ({"mesh.tensor": -2}, r"config.mesh.tensor=-2 is invalid: must be a positive int, or -1"),
     ({"mesh.data": -1}, r"config.mesh=\{'data': -1, 'fsdp': -1, 'tensor': 1\} is invalid: at most one axis may be -1"),
@@ -469,3 +478,44 @@ def test_export_refuses_a_file_or_another_model_and_replaces_whole_with_overwrit
   export.main(["--workdir", str(workdir), "--out", str(other), "--overwrite"])
   assert snapshot(other) == snapshot(workdir / "export")  # exactly the run's model: nothing of the old one left
   assert sorted(os.listdir(tmp_path)) == ["model.bin", "other"]  # no temporaries left beside
+
+
+def test_export_refuses_an_out_that_is_in_or_holds_a_workdir_or_a_model(task, finished_run, tmp_path, monkeypatch):
+  """--out colliding with a run (the --workdir given, or any workdir with checkpoints) or a model the run reads
+  is refused before anything loads, even with --overwrite, naming --out, the directory and why."""
+  workdir, _ = finished_run
+  other = tmp_path / "other-run"
+  shutil.copytree(workdir, other)  # another run's workdir, with checkpoints
+  (tmp_path / "link").symlink_to(workdir)
+  before, models_before = snapshot(workdir), snapshot(task["student"])
+  wd = re.escape(str(workdir))
+  cases = [
+      (workdir, rf"is the workdir {wd} \(the --workdir given\)"),
+      (tmp_path / "link", rf"is the workdir {wd} \(the --workdir given\)"),  # the same directory, by a symlink
+      (workdir / "export", rf"lies inside the workdir {wd} \(the --workdir given\)"),
+      (workdir / "checkpoints", rf"lies inside the workdir {wd} \(the --workdir given\)"),
+      (workdir.parent, rf"contains the workdir {wd} \(the --workdir given\)"),
+      (other / "hf", rf"lies inside the workdir {re.escape(str(other))} \(it holds a run's checkpoints\)"),
+      (tmp_path, rf"contains the workdir {re.escape(str(other))} \(it holds a run's checkpoints\)"),
+      (task["student"], rf"is the model directory {re.escape(task['student'])} \(config.model of this run\)"),
+      (
+          os.path.join(task["teacher"], "sub"),
+          r"lies inside the model directory .*teacher \(config.teacher_model of this run\)",
+      ),
+  ]
+  no_model_loads(monkeypatch)
+  for out, where in cases:
+    with pytest.raises(ValueError, match=rf"^--out={re.escape(str(out))} {where}: an export there would replace "):
+      export.main(["--workdir", str(workdir), "--out", str(out), "--overwrite"])
+  assert snapshot(workdir) == before and snapshot(task["student"]) == models_before
+  assert sorted(os.listdir(tmp_path)) == ["link", "other-run"]
+
+
+def test_paths_compare_normalized():
+  from gkd_jax import storage
+
+  assert storage.normalize("GS://bkt//run/./a/../") == "gs://bkt/run" == storage.normalize("gcs://bkt/run/")
+  assert storage.within("gs://bkt/run/export", "gs://bkt/run/") and storage.within("gs://bkt/run", "gs://bkt//run")
+  assert not storage.within("gs://bkt/run2", "gs://bkt/run") and not storage.within("/bkt/run", "gs://bkt/run")
+  assert storage.parents("gs://bkt/a/b") == ["gs://bkt/a", "gs://bkt"]
+  assert storage.within("/tmp/../tmp/x", "/tmp") and not storage.within("/tmpx", "/tmp")

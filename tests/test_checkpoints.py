@@ -179,6 +179,15 @@ def test_interval_keep_n_async_and_latest(tmp_path):
   ckpt.close()
 
 
+def test_keep_period_keeps_periodic_steps_beside_keep_n(tmp_path):
+  state = sft_state()
+  with checkpoints.Checkpointer(tmp_path, max_to_keep=2, save_every=1, keep_period=4) as ckpt:
+    for step in range(1, 11):
+      ckpt.save(step, state, {})
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 8, 9, 10]  # a bad stretch cannot push out every earlier checkpoint
+
+
 @pytest.fixture
 def one_checkpoint(tmp_path):
   state = sft_state(step=4)
@@ -257,7 +266,7 @@ def test_corrupt_checkpoint_is_a_clear_error(one_checkpoint, damage):
 
 
 def test_sigterm_sets_flag_without_exiting(tmp_path):
-  before = signal.getsignal(signal.SIGTERM)
+  before, before_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
   seen = []
   handler = checkpoints.install_preemption_handler(seen.append)
   try:
@@ -275,7 +284,8 @@ def test_sigterm_sets_flag_without_exiting(tmp_path):
     assert ckpt.latest_step() == 5
   finally:
     handler.uninstall()
-  assert signal.getsignal(signal.SIGTERM) is before
+  assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is before_int
+  assert not handler.interrupted  # SIGTERM, not Ctrl-C
   assert not checkpoints.Checkpointer(tmp_path / "other").reached_preemption(6)  # uninstalled: no flag
 
 
@@ -301,12 +311,12 @@ _CHILD = textwrap.dedent("""
         break
       time.sleep(0.02)
     ckpt.close()
-    print("exit", step, flush=True)
+    print("exit", step, "interrupted" if preempt.interrupted else "terminated", flush=True)
 """)
 
 
-def preempted_run(directory, after):
-  """Runs the child loop until it passed step `after`, SIGTERMs it; returns its output lines."""
+def preempted_run(directory, after, sig=signal.SIGTERM):
+  """Runs the child loop until it passed step `after`, sends it `sig`; returns its output lines."""
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(directory)], stdout=subprocess.PIPE, text=True, env=env)
   lines = []
@@ -314,7 +324,7 @@ def preempted_run(directory, after):
     lines.append(line.strip())
     if line.startswith("step") and int(line.split()[1]) >= after:
       break
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, _ = proc.communicate(timeout=60)
   assert proc.returncode == 0, out  # a clean exit, not death by SIGTERM
   return lines + out.strip().splitlines()
@@ -323,7 +333,7 @@ def preempted_run(directory, after):
 def test_sigterm_in_a_real_process_saves_and_exits(tmp_path):
   first = preempted_run(tmp_path, after=6)
   stop = int(first[-1].split()[1])
-  assert first[-1] == f"exit {stop}" and stop >= 6
+  assert first[-1] == f"exit {stop} terminated" and stop >= 6
   second = preempted_run(tmp_path, after=stop + 2)  # resumes from the preemption save, off the interval
   assert second[0] == f"resumed {stop}" and second[1] == f"step {stop + 1}"
   last = int(second[-1].split()[1])
@@ -338,3 +348,41 @@ def test_sigterm_in_a_real_process_saves_and_exits(tmp_path):
   for _ in range(last):
     expected = jax.random.split(expected)[0]
   np.testing.assert_array_equal(jax.random.key_data(state["rng"]), jax.random.key_data(expected))
+
+
+def test_one_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once(tmp_path):
+  lines = preempted_run(tmp_path, after=3, sig=signal.SIGINT)  # one Ctrl-C: saved at the next step, clean exit
+  stop = int(lines[-1].split()[1])
+  assert lines[-1] == f"exit {stop} interrupted" and stop >= 3
+  with checkpoints.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() == stop  # off the save interval
+
+  # Two Ctrl-Cs during a long step: the second raises KeyboardInterrupt at once (no save); the previous handlers
+  # come back on uninstall.
+  child = textwrap.dedent("""
+      import signal, time
+      from gkd_jax import checkpoints
+      before = signal.getsignal(signal.SIGINT)
+      handler = checkpoints.install_preemption_handler()
+      try:
+        print("ready", flush=True)
+        while not handler.requested:
+          time.sleep(0.01)
+        print("requested", handler.interrupted, flush=True)
+        time.sleep(60)  # a long step
+        print("slept", flush=True)
+      except KeyboardInterrupt:
+        print("stopped at once", flush=True)
+      finally:
+        handler.uninstall()
+      print("restored", signal.getsignal(signal.SIGINT) is before, flush=True)
+  """)
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, env=env)
+  assert proc.stdout.readline().strip() == "ready"
+  proc.send_signal(signal.SIGINT)
+  assert proc.stdout.readline().strip() == "requested True"
+  start = time.time()
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=30)
+  assert out.split("\n")[:2] == ["stopped at once", "restored True"] and time.time() - start < 20

@@ -168,3 +168,31 @@ def test_a_failing_client_is_one_error_naming_the_url(monkeypatch):
     storage.write_text("gs://bkt/x/config.json", "{}")
   with pytest.raises(FileNotFoundError):
     storage.read_text("gs://bkt/x/config.json")
+
+
+def test_workdir_lock_on_a_bucket(gs, caplog):
+  import socket
+  import subprocess
+
+  from gkd_jax import workdir_lock
+
+  lock = workdir_lock.acquire(gs)
+  assert json.loads(storage.read_text(f"{gs}/.lock"))["pid"] == os.getpid()
+  with pytest.raises(workdir_lock.WorkdirLocked, match=rf"--workdir={gs} is in use by another run: host "):
+    workdir_lock.acquire(gs)  # created only if absent: the second taker finds it
+  lock.release()
+  assert not storage.exists(f"{gs}/.lock")
+
+  proc = subprocess.Popen(["true"])
+  proc.wait()
+  here = {"host": socket.gethostname(), "pid": proc.pid, "start_time": "2020-01-01T00:00:00+0000", "token": "x"}
+  storage.write_text(f"{gs}/.lock", json.dumps(here))  # a run on this host killed with -9
+  with caplog.at_level("WARNING", logger="gkd_jax.workdir_lock"):
+    lock = workdir_lock.acquire(gs)
+  assert f"taking over the stale lock {gs}/.lock of host {here['host']}, pid {proc.pid}" in caplog.text
+  lock.release()
+
+  elsewhere = dict(here, host="another-host")  # its pid cannot be checked from here: refused, with the way out
+  storage.write_text(f"{gs}/.lock", json.dumps(elsewhere))
+  with pytest.raises(workdir_lock.WorkdirLocked, match=rf"host another-host, pid {proc.pid}.*delete {gs}/.lock"):
+    workdir_lock.acquire(gs)

@@ -191,7 +191,7 @@ def test_lora_trains_only_the_adapters(task, tmp_path):
   )
   ours = np.asarray(setup.student(ids).logits)
   np.testing.assert_allclose(torch_logits, ours, atol=1e-4)
-  again = export.export(str(tmp_path), str(tmp_path / "again"))
+  again = export.export(str(tmp_path), str(tmp_path.parent / f"{tmp_path.name}-again"))  # not inside the workdir
   np.testing.assert_allclose(np.asarray(from_pretrained(again)(ids).logits), ours, atol=1e-5)
 
 
@@ -289,6 +289,40 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes_bitwise(task, tmp_path):
   assert f"preempted: saved step {logged}" in err.decode() and "rerun the same command" in err.decode()
   subprocess.run(cmd(workdir), env=env, check=True, capture_output=True, timeout=600)
   assert losses_by_step(workdir) == losses_by_step(tmp_path / "full")  # bitwise, every step once
+
+
+def test_ctrl_c_saves_exits_130_says_where_to_resume_and_the_rerun_resumes(task, tmp_path):
+  """One Ctrl-C (SIGINT): the run saves at the step it reached, releases the workdir, prints where it can resume
+  and exits with status 130; rerunning the same command continues from there."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  config = write_config(task, tmp_path / "cfg.py", total_steps=30, save_every=1000, lmbda=0.0)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "gkd_jax.main", f"--config={config}", f"--workdir={workdir}"]
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  while (
+      (not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip())
+      and proc.poll() is None
+      and time.time() < deadline
+  ):
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=600)
+  err = err.decode()
+  assert proc.returncode == 130, err[-2000:]
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  logged = max(losses_by_step(workdir))
+  assert steps == [logged] and 0 < logged < 30
+  assert f"interrupted: saved step {logged} in {workdir}; rerun the same command to resume" in err
+  assert not (workdir / ".lock").exists()
+  subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+  assert sorted(losses_by_step(workdir)) == list(range(1, 31))
 
 
 def test_teacher_server_matches_the_local_topk_teacher(task, tmp_path):
