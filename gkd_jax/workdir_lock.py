@@ -211,6 +211,14 @@ def hold(workdir: str) -> Iterator[WorkdirLock | None]:
     raise error
   try:
     yield lock
-  finally:
+  except storage.StorageError:
+    # The storage is gone: releasing would only retry against it. The lock names this host and a pid that
+    # is about to exit, so the next run here takes it over as stale.
+    raise
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+  else:
     if lock is not None:
       lock.release()
