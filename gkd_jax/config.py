@@ -324,6 +324,15 @@ def validate(c) -> None:
     for field in ("eval_rows", "eval_batch_size", "eval_max_new_tokens"):
       if not (isinstance(c[field], int) and c[field] >= 1):
         fail(field, c[field], "must be a positive int")
+    from gkd_jax import data  # here: it imports datasets, which only this check needs
+
+    if not c.eval_dataset and data.is_data_files(c.dataset):
+      fail(
+          "eval_split",
+          c.eval_split,
+          f"config.dataset={c.dataset!r} is data files, which carry no split names (any split of them is the "
+          f"training rows): set config.eval_dataset to the held-out file(s)",
+      )
   if c.eval_temperature < 0:
     fail("eval_temperature", c.eval_temperature, "must be ≥ 0 (0 = greedy)")
   if not isinstance(c.scan_layers, bool):

@@ -74,7 +74,11 @@ def load_rows(
   if len(files) == 1 and os.path.isdir(first):
     if any(os.path.exists(os.path.join(first, f)) for f in ("state.json", "dataset_dict.json")):
       ds = datasets.load_from_disk(first)
-      return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+      if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+          raise ValueError(f"split {split!r} is not in the dataset {source}: its splits are {sorted(ds)}")
+        return ds[split]
+      return ds
     return datasets.load_dataset(first, name, split=split, cache_dir=cache_dir)
   ext = _extension(first)
   for f in files:
@@ -88,6 +92,13 @@ def load_rows(
   if len(files) != 1:
     raise ValueError(f"cannot load {files}: several sources must be files ending in {sorted(_FILE_BUILDERS)}")
   return datasets.load_dataset(first, name, split=split, cache_dir=cache_dir)
+
+
+def is_data_files(source) -> bool:
+  """Whether `source` names json/jsonl/parquet/arrow/csv file(s) or a glob of them (local or gs://): rows
+  that carry no split names, so any split asked of them is these same rows."""
+  sources = [source] if isinstance(source, str) else list(source)
+  return bool(sources) and all(isinstance(s, str) and _extension(s) in _FILE_BUILDERS for s in sources)
 
 
 def _extension(path: str) -> str:

@@ -130,6 +130,40 @@ class Setup:
   eval_rows: Any = None  # the held-out rows themselves, for the generation metric
 
 
+def check_model_fits(config, field: str, model_config, mesh) -> None:
+  """What a run config asks of a model that its config.json alone can refuse, before any weight loads.
+
+  - Sequence length: the longest sequence a run forms (and samples) is prompt + completion, at most
+    min(max_length, max_prompt_length + max_completion_length); beyond max_position_embeddings the model
+    would be run on positions it was never trained on (and generation fails mid-run).
+  - Heads over mesh.tensor (gkd_jax.sharding: a dim that the mesh axis does not divide is silently
+    replicated): mesh.tensor must divide num_attention_heads, else the whole attention (q and o, most of its
+    weights and FLOPs) is replicated on every tensor device. KV heads fewer than mesh.tensor are
+    legitimately replicated (GQA: the k/v projections are the small part; Megatron and vLLM do the same),
+    as long as mesh.tensor is a multiple of them; otherwise mesh.tensor must divide them too.
+  """
+  name = f"config.{field}={config[field]!r}"
+  longest = min(config.max_length, config.max_prompt_length + config.max_completion_length)
+  limit = model_config.max_position_embeddings
+  if longest > limit:
+    raise ValueError(
+        f"config.max_length={config.max_length}, max_prompt_length={config.max_prompt_length} and "
+        f"max_completion_length={config.max_completion_length} allow sequences of {longest} tokens "
+        f"(min(max_length, max_prompt_length + max_completion_length)), beyond {name}'s limit: its config.json "
+        f"has max_position_embeddings={limit}. Lower them to at most {limit} tokens in all"
+    )
+  tensor = mesh.shape["tensor"]
+  heads, kv = model_config.num_attention_heads, model_config.num_key_value_heads
+  if tensor > 1 and (heads % tensor or (kv % tensor and tensor % kv)):
+    divisors = [t for t in range(1, heads + 1) if heads % t == 0 and (kv % t == 0 or t % kv == 0)]
+    raise ValueError(
+        f"config.mesh.tensor={tensor} does not fit {name}: it has num_attention_heads={heads} and "
+        f"num_key_value_heads={kv}, and mesh.tensor must divide the attention heads (KV heads may be fewer "
+        f"than mesh.tensor, then replicated, if mesh.tensor is a multiple of them); tensor sizes that fit: "
+        f"{divisors}"
+    )
+
+
 def _check_same_tokenizer(tokenizer, path: str):
   """Teacher and student must share one tokenizer (cross-tokenizer distillation is out of scope)."""
   try:
@@ -159,6 +193,18 @@ def build(config) -> Setup:
   kind = teacher_kind(config)
   if kind == "model" and config.teacher_model != config.model:
     _check_same_tokenizer(tokenizer, config.teacher_model)  # before any model loads
+  for field in ("model", "teacher_model") if kind == "model" else ("model",):
+    check_model_fits(config, field, models.load_config(config[field]), mesh)  # config.json only
+  # The data before the weights: a bad dataset, split or row fails in seconds, not after a model load.
+  loader = data_lib.loader_from_config(
+      config,
+      tokenizer,
+      data_lib.rows_from_config(config, config.dataset, config.dataset_split),
+      config.batch_size,
+      require_completion=config.lmbda < 1.0 and not config.seq_kd,
+      drop_remainder=True,
+  )
+  eval_rows, eval_loader = evaluate.held_out(config, tokenizer) if config.eval_split else (None, None)
   student = models.from_pretrained(
       config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **models.model_options(config)
   )
@@ -169,15 +215,6 @@ def build(config) -> Setup:
     )
   vocab_size = len(tokenizer)
   cfg = step_config(config, vocab_size)
-
-  loader = data_lib.loader_from_config(
-      config,
-      tokenizer,
-      data_lib.rows_from_config(config, config.dataset, config.dataset_split),
-      config.batch_size,
-      require_completion=config.lmbda < 1.0 and not config.seq_kd,
-      drop_remainder=True,
-  )
 
   teacher_params = None if teacher is None else nnx.state(teacher)
   if cfg.offload_teacher:  # kept in host memory between steps; the step moves it in for the forward only
@@ -196,7 +233,6 @@ def build(config) -> Setup:
   model_eos = student.config.eos_token_id
   model_eos = model_eos if isinstance(model_eos, (list, tuple)) else [model_eos]
   stop_ids = sampling.normalize_stop_ids([t for t in [tokenizer.eos_token_id, *model_eos] if t is not None])
-  eval_rows, eval_loader = evaluate.held_out(config, tokenizer) if config.eval_split else (None, None)
   client = None
   if kind == "server":
     client = teacher_server_client(config, vocab_size)  # fail at start-up, not at the first step

@@ -2,6 +2,7 @@
 model loads where it can, and loses nothing that was on disk."""
 
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
@@ -41,6 +42,12 @@ BAD_CONFIG = [
     ({"mesh.data": 0}, r"config.mesh.data=0 is invalid: must be a positive int, or -1 for the devices"),
     ({"mesh.tensor": -2}, r"config.mesh.tensor=-2 is invalid: must be a positive int, or -1"),
     ({"mesh.data": -1}, r"config.mesh=\{'data': -1, 'fsdp': -1, 'tensor': 1\} is invalid: at most one axis may be -1"),
+    (  # files carry no split names: any eval_split of them would be the training rows
+        {"eval_split": "test"},
+        r"config.eval_split='test' is invalid: config.dataset='/data/train.jsonl' is data files, which carry no "
+        r"split names .*set config.eval_dataset to the held-out file\(s\)",
+    ),
+    ({"eval_split": "test", "dataset": "gs://b/d/*.parquet"}, r"config.eval_split='test' is invalid: .*eval_dataset"),
 ]
 
 
@@ -87,6 +94,84 @@ def test_topk_larger_than_the_vocabulary_fails_before_models_load(task, monkeypa
       ValueError, match=r"config.gkd_logits_topk=64 is invalid: must be at most the tokenizer's " r"vocabulary size 29"
   ):
     trainer.build(make_config(task, gkd_logits_topk=64))
+
+
+def test_eval_split_is_accepted_with_held_out_files_or_a_dataset_with_splits():
+  c = good()
+  c.eval_split, c.eval_dataset = "test", "/data/test.jsonl"
+  config_lib.validate(c)
+  c.eval_dataset, c.dataset = None, "openai/gsm8k"
+  config_lib.validate(c)
+
+
+def test_sequences_beyond_max_position_embeddings_fail_before_models_load(task, monkeypatch):
+  no_model_loads(monkeypatch)  # the tiny models have max_position_embeddings=256
+  config = make_config(task, max_length=300, max_prompt_length=32, max_completion_length=240)
+  with pytest.raises(
+      ValueError,
+      match=r"config.max_length=300, max_prompt_length=32 and max_completion_length=240 allow sequences of 272 "
+      rf"tokens .*beyond config.model={re.escape(repr(task['student']))}'s limit: its config.json has "
+      r"max_position_embeddings=256",
+  ):
+    trainer.build(config)
+  # A local teacher is checked too.
+  config = make_config(task, max_length=300, max_prompt_length=32, max_completion_length=200)  # 232 fit 256
+  load_config = models.load_config
+  monkeypatch.setattr(
+      models,
+      "load_config",
+      lambda p: dataclasses.replace(load_config(p), max_position_embeddings=128)
+      if p == task["teacher"]
+      else load_config(p),
+  )
+  with pytest.raises(ValueError, match=r"beyond config.teacher_model=.*max_position_embeddings=128"):
+    trainer.build(config)
+
+
+def test_tensor_axis_not_dividing_the_heads_fails_before_models_load(task, monkeypatch):
+  no_model_loads(monkeypatch)
+  config = make_config(task)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 8  # the tiny models: 4 heads, 2 KV heads
+  with pytest.raises(
+      ValueError,
+      match=rf"config.mesh.tensor=8 does not fit config.model={re.escape(repr(task['student']))}: it has "
+      r"num_attention_heads=4 and num_key_value_heads=2, and mesh.tensor must divide the attention heads .*"
+      r"tensor sizes that fit: \[1, 2, 4\]",
+  ):
+    trainer.build(config)
+
+
+@pytest.mark.parametrize(
+    "tensor,heads,kv,fits", [(4, 4, 2, True), (2, 4, 2, True), (8, 16, 2, True), (4, 12, 6, False), (4, 6, 6, False)]
+)
+def test_kv_heads_fewer_than_the_tensor_axis_are_replicated_if_it_is_a_multiple(tensor, heads, kv, fits):
+  config = make_config({"student": "s", "teacher": "t", "data": "d.jsonl"})
+  mesh = sharding.make_mesh(8 // tensor, 1, tensor)
+  cfg = models.ModelConfig(
+      model_type="qwen2",
+      vocab_size=32,
+      hidden_size=8 * heads,
+      intermediate_size=8,
+      num_hidden_layers=1,
+      num_attention_heads=heads,
+      num_key_value_heads=kv,
+      head_dim=8,
+  )
+  if fits:
+    trainer.check_model_fits(config, "model", cfg, mesh)
+  else:
+    with pytest.raises(ValueError, match=rf"config.mesh.tensor={tensor} does not fit config.model='s'"):
+      trainer.check_model_fits(config, "model", cfg, mesh)
+
+
+@pytest.mark.parametrize("field", ["dataset_split", "eval_split"])
+def test_missing_split_of_a_saved_dataset_dict_names_the_splits_before_models_load(task, monkeypatch, field):
+  no_model_loads(monkeypatch)
+  with pytest.raises(
+      ValueError,
+      match=rf"split 'validation' is not in the dataset {re.escape(task['data'])}: its splits are \['test', 'train'\]",
+  ):
+    trainer.build(make_config(task, **{field: "validation"}))
 
 
 # ------------------------------------------------------------------------------------ model directories

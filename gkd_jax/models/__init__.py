@@ -6,7 +6,7 @@ cache = model.init_cache(batch, max_len); out = model(ids, mask_S, positions=pos
 """
 
 from gkd_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
-from gkd_jax.models.hf_io import export_tensors, from_pretrained, load_tokenizer, model_options, save_pretrained
+from gkd_jax.models.hf_io import export_tensors, from_pretrained, load_config, load_tokenizer, model_options, save_pretrained
 from gkd_jax.models.transformer import CausalLM, ModelOutput
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "export_tensors",
     "from_pretrained",
+    "load_config",
     "load_tokenizer",
     "model_options",
     "save_pretrained",

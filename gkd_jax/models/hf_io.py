@@ -148,6 +148,12 @@ def _resolve(path_or_id: str) -> str:
   return snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS + weights)
 
 
+def load_config(path_or_hub_id: str) -> ModelConfig:
+  """The ModelConfig of a checkpoint (directory, gs:// URL or hub ID) from its config.json alone, resolved as
+  from_pretrained resolves it (files fetched, no weight read): for checks that must run before weights load."""
+  return ModelConfig.from_hf_config(_resolve(path_or_hub_id))
+
+
 def model_options(config) -> dict:
   """from_pretrained's execution options from a run config (gkd_jax.config): scan_layers, remat, attention."""
   return {
