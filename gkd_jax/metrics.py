@@ -222,7 +222,8 @@ def throughput(
   """Step timing, tokens/s and an MFU estimate (model FLOPs / (time × measured matmul ceiling)) of one step
   on the global `batch` (global or host arrays: only their shapes are read). teacher_config is None when no
   teacher forward runs. The train step runs teacher and student in one program: their split is estimated from
-  their FLOP shares."""
+  their FLOP shares. An MFU estimate over 1 (a measured ceiling below what the step really ran at) is
+  reported as 1.0, with one warning per process."""
   b, p = batch_size, batch["prompt_ids"].shape[1]
   c = batch["completion_ids"].shape[1]
   flops = step_flops(
@@ -235,11 +236,29 @@ def throughput(
       generator_config=teacher_config if mode == "seq_kd" else student_config,
   )
   share = flops["teacher"] / max(flops["teacher"] + flops["student"], 1.0)
+  rate = sum(flops.values()) / step_time
+  mfu = rate / peak_flops
+  if mfu > 1.0:
+    global _mfu_over_one_warned
+    if not _mfu_over_one_warned:
+      _mfu_over_one_warned = True
+      logger.warning(
+          "MFU estimate %.3g > 1: the measured matmul ceiling (%.4g FLOP/s) is below the step's actual rate "
+          "(%.4g FLOP/s), so mfu is reported clamped at 1.0. Pass the device's peak (config.peak_flops, per "
+          "process) to fix it. (Logged once.)",
+          mfu,
+          peak_flops,
+          rate,
+      )
+    mfu = 1.0
   return {
       "step_s": round(step_time, 4),
       "generation_s": round(gen_time, 4),
       "teacher_s_est": round(train_time * share, 4),
       "student_s_est": round(train_time * (1 - share), 4),
       "tokens_per_s": round(b * (p + c) / step_time, 1),
-      "mfu": round(sum(flops.values()) / (step_time * peak_flops), 5),
+      "mfu": round(mfu, 5),
   }
+
+
+_mfu_over_one_warned = False  # throughput's warning about an MFU estimate over 1: once per process
