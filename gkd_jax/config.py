@@ -151,7 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Evaluation on a held-out split (none when eval_split is None): teacher-forced divergences and NLL, plus a
   # generation metric ("math" exact match, "arithmetic" checker, "rouge", or "none"), every eval_every steps
   # (0: only at the end) and with --mode=eval.
-  c.eval_dataset = ml_collections.FieldReference(None, field_type=str)  # default: `dataset`
+  # eval_dataset defaults to `dataset`; data files carry no split names, so with them set it (held-out files).
+  c.eval_dataset = ml_collections.FieldReference(None, field_type=str)
   c.eval_split = ml_collections.FieldReference(None, field_type=str)
   c.eval_rows = 256
   c.eval_batch_size = 32
