@@ -118,6 +118,7 @@ def is_user_error(e: BaseException) -> bool:
 
 
 def main(argv):
+  host_malloc.default_platform_to_cpu()  # CPU hosts: no TPU probe by libtpu (its start-up error lines)
   host_malloc.reexec_if_wanted()  # CPU hosts: malloc settings that keep large buffers between steps
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -116,3 +116,13 @@ def test_only_our_own_errors_count_as_user_errors(tmp_path):
   assert not gkd_main.is_user_error(raised_by(lambda: int("x")))  # a ValueError from outside gkd_jax
   assert not gkd_main.is_user_error(raised_by(lambda: gkd_main.run(None, str(tmp_path))))  # AttributeError
   assert not gkd_main.is_user_error(KeyError("k"))
+
+
+def test_a_cpu_run_does_not_probe_the_tpu_backend(tmp_path):
+  # With libtpu installed, JAX's TPU probe printed libtpu's "E0000 ... unexpected worker hostname" lines on
+  # every CPU run; the entry point sets JAX_PLATFORMS=cpu on a host without accelerators when it is unset.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and not k.startswith(("TPU_", "CLOUD_TPU"))}
+  out = run_cli("--config=configs/bigram.py:runlocal", f"--workdir={tmp_path}", "--config.steps=2", env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "E0000" not in out.stderr and "unexpected worker hostname" not in out.stderr, out.stderr[-2000:]
+  assert "TPU" not in out.stderr, out.stderr[-2000:]
