@@ -29,6 +29,8 @@ OPT_OUT = "GKD_JAX_MALLOC"
 # NVIDIA GPUs, TPU chips (v2-v4: accel, v5 and later: vfio), AMD GPUs (ROCm), GPUs under WSL2.
 ACCELERATOR_DEVICES = ("/dev/nvidia[0-9]*", "/dev/accel*", "/dev/vfio/[0-9]*", "/dev/kfd", "/dev/dxg")
 TPU_ENV_PREFIXES = ("TPU_", "CLOUD_TPU", "COLAB_TPU")
+# Set by `import jax` itself wherever libtpu is installed: no sign of a TPU host.
+TPU_ENV_FROM_IMPORT = ("TPU_LIBRARY_PATH", "TPU_SKIP_MDS_QUERY", "TPU_ML_PLATFORM", "TPU_ML_PLATFORM_VERSION")
 
 
 def accelerator_device() -> bool:
@@ -41,7 +43,7 @@ def default_platform_to_cpu(environ=os.environ) -> bool:
   the variable at import, so an already imported jax gets the same setting through its config)."""
   if "JAX_PLATFORMS" in environ or not sys.platform.startswith("linux"):
     return False
-  if any(k.startswith(TPU_ENV_PREFIXES) for k in environ) or accelerator_device():
+  if any(k.startswith(TPU_ENV_PREFIXES) and k not in TPU_ENV_FROM_IMPORT for k in environ) or accelerator_device():
     return False
   environ["JAX_PLATFORMS"] = "cpu"
   if environ is os.environ and "jax" in sys.modules:
