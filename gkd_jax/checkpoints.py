@@ -87,10 +87,12 @@ def _name(path) -> str:
   return "/".join(path)
 
 
-def _cause(e: Exception, limit: int = 600) -> str:
-  # Tensorstore errors embed whole JSON specs; the full chain stays on `__cause__`.
-  text = f"{type(e).__name__}: {e}"
-  return text if len(text) <= limit else text[:limit] + " ..."
+def _cause(e: Exception, limit: int = 300) -> str:
+  """The error's first line, without the JSON spec that tensorstore appends, at most `limit` characters; the
+  full chain stays on `__cause__`."""
+  text = f"{type(e).__name__}: {e}".strip().split("\n", 1)[0]
+  text = text.split(" [tensorstore_spec=", 1)[0].rstrip()
+  return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 # ------------------------------------------------------------------------------------------ preemption
@@ -379,7 +381,7 @@ class Checkpointer:
       extra, meta = info["extra"], info["meta"]
       stored = self._manager.item_metadata(step)["state"]
     except Exception as e:  # orbax / tensorstore errors from deep inside: say which checkpoint
-      raise CheckpointError(f"checkpoint {path} is unreadable (corrupt or incomplete): {_cause(e)}") from e
+      raise CheckpointError(self._corrupt(path, step, steps, "is unreadable", e)) from e
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT or stored is None:
       raise CheckpointError(f"checkpoint {path} was not written by gkd_jax.checkpoints (format {_FORMAT})")
     if fingerprint is not None and extra.get("fingerprint") != fingerprint:
@@ -396,7 +398,7 @@ class Checkpointer:
           self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nest(targets))))["state"]
       )
     except Exception as e:
-      raise CheckpointError(f"checkpoint {path} could not be restored (corrupt or incomplete): " f"{_cause(e)}") from e
+      raise CheckpointError(self._corrupt(path, step, steps, "could not be restored", e)) from e
     leaves = []
     for p, x in abstract.items():
       value = arrays[p]
@@ -406,6 +408,22 @@ class Checkpointer:
     self._foreign = []  # resumed: later saves continue this run
     treedef = jax.tree_util.tree_structure(abstract_state)
     return jax.tree_util.tree_unflatten(treedef, leaves), extra
+
+  @staticmethod
+  def _corrupt(path, step, steps, what, e) -> str:
+    """One line: which checkpoint is damaged, why (shortened), and how to resume from another one. Nothing
+    falls back to an earlier step by itself: the user picks it."""
+    others = sorted(int(s) for s in steps if s != step and s >= 1)  # (config.resume_step must be ≥ 1)
+    if others:
+      earlier = [s for s in others if s < step]
+      hint = (
+          f"to resume from an earlier step, rerun with --config.resume_step=N (the steps present besides {step}: "
+          f"{others}; e.g. --config.resume_step={(earlier or others)[-1]}: the later checkpoints are set aside, "
+          f"not deleted)"
+      )
+    else:
+      hint = f"no other checkpoint is present: move {path} aside to start over"
+    return f"checkpoint {path} {what} (corrupt or incomplete): {_cause(e)}; {hint}"
 
   @staticmethod
   def _target(path, p, x, keys) -> jax.ShapeDtypeStruct:

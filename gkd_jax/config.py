@@ -69,6 +69,9 @@ RESUME_SAFE_FIELDS = (
     "resume_step",
     "keep_period",
     "stop_on_zero_grad_steps",
+    "wandb_project",
+    "wandb_entity",
+    "wandb_run_name",
 )
 # Credentials: written to config.json as REDACTED, never compared on resume, never in an error message.
 SECRET_FIELDS = ("teacher_model_server_api_key",)
@@ -179,6 +182,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.export_on_finish = True  # write the student as a HuggingFace checkpoint to workdir/export at the end
   c.sample_every = 50  # log a few decoded completions of generating steps (0 = never)
   c.peak_flops = ml_collections.FieldReference(None, field_type=float)  # per process, for MFU; None = measure
+  # Weights & Biases (pip install -e '.[wandb]'): with a project set, process 0 also logs the train and eval
+  # records to a wandb run, started with this config (SECRET_FIELDS redacted) and resumed on restart (its id is
+  # kept in WORKDIR/wandb_run_id). None = off. WANDB_MODE=offline, WANDB_DIR, WANDB_API_KEY work as usual.
+  c.wandb_project = ml_collections.FieldReference(None, field_type=str)
+  c.wandb_entity = ml_collections.FieldReference(None, field_type=str)  # None: the API key's default entity
+  c.wandb_run_name = ml_collections.FieldReference(None, field_type=str)  # None: wandb picks one
   return c
 
 
@@ -236,6 +245,11 @@ def validate(c) -> None:
 
   if c.objective not in OBJECTIVES:
     fail("objective", c.objective, f"must be one of {OBJECTIVES}")
+  if c.get("wandb_project"):
+    try:
+      import wandb  # noqa: F401
+    except ImportError:
+      fail("wandb_project", c.wandb_project, "logging to Weights & Biases needs wandb: pip install -e '.[wandb]'")
   if not c.model:
     fail("model", c.model, "set a local HF checkpoint directory or a hub id")
   if not c.dataset:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from gkd_jax import checkpoints, files, models, resume, rollout, storage
+from gkd_jax import checkpoints, files, host_malloc, models, resume, rollout, storage
 from gkd_jax import config as config_lib
 from gkd_jax import sharding as shd
 
@@ -133,6 +133,7 @@ def _abstract_params(path: str, dtype, param_dtype, mesh, options: dict) -> nnx.
 
 
 def main(argv=None):
+  host_malloc.default_platform_to_cpu()  # CPU hosts: no TPU probe by libtpu (its start-up error lines)
   # argparse, not absl flags: importing this module next to gkd_jax.main must not redefine --workdir.
   parser = argparse.ArgumentParser(prog="python -m gkd_jax.export", description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="the run's workdir (holds config.json, checkpoints/)")

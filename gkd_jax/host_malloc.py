@@ -10,6 +10,12 @@ read at process start, hence the re-exec.
 
 Applied only on hosts without an accelerator device (no /dev/nvidia*, /dev/accel*, /dev/vfio) and only when
 JAX_PLATFORMS does not name another platform; GKD_JAX_MALLOC=system turns it off.
+
+On such a host the entry points also set JAX_PLATFORMS=cpu when it is unset (`default_platform_to_cpu`): with
+libtpu installed (the test extra), JAX would otherwise probe the TPU backend at start-up, and libtpu prints
+several `E0000 ... unexpected worker hostname` error lines on every CPU run. A TPU VM (a /dev/accel* or
+/dev/vfio device, or TPU_* environment variables), a GPU host, or an explicit JAX_PLATFORMS (even empty:
+`JAX_PLATFORMS=` keeps JAX's own probing) is left alone.
 """
 
 from __future__ import annotations
@@ -20,6 +26,29 @@ import sys
 
 SETTINGS = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 OPT_OUT = "GKD_JAX_MALLOC"
+# NVIDIA GPUs, TPU chips (v2-v4: accel, v5 and later: vfio), AMD GPUs (ROCm), GPUs under WSL2.
+ACCELERATOR_DEVICES = ("/dev/nvidia[0-9]*", "/dev/accel*", "/dev/vfio/[0-9]*", "/dev/kfd", "/dev/dxg")
+TPU_ENV_PREFIXES = ("TPU_", "CLOUD_TPU", "COLAB_TPU")
+# Set by `import jax` itself wherever libtpu is installed: no sign of a TPU host.
+TPU_ENV_FROM_IMPORT = ("TPU_LIBRARY_PATH", "TPU_SKIP_MDS_QUERY", "TPU_ML_PLATFORM", "TPU_ML_PLATFORM_VERSION")
+
+
+def accelerator_device() -> bool:
+  return any(glob.glob(p) for p in ACCELERATOR_DEVICES)
+
+
+def default_platform_to_cpu(environ=os.environ) -> bool:
+  """Sets JAX_PLATFORMS=cpu on a Linux host with no accelerator device and no TPU environment, when
+  JAX_PLATFORMS is not set at all; returns whether it did. Call it before JAX initializes a backend (JAX reads
+  the variable at import, so an already imported jax gets the same setting through its config)."""
+  if "JAX_PLATFORMS" in environ or not sys.platform.startswith("linux"):
+    return False
+  if any(k.startswith(TPU_ENV_PREFIXES) and k not in TPU_ENV_FROM_IMPORT for k in environ) or accelerator_device():
+    return False
+  environ["JAX_PLATFORMS"] = "cpu"
+  if environ is os.environ and "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
+  return True
 
 
 def wanted(environ=os.environ) -> bool:
@@ -29,7 +58,7 @@ def wanted(environ=os.environ) -> bool:
   platforms = environ.get("JAX_PLATFORMS", "")
   if platforms and set(platforms.split(",")) - {"cpu"}:
     return False
-  if any(glob.glob(p) for p in ("/dev/nvidia[0-9]*", "/dev/accel*", "/dev/vfio/[0-9]*")):
+  if accelerator_device():
     return False
   import platform
 

@@ -9,8 +9,12 @@ at once, without saving); rerunning the same command resumes it:
 `config.job` picks what runs: "train" (the GKD / SFT trainer, gkd_jax.trainer), "demo" (the embedded
 offline pipeline of configs/default.py, gkd_jax.demos.arithmetic) or "bigram" (GKD between bigram LMs,
 gkd_jax.demos.bigram).
+
+A bad config value, path or input stops the run with one line, `error: <message>`, and exit status 1;
+`--verbosity=1` shows its traceback (and the INFO logs). Unexpected errors always show theirs.
 """
 
+import linecache
 import logging as std_logging
 import os
 import sys
@@ -73,14 +77,58 @@ def run(config, workdir, mode="train"):
   raise ValueError(f"config.job={job!r} is invalid: must be one of ('train', 'demo', 'bigram')")
 
 
+_GKD_JAX_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+  """Errors that report a bad config, path or input: the CLI prints their message as one line."""
+  from gkd_jax import checkpoints, files, teacher_client
+
+  return (
+      ValueError,
+      FileNotFoundError,
+      NotADirectoryError,
+      FileExistsError,
+      checkpoints.CheckpointError,
+      files.DiskFullError,
+      teacher_client.TeacherServerError,
+  )
+
+
+def is_user_error(e: BaseException) -> bool:
+  """A known user error whose message is ours: a gkd_jax exception class; a missing / existing path (the
+  message names it); or a ValueError that a `raise` statement in gkd_jax raised. A ValueError from inside a
+  library (e.g. a shape error that JAX's traceback filtering makes look like it came from our call) keeps
+  its traceback, like any unexpected error (TypeError, KeyError, ...)."""
+  if not isinstance(e, user_error_types()):
+    return False
+  if type(e).__module__.split(".")[0] == "gkd_jax" or isinstance(
+      e, (FileNotFoundError, NotADirectoryError, FileExistsError)
+  ):
+    return True
+  tb = e.__traceback__
+  if tb is None:
+    return False
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
+  if not filename.startswith(_GKD_JAX_DIR + os.sep):
+    return False
+  return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
+
+
 def main(argv):
+  host_malloc.default_platform_to_cpu()  # CPU hosts: no TPU probe by libtpu (its start-up error lines)
   host_malloc.reexec_if_wanted()  # CPU hosts: malloc settings that keep large buffers between steps
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  # Orbax and JAX log every checkpoint step at INFO; keep the console to progress bars and warnings.
-  logging.set_verbosity(logging.WARNING)
+  # --verbosity=1 (or more): known user errors keep their traceback, and INFO logs stay on.
+  verbose = flags.FLAGS["verbosity"].present and logging.get_verbosity() >= 1
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and JAX log every checkpoint step at INFO; keep the console to progress bars and warnings.
+    logging.set_verbosity(logging.WARNING)
   initialize_distributed()
   from gkd_jax import checkpoints, storage, workdir_lock  # after the re-exec above, like every jax-importing module
 
@@ -104,6 +152,12 @@ def main(argv):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
+  except user_error_types() as e:
+    if verbose or not is_user_error(e):
+      raise
+    sys.stdout.flush()
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

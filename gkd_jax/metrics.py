@@ -1,5 +1,5 @@
-"""Run metrics: JSON lines + TensorBoard event files in the workdir, decoded samples, FLOP counts, step
-throughput and an MFU estimate."""
+"""Run metrics: JSON lines + TensorBoard event files in the workdir (and optionally a Weights & Biases run),
+decoded samples, FLOP counts, step throughput and an MFU estimate."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +27,17 @@ class MetricsWriter:
 
   A URL workdir (gs://) cannot be appended to: the JSON-lines objects are rewritten whole and the event
   files (written to a local directory) uploaded at each `flush()` — the trainer's checkpoint saves — and at
-  most every 30 s between them."""
+  most every 30 s between them.
 
-  def __init__(self, workdir: str, resumed_step: int = 0):
+  With `config.wandb_project` set, the numbers of each record also go to a Weights & Biases run (keys
+  "{prefix}/{name}", at the record's step), started with the run config (config.SECRET_FIELDS redacted) and
+  resumed by id on restart: the id is kept in WORKDIR/wandb_run_id. wandb keeps its local files in WANDB_DIR,
+  else in WORKDIR/wandb (a local workdir) or the current directory. After a restart from an earlier step,
+  wandb drops (with a warning) the records of steps it already has."""
+
+  def __init__(self, workdir: str, resumed_step: int = 0, config=None):
     self.workdir, self.resumed_step, self.files, self.tb = workdir, resumed_step, {}, None
-    self._tb_local = None
+    self._tb_local = self.wandb = None
     if jax.process_index() != 0:
       return
     storage.makedirs(workdir)
@@ -41,6 +48,8 @@ class MetricsWriter:
       self._tb_local = tempfile.mkdtemp(prefix="gkd_jax_tb-")
       tb_dir = self._tb_local
     self.tb = SummaryWriter(tb_dir, purge_step=resumed_step + 1)
+    if config is not None and config.get("wandb_project"):
+      self.wandb = start_wandb(workdir, config)
 
   def _file(self, prefix: str) -> storage.JsonLines:
     if prefix not in self.files:
@@ -54,9 +63,15 @@ class MetricsWriter:
       return
     self.write_lines(prefix, [record])
     step = record["step"]
-    for name, value in record.items():
-      if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
-        self.tb.add_scalar(f"{prefix}/{name}", value, step)
+    scalars = {
+        f"{prefix}/{name}": value
+        for name, value in record.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step"
+    }
+    for tag, value in scalars.items():
+      self.tb.add_scalar(tag, value, step)
+    if self.wandb is not None:
+      self.wandb.log(scalars, step=step)
 
   def write_lines(self, prefix: str, records: list[dict]):
     """Records to WORKDIR/{prefix}.jsonl only (no TensorBoard scalars)."""
@@ -93,8 +108,37 @@ class MetricsWriter:
       for f in self.files.values():
         f.close(flush=False)
       self.tb.close()
+      if self.wandb is not None:
+        self.wandb.finish(exit_code=0 if flush else 1)
       if self._tb_local is not None:
         shutil.rmtree(self._tb_local, ignore_errors=True)
+
+
+def start_wandb(workdir: str, config):
+  """A wandb run for the run in `workdir`: the one whose id WORKDIR/wandb_run_id holds (resumed), else a new one
+  (its id written there first, so that a run killed before its first checkpoint resumes the same wandb run)."""
+  import wandb
+
+  from gkd_jax import config as config_lib
+
+  id_path = storage.join(workdir, "wandb_run_id")
+  run_id = storage.read_text(id_path).strip() if storage.exists(id_path) else ""
+  if not run_id:
+    run_id = uuid.uuid4().hex[:12]  # (wandb ids: letters, digits, - and _)
+    with files.writing(id_path, "the wandb run id"):
+      storage.write_text(id_path, run_id + "\n")
+  kwargs = {}
+  if not os.environ.get("WANDB_DIR") and not storage.is_url(workdir):
+    kwargs["dir"] = workdir  # wandb adds its own "wandb" folder
+  return wandb.init(
+      project=config.wandb_project,
+      entity=config.get("wandb_entity"),
+      name=config.get("wandb_run_name"),
+      id=run_id,
+      resume="allow",
+      config=json.loads(config_lib.run_config_json(config)),
+      **kwargs,
+  )
 
 
 def log_samples(tokenizer, writer: MetricsWriter, batch: dict, step: int, count: int = 2):

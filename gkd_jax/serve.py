@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gkd_jax import host_malloc
 from gkd_jax.teacher_client import API_KEY_ENV
 
 log = logging.getLogger("gkd_jax.serve")
@@ -714,6 +715,7 @@ def build_engine(
 
 
 def main(argv=None):
+  host_malloc.default_platform_to_cpu()  # CPU hosts: no TPU probe by libtpu (its start-up error lines)
   p = argparse.ArgumentParser(prog="python -m gkd_jax.serve", description=__doc__.split("\n\n")[0])
   p.add_argument("--model", required=True, help="HF checkpoint directory (local or gs://) or hub id")
   p.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")

@@ -319,7 +319,7 @@ def _run(setup: Setup, workdir: str) -> dict:
   all_finite = jax.jit(_all_finite, out_shardings=NamedSharding(setup.mesh, PartitionSpec()))
   zero_grad_limit, zero_grad_steps = config.get("stop_on_zero_grad_steps", 0), 0
   preemption = checkpoints.install_preemption_handler()
-  writer = metrics_lib.MetricsWriter(workdir, resumed_step=start)
+  writer = metrics_lib.MetricsWriter(workdir, resumed_step=start, config=config)
   peak = (config.peak_flops or metrics_lib.measure_peak_flops(jnp.dtype(config.dtype))) * jax.process_count()
   bar = tqdm(
       total=config.total_steps,

@@ -260,9 +260,34 @@ def test_corrupt_checkpoint_is_a_clear_error(one_checkpoint, damage):
       else:
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
   with checkpoints.Checkpointer(directory) as ckpt:
-    with pytest.raises(checkpoints.CheckpointError, match=str(step_dir)):
+    with pytest.raises(checkpoints.CheckpointError, match=str(step_dir)) as err:
       ckpt.restore(abstract(state))
+  msg = str(err.value)
+  assert "\n" not in msg and "tensorstore_spec" not in msg, msg
+  assert msg.endswith(f"no other checkpoint is present: move {step_dir} aside to start over"), msg
   assert step_dir.exists()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_latest_checkpoint_says_how_to_resume_from_an_earlier_one(tmp_path):
+  state = sft_state(step=4)
+  with checkpoints.Checkpointer(tmp_path, save_every=2) as ckpt:
+    for step in (2, 4, 6):
+      ckpt.save(step, state, {})
+  array_files = [p for p in (tmp_path / "6" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  for p in array_files:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+  with checkpoints.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpoints.CheckpointError) as err:
+      ckpt.restore(abstract(state))
+    msg = str(err.value)
+    assert msg.startswith(f"checkpoint {tmp_path / '6'} is unreadable (corrupt or incomplete): ValueError: "), msg
+    assert "\n" not in msg and "tensorstore_spec" not in msg and len(msg) < 700, msg
+    assert "--config.resume_step=N (the steps present besides 6: [2, 4]; e.g. --config.resume_step=4" in msg, msg
+    assert "tensorstore_spec" in str(err.value.__cause__)  # the full error stays on the chain
+    assert ckpt.all_steps() == [2, 4, 6]  # no silent fallback: nothing was moved or restored
+    restored, _ = ckpt.restore(abstract(state), step=4)  # what the message suggests works
+  assert_bitwise(restored, state)
 
 
 def test_sigterm_sets_flag_without_exiting(tmp_path):

@@ -34,3 +34,14 @@ def test_opt_out_and_other_platforms_are_left_alone():
 def test_applied_needs_every_setting():
   assert host_malloc.applied(dict(host_malloc.SETTINGS))
   assert not host_malloc.applied({**host_malloc.SETTINGS, "MALLOC_MMAP_MAX_": "65536"})
+
+
+def test_cpu_platform_only_where_jax_platforms_is_unset_and_no_accelerator_or_tpu_env():
+  for environ in ({"JAX_PLATFORMS": ""}, {"JAX_PLATFORMS": "tpu"}, {"TPU_NAME": "v5e"}, {"TPU_WORKER_HOSTNAMES": "h"}):
+    before = dict(environ)
+    assert not host_malloc.default_platform_to_cpu(environ) and environ == before
+  environ = {"PATH": "/bin", "TPU_LIBRARY_PATH": "/x/libtpu.so", "TPU_SKIP_MDS_QUERY": "1"}  # (from `import jax`)
+  if host_malloc.accelerator_device():
+    assert not host_malloc.default_platform_to_cpu(environ) and "JAX_PLATFORMS" not in environ
+  else:
+    assert host_malloc.default_platform_to_cpu(environ) and environ["JAX_PLATFORMS"] == "cpu"

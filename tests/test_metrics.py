@@ -1,6 +1,8 @@
-"""FLOP counts against a hand count, the matmul ceiling measurement, MFU clamped at 1."""
+"""FLOP counts against a hand count, the matmul ceiling measurement, MFU clamped at 1, and the optional
+wandb logging."""
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -59,3 +61,89 @@ def test_mfu_over_one_is_clamped_and_warned_about_once(monkeypatch, caplog):
   assert len(caplog.records) == 1
   assert "MFU estimate 1.72 > 1: the measured matmul ceiling" in caplog.text
   assert "is below the step's actual rate" in caplog.text and "config.peak_flops" in caplog.text
+
+
+class FakeWandb:
+  """Records what MetricsWriter asks of wandb (stands in for the module in sys.modules)."""
+
+  def __init__(self):
+    self.inits, self.logs, self.finished = [], [], []
+
+  def init(self, **kwargs):
+    self.inits.append(kwargs)
+    return self
+
+  def log(self, data, step):
+    self.logs.append((step, dict(data)))
+
+  def finish(self, exit_code=0):
+    self.finished.append(exit_code)
+
+
+def wandb_config(**overrides):
+  from gkd_jax import config as config_lib
+
+  c = config_lib.base_config()
+  c.wandb_project, c.wandb_run_name = "gkd", "tiny"
+  c.teacher_model_server_api_key = "sk-secret"
+  c.update(overrides)
+  return c
+
+
+def test_wandb_gets_the_records_and_the_redacted_config_and_resumes_by_id(tmp_path, monkeypatch):
+  import sys
+
+  fake = FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  writer = metrics.MetricsWriter(str(tmp_path), config=wandb_config())
+  writer.write({"step": 1, "loss": 0.5, "mode": "dataset", "finite": True})
+  writer.write({"step": 2, "loss": 0.25, "lr": 1e-3})
+  writer.write({"step": 2, "jsd": 0.1}, prefix="eval")
+  writer.close()
+  assert fake.logs == [(1, {"train/loss": 0.5}), (2, {"train/loss": 0.25, "train/lr": 1e-3}), (2, {"eval/jsd": 0.1})]
+  (init,) = fake.inits
+  assert init["project"] == "gkd" and init["name"] == "tiny" and init["entity"] is None
+  run_id = init["id"]
+  assert re.fullmatch("[0-9a-f]{12}", run_id) and init["resume"] == "allow" and init["dir"] == str(tmp_path)
+  assert init["config"]["teacher_model_server_api_key"] == "<redacted>" and init["config"]["wandb_project"] == "gkd"
+  assert "sk-secret" not in repr(init)
+  assert (tmp_path / "wandb_run_id").read_text() == run_id + "\n" and fake.finished == [0]
+
+  again = metrics.MetricsWriter(str(tmp_path), resumed_step=1, config=wandb_config())  # a restart
+  again.close()
+  assert fake.inits[1]["id"] == run_id and fake.inits[1]["resume"] == "allow"
+
+  off = metrics.MetricsWriter(str(tmp_path / "off"), config=wandb_config(wandb_project=None))
+  off.write({"step": 1, "loss": 0.5})
+  off.close()
+  assert len(fake.inits) == 2 and not (tmp_path / "off" / "wandb_run_id").exists()
+
+
+def test_wandb_project_without_wandb_installed_is_a_clear_error(monkeypatch):
+  import sys
+
+  from gkd_jax import config as config_lib
+
+  monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+  c = wandb_config(model="m", dataset="d")
+  with pytest.raises(ValueError, match=r"config.wandb_project='gkd' is invalid: .*pip install -e '.\[wandb\]'"):
+    config_lib.validate(c)
+
+
+def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  (tmp_path / "wandb_dir").mkdir()
+  workdir = tmp_path / "run"
+  writer = metrics.MetricsWriter(str(workdir), config=wandb_config())
+  for step in (1, 2, 3):
+    writer.write({"step": step, "distill_loss": 1.0 / step})
+  writer.write({"step": 3, "top1_agreement": 0.75}, prefix="eval")
+  writer.close()
+  run_id = (workdir / "wandb_run_id").read_text().strip()
+  (data,) = (tmp_path / "wandb_dir").rglob(f"run-{run_id}.wandb")
+  raw = data.read_bytes()
+  assert b"train/distill_loss" in raw and b"eval/top1_agreement" in raw and b"0.75" in raw
+  assert b"<redacted>" in raw and b"sk-secret" not in raw
