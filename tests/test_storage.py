@@ -127,6 +127,9 @@ def test_export_directory_replaced_with_config_json_last(gs, monkeypatch):
 
   with pytest.raises(FileNotFoundError, match=r"holds no config.json"):
     hf_io._resolve(out)
+  # A tokenizer alone needs no config.json.
+  storage.write_text(f"{gs}/tok/tokenizer_config.json", "{}")
+  assert os.path.exists(os.path.join(hf_io._resolve(f"{gs}/tok", model=False), "tokenizer_config.json"))
 
 
 def test_local_copy_downloads_once_and_again_when_the_object_changes(gs, tmp_path):

@@ -122,10 +122,13 @@ def _flat_params(state: nnx.State):
   return [(tuple(p), var) for p, var in nnx.to_flat_state(state)]
 
 
-def _resolve(path_or_id: str) -> str:
+def _resolve(path_or_id: str, model: bool = True) -> str:
+  """A local directory holding `path_or_id`'s files: the directory itself, a local copy of a gs:// prefix, or
+  a hub snapshot. For a model (not a tokenizer alone) a URL prefix must hold config.json, the commit marker of
+  an export on object storage (gkd_jax.files)."""
   if storage.is_url(path_or_id):  # gs://...: downloaded once into the local cache (storage.local_copy)
     directory = storage.local_copy(path_or_id)
-    if not os.path.isdir(directory) or not os.path.exists(os.path.join(directory, "config.json")):
+    if not os.path.isdir(directory) or (model and not os.path.exists(os.path.join(directory, "config.json"))):
       raise FileNotFoundError(
           f"{path_or_id} is not a checkpoint directory: it holds no config.json (on object storage an HF "
           f"checkpoint is complete only once its config.json is written)"
@@ -302,7 +305,7 @@ def load_tokenizer(path_or_hub_id: str, **kwargs):
   """
   import transformers
 
-  directory = _resolve(path_or_hub_id)
+  directory = _resolve(path_or_hub_id, model=False)
   if not has_tokenizer_files(directory):
     raise FileNotFoundError(
         f"{directory} holds no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}, *.tiktoken): save the "
