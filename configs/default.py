@@ -27,16 +27,20 @@ an accelerator gains little; the demo exists to run anywhere. It is a single-hos
 phases with plain file I/O): for multi-host runs use the `train` recipes (configs/sft.py,
 configs/on_policy_distillation.py) with --distributed.
 
-Expected (2 idle CPU cores, JAX 0.10 CPU, scanned layers, 1.5x length buckets, gkd_jax.host_malloc's settings,
-one run): 7.0 min wall, 11.7 min CPU time (user+sys; 19.4 min before the malloc settings, much of it page
-faults); teacher 3.4 min with the task build, student SFT 0.9, GKD 1.6, evaluation 1.0; 1.4 GB resident; a
-rerun with everything cached takes seconds. Runs are deterministic for a seed:
+Expected (2 idle AMD EPYC cores with AVX-512, JAX 0.10 CPU, scanned layers, 1.5x length buckets,
+gkd_jax.host_malloc's settings, the scan-residual fix of experiments/results/aot.md, one run): 6.5 min wall,
+11.0 min CPU time (user+sys); training: teacher 4.0 min, student SFT 0.9, GKD 1.5 (the task build and the
+evaluations take seconds); 1.3 GB resident; a rerun with everything cached takes seconds. Runs are deterministic for a
+seed on one machine (tests/test_demo.py checks two fresh runs bit for bit):
 
     model                       params  greedy accuracy  chain accuracy
-    teacher (SFT)              988,928            0.974           0.274
-    student, initial (SFT)     308,160            0.056           0.002
-    student, distilled (GKD)   308,160            0.364           0.074    (+30.8 points)
+    teacher (SFT)              988,928            0.900           0.248
+    student, initial (SFT)     308,160            0.056           0.000
+    student, distilled (GKD)   308,160            0.226           0.054    (+17.0 points)
 
+Earlier measurements of the same pipeline, before the scan-residual fix changed how the backward pass
+associates its sums: teacher 0.974, initial student 0.056, distilled 0.364 (7.0 min); another CPU model
+gives other numbers again (0.926 / 0.050 / 0.468 on an AVX-512/AMX Xeon).
 Padding widths change how float sums associate, so other layouts give other numbers for the same seed:
 with power-of-two buckets 0.926 / 0.090 / 0.406; the comparisons below were measured with the earlier
 unrolled layer stack (there: teacher 0.968, initial student 0.088, distilled 0.316 in 9.6 min on a loaded
