@@ -32,6 +32,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from etils import epath
 
 from gkd_jax import files, storage
@@ -218,8 +219,6 @@ def check_shared_workdir(workdir: str) -> None:
   raises the same error when one did not find it."""
   if jax.process_count() == 1:
     return
-  from jax.experimental import multihost_utils
-
   token = int(multihost_utils.broadcast_one_to_all(np.random.default_rng().integers(1 << 62, dtype=np.int64)))
   marker = storage.join(workdir, f".gkd_jax-shared-{token:016x}")
   if jax.process_index() == 0:
@@ -301,8 +300,6 @@ class Checkpointer:
       for s in later:
         storage.move(str(self.step_dir(s)), storage.join(aside, str(s)))
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
       multihost_utils.sync_global_devices("gkd_jax: later checkpoints set aside")
     self._manager.reload()
     return later, aside

@@ -25,6 +25,7 @@ is no config change).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -245,11 +246,8 @@ def validate(c) -> None:
 
   if c.objective not in OBJECTIVES:
     fail("objective", c.objective, f"must be one of {OBJECTIVES}")
-  if c.get("wandb_project"):
-    try:
-      import wandb  # noqa: F401
-    except ImportError:
-      fail("wandb_project", c.wandb_project, "logging to Weights & Biases needs wandb: pip install -e '.[wandb]'")
+  if c.get("wandb_project") and importlib.util.find_spec("wandb") is None:
+    fail("wandb_project", c.wandb_project, "logging to Weights & Biases needs wandb: pip install -e '.[wandb]'")
   if not c.model:
     fail("model", c.model, "set a local HF checkpoint directory or a hub id")
   if not c.dataset:

@@ -78,34 +78,19 @@ def run(config, workdir, mode="train"):
 
 
 _GKD_JAX_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-  """Errors that report a bad config, path or input: the CLI prints their message as one line."""
-  from gkd_jax import checkpoints, files, teacher_client
-
-  return (
-      ValueError,
-      FileNotFoundError,
-      NotADirectoryError,
-      FileExistsError,
-      checkpoints.CheckpointError,
-      files.DiskFullError,
-      teacher_client.TeacherServerError,
-  )
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, FileExistsError)
 
 
 def is_user_error(e: BaseException) -> bool:
-  """A known user error whose message is ours: a gkd_jax exception class; a missing / existing path (the
-  message names it); or a ValueError that a `raise` statement in gkd_jax raised. A ValueError from inside a
-  library (e.g. a shape error that JAX's traceback filtering makes look like it came from our call) keeps
-  its traceback, like any unexpected error (TypeError, KeyError, ...)."""
-  if not isinstance(e, user_error_types()):
-    return False
-  if type(e).__module__.split(".")[0] == "gkd_jax" or isinstance(
-      e, (FileNotFoundError, NotADirectoryError, FileExistsError)
-  ):
+  """A known user error whose message is ours: a gkd_jax exception class (CheckpointError, DiskFullError,
+  TeacherServerError, ...); a missing / existing path (the message names it); or a ValueError that a `raise`
+  statement in gkd_jax raised. A ValueError from inside a library (e.g. a shape error that JAX's traceback
+  filtering makes look like it came from our call) keeps its traceback, like any unexpected error
+  (TypeError, KeyError, ...)."""
+  if type(e).__module__.split(".")[0] == "gkd_jax" or isinstance(e, _PATH_ERRORS):
     return True
+  if not isinstance(e, ValueError):
+    return False
   tb = e.__traceback__
   if tb is None:
     return False
@@ -152,7 +137,7 @@ def main(argv):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
-  except user_error_types() as e:
+  except Exception as e:  # noqa: BLE001 - re-raised unless it is a known user error, printed as one line
     if verbose or not is_user_error(e):
       raise
     sys.stdout.flush()

@@ -14,6 +14,7 @@ import uuid
 import jax
 import jax.numpy as jnp
 
+from gkd_jax import config as config_lib
 from gkd_jax import files, sharding, storage
 
 logger = logging.getLogger(__name__)
@@ -117,9 +118,7 @@ class MetricsWriter:
 def start_wandb(workdir: str, config):
   """A wandb run for the run in `workdir`: the one whose id WORKDIR/wandb_run_id holds (resumed), else a new one
   (its id written there first, so that a run killed before its first checkpoint resumes the same wandb run)."""
-  import wandb
-
-  from gkd_jax import config as config_lib
+  import wandb  # optional (the wandb extra): imported only when config.wandb_project is set
 
   id_path = storage.join(workdir, "wandb_run_id")
   run_id = storage.read_text(id_path).strip() if storage.exists(id_path) else ""

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd_jax import checkpoints, evaluate, export, files, lora, models, optim, resume, rollout, sampling, sharding
-from gkd_jax import storage, workdir_lock
+from gkd_jax import storage, teacher_client, workdir_lock
 from gkd_jax import config as config_lib
 from gkd_jax import data as data_lib
 from gkd_jax import metrics as metrics_lib
@@ -46,18 +47,14 @@ def teacher_kind(config) -> str:
 
 def teacher_server_api_key(config) -> str | None:
   """config.teacher_model_server_api_key, or when that is None $GKD_JAX_API_KEY (empty = unset), or None."""
-  from gkd_jax.teacher_client import API_KEY_ENV
-
   key = config.get("teacher_model_server_api_key")
-  return key if key is not None else os.environ.get(API_KEY_ENV) or None
+  return key if key is not None else os.environ.get(teacher_client.API_KEY_ENV) or None
 
 
 def teacher_server_client(config, vocab_size: int):
   """The TeacherClient of config.teacher_model_server (with its API key), checked: an unreachable server, a
   missing or wrong key (HTTP 401) or a k it does not serve stops the run here, not at the first step."""
-  from gkd_jax.teacher_client import TeacherClient
-
-  client = TeacherClient(
+  client = teacher_client.TeacherClient(
       config.teacher_model_server,
       config.gkd_logits_topk,
       vocab_size=vocab_size,
@@ -450,8 +447,6 @@ def _resume_step(workdir: str, config) -> int | None:
       )
       step = None
   if jax.process_count() > 1:  # process 0's answer: the others might read config.json after it was replaced
-    from jax.experimental import multihost_utils
-
     step = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
     step = None if step < 0 else step
   return step

@@ -25,6 +25,10 @@ import time
 import uuid
 from typing import Iterator
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from gkd_jax import storage
 
 logger = logging.getLogger(__name__)
@@ -192,8 +196,6 @@ def _acquire_object(workdir: str, path: str, me: dict) -> WorkdirLock:
 def hold(workdir: str) -> Iterator[WorkdirLock | None]:
   """The workdir's lock for the duration of the block, taken by process 0 only (on every process: the
   same WorkdirLocked when process 0 could not take it); released however the block ends."""
-  import jax
-
   lock, error = None, None
   if jax.process_index() == 0:
     try:
@@ -201,9 +203,6 @@ def hold(workdir: str) -> Iterator[WorkdirLock | None]:
     except WorkdirLocked as e:
       error = e
   if jax.process_count() > 1:
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
     if failed and error is None:
       error = WorkdirLocked(f"--workdir={workdir} is in use by another run (process 0 could not lock it: see its log)")

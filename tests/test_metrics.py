@@ -11,8 +11,9 @@ from gkd_jax import metrics
 from gkd_jax.models import ModelConfig
 
 
-def test_forward_flops_per_token_by_hand():
-  c = ModelConfig(
+def tiny_config() -> ModelConfig:
+  """3 layers, hidden 16, 4 query / 2 KV heads of 4, MLP 40, vocabulary 100: small enough to count by hand."""
+  return ModelConfig(
       model_type="qwen2",
       vocab_size=100,
       hidden_size=16,
@@ -22,6 +23,10 @@ def test_forward_flops_per_token_by_hand():
       num_key_value_heads=2,
       head_dim=4,
   )
+
+
+def test_forward_flops_per_token_by_hand():
+  c = tiny_config()
   q, kv = 16, 8
   weights = 3 * (16 * (q + 2 * kv) + q * 16 + 3 * 16 * 40) + 16 * 100
   assert metrics.forward_flops_per_token(c, context=10) == 2 * weights + 3 * 4 * q * 10
@@ -40,16 +45,7 @@ def test_peak_flops_is_positive_and_finite():
 
 def test_mfu_over_one_is_clamped_and_warned_about_once(monkeypatch, caplog):
   monkeypatch.setattr(metrics, "_mfu_over_one_warned", False)
-  c = ModelConfig(
-      model_type="qwen2",
-      vocab_size=100,
-      hidden_size=16,
-      intermediate_size=40,
-      num_hidden_layers=3,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      head_dim=4,
-  )
+  c = tiny_config()
   batch = {"prompt_ids": np.zeros((4, 6), np.int32), "completion_ids": np.zeros((4, 5), np.int32)}
   step = lambda peak: metrics.throughput(c, c, 4, batch, "on_policy", 0.1, 0.1, 0.2, peak)
   flops = sum(metrics.step_flops(c, c, 4, 11, 5, generated=5).values())

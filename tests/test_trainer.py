@@ -257,22 +257,12 @@ def test_killed_run_resumes_bitwise_identically(task, tmp_path):
   assert got == want  # bitwise: the same floats
 
 
-def test_sigterm_saves_exits_75_and_the_rerun_resumes_bitwise(task, tmp_path):
-  """SIGTERM (a preempted spot VM): the run saves at the step it reached and exits with status 75, "rerun
-  me"; rerunning the same command resumes there and logs exactly the losses of an uninterrupted run."""
-  import os
-  import signal
+def signal_after_the_first_step(cmd, env, workdir, sig) -> tuple[int, str]:
+  """Starts the CLI `cmd`, sends `sig` once its first step is logged; returns (exit status, stderr)."""
   import subprocess
-  import sys
   import time
-  from gkd_jax import checkpoints
 
-  config = write_config(task, tmp_path / "cfg.py", total_steps=50, save_every=1000, lmbda=0.0)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  cmd = lambda workdir: [sys.executable, "-m", "gkd_jax.main", f"--config={config}", f"--workdir={workdir}"]
-  subprocess.run(cmd(tmp_path / "full"), env=env, check=True, capture_output=True, timeout=600)
-  workdir = tmp_path / "run"
-  proc = subprocess.Popen(cmd(workdir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 600
   while (
       (not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip())
@@ -280,13 +270,31 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes_bitwise(task, tmp_path):
       and time.time() < deadline
   ):
     time.sleep(0.02)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   _, err = proc.communicate(timeout=600)
-  assert proc.returncode == checkpoints.PREEMPTED_EXIT_CODE == 75, err[-2000:]
+  return proc.returncode, err.decode()
+
+
+def test_sigterm_saves_exits_75_and_the_rerun_resumes_bitwise(task, tmp_path):
+  """SIGTERM (a preempted spot VM): the run saves at the step it reached and exits with status 75, "rerun
+  me"; rerunning the same command resumes there and logs exactly the losses of an uninterrupted run."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  from gkd_jax import checkpoints
+
+  config = write_config(task, tmp_path / "cfg.py", total_steps=50, save_every=1000, lmbda=0.0)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  cmd = lambda workdir: [sys.executable, "-m", "gkd_jax.main", f"--config={config}", f"--workdir={workdir}"]
+  subprocess.run(cmd(tmp_path / "full"), env=env, check=True, capture_output=True, timeout=600)
+  workdir = tmp_path / "run"
+  code, err = signal_after_the_first_step(cmd(workdir), env, workdir, signal.SIGTERM)
+  assert code == checkpoints.PREEMPTED_EXIT_CODE == 75, err[-2000:]
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   logged = max(losses_by_step(workdir))
   assert steps == [logged] and 0 < logged < 50  # saved off-interval at the step it stopped
-  assert f"preempted: saved step {logged}" in err.decode() and "rerun the same command" in err.decode()
+  assert f"preempted: saved step {logged}" in err and "rerun the same command" in err
   subprocess.run(cmd(workdir), env=env, check=True, capture_output=True, timeout=600)
   assert losses_by_step(workdir) == losses_by_step(tmp_path / "full")  # bitwise, every step once
 
@@ -298,24 +306,13 @@ def test_ctrl_c_saves_exits_130_says_where_to_resume_and_the_rerun_resumes(task,
   import signal
   import subprocess
   import sys
-  import time
 
   config = write_config(task, tmp_path / "cfg.py", total_steps=30, save_every=1000, lmbda=0.0)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "gkd_jax.main", f"--config={config}", f"--workdir={workdir}"]
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 600
-  while (
-      (not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip())
-      and proc.poll() is None
-      and time.time() < deadline
-  ):
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGINT)
-  _, err = proc.communicate(timeout=600)
-  err = err.decode()
-  assert proc.returncode == 130, err[-2000:]
+  code, err = signal_after_the_first_step(cmd, env, workdir, signal.SIGINT)
+  assert code == 130, err[-2000:]
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   logged = max(losses_by_step(workdir))
   assert steps == [logged] and 0 < logged < 30
