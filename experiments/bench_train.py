@@ -33,9 +33,9 @@ checkpoints or metric files. Timings:
   student   step - gen - teacher: the student forward + loss + backward + optimizer, and host overhead.
 
 The split columns are means per step (so they add up to the mean step, which for mixed differs from the
-median). MFU = model FLOPs / time / peak, where the peak is the best f32 matmul rate this machine reaches in
-this run (`metrics.measure_peak_flops`, best of 10 2048² f32 matmuls, measured at the start and after each
-mode; the largest is kept) and FLOPs count the shapes the step runs (padded): teacher forward, student
+median). MFU = model FLOPs / time / peak, where the peak is the best matmul rate this machine reaches in
+this run at the row's precision (`metrics.measure_peak_flops`, best of 10 2048² products accumulated in f32,
+measured at the start and after each mode; the largest is kept) and FLOPs count the shapes the step runs (padded): teacher forward, student
 forward + backward (3×) and the decode steps, with the LM head only where its logits are used (the
 completion columns, and the last position of the prefill) and over the columns it multiplies (the
 tokenizer's vocabulary when the head is cut to it). "step MFU" leaves out generation: the train step's
@@ -44,8 +44,12 @@ FLOPs over its own time. tokens/s counts real (unpadded) prompt + completion tok
 The number of XLA compiles after the warm-up is counted (jax.monitoring backend-compile events) and must
 be 0. The warm-up lasts `--warmup` steps, and longer for mixed until both kinds of step have run once.
 
-With --compare-trl PYTHON, each mode runs experiments/trl_train_timing.py under PYTHON right after ours
-(the same fixture, batch, steps and warm-up) and a markdown table is printed. torch's thread count is the
+--precisions (default f32,bf16) runs ours at dtype=float32 and dtype=bfloat16 (f32 master weights and
+optimizer either way; bf16 compute, float32 accumulation), taking turns step by step. With --compare-trl
+PYTHON, each mode then runs experiments/trl_train_timing.py under PYTHON at each precision (bf16=False /
+True: torch autocast over f32 weights), with the same fixture, batch, steps and warm-up, and two markdown
+tables are printed: the 2×2 of precisions, and each side at its faster precision (the fair headline). The
+CPU model and the ISA extensions that decide matmul speed (AVX-512, AVX512-BF16, AMX) head the tables. torch's thread count is the
 faster of --trl-threads (default 1 and 2) on a short off-policy probe first: on a busy shared machine
 torch's spinning threads can be several times slower than one thread.
 
@@ -57,6 +61,7 @@ import argparse
 import ast
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -66,6 +71,7 @@ if "--system-malloc" in sys.argv:
   os.environ["GKD_JAX_MALLOC"] = "system"
 from gkd_jax import host_malloc  # noqa: E402
 
+host_malloc.default_platform_to_cpu()  # no libtpu probing (and its error lines) on a CPU host
 host_malloc.reexec_if_wanted()  # before jax starts; TRL's subprocess inherits the same malloc settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,7 +117,7 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 # ------------------------------------------------------------------------------------------ config
 
 
-def make_config(args, lmbda, total_steps, overrides, peak):
+def make_config(args, lmbda, total_steps, overrides):
   c = config_lib.base_config()
   c.model, c.teacher_model = "student", "teacher"  # use_local_fixture points both at the fixture
   config_lib.use_local_fixture(c, args.fixture)
@@ -119,7 +125,7 @@ def make_config(args, lmbda, total_steps, overrides, peak):
   c.batch_size, c.total_steps, c.warmup_steps, c.learning_rate = args.batch, total_steps, 0, 1e-5
   c.max_prompt_length, c.max_completion_length = args.max_prompt, args.max_new_tokens
   c.max_length = args.max_prompt + args.max_new_tokens
-  c.peak_flops = peak
+  c.peak_flops = 1.0  # MFU is computed here, against the ceiling measured over the whole run
   for item in overrides:
     key, _, value = item.partition("=")
     try:
@@ -181,10 +187,10 @@ def teacher_forward_fn(setup):
 class Runner:
   """One trainer setup stepping through its run; several runners (variants) take turns step by step."""
 
-  def __init__(self, args, mode, overrides, peak):
+  def __init__(self, args, mode, overrides):
     lmbda = MODES[mode]
     self.expected = {"on_policy"} if lmbda == 1 else ({"dataset"} if lmbda == 0 else {"on_policy", "dataset"})
-    self.setup = trainer.build(make_config(args, lmbda, 10**6, overrides, peak))
+    self.setup = trainer.build(make_config(args, lmbda, 10**6, overrides))
     self.source = rollout.BatchSource(self.setup)
     self.state = self.setup.state
     self.teacher_forward = teacher_forward_fn(self.setup)
@@ -231,9 +237,9 @@ class Runner:
       self.step(record=False)
 
 
-def run_ours(args, mode, peak, variants):
+def run_ours(args, mode, variants):
   """Builds and warms up one runner per variant, then times `steps` steps of each, taking turns."""
-  runners = [Runner(args, mode, overrides, peak) for overrides in variants]
+  runners = [Runner(args, mode, overrides) for overrides in variants]
   for r in runners:
     r.warm_up(args.warmup)
   before = _compiles[0]
@@ -241,10 +247,10 @@ def run_ours(args, mode, peak, variants):
     for r in runners:
       r.step()
   compiles = _compiles[0] - before
-  return [summarize(r.records, peak, compiles, r.next_step - len(r.records)) for r in runners]
+  return [summarize(r.records, compiles, r.next_step - len(r.records)) for r in runners]
 
 
-def summarize(records, peak, compiles, warm_steps):
+def summarize(records, compiles, warm_steps):
   mean = lambda key: statistics.fmean(r[key] for r in records)
   step_s, gen_s, teacher_s = mean("step_s"), mean("gen_s"), mean("teacher_s")
   train_s = step_s - gen_s
@@ -255,8 +261,8 @@ def summarize(records, peak, compiles, warm_steps):
       "teacher_s": teacher_s,
       "student_s": train_s - teacher_s,
       "tokens_per_s": sum(r["tokens"] for r in records) / sum(r["step_s"] for r in records),
-      "mfu": (mean("train_flops") + mean("gen_flops")) / step_s / peak,
-      "step_mfu": mean("train_flops") / train_s / peak,
+      "flops_per_s": (mean("train_flops") + mean("gen_flops")) / step_s,  # MFU once the ceiling is known
+      "step_flops_per_s": mean("train_flops") / train_s,
       "gflops_per_step": (mean("train_flops") + mean("gen_flops")) / 1e9,
       "shapes": sorted({r["shape"] for r in records}),
       "kinds": sorted({r["kind"] for r in records}),
@@ -270,7 +276,7 @@ def summarize(records, peak, compiles, warm_steps):
 # ------------------------------------------------------------------------------------------ TRL
 
 
-def run_trl(args, mode, threads, steps=None, warmup=None):
+def run_trl(args, mode, threads, precision="f32", steps=None, warmup=None):
   script = os.path.join(HERE, "trl_train_timing.py")
   cmd = [
       args.compare_trl,
@@ -290,12 +296,14 @@ def run_trl(args, mode, threads, steps=None, warmup=None):
       str(args.max_prompt + args.max_new_tokens),
       "--threads",
       str(threads),
-  ]
+  ] + (["--bf16"] if precision == "bf16" else [])
   out = subprocess.run(cmd, capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
   result = json.loads(out.stdout.strip().splitlines()[-1])
-  print(f"  TRL {mode}, {threads} thread(s): {result['median_step_s']:.3f} s/step", file=sys.stderr, flush=True)
+  print(
+      f"  TRL {mode} {precision}, {threads} thread(s): {result['median_step_s']:.3f} s/step", file=sys.stderr, flush=True
+  )
   return result
 
 
@@ -311,10 +319,36 @@ def pick_trl_threads(args):
 # ------------------------------------------------------------------------------------------ report
 
 
-def measure_peak():
-  """The f32 matmul ceiling: best of 10 products of 2048² matrices (on a shared machine, the best is the
-  closest to what the cores can do)."""
-  return metrics_lib.measure_peak_flops(jnp.float32, n=2048, repeats=10)
+DTYPES = {"f32": "float32", "bf16": "bfloat16"}
+
+
+def precision_of(overrides):
+  dtypes = [o.partition("=")[2].strip("'\"") for o in overrides if o.partition("=")[0].strip() == "dtype"]
+  return {v: k for k, v in DTYPES.items()}[dtypes[-1]] if dtypes else "f32"
+
+
+def measure_peak(precision):
+  """The matmul ceiling at a precision: best of 10 products of 2048² matrices, accumulated in f32 as the
+  models' are (on a shared machine, the best is the closest to what the cores can do)."""
+  return metrics_lib.measure_peak_flops(jnp.dtype(DTYPES[precision]), n=2048, repeats=10)
+
+
+def cpu_description():
+  """The CPU model and the ISA extensions that decide matmul speed (AVX-512, its BF16 dot, AMX)."""
+  model, flags = platform.processor() or "unknown CPU", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() == "flags":
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16")
+  return f"CPU {model} [{' '.join(f for f in wanted if f in flags) or 'no AVX2'}]"
 
 
 def split(r):
@@ -322,29 +356,40 @@ def split(r):
 
 
 def table(rows, compare):
+  """One line per mode and precision (and variant): ours beside TRL at the same precision."""
   lines = []
   if compare:
     lines.append(
-        "| mode | ours s/step | TRL s/step | ratio (TRL/ours) | tokens/s | gen / teacher / student s | "
+        "| mode | precision | ours s/step | TRL s/step | ratio (TRL/ours) | tokens/s | gen / teacher / student s | "
         "MFU (step MFU) | TRL gen / teacher / student s |"
     )
-    lines.append("|---|---:|---:|---:|---:|---|---:|---|")
+    lines.append("|---|---|---:|---:|---:|---:|---|---:|---|")
   else:
-    lines.append("| mode | ours s/step | tokens/s | gen / teacher / student s | MFU (step MFU) |")
-    lines.append("|---|---:|---:|---|---:|")
+    lines.append("| mode | precision | ours s/step | tokens/s | gen / teacher / student s | MFU (step MFU) |")
+    lines.append("|---|---|---:|---:|---|---:|")
   for mode, label, ours, trl in rows:
     mfu = f"{100 * ours['mfu']:.0f}% ({100 * ours['step_mfu']:.0f}%)"
-    if compare:
+    head = f"| {NAMES[mode]} | {label} | {ours['median_step_s']:.3f} |"
+    if compare and trl:
       lines.append(
-          f"| {NAMES[mode]}{label} | {ours['median_step_s']:.3f} | {trl['median_step_s']:.3f} | "
-          f"{trl['median_step_s'] / ours['median_step_s']:.1f}× | {ours['tokens_per_s']:,.0f} | "
-          f"{split(ours)} | {mfu} | {split(trl)} ({trl['threads']} thr) |"
+          f"{head} {trl['median_step_s']:.3f} | {trl['median_step_s'] / ours['median_step_s']:.2f}× | "
+          f"{ours['tokens_per_s']:,.0f} | {split(ours)} | {mfu} | {split(trl)} ({trl['threads']} thr) |"
       )
+    elif compare:
+      lines.append(f"{head} | | {ours['tokens_per_s']:,.0f} | {split(ours)} | {mfu} | |")
     else:
-      lines.append(
-          f"| {NAMES[mode]}{label} | {ours['median_step_s']:.3f} | {ours['tokens_per_s']:,.0f} | "
-          f"{split(ours)} | {mfu} |"
-      )
+      lines.append(f"{head} {ours['tokens_per_s']:,.0f} | {split(ours)} | {mfu} |")
+  return "\n".join(lines)
+
+
+def best_table(rows):
+  """Per mode, each side at its own fastest precision: the fair headline."""
+  lines = ["| mode | ours best s/step | TRL best s/step | speed-up (TRL best / ours best) |", "|---|---:|---:|---:|"]
+  for mode in dict.fromkeys(m for m, *_ in rows):
+    ours = min(((o["median_step_s"], l) for m, l, o, t in rows if m == mode and t), default=None)
+    trl = min(((t["median_step_s"], l) for m, l, o, t in rows if m == mode and t), default=None)
+    if ours and trl:
+      lines.append(f"| {NAMES[mode]} | {ours[0]:.3f} ({ours[1]}) | {trl[0]:.3f} ({trl[1]}) | {trl[0] / ours[0]:.2f}× |")
   return "\n".join(lines)
 
 
@@ -371,6 +416,11 @@ def main():
       metavar="LABEL:FIELD=VALUE;...",
       help="also run ours with these overrides, right after the base run of each mode (A/B)",
   )
+  ap.add_argument(
+      "--precisions",
+      default="f32,bf16",
+      help="ours at dtype=float32 / bfloat16 (f32 master weights either way), TRL at bf16=False / True (autocast)",
+  )
   ap.add_argument("--compare-trl", metavar="PYTHON", help="interpreter with torch + trl: also time TRL's GKDTrainer")
   ap.add_argument(
       "--trl-threads",
@@ -395,10 +445,12 @@ def main():
     args.fixture = os.path.join("/tmp", name + ("_full" if args.full_vocab else ""))
   fixture.build(args.fixture, args.shape, shape["full_tokenizer"] if args.full_vocab else None)
 
-  variants = [("", args.set)] + [
-      (f" [{v.partition(':')[0]}]", args.set + v.partition(":")[2].split(";")) for v in args.variant
+  precisions = args.precisions.split(",")
+  variants = [(p, args.set + [f"dtype='{DTYPES[p]}'"]) for p in precisions] + [
+      (v.partition(":")[0], args.set + v.partition(":")[2].split(";")) for v in args.variant
   ]
-  peaks = [measure_peak()]
+  peak_dtypes = sorted({precision_of(o) for _, o in variants} | set(precisions))
+  peaks = {p: [measure_peak(p)] for p in peak_dtypes}
   print(
       f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
       f"malloc {'gkd_jax.host_malloc' if host_malloc.applied() else 'system default'} (both sides); "
@@ -409,41 +461,51 @@ def main():
   trl_threads = pick_trl_threads(args) if args.compare_trl else None
   rows = []
   for mode in args.modes.split(","):
-    results = run_ours(args, mode, peaks[0], [overrides for _, overrides in variants])
-    for (label, _), ours in zip(variants, results):
+    results = run_ours(args, mode, [overrides for _, overrides in variants])
+    for (label, overrides), ours in zip(variants, results):
+      ours["precision"] = precision_of(overrides)
       print(
-          f"  ours {mode}{label}: {ours['median_step_s']:.3f} s/step, shapes {ours['shapes']}, "
+          f"  ours {mode} {label}: {ours['median_step_s']:.3f} s/step, shapes {ours['shapes']}, "
           f"{ours['compiles_after_warmup']} compiles after {ours['warmup_steps']} warm-up steps",
           file=sys.stderr,
           flush=True,
       )
     host_malloc.release()  # our freed buffers back to the kernel before TRL's process needs the memory
-    trl = run_trl(args, mode, trl_threads) if args.compare_trl else None
-    rows += [(mode, label, ours, trl) for (label, _), ours in zip(variants, results)]
-    peaks.append(measure_peak())
-  peak = max(peaks)
-  for _, _, ours, _ in rows:  # the ceiling is the best rate seen in this run
-    ours["mfu"] *= peaks[0] / peak
-    ours["step_mfu"] *= peaks[0] / peak
+    trl = {p: run_trl(args, mode, trl_threads, p) for p in precisions} if args.compare_trl else {}
+    rows += [(mode, label, ours, trl.get(label)) for (label, _), ours in zip(variants, results)]
+    for p in peak_dtypes:
+      peaks[p].append(measure_peak(p))
+  peak = {p: max(v) for p, v in peaks.items()}  # the ceiling is the best rate seen in this run
+  for _, _, ours, _ in rows:
+    ours["mfu"] = ours["flops_per_s"] / peak[ours["precision"]]
+    ours["step_mfu"] = ours["step_flops_per_s"] / peak[ours["precision"]]
   print(
-      f"\nmalloc: {'gkd_jax.host_malloc settings' if host_malloc.applied() else 'system default'} on both sides; "
+      f"\n{cpu_description()}; jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS') or '(none)'}; "
+      f"malloc: {'gkd_jax.host_malloc settings' if host_malloc.applied() else 'system default'} on both sides; "
       f"{args.shape} fixture, tokenizer {'padded to the embedding rows' if args.full_vocab else 'of 1,024 tokens'}, "
       f"batch {args.batch}, {args.steps} timed steps after ≥{args.warmup} warm-up, {args.max_new_tokens} new tokens on "
-      f"generating steps; f32 matmul ceiling {peak / 1e9:.0f} GFLOP/s; load {os.getloadavg()[0]:.1f}"
+      f"generating steps; matmul ceilings "
+      + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peak.items())
+      + f" (MFU is against its row's); load {os.getloadavg()[0]:.1f}"
   )
   print(table(rows, bool(args.compare_trl)))
+  if args.compare_trl and len(precisions) > 1:
+    print()
+    print(best_table(rows))
   print(
       "compiles after warm-up: "
-      + ", ".join(f"{m}{l} {o['compiles_after_warmup']}" for m, l, o, _ in rows)
+      + ", ".join(f"{m} {l} {o['compiles_after_warmup']}" for m, l, o, _ in rows)
       + "; shapes (P, C): "
-      + ", ".join(f"{m}{l} {o['shapes']}" for m, l, o, _ in rows)
+      + ", ".join(f"{m} {l} {o['shapes']}" for m, l, o, _ in rows)
       + "; GFLOP/step: "
-      + ", ".join(f"{m}{l} {o['gflops_per_step']:.1f}" for m, l, o, _ in rows)
+      + ", ".join(f"{m} {l} {o['gflops_per_step']:.1f}" for m, l, o, _ in rows)
   )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(
           {
+              "cpu": cpu_description(),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "peak_flops": peak,
               "peaks": peaks,
               "overrides": args.set,

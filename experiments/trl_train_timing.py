@@ -1,10 +1,11 @@
-"""Seconds per optimizer step of TRL's GKDTrainer (PyTorch, CPU, float32) on the bench fixture.
+"""Seconds per optimizer step of TRL's GKDTrainer (PyTorch, CPU, float32 or --bf16) on the bench fixture.
 
 The baseline side of experiments/bench_train.py (which runs it under the interpreter given to
 --compare-trl); it can be run alone too:
 
     python experiments/trl_train_timing.py /tmp/gkd_bench_fixture --lmbda 0 --steps 8 --warmup 2
     python experiments/trl_train_timing.py /tmp/gkd_bench_fixture --lmbda 1 --steps 6 --max-new-tokens 64
+    python experiments/trl_train_timing.py /tmp/gkd_bench_fixture --lmbda 0 --bf16  # mixed precision
 
 Settings match the gkd_jax side: batch 8, beta 0.5, temperature 0.9, lr 1e-5, no gradient checkpointing.
 Prints one JSON line: median and per-step seconds after `warmup` steps, and the mean split of a step into
@@ -37,6 +38,9 @@ def main():
   ap.add_argument("--max-new-tokens", type=int, default=64)
   ap.add_argument("--max-length", type=int, default=256, help="prompt + completion tokens kept")
   ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+  ap.add_argument(
+      "--bf16", action="store_true", help="TrainingArguments(bf16=True): f32 weights, bf16 autocast (mixed precision)"
+  )
   args = ap.parse_args()
 
   import torch
@@ -92,7 +96,7 @@ def main():
       max_new_tokens=args.max_new_tokens,
       learning_rate=1e-5,
       max_length=args.max_length,
-      bf16=False,
+      bf16=args.bf16,
       use_cpu=True,
       gradient_checkpointing=False,
       save_strategy="no",
@@ -131,6 +135,7 @@ def main():
               "lmbda": args.lmbda,
               "batch": args.batch,
               "threads": torch.get_num_threads(),
+              "bf16": args.bf16,
               "median_step_s": round(statistics.median(step_s), 4),
               "step_s": step_s,
               "mean_step_s": round(mean("step_s"), 4),

@@ -238,10 +238,11 @@ def step_flops(
 
 def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 3) -> float:
   """The machine's matmul ceiling in FLOP/s: the best of a few [n, n]·[n, n] products on all local
-  devices (one per device, in parallel)."""
+  devices (one per device, in parallel), accumulated in float32 as the models' matmuls are
+  (`models.layers.matmul`: for bf16 that is also XLA:CPU's fast path)."""
   devices = jax.local_devices()
   x = [jax.device_put(jnp.ones((n, n), dtype), d) for d in devices]
-  matmul = jax.jit(lambda a: a @ a)
+  matmul = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32).astype(a.dtype))
   jax.block_until_ready([matmul(a) for a in x])
   best = float("inf")
   for _ in range(repeats):

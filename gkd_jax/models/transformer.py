@@ -152,17 +152,22 @@ def softmax_values(scores: jax.Array, v: jax.Array, dtype) -> jax.Array:
   Its backward keeps only the float32 probabilities (and v), like the custom-JVP softmax. Autodiff of the
   plain expression keeps the masked scores, their exp and the probabilities' `dtype` copy; unrolled, XLA
   fuses those away, but under `lax.scan` (scan_layers) each is stored for every layer."""
-  return jnp.einsum("bkgts,bksd->bkgtd", jax.nn.softmax(scores, axis=-1).astype(dtype), v)
+  return _probs_values(jax.nn.softmax(scores, axis=-1), v, dtype)
+
+
+def _probs_values(probs, v, dtype):
+  # float32 accumulation: XLA:CPU's fast bf16 kernels (see layers.matmul); what TPU/GPU do anyway.
+  return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(dtype), v, preferred_element_type=jnp.float32).astype(dtype)
 
 
 def _softmax_values_fwd(scores, v, dtype):
   probs = jax.nn.softmax(scores, axis=-1)
-  return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(dtype), v), (probs, v)
+  return _probs_values(probs, v, dtype), (probs, v)
 
 
 def _softmax_values_bwd(dtype, residuals, g):
   probs, v = residuals
-  d_v = jnp.einsum("bkgts,bkgtd->bksd", probs.astype(dtype), g).astype(v.dtype)
+  d_v = jnp.einsum("bkgts,bkgtd->bksd", probs.astype(dtype), g, preferred_element_type=jnp.float32).astype(v.dtype)
   d_probs = jnp.einsum("bkgtd,bksd->bkgts", g, v, preferred_element_type=jnp.float32)
   d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
   return d_scores, d_v
@@ -317,13 +322,16 @@ def _stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def head_product(hidden: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
-  """hidden [..., H] @ w [H, V] -> [..., V] (accumulated in `dtype`).
+  """hidden [..., H] @ w [H, V] -> [..., V] in `dtype` (None: hidden's), accumulated in float32 like
+  `layers.matmul` (XLA:CPU's bf16 -> bf16 head at a decode step's shape is 14x slower).
 
   Its backward forms dW as hidden^T [H, N] @ dlogits [N, V]: both operands in the layout a GEMM reads
   directly. Left to autodiff, XLA:CPU computes the tied embedding's gradient as dlogits^T @ hidden and
   fuses the whole loss backward into a [V, N] transpose of dlogits: strided reads of every [N, V]
-  operand (0.37 s of a 1.4 s step at V = 32,768)."""
-  return jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=dtype)
+  operand (0.37 s of a 1.4 s step at V = 32,768). Both backward products take their operands in the
+  compute dtype (w's), accumulated in float32."""
+  out = jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=jnp.float32)
+  return out.astype(dtype or hidden.dtype)
 
 
 def _head_product_fwd(hidden, w, dtype):
@@ -332,9 +340,10 @@ def _head_product_fwd(hidden, w, dtype):
 
 def _head_product_bwd(dtype, residuals, g):
   hidden, w = residuals
-  d_hidden = jnp.einsum("...v,hv->...h", g, w.astype(g.dtype)).astype(hidden.dtype)
-  flat_h, flat_g = hidden.reshape(-1, hidden.shape[-1]), g.reshape(-1, g.shape[-1])
-  d_w = jnp.einsum("nh,nv->hv", flat_h.astype(g.dtype), flat_g).astype(w.dtype)
+  g = g.astype(w.dtype)
+  d_hidden = jnp.einsum("...v,hv->...h", g, w, preferred_element_type=jnp.float32).astype(hidden.dtype)
+  flat_h, flat_g = hidden.reshape(-1, hidden.shape[-1]).astype(w.dtype), g.reshape(-1, g.shape[-1])
+  d_w = jnp.einsum("nh,nv->hv", flat_h, flat_g, preferred_element_type=jnp.float32).astype(w.dtype)
   return d_hidden, d_w
 
 
