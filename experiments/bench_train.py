@@ -61,7 +61,6 @@ import argparse
 import ast
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -86,6 +85,7 @@ from flax import nnx  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import fixture  # noqa: E402
+from cpuinfo import cpu_description  # noqa: E402
 
 from gkd_jax import config as config_lib  # noqa: E402
 from gkd_jax import metrics as metrics_lib  # noqa: E402
@@ -190,9 +190,8 @@ class Runner:
   def __init__(self, args, mode, overrides):
     lmbda = MODES[mode]
     self.expected = {"on_policy"} if lmbda == 1 else ({"dataset"} if lmbda == 0 else {"on_policy", "dataset"})
-    self.setup = trainer.build(make_config(args, lmbda, 10**6, overrides))
+    self.setup, self.state = trainer.build(make_config(args, lmbda, 10**6, overrides))
     self.source = rollout.BatchSource(self.setup)
-    self.state = self.setup.state
     self.teacher_forward = teacher_forward_fn(self.setup)
     vocab = self.setup.step_cfg.vocab_size  # (before the first step donates the modules' arrays)
     self.head_columns = [_head_columns(m, vocab) for m in (self.setup.student, self.setup.teacher)]
@@ -302,7 +301,9 @@ def run_trl(args, mode, threads, precision="f32", steps=None, warmup=None):
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
   result = json.loads(out.stdout.strip().splitlines()[-1])
   print(
-      f"  TRL {mode} {precision}, {threads} thread(s): {result['median_step_s']:.3f} s/step", file=sys.stderr, flush=True
+      f"  TRL {mode} {precision}, {threads} thread(s): {result['median_step_s']:.3f} s/step",
+      file=sys.stderr,
+      flush=True,
   )
   return result
 
@@ -331,24 +332,6 @@ def measure_peak(precision):
   """The matmul ceiling at a precision: best of 10 products of 2048² matrices, accumulated in f32 as the
   models' are (on a shared machine, the best is the closest to what the cores can do)."""
   return metrics_lib.measure_peak_flops(jnp.dtype(DTYPES[precision]), n=2048, repeats=10)
-
-
-def cpu_description():
-  """The CPU model and the ISA extensions that decide matmul speed (AVX-512, its BF16 dot, AMX)."""
-  model, flags = platform.processor() or "unknown CPU", set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-          model = value.strip()
-        elif key.strip() == "flags":
-          flags = set(value.split())
-          break
-  except OSError:
-    pass
-  wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16")
-  return f"CPU {model} [{' '.join(f for f in wanted if f in flags) or 'no AVX2'}]"
 
 
 def split(r):
