@@ -218,27 +218,6 @@ def evaluate(setup, state, workdir: str | None = None) -> dict:
   return result
 
 
-def evaluate_workdir(config, workdir: str) -> dict:
-  """--mode=eval: evaluates the workdir's latest checkpoint (or the initial student when there is none) and
-  writes WORKDIR/eval.json."""
-  from gkd_jax import checkpoints, files, resume, trainer
-
-  if not config.eval_split:
-    raise ValueError("config.eval_split=None is invalid for --mode=eval: name the held-out split to evaluate")
-  files.require_directory(workdir, "--workdir")
-  setup = trainer.build(config)
-  with checkpoints.Checkpointer(storage.join(workdir, "checkpoints")) as ckpt:
-    state, step = resume.restore_or_start(ckpt, setup.state, setup.loader, config)
-  result = {"step": step, **evaluate(setup, state, workdir)}
-  if jax.process_index() == 0:
-    storage.makedirs(workdir)
-    storage.write_text(storage.join(workdir, "eval.json"), json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-  if setup.teacher_client is not None:
-    setup.teacher_client.close()
-  return result
-
-
 def generation_metric(setup, model, rows, score) -> dict:
   """score(completions, rows) of `model`'s completions under the run's eval sampling settings."""
   config = setup.config

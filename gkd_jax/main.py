@@ -70,10 +70,10 @@ def run(config, workdir, mode="train"):
     return bigram.run(config, workdir)
   if job == "train":
     from gkd_jax import config as config_lib
-    from gkd_jax import evaluate, trainer
+    from gkd_jax import trainer
 
     config_lib.validate(config)
-    return trainer.train(config, workdir) if mode == "train" else evaluate.evaluate_workdir(config, workdir)
+    return trainer.train(config, workdir) if mode == "train" else trainer.evaluate_workdir(config, workdir)
   raise ValueError(f"config.job={job!r} is invalid: must be one of ('train', 'demo', 'bigram')")
 
 

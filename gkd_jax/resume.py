@@ -1,12 +1,18 @@
-"""What makes a run resumable: the config fields a checkpoint must agree with, and restoring the latest
-checkpoint of a workdir into a freshly built train state (with the data loader's position)."""
+"""A run's train state: the fresh one (`initial_state`), the config fields a checkpoint must agree with, and
+restoring the latest checkpoint of a workdir into a freshly built state (with the data loader's position)."""
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gkd_jax import lora, optim
+from gkd_jax import train_step as ts
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +35,31 @@ FINGERPRINT_FIELDS = (
     "gkd_logits_topk",
     "fused_loss",
 )
+
+
+def initial_state(config, student: nnx.Module, teacher_params, mesh) -> tuple[ts.TrainState, Any, Any, Any]:
+  """(state, optimizer, lr schedule, LoRA spec) of a fresh run: the student's params (or LoRA adapters on
+  its frozen weights), their optimizer state, and teacher_params as given, on the mesh."""
+  tx, schedule = optim.from_config(config)
+  params, base_params, lora_spec = nnx.state(student), None, lora.spec_from_config(config)
+  if lora_spec is not None:  # train adapters only; the student's weights become a frozen input
+    base_params = params
+    init = lambda base, key: lora.init_adapters(base, lora_spec, key)
+    key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    shardings = lora.adapter_shardings(jax.eval_shape(init, base_params, key), mesh)
+    params = jax.jit(init, out_shardings=shardings)(base_params, key)  # created in place, on every host
+    logger.info(
+        "LoRA: %d trainable params (rank %d) on %s", lora.count(params), lora_spec.rank, lora_spec.target_modules
+    )
+  state = ts.create_train_state(
+      params, tx, teacher_params=teacher_params, rng=jax.random.key(config.seed), base_params=base_params
+  )
+  # Params already sit in their logical shardings; small host values (step, rng, optimizer counts) are put
+  # on the mesh replicated — through jit, which also works when the mesh spans several processes.
+  replicated = NamedSharding(mesh, PartitionSpec())
+  on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+  state = jax.tree.map(lambda x: x if on_mesh(x) else jax.jit(lambda: x, out_shardings=replicated)(), state)
+  return state, tx, schedule, lora_spec
 
 
 def fingerprint(config) -> str:

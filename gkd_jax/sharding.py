@@ -95,6 +95,13 @@ def named_sharding(names, shape, mesh, rules=None) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
 
 
+def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
+  """The sharding of batch arrays (any rank): the leading dim by the "batch" rule, the rest replicated.
+  Divisibility is the caller's to check (the trainer refuses a batch_size the batch axes do not divide)."""
+  axes = _mesh_axes("batch", DEFAULT_RULES if rules is None else tuple(rules))
+  return NamedSharding(mesh, PartitionSpec(axes or None))
+
+
 def _current_mesh(mesh: Mesh | None):
   if mesh is not None:
     return mesh

@@ -104,10 +104,10 @@ def _host_memory_available() -> bool:
 # ------------------------------------------------------------------------------------------------ setup
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Setup:
-  """Everything built once at start-up. Functions take the train state as an argument; `state` here is the
-  initial one, and `run` (which donates it to the step) leaves the state it ended with in its place."""
+  """Everything built once at start-up, fixed for the run. The train state is not in it: it is a value that
+  functions take and return (`build` returns the initial one, `run` the one it ended with)."""
 
   config: Any
   mesh: jax.sharding.Mesh
@@ -116,7 +116,6 @@ class Setup:
   teacher: nnx.Module | None
   loader: data_lib.DataLoader
   step_cfg: ts.StepConfig
-  state: ts.TrainState
   train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
   batch_sharding: NamedSharding
   stop_ids: tuple
@@ -175,8 +174,9 @@ def _check_same_tokenizer(tokenizer, path: str):
     )
 
 
-def build(config) -> Setup:
-  """Loads models, tokenizer and data, and builds the sharded train state and the jitted step."""
+def build(config) -> tuple[Setup, ts.TrainState]:
+  """Loads models, tokenizer and data, and builds the jitted step (the Setup) and the initial sharded train
+  state."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % batch_shards:
@@ -218,10 +218,10 @@ def build(config) -> Setup:
     teacher_params = jax.device_put(
         teacher_params, jax.tree.map(lambda x: x.sharding.with_memory_kind("pinned_host"), teacher_params)
     )
-  state, tx, schedule, lora_spec = initial_state(config, student, teacher_params, mesh)
+  state, tx, schedule, lora_spec = resume.initial_state(config, student, teacher_params, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  batch_sharding = sharding.batch_sharding(mesh)
   step_fn, eval_fn = ts.make_steps(student, tx, schedule, cfg, teacher=teacher, lora_spec=lora_spec)
   train_step = jax.jit(
       step_fn, in_shardings=(state_sharding, None), out_shardings=(state_sharding, replicated), donate_argnums=0
@@ -234,49 +234,24 @@ def build(config) -> Setup:
   if kind == "server":
     client = teacher_server_client(config, vocab_size)  # fail at start-up, not at the first step
   eval_step = jax.jit(eval_fn, in_shardings=(state_sharding, None), out_shardings=replicated)
-  return Setup(
-      config,
-      mesh,
-      tokenizer,
-      student,
-      teacher,
-      loader,
-      cfg,
-      state,
-      train_step,
-      batch_sharding,
-      stop_ids,
-      lora_spec,
-      client,
-      eval_step,
-      eval_loader,
-      eval_rows,
+  setup = Setup(
+      config=config,
+      mesh=mesh,
+      tokenizer=tokenizer,
+      student=student,
+      teacher=teacher,
+      loader=loader,
+      step_cfg=cfg,
+      train_step=train_step,
+      batch_sharding=batch_sharding,
+      stop_ids=stop_ids,
+      lora_spec=lora_spec,
+      teacher_client=client,
+      eval_step=eval_step,
+      eval_loader=eval_loader,
+      eval_rows=eval_rows,
   )
-
-
-def initial_state(config, student: nnx.Module, teacher_params, mesh) -> tuple[ts.TrainState, Any, Any, Any]:
-  """(state, optimizer, lr schedule, LoRA spec) of a fresh run: the student's params (or LoRA adapters on
-  its frozen weights), their optimizer state, and teacher_params as given, on the mesh."""
-  tx, schedule = optim.from_config(config)
-  params, base_params, lora_spec = nnx.state(student), None, lora.spec_from_config(config)
-  if lora_spec is not None:  # train adapters only; the student's weights become a frozen input
-    base_params = params
-    init = lambda base, key: lora.init_adapters(base, lora_spec, key)
-    key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    shardings = lora.adapter_shardings(jax.eval_shape(init, base_params, key), mesh)
-    params = jax.jit(init, out_shardings=shardings)(base_params, key)  # created in place, on every host
-    logger.info(
-        "LoRA: %d trainable params (rank %d) on %s", lora.count(params), lora_spec.rank, lora_spec.target_modules
-    )
-  state = ts.create_train_state(
-      params, tx, teacher_params=teacher_params, rng=jax.random.key(config.seed), base_params=base_params
-  )
-  # Params already sit in their logical shardings; small host values (step, rng, optimizer counts) are put
-  # on the mesh replicated — through jit, which also works when the mesh spans several processes.
-  replicated = NamedSharding(mesh, PartitionSpec())
-  on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-  state = jax.tree.map(lambda x: x if on_mesh(x) else jax.jit(lambda: x, out_shardings=replicated)(), state)
-  return state, tx, schedule, lora_spec
+  return setup, state
 
 
 def train(config, workdir: str) -> dict:
@@ -286,21 +261,21 @@ def train(config, workdir: str) -> dict:
   checkpoints.check_shared_workdir(workdir)  # every process must see one workdir (a bucket on a pod)
   with workdir_lock.hold(workdir):  # one run per workdir, refused before anything loads
     config_lib.check_resume(workdir, config, resume.FINGERPRINT_FIELDS)  # before anything loads
-    return _run(build(config), workdir)
+    return _run(*build(config), workdir)[1]
 
 
-def run(setup: Setup, workdir: str) -> dict:
+def run(setup: Setup, state: ts.TrainState, workdir: str) -> tuple[ts.TrainState, dict]:
   """Runs optimizer steps up to config.total_steps, resuming from the workdir's latest checkpoint; saves
   every `save_every` steps, at the end, and on preemption (SIGTERM), then raises `checkpoints.Preempted`
   (the CLI exits with checkpoints.PREEMPTED_EXIT_CODE: rerun me), or on a first Ctrl-C, then raises
-  `checkpoints.Interrupted` (the CLI exits with 130). Returns the last step's record;
-  setup.state is left holding the state the run ended with. Holds the workdir's lock (gkd_jax.workdir_lock)
+  `checkpoints.Interrupted` (the CLI exits with 130). `state` is the initial state (from `build`; donated to
+  the step). Returns the state the run ended with and the last step's record. Holds the workdir's lock (gkd_jax.workdir_lock)
   throughout: raises WorkdirLocked when another run has it."""
   with workdir_lock.hold(workdir):
-    return _run(setup, workdir)
+    return _run(setup, state, workdir)
 
 
-def _run(setup: Setup, workdir: str) -> dict:
+def _run(setup: Setup, state: ts.TrainState, workdir: str) -> tuple[ts.TrainState, dict]:
   from tqdm.auto import tqdm
 
   config = setup.config
@@ -312,7 +287,7 @@ def _run(setup: Setup, workdir: str) -> dict:
       save_every=config.save_every,
       keep_period=config.get("keep_period"),
   )
-  state, start = resume.restore_or_start(ckpt, setup.state, setup.loader, config, resume_step)
+  state, start = resume.restore_or_start(ckpt, state, setup.loader, config, resume_step)
   all_finite = jax.jit(_all_finite, out_shardings=NamedSharding(setup.mesh, PartitionSpec()))
   zero_grad_limit, zero_grad_steps = config.get("stop_on_zero_grad_steps", 0), 0
   preemption = checkpoints.install_preemption_handler()
@@ -389,7 +364,6 @@ def _run(setup: Setup, workdir: str) -> dict:
     failure = e
     raise
   finally:
-    setup.state = state
     bar.close()
     _stop(setup, writer, ckpt, failure)
     preemption.uninstall()
@@ -400,7 +374,26 @@ def _run(setup: Setup, workdir: str) -> dict:
     export.export_student(
         setup.student, setup.tokenizer, weights, storage.join(workdir, "export"), overwrite=True
     )  # the run's own export
-  return record
+  return state, record
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+  """--mode=eval: evaluates the workdir's latest checkpoint (or the initial student when there is none) and
+  writes WORKDIR/eval.json."""
+  if not config.eval_split:
+    raise ValueError("config.eval_split=None is invalid for --mode=eval: name the held-out split to evaluate")
+  files.require_directory(workdir, "--workdir")
+  setup, state = build(config)
+  with checkpoints.Checkpointer(storage.join(workdir, "checkpoints")) as ckpt:
+    state, step = resume.restore_or_start(ckpt, state, setup.loader, config)
+  result = {"step": step, **evaluate.evaluate(setup, state, workdir)}
+  if jax.process_index() == 0:
+    storage.makedirs(workdir)
+    storage.write_text(storage.join(workdir, "eval.json"), json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+  if setup.teacher_client is not None:
+    setup.teacher_client.close()
+  return result
 
 
 class Collapsed(RuntimeError):

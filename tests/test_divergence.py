@@ -1,6 +1,7 @@
 """Divergence guards: no checkpoint with non-finite values, the message naming the last good one and
 config.resume_step to resume from it, resuming from an earlier checkpoint, the zero-gradient collapse guard."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ def test_a_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint(task
 def test_non_finite_params_are_never_saved(task, tmp_path):
   """A step whose loss and grad norm are finite but whose update left an inf in the params: the save of that
   step is refused (a jitted all-finite check at save steps only)."""
-  setup = trainer.build(make_config(task, lmbda=0.0, total_steps=6, save_every=2))
+  setup, state = trainer.build(make_config(task, lmbda=0.0, total_steps=6, save_every=2))
   step, calls = setup.train_step, []
 
   def poisoned(state, batch):
@@ -44,13 +45,13 @@ def test_non_finite_params_are_never_saved(task, tmp_path):
       state.params["embed"]["embedding"][...] = state.params["embed"]["embedding"][...].at[0, 0].set(jnp.inf)
     return state, metrics
 
-  setup.train_step = poisoned
+  setup = dataclasses.replace(setup, train_step=poisoned)
   with pytest.raises(
       FloatingPointError,
       match=r"a parameter is not finite \(inf or nan\) after the update at step 4 \(mode dataset\): stopping "
       r"without saving it. The last good checkpoint is step 2 .* --config.resume_step=2",
   ):
-    trainer.run(setup, str(tmp_path))
+    trainer.run(setup, state, str(tmp_path))
   assert steps_on_disk(tmp_path) == [2]
 
 
@@ -80,7 +81,7 @@ def test_resume_step_rewinds_once_setting_later_checkpoints_aside(task, tmp_path
 
 def test_a_run_whose_gradients_stay_zero_stops(task, tmp_path):
   """A collapsed student (no gradient signal at all) stops after stop_on_zero_grad_steps steps of exactly 0."""
-  setup = trainer.build(make_config(task, lmbda=0.0, total_steps=12, save_every=2, stop_on_zero_grad_steps=3))
+  setup, state = trainer.build(make_config(task, lmbda=0.0, total_steps=12, save_every=2, stop_on_zero_grad_steps=3))
   step, calls = setup.train_step, []
 
   def dead(state, batch):  # from step 4 on the global grad norm is exactly 0 (e.g. saturated weights)
@@ -88,10 +89,10 @@ def test_a_run_whose_gradients_stay_zero_stops(task, tmp_path):
     calls.append(1)
     return state, dict(metrics, grad_norm=jnp.zeros(()) if len(calls) >= 4 else metrics["grad_norm"])
 
-  setup.train_step = dead
+  setup = dataclasses.replace(setup, train_step=dead)
   with pytest.raises(
       trainer.Collapsed,
       match=r"the global grad norm was exactly 0 for 3 consecutive steps \(steps 4-6\).* The last good checkpoint "
       r"is step 4 .*Set config.stop_on_zero_grad_steps=0 to train on regardless",
   ):
-    trainer.run(setup, str(tmp_path))
+    trainer.run(setup, state, str(tmp_path))

@@ -78,8 +78,8 @@ def test_runlocal_recipe_through_the_cli(fixture_dir, tmp_path):
 def test_opsd_runlocal_trains_with_teacher_prompts(fixture_dir, tmp_path):
   c = load("opsd", f"runlocal={fixture_dir}")
   c.total_steps, c.max_completion_length = 2, 8
-  setup = trainer.build(c)
-  batch, mode, _ = rollout.prepare_batch(setup, setup.state, 0)
+  setup, state = trainer.build(c)
+  batch, mode, _ = rollout.prepare_batch(setup, state, 0)
   assert "teacher_prompt_ids" in batch and batch["teacher_prompt_ids"].shape[1] > batch["prompt_ids"].shape[1]
-  record = trainer.run(setup, str(tmp_path))
+  _, record = trainer.run(setup, state, str(tmp_path))
   assert record["step"] == 2 and record["distill_loss"] >= 0

@@ -107,14 +107,14 @@ def test_train_runs_the_three_modes(task, tmp_path):
 
 
 def test_on_policy_batch_masks_exactly_the_generated_tokens(task):
-  setup = trainer.build(make_config(task, lmbda=1.0, temperature=1.0))
-  batch, mode, _ = rollout.prepare_batch(setup, setup.state, step=0)
+  setup, state = trainer.build(make_config(task, lmbda=1.0, temperature=1.0))
+  batch, mode, _ = rollout.prepare_batch(setup, state, step=0)
   assert mode == "on_policy" and bool(batch["student_generated"])
   ids, mask = batch["completion_ids"], batch["completion_mask"]
   assert ids.shape == (4, 24)
   np.testing.assert_array_equal(mask, np.asarray(sampling.completion_mask_from_stops(ids, setup.stop_ids)))
   # Different steps sample differently (the key folds in the step).
-  again, _, _ = rollout.prepare_batch(setup, setup.state, step=1)
+  again, _, _ = rollout.prepare_batch(setup, state, step=1)
   assert not np.array_equal(again["completion_ids"], ids) or not np.array_equal(
       again["prompt_ids"], batch["prompt_ids"]
   )
@@ -128,8 +128,8 @@ def test_off_policy_step_on_prompt_only_rows_fails_clearly(task, tmp_path):
   with pytest.raises(ValueError, match=r"row 0, column 'messages': no completion, but this run needs dataset"):
     trainer.build(make_config(task, dataset=path, lmbda=0.5))
   # lmbda=1 trains on prompts alone.
-  setup = trainer.build(make_config(task, dataset=path, lmbda=1.0))
-  batch, mode, _ = rollout.prepare_batch(setup, setup.state, step=0)
+  setup, state = trainer.build(make_config(task, dataset=path, lmbda=1.0))
+  batch, mode, _ = rollout.prepare_batch(setup, state, step=0)
   assert mode == "on_policy" and batch["completion_mask"].any()
 
 
@@ -156,26 +156,26 @@ def test_different_tokenizers_are_an_error(task, tmp_path):
 def test_offloaded_teacher_stays_in_host_memory_and_changes_nothing(task, tmp_path):
   results = {}
   for offload in (False, True):
-    setup = trainer.build(make_config(task, lmbda=0.0, offload_teacher_model=offload, total_steps=2))
-    results[offload] = trainer.run(setup, str(tmp_path / str(offload)))
-    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(setup.state.teacher_params)}
+    setup, state = trainer.build(make_config(task, lmbda=0.0, offload_teacher_model=offload, total_steps=2))
+    state, results[offload] = trainer.run(setup, state, str(tmp_path / str(offload)))
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.teacher_params)}
     assert kinds == ({"pinned_host"} if offload else {"device"})
   assert results[True]["loss"] == pytest.approx(results[False]["loss"], rel=1e-6)
 
 
 def test_lora_trains_only_the_adapters(task, tmp_path):
-  setup = trainer.build(make_config(task, lmbda=0.5, lora_rank=4, lora_target_modules="q,v,up", total_steps=3))
-  base_before = jax.tree.map(np.asarray, setup.state.base_params)
-  adapters_before = jax.tree.map(np.asarray, setup.state.params)
-  record = trainer.run(setup, str(tmp_path))
+  setup, state = trainer.build(make_config(task, lmbda=0.5, lora_rank=4, lora_target_modules="q,v,up", total_steps=3))
+  base_before = jax.tree.map(np.asarray, state.base_params)
+  adapters_before = jax.tree.map(np.asarray, state.params)
+  state, record = trainer.run(setup, state, str(tmp_path))
   assert np.isfinite(record["loss"])
-  for x, y in zip(jax.tree.leaves(setup.state.base_params), jax.tree.leaves(base_before)):
+  for x, y in zip(jax.tree.leaves(state.base_params), jax.tree.leaves(base_before)):
     np.testing.assert_array_equal(np.asarray(x), y)
-  keys = {".".join(map(str, path)) for path, _ in jax.tree_util.tree_flatten_with_path(setup.state.params)[0]}
+  keys = {".".join(map(str, path)) for path, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
   assert keys and all(any(f".{m}." in k for m in ("q", "v", "up")) for k in keys)
   assert any(
       not np.array_equal(np.asarray(x), y)
-      for x, y in zip(jax.tree.leaves(setup.state.params), jax.tree.leaves(adapters_before))
+      for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(adapters_before))
   )
 
   # The run exported the merged student; transformers reads it and computes the same logits, and the
@@ -334,9 +334,9 @@ def test_teacher_server_matches_the_local_topk_teacher(task, tmp_path):
     remote = make_config(
         task, teacher_model=None, teacher_model_server=server.url, gkd_logits_topk=4, lmbda=0.0, total_steps=3
     )
-    got = trainer.run(trainer.build(remote), str(tmp_path / "remote"))
+    _, got = trainer.run(*trainer.build(remote), str(tmp_path / "remote"))
     local = make_config(task, teacher_model=task["sharp_teacher"], gkd_logits_topk=4, lmbda=0.0, total_steps=3)
-    want = trainer.run(trainer.build(local), str(tmp_path / "local"))
+    _, want = trainer.run(*trainer.build(local), str(tmp_path / "local"))
   remote_losses, local_losses = losses_by_step(tmp_path / "remote"), losses_by_step(tmp_path / "local")
   assert sorted(remote_losses) == [1, 2, 3]
   assert remote_losses[1] > 0.05  # a real signal, not a student matching itself
@@ -415,7 +415,7 @@ def test_teacher_server_lost_mid_run_stops_with_the_checkpoint_intact(task, tmp_
       total_steps=40,
       save_every=2,
   )
-  setup = trainer.build(config)
+  setup, state = trainer.build(config)
   setup.teacher_client.backoff = 0.05
 
   def stop_after_first_checkpoint():
@@ -426,11 +426,11 @@ def test_teacher_server_lost_mid_run_stops_with_the_checkpoint_intact(task, tmp_
 
   threading.Thread(target=stop_after_first_checkpoint, daemon=True).start()
   with pytest.raises(TeacherServerError, match=r"teacher server http://127\.0\.0\.1:\d+"):
-    trainer.run(setup, str(tmp_path))
+    trainer.run(setup, state, str(tmp_path))
   ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
   last = ckpt.latest_step()
   assert last is not None and last % 2 == 0 and last < 40
-  state, extra = ckpt.restore(resume.abstract_state(setup.state), fingerprint=resume.fingerprint(config))
+  state, extra = ckpt.restore(resume.abstract_state(state), fingerprint=resume.fingerprint(config))
   assert int(state.step) == last and extra["data"]["step"] == last
   ckpt.close()
 
@@ -459,7 +459,8 @@ def host_round_trip_batch(setup, state, step):
 
 @pytest.fixture(scope="module")
 def mixed_setup(task):
-  """lmbda 0.5 with seq_kd on a (data 2, fsdp 2, tensor 2) mesh: steps 0-3 are seq_kd, seq_kd, on_policy, seq_kd."""
+  """(setup, initial state): lmbda 0.5 with seq_kd on a (data 2, fsdp 2, tensor 2) mesh: steps 0-3 are seq_kd,
+  seq_kd, on_policy, seq_kd."""
   return trainer.build(make_config(task, lmbda=0.5, seq_kd=True, sft_alpha=0.1))
 
 
@@ -469,10 +470,10 @@ def test_sampled_batches_stay_on_device_with_bitwise_equal_losses(mixed_setup, m
   from jax._src.array import ArrayImpl as array_impl
   from jax.experimental import multihost_utils
 
-  setup, steps = mixed_setup, 4
+  (setup, state0), steps = mixed_setup, 4
   modes = [rollout.step_mode(setup.config, s) for s in range(steps)]
   assert set(modes) == {"on_policy", "seq_kd"}
-  initial = jax.tree.map(lambda x: x.copy(), setup.state)  # each path trains its own copy (the step donates)
+  initial = jax.tree.map(lambda x: x.copy(), state0)  # each path trains its own copy (the step donates)
   records = {}
   for path in ("round_trip", "on_device"):
     state, records[path] = jax.tree.map(lambda x: x.copy(), initial), []
@@ -502,7 +503,7 @@ def test_sampled_batches_stay_on_device_with_bitwise_equal_losses(mixed_setup, m
 def test_host_rows_are_this_hosts_rows_in_order(mixed_setup):
   """host_rows inverts to_global over the batch sharding (rows replicated over tensor fetched once), and with
   `limit` reads only the leading shards."""
-  setup = mixed_setup
+  setup, _ = mixed_setup
   local = np.arange(4 * 6, dtype=np.int32).reshape(4, 6)
   x = rollout.to_global(setup.batch_sharding, local)
   assert len(x.addressable_shards) == 8  # 4 row blocks, each on 2 tensor replicas
@@ -526,12 +527,13 @@ def test_teacher_server_request_gets_this_hosts_sampled_rows(mixed_setup):
       return future
 
   client = Client()
-  source = rollout.BatchSource(dataclasses.replace(mixed_setup, teacher_client=client))
+  setup, state = mixed_setup
+  source = rollout.BatchSource(dataclasses.replace(setup, teacher_client=client))
   for step in (0, 2):  # seq_kd, on_policy
-    batch, mode, _ = source.get(step, mixed_setup.state)
+    batch, mode, _ = source.get(step, state)
     assert mode != "dataset"
     row = lambda k: np.asarray(batch[k])  # one process: all rows are this host's
     np.testing.assert_array_equal(client.sent[0], np.concatenate([row("prompt_ids"), row("completion_ids")], 1))
     np.testing.assert_array_equal(client.sent[1], np.concatenate([row("prompt_mask"), row("completion_mask")], 1))
     assert batch["teacher_topk_values"].shape == batch["completion_ids"].shape + (2,)
-    assert batch["teacher_topk_values"].sharding.is_equivalent_to(mixed_setup.batch_sharding, 3)
+    assert batch["teacher_topk_values"].sharding.is_equivalent_to(setup.batch_sharding, 3)
