@@ -19,7 +19,7 @@ compiles once per bucket combination, not once per batch.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import datasets
 import numpy as np
@@ -78,7 +78,7 @@ class DataLoader:
 
   Batch `step` is a pure function of (rows, seed, step): epoch = step // steps_per_epoch is shuffled with a
   generator seeded by (seed, epoch), and host h takes rows [h*b, (h+1)*b) of the global batch, b =
-  batch_size / process_count. So a restarted run resumes with `batches(start_step=k)`, and the global
+  batch_size / process_count. So a restarted run resumes with `batch(k)`, `batch(k + 1)`, ..., and the global
   batches do not depend on the number of hosts. Every host tokenizes the whole dataset (cached by
   `datasets` for file and hub sources) so that all hosts agree on bad rows and bucket widths.
   """
@@ -229,10 +229,6 @@ class DataLoader:
       tokens = tokens.select(np.flatnonzero(errors == ""))
     return tokens, [str(errors[i]) for i in bad]
 
-  @property
-  def num_skipped(self) -> int:
-    return len(self.skipped)
-
   def epoch_order(self, epoch: int) -> np.ndarray:
     """Row order of an epoch: a permutation seeded by (seed, epoch), the same on every host and run."""
     if self._perm_epoch != epoch:
@@ -273,16 +269,6 @@ class DataLoader:
         width("teacher_prompt_len", lim.teacher_prompt_budget) if self.has_teacher else None,
     )
 
-  def batches(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Batches start_step, start_step + 1, ... (endless unless num_steps); resume with the next step."""
-    step = start_step
-    while num_steps is None or step < start_step + num_steps:
-      yield self.batch(step)
-      step += 1
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self.batches()
-
   def state(self, step: int) -> dict:
     """What a checkpoint stores to resume at `step`, with what must match for the order to be the same."""
     return {
@@ -295,7 +281,7 @@ class DataLoader:
     }
 
   def resume_step(self, state: dict) -> int:
-    """The step to pass to batches(); fails when the data or its order changed since the checkpoint."""
+    """The step to pass to batch(); fails when the data or its order changed since the checkpoint."""
     now = self.state(state["step"])
     changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
     if changed:
