@@ -25,6 +25,8 @@ in batch and length) so the number of compilations stays bounded. The forward ru
 event loop keeps answering. Bad requests get HTTP 400 with a message naming the field (also a key given
 twice in one JSON object, and `echo: true`: prompts are not echoed); a full queue gets 503. A client that
 disconnects before its answer has its queued prompts dropped and is counted in `/stats` as a disconnect.
+
+The request and response format is `gkd_jax.vllm_format`'s (shared with the client).
 """
 
 from __future__ import annotations
@@ -41,15 +43,14 @@ import logging
 import os
 import threading
 import time
-import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gkd_jax import host_malloc
-from gkd_jax.teacher_client import API_KEY_ENV
+from gkd_jax import host_malloc, vllm_format
+from gkd_jax.vllm_format import API_KEY_ENV, BadRequest
 
 log = logging.getLogger("gkd_jax.serve")
 
@@ -308,11 +309,7 @@ class Batcher:
           fut.set_result(res)
 
 
-# ------------------------------------------------------------------------------------ request / response
-
-
-class BadRequest(ValueError):
-  pass
+# ---------------------------------------------------------------------------------------- client gone
 
 
 class ClientGone(Exception):
@@ -345,122 +342,6 @@ def _retrieve(future: asyncio.Future):
     future.exception()
 
 
-def _no_duplicate_keys(pairs):
-  """json.loads' object_pairs_hook: a key given twice in one object is refused, not silently overwritten."""
-  obj = {}
-  for key, value in pairs:
-    if key in obj:
-      raise BadRequest(f"key {key!r} appears more than once in a JSON object of the request body; give each field once")
-    obj[key] = value
-  return obj
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
-def parse_request(
-    body, *, vocab_size: int, max_logprobs: int, max_seq_len: int, max_prompts: int, model_names: tuple[str, ...]
-):
-  """Validates a /v1/completions body -> (prompts, k or None, max_tokens). Raises BadRequest naming the field."""
-  if not isinstance(body, dict):
-    raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
-  model = body.get("model")
-  if model is not None and model not in model_names:
-    raise BadRequest(f"model {model!r} is not served here; served: {list(model_names)}")
-  if "prompt" not in body:
-    raise BadRequest("missing field 'prompt' (a list of token ids, or a list of such lists)")
-  prompt = body["prompt"]
-  if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
-    raise BadRequest("'prompt' must be token ids: text prompts are not supported by this server")
-  if not isinstance(prompt, list) or not prompt:
-    raise BadRequest(f"'prompt' must be a non-empty list of token ids or of lists of token ids, got {prompt!r:.80}")
-  prompts = prompt if isinstance(prompt[0], list) else [prompt]
-  if len(prompts) > max_prompts:
-    raise BadRequest(f"'prompt' holds {len(prompts)} prompts; at most {max_prompts} per request")
-  for i, p in enumerate(prompts):
-    name = f"prompt[{i}]" if prompts is prompt else "prompt"
-    if not isinstance(p, list) or not p:
-      raise BadRequest(f"'{name}' must be a non-empty list of token ids, got {p!r:.80}")
-    if len(p) > max_seq_len:
-      raise BadRequest(f"'{name}' has {len(p)} tokens; this server's max_seq_len is {max_seq_len}")
-    for j, tok in enumerate(p):
-      if not _is_int(tok):
-        raise BadRequest(f"'{name}[{j}]' must be an integer token id, got {tok!r:.40}")
-      if not 0 <= tok < vocab_size:
-        raise BadRequest(f"'{name}[{j}]' = {tok} is outside the vocabulary [0, {vocab_size})")
-  k = body.get("prompt_logprobs")
-  if k is not None and (not _is_int(k) or not 0 <= k <= max_logprobs):
-    raise BadRequest(
-        f"'prompt_logprobs' must be an integer in [0, {max_logprobs}] (the server's " f"--max-logprobs), got {k!r}"
-    )
-  max_tokens = body.get("max_tokens")
-  max_tokens = 1 if max_tokens is None else max_tokens  # OpenAI's "as many as allowed": one here.
-  if not _is_int(max_tokens) or max_tokens not in (0, 1):
-    raise BadRequest(
-        f"'max_tokens' must be 0 or 1 (this server scores prompts, it does not generate), " f"got {max_tokens!r}"
-    )
-  if body.get("stream"):
-    raise BadRequest("'stream' is not supported")
-  if body.get("n", 1) != 1 or body.get("best_of") not in (None, 1):
-    raise BadRequest("'n' and 'best_of' must be 1")
-  if body.get("logprobs") is not None:
-    raise BadRequest("'logprobs' (of generated tokens) is not supported; use 'prompt_logprobs'")
-  if body.get("echo") not in (None, False):
-    raise BadRequest(
-        f"'echo' must be false or absent, got {body['echo']!r:.40}: this server does not echo the prompt into the "
-        "completion; use 'prompt_logprobs' for the prompt tokens' log-probs"
-    )
-  return prompts, k, max_tokens
-
-
-def prompt_logprobs_json(engine: TeacherEngine, prompt: list[int], res: Scored, k: int) -> list:
-  """vLLM's `prompt_logprobs`: None, then per token t ≥ 1 {str(id): {logprob, rank, decoded_token}}."""
-  out: list = [None]
-  top_v, top_i = res.top_logprobs[:, :k].tolist(), res.top_ids[:, :k].tolist()
-  tok_lp, tok_rank = res.token_logprob.tolist(), res.token_rank.tolist()
-  for t in range(1, len(prompt)):
-    # The actual token first (vLLM's order); a top-k duplicate keeps its top-k entry, which is identical.
-    entry = {
-        str(prompt[t]): {"logprob": tok_lp[t - 1], "rank": tok_rank[t - 1], "decoded_token": engine.decode(prompt[t])}
-    }
-    for r, (v, i) in enumerate(zip(top_v[t - 1], top_i[t - 1])):
-      entry[str(i)] = {"logprob": v, "rank": r + 1, "decoded_token": engine.decode(i)}
-    out.append(entry)
-  return out
-
-
-def completion_json(engine, model_name, prompts, results, k, max_tokens) -> dict:
-  choices = []
-  for i, (p, res) in enumerate(zip(prompts, results)):
-    text = ""
-    if max_tokens:
-      text = engine.decode(int(res.top_ids[-1, 0])) or ""  # Greedy next token.
-    choices.append(
-        {
-            "index": i,
-            "text": text,
-            "logprobs": None,
-            "finish_reason": "length",
-            "stop_reason": None,
-            "prompt_logprobs": None if k is None else prompt_logprobs_json(engine, p, res, k),
-        }
-    )
-  n_prompt = sum(map(len, prompts))
-  return {
-      "id": f"cmpl-{uuid.uuid4().hex}",
-      "object": "text_completion",
-      "created": int(time.time()),
-      "model": model_name,
-      "choices": choices,
-      "usage": {
-          "prompt_tokens": n_prompt,
-          "completion_tokens": max_tokens * len(prompts),
-          "total_tokens": n_prompt + max_tokens * len(prompts),
-      },
-  }
-
-
 # --------------------------------------------------------------------------------------------- the app
 
 
@@ -483,15 +364,13 @@ def make_app(
   batcher = Batcher(engine, max_queue=max_queue, batch_wait_s=batch_wait_s)
 
   def error(status, message, kind, headers=None):
-    body = {"object": "error", "message": message, "type": kind, "code": status}
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(vllm_format.error_json(status, message, kind), status=status, headers=headers)
 
   @web.middleware
   async def authenticate(request, handler):
-    if key is None or (request.path == "/health" and request.method in ("GET", "HEAD")):
+    if key is None or (request.path == vllm_format.HEALTH and request.method in ("GET", "HEAD")):
       return await handler(request)
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    token = vllm_format.bearer_token(request.headers.get("Authorization", ""))
     # Constant time: how long the comparison takes says nothing about how much of the key was right.
     if hmac.compare_digest(token.encode("utf-8", "surrogateescape"), key):
       return await handler(request)
@@ -518,18 +397,15 @@ def make_app(
     return web.json_response({"status": "ok"})
 
   async def models(_):
-    card = {
-        "id": model_name,
-        "object": "model",
-        "created": created,
-        "owned_by": "gkd_jax",
-        "root": model_name,
-        "parent": None,
-        "max_model_len": engine.max_seq_len,
-        "max_logprobs": engine.max_logprobs,
-        "vocab_size": engine.vocab_size,
-    }
-    return web.json_response({"object": "list", "data": [card]})
+    return web.json_response(
+        vllm_format.models_json(
+            model_name,
+            created=created,
+            max_model_len=engine.max_seq_len,
+            max_logprobs=engine.max_logprobs,
+            vocab_size=engine.vocab_size,
+        )
+    )
 
   async def stats(_):
     s = dict(
@@ -548,13 +424,13 @@ def make_app(
     except ConnectionError:  # aiohttp's ClientConnectionResetError: the connection closed mid-body
       return client_gone(request, "while sending its request")
     try:
-      body = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+      body = json.loads(raw, object_pairs_hook=vllm_format.no_duplicate_keys)
     except BadRequest as e:
       return error(400, str(e), "BadRequestError")
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
       return error(400, f"request body is not valid JSON: {e}", "BadRequestError")
     try:
-      prompts, k, max_tokens = parse_request(
+      prompts, k, max_tokens = vllm_format.parse_request(
           body,
           vocab_size=engine.vocab_size,
           max_logprobs=engine.max_logprobs,
@@ -582,7 +458,8 @@ def make_app(
         f.cancel()  # No-op when done; frees queue slots of a request that was cancelled mid-way.
     # Building and encoding the JSON is the other heavy part: keep it off the event loop too.
     text = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: json.dumps(completion_json(engine, model_name, prompts, results, k, max_tokens))
+        None,
+        lambda: json.dumps(vllm_format.completion_json(model_name, prompts, results, k, max_tokens, engine.decode)),
     )
     response = web.Response(text=text, content_type="application/json")
     try:  # Sent here, not by aiohttp, to count a client that left while its answer was being built or sent.
@@ -598,10 +475,10 @@ def make_app(
   async def on_cleanup(_):
     await batcher.stop()
 
-  app.router.add_get("/health", health)
-  app.router.add_get("/v1/models", models)
+  app.router.add_get(vllm_format.HEALTH, health)
+  app.router.add_get(vllm_format.MODELS, models)
   app.router.add_get("/stats", stats)
-  app.router.add_post("/v1/completions", completions)
+  app.router.add_post(vllm_format.COMPLETIONS, completions)
   app.on_startup.append(on_startup)
   app.on_cleanup.append(on_cleanup)
   return app
