@@ -138,7 +138,7 @@ def parse_request(
 
 # ---------------------------------------------------------------------------------------------- responses
 #
-# A scored prompt (`gkd_jax.serve.Scored`) has, for its n tokens, top_logprobs / top_ids [n, K]
+# A scored prompt (`gkd_jax.teacher_engine.Scored`) has, for its n tokens, top_logprobs / top_ids [n, K]
 # (row t predicts token t+1, descending) and token_logprob / token_rank [n-1] (of prompt tokens 1..n-1).
 # `decode` maps a token id to vLLM's decoded_token (text, or None without a tokenizer).
 
