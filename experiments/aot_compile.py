@@ -43,7 +43,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd_jax import lora, metrics, models, optim, sampling, sharding, trainer
-from gkd_jax import data as data_lib
+from gkd_jax import rows as rows_lib
 from gkd_jax import train_step as ts
 
 GIB = 1024**3
@@ -297,7 +297,7 @@ def build_abstract(config, mesh) -> Abstract:
       base_params=base_params,
   )
   b = config.batch_size
-  limits = data_lib.Limits(config.max_length, config.max_prompt_length, config.max_completion_length)
+  limits = rows_lib.Limits(config.max_length, config.max_prompt_length, config.max_completion_length)
   p = limits.prompt_budget
   c = min(x for x in (config.max_completion_length, config.max_length) if x is not None)
   rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

@@ -337,9 +337,9 @@ def validate(c) -> None:
     for field in ("eval_rows", "eval_batch_size", "eval_max_new_tokens"):
       if not (isinstance(c[field], int) and c[field] >= 1):
         fail(field, c[field], "must be a positive int")
-    from gkd_jax import data  # here: it imports datasets, which only this check needs
+    from gkd_jax import rows  # here: it imports datasets, which only this check needs
 
-    if not c.eval_dataset and data.is_data_files(c.dataset):
+    if not c.eval_dataset and rows.is_data_files(c.dataset):
       fail(
           "eval_split",
           c.eval_split,

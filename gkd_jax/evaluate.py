@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from gkd_jax import data as data_lib
+from gkd_jax import rows as rows_lib
 from gkd_jax import config as config_lib
 from gkd_jax import rollout, sampling, storage
 
@@ -40,7 +41,7 @@ _NUMBER = r"-?[\d,]*\.?\d+"
 
 def reference_text(row: dict, index: int = 0) -> str:
   """The reference completion of a dataset row, as text."""
-  _, completion = data_lib.split_row(row, index, data_lib.detect_layout(list(row)))
+  _, completion = rows_lib.split_row(row, index, rows_lib.detect_layout(list(row)))
   if completion is None:
     raise ValueError(f"row {index} has no reference completion to score against")
   return completion if isinstance(completion, str) else completion[-1]["content"]
@@ -99,8 +100,8 @@ def metric(name: str) -> Callable[[Sequence[str], Sequence[dict]], dict] | None:
 
 def encode_prompts(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
   """Token ids of each row's prompt, as the trainer's DataLoader builds them."""
-  layout = data_lib.detect_layout(list(rows[0].keys()))
-  return [data_lib.encode_prompt(tokenizer, data_lib.split_row(row, i, layout)[0]) for i, row in enumerate(rows)]
+  layout = rows_lib.detect_layout(list(rows[0].keys()))
+  return [rows_lib.encode_prompt(tokenizer, rows_lib.split_row(row, i, layout)[0]) for i, row in enumerate(rows)]
 
 
 def generate_completions(
@@ -171,7 +172,7 @@ def accuracy(
 def held_out(config, tokenizer):
   """(rows, loader) of the run's eval split: the first config.eval_rows rows of config.eval_dataset (default:
   the training dataset), every row once, in order."""
-  rows = data_lib.rows_from_config(config, config.eval_dataset or config.dataset, config.eval_split)
+  rows = rows_lib.rows_from_config(config, config.eval_dataset or config.dataset, config.eval_split)
   rows = rows.select(range(min(config.eval_rows, len(rows))))
   loader = data_lib.loader_from_config(
       config, tokenizer, rows, config.eval_batch_size, require_completion=True, shuffle=False, drop_remainder=False

@@ -25,15 +25,16 @@ in batch and length) so the number of compilations stays bounded. The forward ru
 event loop keeps answering. Bad requests get HTTP 400 with a message naming the field (also a key given
 twice in one JSON object, and `echo: true`: prompts are not echoed); a full queue gets 503. A client that
 disconnects before its answer has its queued prompts dropped and is counted in `/stats` as a disconnect.
+
+The request and response format is `gkd_jax.vllm_format`'s (shared with the client), the model and its
+batching are `gkd_jax.teacher_engine`'s; this module is the HTTP front (routes, authentication, status codes,
+disconnects), `ServerThread` and the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import concurrent.futures
-import dataclasses
 import hmac
 import ipaddress
 import json
@@ -41,15 +42,12 @@ import logging
 import os
 import threading
 import time
-import uuid
 
-import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-from gkd_jax import host_malloc
-from gkd_jax.teacher_client import API_KEY_ENV
+from gkd_jax import host_malloc, vllm_format
+from gkd_jax.teacher_engine import Batcher, Overloaded, TeacherEngine
+from gkd_jax.vllm_format import API_KEY_ENV, BadRequest
 
 log = logging.getLogger("gkd_jax.serve")
 
@@ -63,256 +61,7 @@ def _aiohttp_web():
   return web
 
 
-def _bucket(n: int, lo: int, hi: int) -> int:
-  """Smallest power of two ≥ n, clipped to [lo, hi]."""
-  return min(max(lo, 1 << max(0, n - 1).bit_length()), hi)
-
-
-# ---------------------------------------------------------------------------------------------- the model
-
-
-@dataclasses.dataclass
-class Scored:
-  """One prompt's result (numpy, length n = number of prompt tokens). Row t is the distribution that
-  predicts token t+1, so `token_logprob[t]` / `token_rank[t]` refer to prompt token t+1."""
-
-  top_logprobs: np.ndarray  # [n, K] float32, descending
-  top_ids: np.ndarray  # [n, K] int32
-  token_logprob: np.ndarray  # [n-1] float32
-  token_rank: np.ndarray  # [n-1] int32, 1 = most likely
-
-
-class TeacherEngine:
-  """A CausalLM behind one jitted scoring function over right-padded, bucketed batches.
-
-  `score(prompts)` is blocking and not thread-safe; the server calls it from a single worker thread.
-  """
-
-  def __init__(
-      self,
-      model,
-      *,
-      max_logprobs: int,
-      max_seq_len: int,
-      max_batch_size: int,
-      max_batch_tokens: int | None = None,
-      min_len_bucket: int = 16,
-      tokenizer=None,
-  ):
-    self.vocab_size = int(model.config.vocab_size)
-    if not 1 <= max_logprobs <= self.vocab_size:
-      raise ValueError(f"max_logprobs must be in [1, {self.vocab_size}] (the vocabulary), got {max_logprobs}")
-    if max_seq_len < 2 or max_batch_size < 1:
-      raise ValueError(f"need max_seq_len ≥ 2 and max_batch_size ≥ 1, got {max_seq_len}, {max_batch_size}")
-    self.max_logprobs, self.max_seq_len, self.max_batch_size = max_logprobs, max_seq_len, max_batch_size
-    self.max_batch_tokens = max_batch_tokens or max_seq_len * max_batch_size
-    if self.max_batch_tokens < max_seq_len:
-      raise ValueError(
-          f"max_batch_tokens {self.max_batch_tokens} < max_seq_len {max_seq_len}: a longest "
-          "prompt would never fit in a batch"
-      )
-    self.min_len_bucket = min(min_len_bucket, max_seq_len)
-    self.tokenizer = tokenizer
-    self._decoded: dict[int, str] = {}
-    self.compiled_shapes: set[tuple[int, int]] = set()
-    graphdef, state = nnx.split(model)
-    self._state = state
-    k = max_logprobs
-
-    @jax.jit
-    def score(state, ids, mask):
-      # Top-K at the server's maximum: one compilation serves every requested k ≤ K.
-      logits = nnx.merge(graphdef, state)(ids, attention_mask=mask).logits
-      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-      top_v, top_i = jax.lax.top_k(logp, k)
-      token_logp = jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)
-      # vLLM's rank: how many tokens are at least as likely as the actual one (itself included).
-      rank = jnp.sum(logp[:, :-1] >= token_logp, axis=-1)
-      return top_v, top_i, token_logp[..., 0], rank
-
-    self._score = score
-
-  def batch_bucket(self, n: int) -> int:
-    return _bucket(n, 1, self.max_batch_size)
-
-  def len_bucket(self, n: int) -> int:
-    return _bucket(n, self.min_len_bucket, self.max_seq_len)
-
-  def score(self, prompts: list[list[int]]) -> list[Scored]:
-    """Scores up to max_batch_size prompts (each 1..max_seq_len valid ids) in one forward."""
-    b, t = self.batch_bucket(len(prompts)), self.len_bucket(max(len(p) for p in prompts))
-    ids = np.zeros((b, t), np.int32)
-    mask = np.zeros((b, t), np.int32)
-    mask[len(prompts) :, 0] = 1  # Filler rows get one real token so no row attends to nothing.
-    for row, p in enumerate(prompts):
-      ids[row, : len(p)] = p
-      mask[row, : len(p)] = 1  # Right padding: causal attention keeps real positions exact.
-    self.compiled_shapes.add((b, t))
-    top_v, top_i, tok_lp, rank = jax.device_get(self._score(self._state, ids, mask))
-    if np.isnan(top_v[: len(prompts)]).any():
-      raise FloatingPointError("the teacher forward produced NaN log-probabilities")
-    # Strict JSON has no -inf; vLLM clamps the same way.
-    top_v, tok_lp = np.maximum(top_v, -9999.0), np.maximum(tok_lp, -9999.0)
-    return [
-        Scored(top_v[r, : len(p)], top_i[r, : len(p)], tok_lp[r, : len(p) - 1], rank[r, : len(p) - 1])
-        for r, p in enumerate(prompts)
-    ]
-
-  def decode(self, token_id: int) -> str | None:
-    """The token's text (vLLM's decoded_token); None without a tokenizer. Cached per id."""
-    if self.tokenizer is None:
-      return None
-    text = self._decoded.get(token_id)
-    if text is None:
-      text = self.tokenizer.decode([token_id])  # ids past the tokenizer (a padded embedding) decode to ""
-      self._decoded[token_id] = text
-    return text
-
-  def buckets(self) -> list[tuple[int, int]]:
-    """Every (batch, length) shape the server can compile, within max_batch_tokens."""
-    sizes = lambda lo, hi: sorted({_bucket(1 << i, lo, hi) for i in range(hi.bit_length() + 1)})
-    return [
-        (b, t)
-        for b in sizes(1, self.max_batch_size)
-        for t in sizes(self.min_len_bucket, self.max_seq_len)
-        if b == 1 or b * t <= self.max_batch_tokens
-    ]
-
-  def warmup(self, which: str = "largest"):
-    """Compiles before serving: "largest" (the biggest and the smallest shapes), "all" buckets, or "none"."""
-    shapes = {"all": self.buckets(), "none": []}.get(which)
-    if shapes is None:
-      shapes = [max(self.buckets(), key=lambda s: (s[0] * s[1], s)), (1, self.min_len_bucket)]
-    for b, t in shapes:
-      self.score([[0] * t] * b)
-
-
-# ------------------------------------------------------------------------------------------ the batcher
-
-
-class Overloaded(Exception):
-  pass
-
-
-class Batcher:
-  """Queues prompts from concurrent requests and runs them through the engine in batches.
-
-  One asyncio task takes up to max_batch_size queued prompts (fewer if their padded length would exceed
-  max_batch_tokens) and runs the forward in a single worker thread; prompts that arrive meanwhile form the
-  next batch. The queue is bounded: a request whose prompts do not fit is refused whole (`Overloaded`).
-  """
-
-  def __init__(self, engine: TeacherEngine, *, max_queue: int, batch_wait_s: float = 0.002):
-    self.engine, self.max_queue, self.batch_wait_s = engine, max_queue, batch_wait_s
-    self._pending: collections.deque = collections.deque()
-    self._wake: asyncio.Event | None = None
-    self._task: asyncio.Task | None = None
-    self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="teacher-forward")
-    self.stats = dict(
-        requests=0,
-        prompts=0,
-        tokens=0,
-        forwards=0,
-        max_batch=0,
-        rejected=0,
-        errors=0,
-        cancelled=0,
-        disconnects=0,
-        unauthorized=0,
-        batch_sizes=collections.Counter(),
-    )
-
-  async def start(self):
-    self._wake = asyncio.Event()
-    self._task = asyncio.create_task(self._loop())
-
-  async def stop(self):
-    if self._task is not None:
-      self._task.cancel()
-      try:
-        await self._task
-      except asyncio.CancelledError:
-        pass
-    for _, fut in self._pending:
-      if not fut.done():
-        fut.set_exception(Overloaded("server shutting down"))
-    self._worker.shutdown(wait=True)
-
-  def submit(self, prompts: list[list[int]]) -> list[asyncio.Future]:
-    if len(self._pending) + len(prompts) > self.max_queue:
-      self.stats["rejected"] += 1
-      raise Overloaded(f"queue full ({len(self._pending)} prompts waiting, limit {self.max_queue}); retry later")
-    loop = asyncio.get_running_loop()
-    futures = []
-    for p in prompts:
-      futures.append(loop.create_future())
-      self._pending.append((p, futures[-1]))
-    self.stats["requests"] += 1
-    self._wake.set()
-    return futures
-
-  def cancel(self, futures: list[asyncio.Future]) -> int:
-    """Drops a gone client's prompts from the queue (a batch already in the forward finishes); returns how
-    many were still waiting."""
-    mine = {id(f) for f in futures}
-    for f in futures:
-      f.cancel()
-    before = len(self._pending)
-    self._pending = collections.deque(item for item in self._pending if id(item[1]) not in mine)
-    self.stats["cancelled"] += before - len(self._pending)
-    return before - len(self._pending)
-
-  def _take_batch(self):
-    batch, longest = [], 0
-    while self._pending and len(batch) < self.engine.max_batch_size:
-      if self._pending[0][1].done():  # Its request was cancelled (client gone): drop it.
-        self._pending.popleft()
-        continue
-      n = len(self._pending[0][0])
-      padded = self.engine.len_bucket(max(longest, n)) * self.engine.batch_bucket(len(batch) + 1)
-      if batch and padded > self.engine.max_batch_tokens:
-        break
-      batch.append(self._pending.popleft())
-      longest = max(longest, n)
-    return batch
-
-  async def _loop(self):
-    loop = asyncio.get_running_loop()
-    while True:
-      await self._wake.wait()
-      if len(self._pending) < self.engine.max_batch_size and self.batch_wait_s > 0:
-        await asyncio.sleep(self.batch_wait_s)  # Let requests sent together arrive together.
-      batch = self._take_batch()
-      if not self._pending:
-        self._wake.clear()
-      if not batch:
-        continue
-      prompts = [p for p, _ in batch]
-      try:
-        results = await loop.run_in_executor(self._worker, self.engine.score, prompts)
-      except Exception as e:  # A failed forward fails its requests (500), never the server.
-        log.exception("teacher forward failed for a batch of %d", len(batch))
-        self.stats["errors"] += 1
-        results = [e] * len(batch)
-      self.stats["forwards"] += 1
-      self.stats["prompts"] += len(batch)
-      self.stats["tokens"] += sum(map(len, prompts))
-      self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
-      self.stats["batch_sizes"][len(batch)] += 1
-      for (_, fut), res in zip(batch, results):
-        if fut.done():  # The client went away.
-          continue
-        if isinstance(res, Exception):
-          fut.set_exception(res)
-        else:
-          fut.set_result(res)
-
-
-# ------------------------------------------------------------------------------------ request / response
-
-
-class BadRequest(ValueError):
-  pass
+# ---------------------------------------------------------------------------------------- client gone
 
 
 class ClientGone(Exception):
@@ -345,122 +94,6 @@ def _retrieve(future: asyncio.Future):
     future.exception()
 
 
-def _no_duplicate_keys(pairs):
-  """json.loads' object_pairs_hook: a key given twice in one object is refused, not silently overwritten."""
-  obj = {}
-  for key, value in pairs:
-    if key in obj:
-      raise BadRequest(f"key {key!r} appears more than once in a JSON object of the request body; give each field once")
-    obj[key] = value
-  return obj
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
-def parse_request(
-    body, *, vocab_size: int, max_logprobs: int, max_seq_len: int, max_prompts: int, model_names: tuple[str, ...]
-):
-  """Validates a /v1/completions body -> (prompts, k or None, max_tokens). Raises BadRequest naming the field."""
-  if not isinstance(body, dict):
-    raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
-  model = body.get("model")
-  if model is not None and model not in model_names:
-    raise BadRequest(f"model {model!r} is not served here; served: {list(model_names)}")
-  if "prompt" not in body:
-    raise BadRequest("missing field 'prompt' (a list of token ids, or a list of such lists)")
-  prompt = body["prompt"]
-  if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
-    raise BadRequest("'prompt' must be token ids: text prompts are not supported by this server")
-  if not isinstance(prompt, list) or not prompt:
-    raise BadRequest(f"'prompt' must be a non-empty list of token ids or of lists of token ids, got {prompt!r:.80}")
-  prompts = prompt if isinstance(prompt[0], list) else [prompt]
-  if len(prompts) > max_prompts:
-    raise BadRequest(f"'prompt' holds {len(prompts)} prompts; at most {max_prompts} per request")
-  for i, p in enumerate(prompts):
-    name = f"prompt[{i}]" if prompts is prompt else "prompt"
-    if not isinstance(p, list) or not p:
-      raise BadRequest(f"'{name}' must be a non-empty list of token ids, got {p!r:.80}")
-    if len(p) > max_seq_len:
-      raise BadRequest(f"'{name}' has {len(p)} tokens; this server's max_seq_len is {max_seq_len}")
-    for j, tok in enumerate(p):
-      if not _is_int(tok):
-        raise BadRequest(f"'{name}[{j}]' must be an integer token id, got {tok!r:.40}")
-      if not 0 <= tok < vocab_size:
-        raise BadRequest(f"'{name}[{j}]' = {tok} is outside the vocabulary [0, {vocab_size})")
-  k = body.get("prompt_logprobs")
-  if k is not None and (not _is_int(k) or not 0 <= k <= max_logprobs):
-    raise BadRequest(
-        f"'prompt_logprobs' must be an integer in [0, {max_logprobs}] (the server's " f"--max-logprobs), got {k!r}"
-    )
-  max_tokens = body.get("max_tokens")
-  max_tokens = 1 if max_tokens is None else max_tokens  # OpenAI's "as many as allowed": one here.
-  if not _is_int(max_tokens) or max_tokens not in (0, 1):
-    raise BadRequest(
-        f"'max_tokens' must be 0 or 1 (this server scores prompts, it does not generate), " f"got {max_tokens!r}"
-    )
-  if body.get("stream"):
-    raise BadRequest("'stream' is not supported")
-  if body.get("n", 1) != 1 or body.get("best_of") not in (None, 1):
-    raise BadRequest("'n' and 'best_of' must be 1")
-  if body.get("logprobs") is not None:
-    raise BadRequest("'logprobs' (of generated tokens) is not supported; use 'prompt_logprobs'")
-  if body.get("echo") not in (None, False):
-    raise BadRequest(
-        f"'echo' must be false or absent, got {body['echo']!r:.40}: this server does not echo the prompt into the "
-        "completion; use 'prompt_logprobs' for the prompt tokens' log-probs"
-    )
-  return prompts, k, max_tokens
-
-
-def prompt_logprobs_json(engine: TeacherEngine, prompt: list[int], res: Scored, k: int) -> list:
-  """vLLM's `prompt_logprobs`: None, then per token t ≥ 1 {str(id): {logprob, rank, decoded_token}}."""
-  out: list = [None]
-  top_v, top_i = res.top_logprobs[:, :k].tolist(), res.top_ids[:, :k].tolist()
-  tok_lp, tok_rank = res.token_logprob.tolist(), res.token_rank.tolist()
-  for t in range(1, len(prompt)):
-    # The actual token first (vLLM's order); a top-k duplicate keeps its top-k entry, which is identical.
-    entry = {
-        str(prompt[t]): {"logprob": tok_lp[t - 1], "rank": tok_rank[t - 1], "decoded_token": engine.decode(prompt[t])}
-    }
-    for r, (v, i) in enumerate(zip(top_v[t - 1], top_i[t - 1])):
-      entry[str(i)] = {"logprob": v, "rank": r + 1, "decoded_token": engine.decode(i)}
-    out.append(entry)
-  return out
-
-
-def completion_json(engine, model_name, prompts, results, k, max_tokens) -> dict:
-  choices = []
-  for i, (p, res) in enumerate(zip(prompts, results)):
-    text = ""
-    if max_tokens:
-      text = engine.decode(int(res.top_ids[-1, 0])) or ""  # Greedy next token.
-    choices.append(
-        {
-            "index": i,
-            "text": text,
-            "logprobs": None,
-            "finish_reason": "length",
-            "stop_reason": None,
-            "prompt_logprobs": None if k is None else prompt_logprobs_json(engine, p, res, k),
-        }
-    )
-  n_prompt = sum(map(len, prompts))
-  return {
-      "id": f"cmpl-{uuid.uuid4().hex}",
-      "object": "text_completion",
-      "created": int(time.time()),
-      "model": model_name,
-      "choices": choices,
-      "usage": {
-          "prompt_tokens": n_prompt,
-          "completion_tokens": max_tokens * len(prompts),
-          "total_tokens": n_prompt + max_tokens * len(prompts),
-      },
-  }
-
-
 # --------------------------------------------------------------------------------------------- the app
 
 
@@ -483,15 +116,13 @@ def make_app(
   batcher = Batcher(engine, max_queue=max_queue, batch_wait_s=batch_wait_s)
 
   def error(status, message, kind, headers=None):
-    body = {"object": "error", "message": message, "type": kind, "code": status}
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(vllm_format.error_json(status, message, kind), status=status, headers=headers)
 
   @web.middleware
   async def authenticate(request, handler):
-    if key is None or (request.path == "/health" and request.method in ("GET", "HEAD")):
+    if key is None or (request.path == vllm_format.HEALTH and request.method in ("GET", "HEAD")):
       return await handler(request)
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    token = vllm_format.bearer_token(request.headers.get("Authorization", ""))
     # Constant time: how long the comparison takes says nothing about how much of the key was right.
     if hmac.compare_digest(token.encode("utf-8", "surrogateescape"), key):
       return await handler(request)
@@ -518,18 +149,15 @@ def make_app(
     return web.json_response({"status": "ok"})
 
   async def models(_):
-    card = {
-        "id": model_name,
-        "object": "model",
-        "created": created,
-        "owned_by": "gkd_jax",
-        "root": model_name,
-        "parent": None,
-        "max_model_len": engine.max_seq_len,
-        "max_logprobs": engine.max_logprobs,
-        "vocab_size": engine.vocab_size,
-    }
-    return web.json_response({"object": "list", "data": [card]})
+    return web.json_response(
+        vllm_format.models_json(
+            model_name,
+            created=created,
+            max_model_len=engine.max_seq_len,
+            max_logprobs=engine.max_logprobs,
+            vocab_size=engine.vocab_size,
+        )
+    )
 
   async def stats(_):
     s = dict(
@@ -548,13 +176,13 @@ def make_app(
     except ConnectionError:  # aiohttp's ClientConnectionResetError: the connection closed mid-body
       return client_gone(request, "while sending its request")
     try:
-      body = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+      body = json.loads(raw, object_pairs_hook=vllm_format.no_duplicate_keys)
     except BadRequest as e:
       return error(400, str(e), "BadRequestError")
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
       return error(400, f"request body is not valid JSON: {e}", "BadRequestError")
     try:
-      prompts, k, max_tokens = parse_request(
+      prompts, k, max_tokens = vllm_format.parse_request(
           body,
           vocab_size=engine.vocab_size,
           max_logprobs=engine.max_logprobs,
@@ -582,7 +210,8 @@ def make_app(
         f.cancel()  # No-op when done; frees queue slots of a request that was cancelled mid-way.
     # Building and encoding the JSON is the other heavy part: keep it off the event loop too.
     text = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: json.dumps(completion_json(engine, model_name, prompts, results, k, max_tokens))
+        None,
+        lambda: json.dumps(vllm_format.completion_json(model_name, prompts, results, k, max_tokens, engine.decode)),
     )
     response = web.Response(text=text, content_type="application/json")
     try:  # Sent here, not by aiohttp, to count a client that left while its answer was being built or sent.
@@ -598,10 +227,10 @@ def make_app(
   async def on_cleanup(_):
     await batcher.stop()
 
-  app.router.add_get("/health", health)
-  app.router.add_get("/v1/models", models)
+  app.router.add_get(vllm_format.HEALTH, health)
+  app.router.add_get(vllm_format.MODELS, models)
   app.router.add_get("/stats", stats)
-  app.router.add_post("/v1/completions", completions)
+  app.router.add_post(vllm_format.COMPLETIONS, completions)
   app.on_startup.append(on_startup)
   app.on_cleanup.append(on_cleanup)
   return app

@@ -18,7 +18,7 @@ flight) on a private event loop in a background thread; transient failures (conn
 HTTP 408/429/5xx) are retried with exponential backoff; anything else, or a response that does not match
 what was sent, raises `TeacherServerError` naming the URL and the problem. A server started with an API key
 (`gkd_jax.serve --api-key`, `vllm serve --api-key`) needs `api_key=`; HTTP 401 (missing or wrong key) is one
-error at `check()`, not retried.
+error at `check()`, not retried. The request and response format is `gkd_jax.vllm_format`'s.
 """
 
 from __future__ import annotations
@@ -26,15 +26,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import math
 import threading
 
 import numpy as np
 
+from gkd_jax import vllm_format
+from gkd_jax.vllm_format import API_KEY_ENV
+
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
-# The environment variable that holds the teacher server's API key: read by `python -m gkd_jax.serve` and by
-# the trainer when config.teacher_model_server_api_key is None (vLLM's is VLLM_API_KEY).
-API_KEY_ENV = "GKD_JAX_API_KEY"
 
 
 class TeacherServerError(RuntimeError):
@@ -47,71 +46,6 @@ def _aiohttp():
   except ImportError as e:  # pragma: no cover
     raise ImportError("the teacher client needs aiohttp: pip install 'aiohttp>=3.9'") from e
   return aiohttp
-
-
-# ------------------------------------------------------------------------------------------------ parsing
-
-
-def _is_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def parse_prompt_logprobs(
-    prompt_logprobs, token_ids, k: int, *, vocab_size: int | None = None, where: str = "response"
-):
-  """One row's vLLM `prompt_logprobs` -> (values [n, k] float32, indices [n, k] int32) for its n tokens.
-
-  Row t is the teacher's top-k for token t+1 (the server's entry t+1), sorted by log-prob; the last row and
-  slots beyond what the server returned are -inf with index 0. The server's extra entry for the actual
-  prompt token (present when it is outside the top-k: k+1 entries) is dropped, but its presence is checked:
-  it proves the server scored exactly the tokens we sent. Ids ≥ vocab_size (embedding rows past the
-  tokenizer's vocabulary) are dropped, which cuts the teacher to that vocabulary like `losses.align_vocab`.
-  """
-  n = len(token_ids)
-  if not isinstance(prompt_logprobs, list) or len(prompt_logprobs) != n:
-    got = f"a list of {len(prompt_logprobs)}" if isinstance(prompt_logprobs, list) else repr(prompt_logprobs)[:60]
-    raise ValueError(f"{where}: prompt_logprobs should be a list of {n} entries (one per prompt token), got {got}")
-  if n and prompt_logprobs[0] is not None:
-    raise ValueError(f"{where}: prompt_logprobs[0] should be null (nothing predicts the first token)")
-  values = np.full((n, k), -np.inf, np.float32)
-  indices = np.zeros((n, k), np.int32)
-  for t in range(1, n):
-    entry = prompt_logprobs[t]
-    if not isinstance(entry, dict):
-      raise ValueError(
-          f"{where}: prompt_logprobs[{t}] should be an object token-id -> logprob info, " f"got {repr(entry)[:60]}"
-      )
-    if str(token_ids[t]) not in entry:
-      raise ValueError(
-          f"{where}: prompt_logprobs[{t}] lacks the prompt token {token_ids[t]}: the server did not "
-          "score the tokens that were sent"
-      )
-    items = []
-    for key, info in entry.items():
-      try:
-        tok = int(key)
-      except (TypeError, ValueError):
-        tok = -1
-      lp = info.get("logprob") if isinstance(info, dict) else None
-      if tok < 0 or not _is_number(lp) or math.isnan(lp) or lp > 1e-3:
-        raise ValueError(
-            f"{where}: prompt_logprobs[{t}][{key!r}] = {repr(info)[:80]} is not a token id with a "
-            "log-probability ≤ 0"
-        )
-      rank = info.get("rank")
-      items.append((lp, tok, rank if _is_number(rank) else None))
-    if len(items) > k:
-      # vLLM ranks: the top-k are 1..k; without ranks, the k most likely are the top-k.
-      if all(r is not None for _, _, r in items):
-        items = [it for it in items if it[2] <= k]
-      items = sorted(items, key=lambda it: -it[0])[:k]
-    else:
-      items.sort(key=lambda it: -it[0])
-    if vocab_size is not None:
-      items = [it for it in items if it[1] < vocab_size]
-    for j, (lp, tok, _) in enumerate(items):
-      values[t - 1, j], indices[t - 1, j] = lp, tok
-  return values, indices
 
 
 def real_spans(attention_mask) -> list[tuple[int, int]]:
@@ -169,7 +103,7 @@ class TeacherClient:
     self.k, self.model, self.timeout = k, model, timeout
     self.max_retries, self.backoff = max_retries, backoff
     self.max_parallel, self.rows_per_request, self.vocab_size = max_parallel, rows_per_request, vocab_size
-    self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    self._headers = vllm_format.auth_headers(api_key)
     self._sends_key = bool(api_key)
     self._loop = asyncio.new_event_loop()
     self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-client", daemon=True)
@@ -270,10 +204,10 @@ class TeacherClient:
     raise self._error(f"{method} {path} failed after {self.max_retries + 1} attempts; last error: {last}")
 
   async def _model_card(self) -> dict:
-    listing = await self._request("GET", "/v1/models")
-    cards = listing.get("data") if isinstance(listing, dict) else None
-    if not isinstance(cards, list) or not cards or not all(isinstance(c, dict) and "id" in c for c in cards):
-      raise self._error(f"GET /v1/models answered no model list: {str(listing)[:200]}")
+    try:
+      cards = vllm_format.parse_models(await self._request("GET", vllm_format.MODELS))
+    except ValueError as e:
+      raise self._error(str(e)) from None
     if self.model is None:
       return cards[0]
     for card in cards:
@@ -289,11 +223,11 @@ class TeacherClient:
         self.model = (await self._model_card())["id"]
 
   async def _check(self) -> dict:
-    await self._request("GET", "/health")
+    await self._request("GET", vllm_format.HEALTH)
     card = await self._model_card()
     self.model = card["id"]
-    max_lp = card.get("max_logprobs")  # Our server lists it; vLLM does not (the probe below covers it).
-    if _is_number(max_lp) and self.k > max_lp:
+    max_lp = vllm_format.card_max_logprobs(card)  # None from vLLM: the probe below covers it.
+    if max_lp is not None and self.k > max_lp:
       raise self._error(f"k={self.k} exceeds the server's max_logprobs={max_lp}")
     await self._score([[0, 0]])
     return card
@@ -301,32 +235,12 @@ class TeacherClient:
   async def _score(self, prompts: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Sends prompts in one request; returns each one's parsed (values [n, k], indices [n, k])."""
     await self._ensure_model()
-    payload = {
-        "model": self.model,
-        "prompt": prompts if len(prompts) > 1 else prompts[0],
-        "max_tokens": 1,
-        "temperature": 0.0,
-        "prompt_logprobs": self.k,
-    }
-    response = await self._request("POST", "/v1/completions", payload)
-    choices = response.get("choices") if isinstance(response, dict) else None
-    if not isinstance(choices, list) or len(choices) != len(prompts):
-      raise self._error(f"/v1/completions should answer {len(prompts)} choices, got {str(response)[:200]}")
-    if len(choices) > 1:
-      choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
-    out = []
-    for i, (p, choice) in enumerate(zip(prompts, choices)):
-      try:
-        if not isinstance(choice, dict):
-          raise ValueError(f"choices[{i}] is not an object")
-        out.append(
-            parse_prompt_logprobs(
-                choice.get("prompt_logprobs"), p, self.k, vocab_size=self.vocab_size, where=f"choices[{i}]"
-            )
-        )
-      except ValueError as e:
-        raise self._error(f"malformed /v1/completions response: {e}") from None
-    return out
+    payload = vllm_format.completions_request(self.model, prompts, self.k)
+    response = await self._request("POST", vllm_format.COMPLETIONS, payload)
+    try:
+      return vllm_format.parse_completion(response, prompts, self.k, vocab_size=self.vocab_size)
+    except ValueError as e:
+      raise self._error(str(e)) from None
 
   async def _batch(self, ids: np.ndarray, spans: list[tuple[int, int]]):
     b, t = ids.shape

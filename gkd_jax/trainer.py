@@ -28,6 +28,7 @@ from gkd_jax import checkpoints, evaluate, export, files, lora, models, optim, r
 from gkd_jax import storage, teacher_client, workdir_lock
 from gkd_jax import config as config_lib
 from gkd_jax import data as data_lib
+from gkd_jax import rows as rows_lib
 from gkd_jax import metrics as metrics_lib
 from gkd_jax import train_step as ts
 
@@ -196,7 +197,7 @@ def build(config) -> tuple[Setup, ts.TrainState]:
   loader = data_lib.loader_from_config(
       config,
       tokenizer,
-      data_lib.rows_from_config(config, config.dataset, config.dataset_split),
+      rows_lib.rows_from_config(config, config.dataset, config.dataset_split),
       config.batch_size,
       require_completion=config.lmbda < 1.0 and not config.seq_kd,
       drop_remainder=True,

@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from gkd_jax import data
+from gkd_jax import rows as rows_lib
 from gkd_jax.tasks import arithmetic as ar
 
 
@@ -155,9 +156,9 @@ def test_prompt_only_rows(splits, tok):
   prompts = ar.prompt_only(splits["test"])
   assert prompts[0]["messages"] == splits["test"][0]["messages"][:1]
   assert prompts["operands"] == splits["test"]["operands"]
-  out = data.tokenize_row(prompts[0], 0, tok, "messages")
+  out = rows_lib.tokenize_row(prompts[0], 0, tok, "messages")
   assert out["has_completion"] is False
-  assert out["prompt_ids"] == data.tokenize_row(splits["test"][0], 0, tok, "messages")["prompt_ids"]
+  assert out["prompt_ids"] == rows_lib.tokenize_row(splits["test"][0], 0, tok, "messages")["prompt_ids"]
 
 
 # ------------------------------------------------------------------------------------------------ checker
@@ -344,7 +345,7 @@ def test_build_tokenizer_is_idempotent(tmp_path):
 def test_data_pipeline_tokenizes_task_rows(splits, tok):
   row = splits["test"][1]
   prompt, completion = (m["content"] for m in row["messages"])
-  out = data.tokenize_row(row, 0, tok, "messages")
+  out = rows_lib.tokenize_row(row, 0, tok, "messages")
   assert tok.decode(out["prompt_ids"]) == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
   assert tok.decode(out["completion_ids"]) == completion + "<|im_end|>"
   assert out["completion_ids"][-1] == tok.eos_token_id and tok.eos_token_id not in out["completion_ids"][:-1]
@@ -371,7 +372,7 @@ def test_make_task_writes_loadable_cached_files(task, splits):
   assert spec["splits"] == {"train": 600, "test": 200, "test_long": 50}
   assert spec["inputs"]["seed"] == 1 and spec["inputs"]["num_operands"] == [3, 5]
   want = ar.build_dataset(seed=1, num_train=600, num_test=200, num_test_long=50)
-  assert data.load_rows(paths["data"], split="test").to_list() == want["test"].to_list()
+  assert rows_lib.load_rows(paths["data"], split="test").to_list() == want["test"].to_list()
   assert splits["train"].to_list() == want["train"].to_list()
   before = {p: os.stat(p).st_mtime_ns for p in paths.values()}
   assert ar.make_task(out, seed=1, num_train=600, num_test=200, num_test_long=50) == paths

@@ -15,6 +15,7 @@ import threading
 import pytest
 
 from gkd_jax import checkpoints, data, export, files, models, resume, serve, sharding, trainer
+from gkd_jax import rows as rows_lib
 from gkd_jax import config as config_lib
 from gkd_jax import metrics as metrics_lib
 from test_checkpoints import abstract, assert_bitwise, sft_state
@@ -255,7 +256,7 @@ def test_bad_dataset_files_name_the_file(tmp_path, name, content, message):
   path = tmp_path / name
   path.write_bytes(content)
   with pytest.raises(ValueError, match=message):
-    data.load_rows(str(path))
+    rows_lib.load_rows(str(path))
   assert path.read_bytes() == content
 
 

@@ -11,6 +11,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from gkd_jax import data
+from gkd_jax import rows as rows_lib
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
 WORDS = [
@@ -75,7 +76,7 @@ def loader(rows, tok, **kw):
 
 def test_messages_row_exact_ids(tok):
   row = {"messages": [{"role": "system", "content": "Be brief."}] + chat(2)}
-  out = data.tokenize_row(row, 0, tok, "messages")
+  out = rows_lib.tokenize_row(row, 0, tok, "messages")
   literal = [
       "<|im_start|>",
       "system",
@@ -115,15 +116,17 @@ def test_messages_row_exact_ids(tok):
 
 
 def test_prompt_completion_text_row_exact_ids(tok):
-  out = data.tokenize_row({"prompt": "What is 3 plus 4?", "completion": " 7"}, 0, tok, "prompt_completion")
+  out = rows_lib.tokenize_row({"prompt": "What is 3 plus 4?", "completion": " 7"}, 0, tok, "prompt_completion")
   assert out["prompt_ids"] == ids("What is 3 plus 4?")
   assert out["completion_ids"] == ids(" 7") + [IM_END]  # text completions get EOS appended
 
 
 def test_chat_prompt_with_text_or_chat_completion_matches_messages(tok):
-  want = data.tokenize_row({"messages": chat(5)}, 0, tok, "messages")
+  want = rows_lib.tokenize_row({"messages": chat(5)}, 0, tok, "messages")
   for completion in ["The answer is 10.", chat(5)[1:]]:
-    got = data.tokenize_row({"prompt": chat(5, answer=False), "completion": completion}, 0, tok, "prompt_completion")
+    got = rows_lib.tokenize_row(
+        {"prompt": chat(5, answer=False), "completion": completion}, 0, tok, "prompt_completion"
+    )
     assert got == want
 
 
@@ -132,7 +135,7 @@ def test_template_without_eos_gets_eos_appended():
       "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
       "{% if add_generation_prompt %}assistant: {% endif %}"
   )
-  out = data.tokenize_row({"messages": chat(1)}, 0, plain, "messages")
+  out = rows_lib.tokenize_row({"messages": chat(1)}, 0, plain, "messages")
   assert out["prompt_ids"] == ids("user: What is 1 plus 1?\nassistant: ")
   assert out["completion_ids"] == ids("The answer is 2.\n") + [IM_END]
 
@@ -142,24 +145,24 @@ def test_template_whose_prompt_is_not_a_prefix_fails_clearly():
       "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
       "{% if add_generation_prompt %}assistant:\n{% endif %}"
   )
-  with pytest.raises(data.BadRow, match=r"row 3, column 'messages': the chat template does not render"):
-    data.tokenize_row({"messages": chat(1)}, 3, odd, "messages")
+  with pytest.raises(rows_lib.BadRow, match=r"row 3, column 'messages': the chat template does not render"):
+    rows_lib.tokenize_row({"messages": chat(1)}, 3, odd, "messages")
 
 
 def test_prompt_only_rows(tok):
   for row, layout in [({"messages": chat(1, answer=False)}, "messages"), ({"prompt": "What is 1?"}, "prompt")]:
-    out = data.tokenize_row(row, 0, tok, layout)
+    out = rows_lib.tokenize_row(row, 0, tok, layout)
     assert out["completion_ids"] == [] and out["has_completion"] is False
-  assert data.tokenize_row({"prompt": "What is 1?"}, 0, tok, "prompt")["prompt_ids"] == ids("What is 1?")
+  assert rows_lib.tokenize_row({"prompt": "What is 1?"}, 0, tok, "prompt")["prompt_ids"] == ids("What is 1?")
 
 
 def test_teacher_prompt_tokenized_like_a_prompt_with_same_completion(tok):
   hint = [{"role": "system", "content": "Hint: 6"}] + chat(3, answer=False)
   row = {"prompt": chat(3, answer=False), "completion": "The answer is 6.", "teacher_prompt": hint}
-  out = data.tokenize_row(row, 0, tok, "prompt_completion")
+  out = rows_lib.tokenize_row(row, 0, tok, "prompt_completion")
   assert out["teacher_prompt_ids"] == ids("<|im_start|>system\nHint: 6<|im_end|>\n") + out["prompt_ids"]
   assert out["completion_ids"] == ids("The answer is 6.<|im_end|>")
-  text = data.tokenize_row(
+  text = rows_lib.tokenize_row(
       {"prompt": "What is 3?", "completion": " 3", "teacher_prompt": "Hint: 3. What is 3?"}, 0, tok, "prompt_completion"
   )
   assert text["teacher_prompt_ids"] == ids("Hint: 3. What is 3?")
@@ -170,22 +173,22 @@ def test_teacher_prompt_tokenized_like_a_prompt_with_same_completion(tok):
 
 def test_prompt_truncated_from_left_completion_from_right(tok):
   row = {"prompt": "1 2 3 4 5", "completion": "6 7 8 9"}  # prompt 9 tokens, completion 7 + EOS
-  out = data.tokenize_row(row, 0, tok, "prompt_completion", data.Limits(max_length=8, max_prompt_length=5))
+  out = rows_lib.tokenize_row(row, 0, tok, "prompt_completion", rows_lib.Limits(max_length=8, max_prompt_length=5))
   assert out["prompt_ids"] == ids("3 4 5")  # the last 5 tokens
   assert out["completion_ids"] == ids("6 7")  # the first 8 - 5 tokens; EOS cut off too
   # max_completion_length also reserves room in the prompt budget for sampled completions.
-  out = data.tokenize_row(row, 0, tok, "prompt_completion", data.Limits(max_length=6, max_completion_length=4))
+  out = rows_lib.tokenize_row(row, 0, tok, "prompt_completion", rows_lib.Limits(max_length=6, max_completion_length=4))
   assert out["prompt_ids"] == ids(" 5") and out["completion_ids"] == ids("6 7 ")
 
 
 def test_error_when_nothing_of_a_prompt_or_completion_remains(tok):
   row = {"prompt": "1 2 3", "completion": "4"}
   with pytest.raises(ValueError, match=r"row 7, column 'prompt': nothing of the prompt would remain"):
-    data.tokenize_row(row, 7, tok, "prompt_completion", data.Limits(max_prompt_length=0))
+    rows_lib.tokenize_row(row, 7, tok, "prompt_completion", rows_lib.Limits(max_prompt_length=0))
   with pytest.raises(ValueError, match=r"row 7, column 'completion': no room left: the prompt takes 5 tokens"):
-    data.tokenize_row(row, 7, tok, "prompt_completion", data.Limits(max_length=5))
+    rows_lib.tokenize_row(row, 7, tok, "prompt_completion", rows_lib.Limits(max_length=5))
   with pytest.raises(ValueError, match="nothing of any prompt would remain"):
-    data.Limits(max_length=8, max_completion_length=8).check()
+    rows_lib.Limits(max_length=8, max_completion_length=8).check()
   with pytest.raises(ValueError, match="nothing of any prompt would remain"):
     loader([row] * 4, tok, max_prompt_length=0)
 
@@ -269,10 +272,11 @@ def test_host_shards_disjoint_and_cover_global_batch(tok, rows20):
 
 
 def test_resume_gives_same_batches(tok, rows20):
-  through = list(loader(rows20, tok, seed=5).batches(0, num_steps=12))
+  first = loader(rows20, tok, seed=5)
+  through = [first.batch(step) for step in range(12)]
   restarted = loader(rows20, tok, seed=5)
   start = restarted.resume_step(restarted.state(7))
-  for want, got in zip(through[7:], restarted.batches(start_step=start), strict=False):
+  for want, got in zip(through[7:], (restarted.batch(step) for step in range(start, 12)), strict=True):
     for k in want:
       np.testing.assert_array_equal(want[k], got[k])
   with pytest.raises(ValueError, match="cannot resume.*seed"):
@@ -299,7 +303,7 @@ def test_loader_teacher_prompt_and_prompt_only(tok):
   ]
   b = loader(rows, tok, shuffle=False, buckets=(64,)).batch(0)
   assert not b["has_completion"].any() and not b["completion_mask"].any()
-  want = data.tokenize_row(rows[1], 1, tok, "prompt")["teacher_prompt_ids"]
+  want = rows_lib.tokenize_row(rows[1], 1, tok, "prompt")["teacher_prompt_ids"]
   np.testing.assert_array_equal(b["teacher_prompt_ids"][1][b["teacher_prompt_mask"][1]], want)
   assert b["teacher_prompt_ids"].shape == (4, 64)
 
@@ -332,13 +336,13 @@ def test_loader_teacher_prompt_and_prompt_only(tok):
     ],
 )
 def test_bad_row_names_index_and_column(tok, row, layout, column, message):
-  with pytest.raises(data.BadRow, match=rf"row 12, column '{column}': .*{message}"):
-    data.tokenize_row(row, 12, tok, layout)
+  with pytest.raises(rows_lib.BadRow, match=rf"row 12, column '{column}': .*{message}"):
+    rows_lib.tokenize_row(row, 12, tok, layout)
 
 
 def test_require_completion_rejects_prompt_only_messages(tok):
   with pytest.raises(ValueError, match=r"row 4, column 'messages': no completion"):
-    data.tokenize_row({"messages": chat(1, answer=False)}, 4, tok, "messages", require_completion=True)
+    rows_lib.tokenize_row({"messages": chat(1, answer=False)}, 4, tok, "messages", require_completion=True)
 
 
 def test_unknown_layout_lists_accepted_ones():
@@ -347,7 +351,7 @@ def test_unknown_layout_lists_accepted_ones():
       match=r"unknown row layout: columns \['answer', 'question'\]; accepted column "
       r"layouts: 'messages'.*'prompt' \+ 'completion'.*'teacher_prompt'",
   ):
-    data.detect_layout(["question", "answer"])
+    rows_lib.detect_layout(["question", "answer"])
 
 
 def test_bad_rows_fail_or_are_skipped_and_counted(tok, caplog):
@@ -356,7 +360,7 @@ def test_bad_rows_fail_or_are_skipped_and_counted(tok, caplog):
     loader(rows, tok)
   with caplog.at_level("WARNING"):
     dl = loader(rows, tok, skip_bad_rows=True, shuffle=False)
-  assert dl.num_skipped == 2 and dl.num_rows == 8
+  assert len(dl.skipped) == 2 and dl.num_rows == 8
   assert [s.split(",")[0] for s in dl.skipped] == ["row 2", "row 5"]
   assert "skipped 2 of 10 bad rows" in caplog.text
   b = dl.batch(0)  # rows 0, 1, 3, 4
@@ -377,16 +381,16 @@ def test_load_rows_from_files(tmp_path, tok):
   arrow = next((tmp_path / "saved").glob("*.arrow"))
   sources = ["rows.jsonl", "rows.json", "rows.parquet", "saved", "saved_dict", str(arrow)]
   for source in sources:
-    loaded = data.load_rows(str(tmp_path / source), split="test" if source == "saved_dict" else "train")
+    loaded = rows_lib.load_rows(str(tmp_path / source), split="test" if source == "saved_dict" else "train")
     assert loaded.to_list() == rows, source
-  first = loader(data.load_rows(str(tmp_path / "rows.jsonl")), tok, batch_size=2, shuffle=False).batch(0)
-  want = data.tokenize_row(rows[0], 0, tok, "messages")
+  first = loader(rows_lib.load_rows(str(tmp_path / "rows.jsonl")), tok, batch_size=2, shuffle=False).batch(0)
+  want = rows_lib.tokenize_row(rows[0], 0, tok, "messages")
   np.testing.assert_array_equal(first["completion_ids"][0][first["completion_mask"][0]], want["completion_ids"])
 
 
 def test_prepare_columns_renames_and_builds_opsd_teacher_prompts():
   import datasets as hf_datasets
-  from gkd_jax.data import prepare_columns
+  from gkd_jax.rows import prepare_columns
 
   gsm = hf_datasets.Dataset.from_list([{"question": "1+1?", "answer": "2"}])
   rows = prepare_columns(

@@ -28,7 +28,8 @@ from aiohttp import web  # noqa: E402
 from gkd_jax import losses  # noqa: E402
 from gkd_jax import serve  # noqa: E402
 from gkd_jax.models import from_pretrained  # noqa: E402
-from gkd_jax.teacher_client import API_KEY_ENV, TeacherClient, TeacherServerError, parse_prompt_logprobs  # noqa: E402
+from gkd_jax.teacher_client import TeacherClient, TeacherServerError  # noqa: E402
+from gkd_jax.vllm_format import API_KEY_ENV, parse_prompt_logprobs  # noqa: E402
 
 V, K_MAX, MAX_LEN, NAME = 128, 16, 32, "tiny-teacher"
 KEY = "sk-test-Key_42"

@@ -13,7 +13,7 @@ prompt's order; the checkers accept any order.
 
 Rows (`datasets.DatasetDict` with `train`, `test` and optionally `validation`, for choosing hyperparameters
 without touching test, and `test_long`, longer problems than trained on)
-have a `messages` column, the layout `gkd_jax.data` reads, plus `operands` and `answer` for the checkers;
+have a `messages` column, the layout `gkd_jax.rows` reads, plus `operands` and `answer` for the checkers;
 `prompt_only` drops the assistant turns for on-policy training. No problem (as a multiset of operands) occurs
 twice across all splits. Everything is a pure function of the seed and the size knobs; for fixed knobs the
 train split of `num_train=N` is a prefix of that of any larger `num_train` (data-efficiency runs subsample
@@ -26,7 +26,7 @@ exactly as a real model's.
 
     paths = make_task("/tmp/arith", seed=0, num_train=20000, num_test=500)
     tokenizer = transformers.AutoTokenizer.from_pretrained(paths["tokenizer"])
-    rows = gkd_jax.data.load_rows(paths["data"], split="train")
+    rows = gkd_jax.rows.load_rows(paths["data"], split="train")
     evaluate(completions, load_task("/tmp/arith")["test"])   # {'accuracy': ..., 'chain_accuracy': ...}
 """
 
@@ -208,7 +208,7 @@ def _shuffle_probability(value) -> float:
 
 
 def prompt_only(rows: datasets.Dataset) -> datasets.Dataset:
-  """The rows without their assistant turns: prompt-only rows for on-policy training (gkd_jax.data reads a
+  """The rows without their assistant turns: prompt-only rows for on-policy training (gkd_jax.rows reads a
   chat list that does not end with the assistant as a prompt)."""
 
   def drop_answer(row):
