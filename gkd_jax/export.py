@@ -105,7 +105,7 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
   teacher = None
   if trainer.teacher_kind(config) == "model":
     teacher = _abstract_params(config.teacher_model, dtype, param_dtype, mesh, options)
-  state, _, _, lora_spec = trainer.initial_state(config, student, teacher, mesh)
+  state, _, _, lora_spec = resume.initial_state(config, student, teacher, mesh)
   with checkpoints.Checkpointer(storage.join(workdir, "checkpoints")) as ckpt:
     state, _ = ckpt.restore(resume.abstract_state(state), step=step, fingerprint=resume.fingerprint(config))
   tokenizer = models.load_tokenizer(config.tokenizer or config.model)
