@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,10 +76,8 @@ def host(tree):
 
 def assert_bitwise(a, b):
   a, b = host(a), host(b)
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal_shapes_and_dtypes(a, b)  # the value check below compares bf16 as f32
+  chex.assert_trees_all_equal(a, b)
 
 
 def run(step_fn, state, start, stop):
@@ -115,13 +114,10 @@ def test_resume_is_bitwise_identical(setup, saved):
   assert jax.random.key_impl(state.rng) == jax.random.key_impl(jax.random.key(0))
   assert isinstance(state.params, nnx.State) and int(state.step) == 3
   assert [x.dtype for x in host(state)] == [x.dtype for x in at3]
-  for x, y in zip(host(state), at3):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(host(state), at3)
   state, resumed = run(step_fn, state, 3, 5)
-  for x, y in zip(resumed, losses[3:]):
-    np.testing.assert_array_equal(x, y)
-  for x, y in zip(host(state), final):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(resumed, losses[3:])
+  chex.assert_trees_all_equal(host(state), final)
   ckpt.close()
 
 
@@ -144,8 +140,7 @@ def test_restore_into_mesh_shardings(setup, saved):
     assert x.sharding.is_equivalent_to(t.sharding, x.ndim), (x.sharding, t.sharding)
   assert len(restored.params["embed"]["embedding"][...].sharding.device_set) == 8
   assert restored.params["embed"]["embedding"][...].sharding.spec != jax.sharding.PartitionSpec()
-  for x, y in zip(host(restored), at3):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(host(restored), at3)
 
 
 def sft_state(step=0, vocab=96):

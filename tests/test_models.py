@@ -3,6 +3,7 @@
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,7 +235,7 @@ def test_cache_is_functional_and_positions_derivable(checkpoints):
   )
   without = model(jnp.asarray(ids), jnp.asarray(mask), cache=cache, cache_index=0)
   np.testing.assert_array_equal(with_pos.logits, without.logits)
-  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, cache))  # input untouched
+  chex.assert_trees_all_equal(before, cache)  # input untouched
   assert len(with_pos.cache) == 2 and with_pos.cache[0]["k"].shape == (3, T, 2, 8)
   # Static structure hashes equal across loads, so jitted functions keyed on the graphdef compile once.
   assert nnx.graphdef(model) == nnx.graphdef(from_pretrained(checkpoints("qwen2_tied")[0]))
@@ -317,7 +318,7 @@ def test_bf16_compute_and_remat_grads(checkpoints, tmp_path):
   grads = nnx.grad(loss)(ref)
   for remat in (True, "nothing_saveable"):
     remat_grads = nnx.grad(loss)(from_pretrained(directory, remat=remat))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, remat_grads)
+    chex.assert_trees_all_close(grads, remat_grads, rtol=1e-7, atol=1e-5)  # numpy's assert_allclose rtol
 
 
 def test_errors(checkpoints, tmp_path):

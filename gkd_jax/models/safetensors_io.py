@@ -1,8 +1,10 @@
-"""Minimal safetensors reader/writer on numpy memmaps.
+"""safetensors checkpoints: a reader on numpy memmaps, a writer on the safetensors library.
 
 Reading memory-maps each file and hands out zero-copy views, so a loader can slice exactly the part of a
 tensor one device shard needs. bf16/fp8 go through ml_dtypes (numpy has no native bf16).
 Format: u64 little-endian header length, JSON header {name: {dtype, shape, data_offsets}}, raw bytes.
+Writing is safetensors.numpy.save_file per file; huggingface_hub plans the shards and names them as
+transformers does (model-00001-of-00002.safetensors + model.safetensors.index.json).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+from huggingface_hub import split_state_dict_into_shards_factory
+from safetensors.numpy import save_file
 
 _DTYPES = {
     "F64": np.float64,
@@ -29,7 +33,6 @@ _DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -114,58 +117,25 @@ class CheckpointReader:
     return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def _parse_size(size: int | str) -> int:
-  if isinstance(size, int):
-    return size
-  units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-  s = size.strip().upper()
-  for unit in sorted(units, key=len, reverse=True):
-    if s.endswith(unit):
-      return int(float(s[: -len(unit)]) * units[unit])
-  return int(s)
-
-
 def write_file(path: str, tensors: Mapping[str, np.ndarray]) -> None:
-  header, offset = {}, 0
-  for name, array in tensors.items():
-    header[name] = {
-        "dtype": _NAMES[array.dtype],
-        "shape": list(array.shape),
-        "data_offsets": [offset, offset + array.nbytes],
-    }
-    offset += array.nbytes
-  header["__metadata__"] = {"format": "pt"}  # transformers refuses files without a known format
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for array in tensors.values():
-      f.write(np.ascontiguousarray(array).tobytes())
+  # save_file reads each array's buffer by pointer, so strided views (transposes) must be made contiguous.
+  tensors = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
+  save_file(tensors, path, metadata={"format": "pt"})  # transformers refuses files without a known format
 
 
 def write_checkpoint(directory: str, tensors: Mapping[str, np.ndarray], max_shard_size: int | str = "5GB") -> None:
   """Writes model.safetensors, or model-0000i-of-0000n.safetensors + index when over max_shard_size."""
-  limit = _parse_size(max_shard_size)
-  shards, current, size = [], {}, 0
-  for name, array in tensors.items():
-    if current and size + array.nbytes > limit:
-      shards.append(current)
-      current, size = {}, 0
-    current[name] = array
-    size += array.nbytes
-  shards.append(current)
+  split = split_state_dict_into_shards_factory(
+      dict(tensors),
+      get_storage_size=lambda array: array.nbytes,
+      filename_pattern="model{suffix}.safetensors",  # HF names: model.safetensors, model-00001-of-00002...
+      max_shard_size=max_shard_size,
+  )
   for stale in [INDEX_FILE, SINGLE_FILE]:
     if os.path.exists(os.path.join(directory, stale)):
       os.remove(os.path.join(directory, stale))
-  if len(shards) == 1:
-    write_file(os.path.join(directory, SINGLE_FILE), shards[0])
-    return
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    write_file(os.path.join(directory, fname), shard)
-    weight_map.update({name: fname for name in shard})
-  total = sum(a.nbytes for a in tensors.values())
-  with open(os.path.join(directory, INDEX_FILE), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  for fname, names in split.filename_to_tensors.items():
+    write_file(os.path.join(directory, fname), {name: tensors[name] for name in names})
+  if split.is_sharded:
+    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+      json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
