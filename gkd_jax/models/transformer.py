@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from gkd_jax import sharding as shd
 from gkd_jax.models import rope
 from gkd_jax.models.config import ModelConfig
-from gkd_jax.models.layers import Dense, Embed, RMSNorm, param
+from gkd_jax.models.layers import Dense, Embed, RMSNorm, param, softcap
 
 # Masked scores: a large finite value, so that a fully masked (padding) row gives a uniform softmax, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -130,8 +130,7 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, -1, self.groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
-    if self.softcap:  # Gemma 2
-      scores = jnp.tanh(scores / self.softcap) * self.softcap
+    scores = softcap(scores, self.softcap)  # Gemma 2
     scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
     out = softmax_values(scores, v, self.dtype)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
@@ -350,6 +349,13 @@ def _head_product_bwd(dtype, residuals, g):
 head_product.defvjp(_head_product_fwd, _head_product_bwd)
 
 
+def apply_head(hidden: jax.Array, w: jax.Array, cap: float | None, vocab_size: int | None = None, *, dtype=None):
+  """The LM head as `CausalLM.head` returns it, (weight [H, V'], softcap), on hidden states [..., H]:
+  softcapped logits [..., V] cut to vocab_size. `dtype` as in `head_product`."""
+  logits = softcap(head_product(hidden, w, dtype), cap)
+  return logits if vocab_size is None else logits[..., :vocab_size]
+
+
 class CausalLM(nnx.Module):
   """Decoder-only LM.
 
@@ -438,11 +444,7 @@ class CausalLM(nnx.Module):
   def logits(self, hidden: jax.Array, vocab_size: int | None = None, *, dtype=None) -> jax.Array:
     """LM head + final-logit softcapping on hidden states [..., H] -> [..., V] (V = vocab_size if given).
     `dtype`: the matmul's accumulation/output type (None: the compute dtype)."""
-    w, cap = self.head(vocab_size)
-    logits = head_product(hidden, w, dtype)
-    if cap:
-      logits = jnp.tanh(logits / cap) * cap
-    return logits if vocab_size is None else logits[..., :vocab_size]
+    return apply_head(hidden, *self.head(vocab_size), vocab_size, dtype=dtype)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> Cache:
     """Zeroed KV cache (compute dtype): per layer {"k", "v"} of [B, max_length, kv_heads, head_dim], or
