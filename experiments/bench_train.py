@@ -302,7 +302,9 @@ def run_trl(args, mode, threads, precision="f32", steps=None, warmup=None):
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
   result = json.loads(out.stdout.strip().splitlines()[-1])
   print(
-      f"  TRL {mode} {precision}, {threads} thread(s): {result['median_step_s']:.3f} s/step", file=sys.stderr, flush=True
+      f"  TRL {mode} {precision}, {threads} thread(s): {result['median_step_s']:.3f} s/step",
+      file=sys.stderr,
+      flush=True,
   )
   return result
 

@@ -23,7 +23,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gkd_jax import lora, losses
+from gkd_jax import fused_losses, lora, losses
+from gkd_jax.models import transformer
 
 DIVERGENCES = ("full", "topk", "fused")
 TEACHERS = ("model", "self", "server", "none")
@@ -194,14 +195,14 @@ def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spe
     if cfg.divergence == "fused":
       head, student_cap = student.head(vocab)
       nll = (
-          losses.fused_nll_loss(
+          fused_losses.fused_nll_loss(
               hidden, head, targets, softcap=student_cap, vocab_size=vocab, chunk_size=cfg.chunk_size, **kw
           )
           if with_nll
           else None
       )
       if cfg.objective == "gkd":
-        distill = losses.fused_generalized_jsd_loss(
+        distill = fused_losses.fused_generalized_jsd_loss(
             hidden,
             head,
             teacher["hidden"],
@@ -316,7 +317,8 @@ def _fused_stats(hidden, head, cap, t_hidden, t_head, t_cap, mask, vocab, temper
 
   def row(xs):
     h, th, m = xs
-    s_logits, t_logits = losses.apply_head(h, head, cap, vocab), losses.apply_head(th, t_head, t_cap, vocab)
+    s_logits = transformer.apply_head(h, head, cap, vocab, dtype=jnp.float32)
+    t_logits = transformer.apply_head(th, t_head, t_cap, vocab, dtype=jnp.float32)
     return _token_sums(losses.token_stats(s_logits, t_logits, temperature), m)
 
   per_row = jax.lax.map(row, jax.lax.stop_gradient((hidden, t_hidden, mask)))
