@@ -74,7 +74,7 @@ def compiled_step(models, cfg, lr, optimizer="adamw"):
     tx, schedule = optim.make_optimizer(lr, 100, schedule="constant", max_grad_norm=None)
     if optimizer == "grads":
       tx = grad_capture()
-    _STEPS[key] = tx, jax.jit(ts.make_train_step(models[0], tx, schedule, cfg, teacher=models[1]))
+    _STEPS[key] = tx, jax.jit(ts.make_steps(models[0], tx, schedule, cfg, teacher=models[1])[0])
   return _STEPS[key]
 
 
