@@ -71,6 +71,40 @@ class StepConfig:
     if not (isinstance(self.grad_accum_steps, int) and self.grad_accum_steps >= 1):
       raise ValueError(f"grad_accum_steps must be an int ≥ 1, got {self.grad_accum_steps!r}")
 
+  @classmethod
+  def from_run_config(cls, config, vocab_size: int, offload_teacher: bool) -> StepConfig:
+    """The step settings of a run config (`gkd_jax.config`). `offload_teacher`: whether the host can hold
+    the teacher's params; they are offloaded only when the config asks for it and the teacher is a model."""
+    kind = teacher_kind(config)
+    if config.gkd_logits_topk:
+      divergence = "topk"
+    else:
+      divergence = "fused" if config.fused_loss else "full"
+    return cls(
+        objective=config.objective,
+        teacher=kind,
+        divergence=divergence,
+        beta=config.beta,
+        temperature=config.temperature if config.loss_temperature is None else config.loss_temperature,
+        topk=config.gkd_logits_topk or None,
+        sft_alpha=config.sft_alpha,
+        vocab_size=vocab_size,
+        chunk_size=config.get("loss_chunk_size"),
+        grad_accum_steps=config.grad_accum_steps,
+        offload_teacher=bool(config.offload_teacher_model) and kind == "model" and offload_teacher,
+    )
+
+
+def teacher_kind(config) -> str:
+  """Which teacher a run config asks for: "none" (SFT), "server", "self" (OPSD dynamic), or "model"."""
+  if config.objective == "sft":
+    return "none"
+  if config.teacher_model_server:
+    return "server"
+  if not config.teacher_model:
+    return "self"
+  return "model"  # includes OPSD fixed: teacher_model == model gives a frozen copy of the initial student
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
