@@ -59,6 +59,10 @@ def fused_generalized_jsd_loss(
   beta = losses._check_beta(beta)
   temperature = losses._check_temperature(temperature)
   losses._check_reduction(reduction)
+  losses.expect(student_hidden, "student_hidden", "[..., hidden] floats")
+  losses.expect(teacher_hidden, "teacher_hidden", "[..., hidden] floats")
+  losses.expect(student_head, "student_head", "[hidden, vocab] floats", rank=None)  # its rank: the ValueError below
+  losses.expect(teacher_head, "teacher_head", "[hidden, vocab] floats", rank=None)  # its rank: the ValueError below
   if student_head.ndim != 2 or teacher_head.ndim != 2:
     raise ValueError(
         f"heads must be [hidden, vocab], got {tuple(student_head.shape)} and " f"{tuple(teacher_head.shape)}"
@@ -127,6 +131,9 @@ def fused_nll_loss(
   """`losses.nll_loss` computed from hidden states [..., H] and an LM head [H, V] chunk by chunk (the SFT term
   of the fused path): a rematerialized scan, so no [tokens, V] logits exist in the forward or backward pass."""
   losses._check_reduction(reduction)
+  losses.expect(hidden, "hidden", "[..., hidden] floats")
+  losses.expect(head, "head", "[hidden, vocab] floats", rank=None)  # its rank: the ValueError below
+  losses.expect(targets, "targets", "[...] integer token ids", rank=None, dtype=int)
   if head.ndim != 2 or hidden.shape[-1] != head.shape[0]:
     raise ValueError(f"hidden width {hidden.shape[-1]} must equal the head's rows (head shape {tuple(head.shape)})")
   if tuple(targets.shape) != tuple(hidden.shape[:-1]):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -55,6 +56,19 @@ def _check_temperature(temperature, name="temperature"):
 def _check_reduction(reduction, allowed=REDUCTIONS):
   if reduction not in allowed:
     raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}")
+
+
+ANY_RANK = frozenset(range(1, 9))  # [..., D]: any number of leading token dims
+
+
+def expect(x, name: str, layout: str, rank: int | frozenset | None = ANY_RANK, dtype=float):
+  """chex rank (None: any) and dtype checks whose failure says what the argument `name` must be
+  ("student_logits must be [..., vocab] floats"). They read only shapes and dtypes, so under jit they cost
+  nothing: they run once, while tracing."""
+  message = f"{name} must be {layout}"
+  if rank is not None:
+    chex.assert_rank(x, set(rank) if isinstance(rank, frozenset) else rank, custom_message=message)
+  chex.assert_type(x, dtype, custom_message=message)
 
 
 def _check_same_shape(name_a, a, name_b, b):
@@ -191,6 +205,8 @@ def jsd_loss_and_stats(
   beta = _check_beta(beta)
   temperature = _check_temperature(temperature)
   _check_reduction(reduction)
+  expect(student_logits, "student_logits", "[..., vocab] floats")
+  expect(teacher_logits, "teacher_logits", "[..., vocab] floats")
   _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
   _check_mask(mask, student_logits.shape[:-1])
   per_token, stats = _jsd_tokens(
@@ -295,6 +311,9 @@ def topk_generalized_jsd_loss(
   beta = _check_beta(beta)
   temperature = _check_temperature(temperature)
   _check_reduction(reduction)
+  expect(student_logits, "student_logits", "[..., vocab] floats")
+  expect(teacher_topk_values, "teacher_topk_values", "[..., k] floats")
+  expect(teacher_topk_indices, "teacher_topk_indices", "[..., k] integer token ids", dtype=int)
   _check_same_shape("teacher_topk_values", teacher_topk_values, "teacher_topk_indices", teacher_topk_indices)
   if tuple(teacher_topk_values.shape[:-1]) != tuple(student_logits.shape[:-1]):
     raise ValueError(
@@ -343,6 +362,8 @@ def nll_loss(
 ) -> jax.Array:
   """Negative log-likelihood of `targets` [...] under `logits` [..., V] (the SFT term, temperature 1)."""
   _check_reduction(reduction)
+  expect(logits, "logits", "[..., vocab] floats")
+  expect(targets, "targets", "[...] integer token ids", rank=None, dtype=int)
   if tuple(targets.shape) != tuple(logits.shape[:-1]):
     raise ValueError(
         f"targets shape {tuple(targets.shape)} must equal logits shape without the vocab dim "

@@ -19,6 +19,7 @@ import functools
 import math
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -487,6 +488,11 @@ class CausalLM(nnx.Module):
     """input_ids [B, T]. Without cache: attention_mask [B, T] (1 = real token). With cache: the tokens are
     written to slots [cache_index, cache_index+T) and attention_mask is [B, S] over all cache slots.
     positions [B, T] default to (number of real tokens before the slot), i.e. cumsum(mask) - 1."""
+    # Shape and dtype checks only: under jit they run once, while tracing.
+    for name, x in (("input_ids", input_ids), ("positions", positions)):
+      if x is not None:
+        chex.assert_rank(x, 2, custom_message=f"{name} must be [batch, time] integers")
+        chex.assert_type(x, int, custom_message=f"{name} must be [batch, time] integers")
     b, t = input_ids.shape
     if cache is None:
       mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
