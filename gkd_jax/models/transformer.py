@@ -10,6 +10,9 @@ Masking works on cache *slots*: without a cache the T tokens sit in slots 0..T-1
 are written to slots [cache_index, cache_index+T). A query in slot i sees slot j when j <= i, the attention
 mask marks j as a real token, and (sliding layers) i - j < window. Rows are left padded, so real tokens are
 contiguous and slot distance equals position distance, as in HF.
+
+The LM head (`CausalLM.head` / `logits`, `apply_head`, `head_product`) lives here too, so that the sampler, the
+train step and the fused losses apply one head; the file is longer than 500 lines for that.
 """
 
 from __future__ import annotations
