@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from gkd_jax import fused_losses as F  # noqa: E402
 from gkd_jax import losses as L  # noqa: E402
 
 H = 1024
@@ -55,7 +56,7 @@ def jax_cases(n, v, dtype, beta, chunk_size):
     return L.generalized_jsd_loss(hs @ ws, jax.lax.stop_gradient(ht @ wt), m, beta=beta)
 
   def fused(hs, ws, ht, wt, m):
-    return L.fused_generalized_jsd_loss(hs, ws, ht, wt, m, beta=beta, chunk_size=chunk_size)
+    return F.fused_generalized_jsd_loss(hs, ws, ht, wt, m, beta=beta, chunk_size=chunk_size)
 
   # Logits as a model would hand them over (in the compute dtype).
   s_logits = jax.jit(lambda a, b: a @ b)(hs, ws)

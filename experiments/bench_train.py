@@ -179,7 +179,7 @@ def teacher_forward_fn(setup):
     _, _, hidden = ts.completion_hidden(
         teacher, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"]
     )
-    return hidden if fused else ts.head_logits(teacher, hidden, vocab)
+    return hidden if fused else teacher.logits(hidden, vocab, dtype=jnp.float32)
 
   return forward
 

@@ -1,4 +1,5 @@
-"""GKD losses: the generalized JSD(β) over full, top-k and fused-chunked logits, plus NLL and metrics.
+"""GKD losses: the generalized JSD(β) over full and top-k logits, plus NLL and metrics (the chunked losses that
+start from hidden states are in `fused_losses`).
 
 Conventions (see README):
   * β=0 is exactly KL(P_T‖P_S) (forward), β=1 exactly KL(P_S‖P_T) (reverse); otherwise
@@ -17,16 +18,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional
 
-import numpy as np
-
+import chex
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 REDUCTIONS = ("mean", "sum", "none", "seq_mean")
-CHUNK_BYTES = 64 << 20  # default size of one [chunk, V] float32 buffer in the fused loss
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -58,6 +56,19 @@ def _check_temperature(temperature, name="temperature"):
 def _check_reduction(reduction, allowed=REDUCTIONS):
   if reduction not in allowed:
     raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}")
+
+
+ANY_RANK = frozenset(range(1, 9))  # [..., D]: any number of leading token dims
+
+
+def expect(x, name: str, layout: str, rank: int | frozenset | None = ANY_RANK, dtype=float):
+  """chex rank (None: any) and dtype checks whose failure says what the argument `name` must be
+  ("student_logits must be [..., vocab] floats"). They read only shapes and dtypes, so under jit they cost
+  nothing: they run once, while tracing."""
+  message = f"{name} must be {layout}"
+  if rank is not None:
+    chex.assert_rank(x, set(rank) if isinstance(rank, frozenset) else rank, custom_message=message)
+  chex.assert_type(x, dtype, custom_message=message)
 
 
 def _check_same_shape(name_a, a, name_b, b):
@@ -194,6 +205,8 @@ def jsd_loss_and_stats(
   beta = _check_beta(beta)
   temperature = _check_temperature(temperature)
   _check_reduction(reduction)
+  expect(student_logits, "student_logits", "[..., vocab] floats")
+  expect(teacher_logits, "teacher_logits", "[..., vocab] floats")
   _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
   _check_mask(mask, student_logits.shape[:-1])
   per_token, stats = _jsd_tokens(
@@ -205,7 +218,7 @@ def jsd_loss_and_stats(
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _jsd_tokens(student_logits, teacher_logits, beta, temperature):
   """(per-token JSD(β), per-token diagnostics) of two logits tensors. The backward pass is written in
-  closed form (see `_jsd_bwd`), which reads and writes [..., V] far fewer times than differentiating the
+  closed form (see `jsd_logit_grads`), which reads and writes [..., V] far fewer times than differentiating the
   forward would; the diagnostics get no gradient."""
   return _jsd_fwd(student_logits, teacher_logits, beta, temperature)[0]
 
@@ -223,13 +236,20 @@ def _jsd_fwd(student_logits, teacher_logits, beta, temperature):
 
 
 def _jsd_bwd(beta, temperature, residuals, g):
-  """∂/∂z of the per-token value, with ls, lt, lm the student, teacher and mixture log-probabilities:
-    β=0 (FKL): z_s: (p_s − p_t)/τ,                z_t: p_t·(lt − ls − FKL)/τ
-    β=1 (RKL): z_s: p_s·(ls − lt − RKL)/τ,        z_t: (p_t − p_s)/τ
-    else:      z_s: (1−β)·p_s·(ls − lm − KL_s)/τ, z_t: β·p_t·(lt − lm − KL_t)/τ,  KL_x = KL(P_x‖M).
-  Entries with p = 0 (a blocked vocabulary entry) get exactly 0."""
   ls, lt, a, b = residuals
-  g = g[0][..., None] / temperature  # the diagnostics' cotangent is ignored
+  return jsd_logit_grads(ls, lt, beta, a, b, g[0][..., None] / temperature)  # the diagnostics' cotangent is ignored
+
+
+def jsd_logit_grads(ls, lt, beta, kl_a, kl_b, scale):
+  """Closed-form ∂/∂z of the per-token JSD(β) w.r.t. the student's and the teacher's logits, times `scale`
+  (the cotangent over τ, broadcast against [..., V]). With ls, lt, lm the student, teacher and mixture
+  tempered log-probabilities [..., V]:
+    β=0 (FKL): z_s: p_s − p_t,                z_t: p_t·(lt − ls − FKL)
+    β=1 (RKL): z_s: p_s·(ls − lt − RKL),      z_t: p_t − p_s
+    else:      z_s: (1−β)·p_s·(ls − lm − KL_s), z_t: β·p_t·(lt − lm − KL_t),  KL_x = KL(P_x‖M).
+  kl_a, kl_b [...]: (FKL, FKL), (RKL, RKL) or (KL_s, KL_t) as `_jsd_fwd` keeps them. Entries with p = 0
+  (a blocked vocabulary entry) get exactly 0. Writing this by hand reads and writes [..., V] far fewer
+  times than differentiating the forward; the fused loss uses it chunk by chunk."""
   ps, pt = jnp.exp(ls), jnp.exp(lt)
 
   def weighted(p, lp, lq, kl):  # p·(log p − log q − KL), 0 where p = 0
@@ -237,11 +257,11 @@ def _jsd_bwd(beta, temperature, residuals, g):
     return jnp.where(support, p * (jnp.where(support, lp, 0.0) - jnp.where(support, lq, 0.0) - kl[..., None]), 0.0)
 
   if beta == 0.0:
-    return g * (ps - pt), g * weighted(pt, lt, ls, a)
+    return scale * (ps - pt), scale * weighted(pt, lt, ls, kl_a)
   if beta == 1.0:
-    return g * weighted(ps, ls, lt, a), g * (pt - ps)
+    return scale * weighted(ps, ls, lt, kl_a), scale * (pt - ps)
   lm = _mixture_logprobs(ls, lt, beta)
-  return (1.0 - beta) * g * weighted(ps, ls, lm, a), beta * g * weighted(pt, lt, lm, b)
+  return (1.0 - beta) * scale * weighted(ps, ls, lm, kl_a), beta * scale * weighted(pt, lt, lm, kl_b)
 
 
 _jsd_tokens.defvjp(_jsd_fwd, _jsd_bwd)
@@ -274,14 +294,13 @@ def topk_generalized_jsd_loss(
     temperature: float = 1.0,
     reduction: str = "mean",
     num_items: ArrayLike | None = None,
-    values_are_logprobs: bool = False,
 ) -> jax.Array:
   """JSD(β) restricted to the teacher's top-k tokens, both distributions renormalized over those k.
 
   Args:
     student_logits: [..., V].
     teacher_topk_values: [..., k] teacher logits (local teacher) or log-probabilities (a server's
-      top-k logprobs, `values_are_logprobs=True`). Entries equal to −inf mark slots the teacher did not
+      top-k logprobs). Entries equal to −inf mark slots the teacher did not
       fill (a server that returned fewer than k); the student is renormalized over the filled slots only.
     teacher_topk_indices: [..., k] int token ids into the student's vocabulary.
 
@@ -289,10 +308,12 @@ def topk_generalized_jsd_loss(
   tempering the underlying logits: log p = z − log Z, and the constant log Z/τ cancels in the
   renormalization, so logits and log-probabilities are handled by the same math.
   """
-  del values_are_logprobs  # Same math either way (see docstring); kept for call-site clarity.
   beta = _check_beta(beta)
   temperature = _check_temperature(temperature)
   _check_reduction(reduction)
+  expect(student_logits, "student_logits", "[..., vocab] floats")
+  expect(teacher_topk_values, "teacher_topk_values", "[..., k] floats")
+  expect(teacher_topk_indices, "teacher_topk_indices", "[..., k] integer token ids", dtype=int)
   _check_same_shape("teacher_topk_values", teacher_topk_values, "teacher_topk_indices", teacher_topk_indices)
   if tuple(teacher_topk_values.shape[:-1]) != tuple(student_logits.shape[:-1]):
     raise ValueError(
@@ -341,6 +362,8 @@ def nll_loss(
 ) -> jax.Array:
   """Negative log-likelihood of `targets` [...] under `logits` [..., V] (the SFT term, temperature 1)."""
   _check_reduction(reduction)
+  expect(logits, "logits", "[..., vocab] floats")
+  expect(targets, "targets", "[...] integer token ids", rank=None, dtype=int)
   if tuple(targets.shape) != tuple(logits.shape[:-1]):
     raise ValueError(
         f"targets shape {tuple(targets.shape)} must equal logits shape without the vocab dim "
@@ -419,332 +442,3 @@ def first_argmax(x: ArrayLike) -> jax.Array:
   top = jnp.max(x, axis=-1, keepdims=True)
   index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
-
-
-def masked_mean(values: ArrayLike, mask: ArrayLike | None = None) -> jax.Array:
-  """Mean of `values` over valid positions (0 when none is valid)."""
-  return reduce_tokens(values, mask, "mean")
-
-
-# -------------------------------------------------------------------------------------------- fused loss
-
-
-def _raw_logits(hidden, head, bias, vocab_size):
-  """h·W (+ b) for one chunk, cut to the shared vocabulary, accumulated in at least float32.
-
-  The product uses the whole head and slices its [chunk, V] result: slicing the [H, V] head instead
-  would copy it.
-  """
-  acc = jnp.promote_types(hidden.dtype, jnp.float32)
-  logits = jnp.dot(hidden, head, preferred_element_type=acc)
-  if bias is not None:
-    logits = logits + bias.astype(acc)
-  return logits[:, :vocab_size]
-
-
-def _head_activation(logits, scale, softcap):
-  """The elementwise tail of an LM head: logit scale, then final-logit softcapping."""
-  if scale != 1.0:
-    logits = logits * scale
-  if softcap is not None:
-    logits = softcap * jnp.tanh(logits / softcap)
-  return logits
-
-
-def apply_head(hidden, head, softcap=None, vocab_size=None):
-  """[N, H] hidden states through a (weight [H, V], softcap) head as `CausalLM.head` returns it: float32
-  logits cut to vocab_size, as every fused loss forms them chunk by chunk."""
-  return _head_activation(_raw_logits(hidden, head, None, vocab_size), 1.0, softcap)
-
-
-def fused_generalized_jsd_loss(
-    student_hidden: ArrayLike,
-    student_head: ArrayLike,
-    teacher_hidden: ArrayLike,
-    teacher_head: ArrayLike,
-    mask: ArrayLike | None = None,
-    *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-    reduction: str = "mean",
-    num_items: ArrayLike | None = None,
-    student_bias: ArrayLike | None = None,
-    teacher_bias: ArrayLike | None = None,
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: float | None = None,
-    teacher_softcap: float | None = None,
-    vocab_size: int | None = None,
-) -> jax.Array:
-  """JSD(β) computed from final hidden states chunk by chunk: no [tokens, V] logits tensor ever exists.
-
-  Args:
-    student_hidden [..., Hs] and teacher_hidden [..., Ht]: final normed hidden states (widths may differ).
-    student_head [Hs, Vs], teacher_head [Ht, Vt]: LM head weights (the embedding transposed when tied).
-    mask: bool [...] aligned to the targets.
-    chunk_size: tokens per chunk; the peak extra memory is about four [chunk_size, V] float32 buffers.
-      None picks the power of two that makes one such buffer about `CHUNK_BYTES` (64 MiB).
-    student_bias/teacher_bias [V*], *_logit_scale, *_softcap: optional head extras
-      (logits = softcap·tanh(scale·(h·W + b)/softcap)).
-    vocab_size: shared vocabulary to cut both heads to (default: the smaller head).
-
-  The teacher arguments are treated as constants (no gradient flows to them); the trainer stops the
-  teacher's gradient anyway and this saves two matmuls per chunk. For "mean"/"sum" the gradient is
-  computed in closed form inside the forward chunk loop (a custom VJP), so the backward pass only
-  rescales it and no logits are recomputed: the matmul FLOPs equal the unfused loss's. What it adds is one
-  read-modify-write of the [H, V] head gradient per chunk, which on a CPU makes it slower than the unfused
-  loss at small chunks (experiments/bench_loss.py): a larger chunk_size trades memory for speed.
-  reduction="none"/"seq_mean" use a rematerialized scan instead (one extra projection per chunk).
-  """
-  beta = _check_beta(beta)
-  temperature = _check_temperature(temperature)
-  _check_reduction(reduction)
-  if student_head.ndim != 2 or teacher_head.ndim != 2:
-    raise ValueError(
-        f"heads must be [hidden, vocab], got {tuple(student_head.shape)} and " f"{tuple(teacher_head.shape)}"
-    )
-  if student_hidden.shape[-1] != student_head.shape[0]:
-    raise ValueError(
-        f"student_hidden width {student_hidden.shape[-1]} != student_head rows "
-        f"{student_head.shape[0]} (shapes {tuple(student_hidden.shape)}, {tuple(student_head.shape)})"
-    )
-  if teacher_hidden.shape[-1] != teacher_head.shape[0]:
-    raise ValueError(
-        f"teacher_hidden width {teacher_hidden.shape[-1]} != teacher_head rows "
-        f"{teacher_head.shape[0]} (shapes {tuple(teacher_hidden.shape)}, {tuple(teacher_head.shape)})"
-    )
-  if tuple(student_hidden.shape[:-1]) != tuple(teacher_hidden.shape[:-1]):
-    raise ValueError(
-        f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
-        f"{tuple(teacher_hidden.shape)} must agree on all dims but the last"
-    )
-  _check_mask(mask, student_hidden.shape[:-1], what="hidden states")
-  shared = min(student_head.shape[1], teacher_head.shape[1])
-  vocab_size = shared if vocab_size is None else int(vocab_size)
-  if not 1 <= vocab_size <= shared:
-    raise ValueError(
-        f"vocab_size {vocab_size} must be in [1, min(student {student_head.shape[1]}, "
-        f"teacher {teacher_head.shape[1]})]"
-    )
-  chunk_size = _default_chunk(chunk_size, vocab_size)
-
-  token_shape = student_hidden.shape[:-1]
-  mask = jnp.ones(token_shape, bool) if mask is None else mask.astype(bool)
-  n = math.prod(token_shape)
-  chunk = min(chunk_size, max(n, 1))
-  n_chunks = -(-n // chunk)
-  pad = n_chunks * chunk - n
-
-  def chunked(x):  # [..., D] -> [n_chunks, chunk, D] with zero rows (masked out) as padding
-    x = x.reshape(n, *x.shape[len(token_shape) :])
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape(n_chunks, chunk, *x.shape[1:])
-
-  hs, ht, m = chunked(student_hidden), chunked(teacher_hidden), chunked(mask)
-  teacher = jax.lax.stop_gradient((teacher_head, teacher_bias))
-  ht = jax.lax.stop_gradient(ht)
-  spec = _FusedSpec(
-      beta,
-      temperature,
-      vocab_size,
-      float(student_logit_scale),
-      float(teacher_logit_scale),
-      None if student_softcap is None else float(student_softcap),
-      None if teacher_softcap is None else float(teacher_softcap),
-  )
-
-  if reduction in ("mean", "sum"):
-    total = _fused_sum(spec, (student_head, student_bias), hs, teacher, ht, m)
-    if reduction == "sum":
-      return total
-    denom = jnp.sum(mask) if num_items is None else num_items
-    return total / jnp.maximum(jnp.asarray(denom, total.dtype), 1.0)
-
-  per_token = _fused_per_token(spec, (student_head, student_bias), hs, teacher, ht, m)
-  per_token = per_token.reshape(-1)[:n].reshape(token_shape)
-  return reduce_tokens(per_token, mask, reduction, num_items)
-
-
-class _FusedSpec(NamedTuple):
-  """Static settings of the fused loss (hashable, so it can be a nondiff argument of the custom VJP)."""
-
-  beta: float
-  temperature: float
-  vocab_size: int
-  s_scale: float
-  t_scale: float
-  s_cap: Optional[float]
-  t_cap: Optional[float]
-
-
-def _chunk_student_logits(spec, student, h):
-  head, bias = student
-  return _head_activation(_raw_logits(h, head, bias, spec.vocab_size), spec.s_scale, spec.s_cap)
-
-
-def _chunk_loss(spec, student_logits, teacher, ht, m):
-  """Per-token JSD for one chunk given the student's chunk logits; zero where masked."""
-  t_head, t_bias = teacher
-  t_logits = _head_activation(_raw_logits(ht, t_head, t_bias, spec.vocab_size), spec.t_scale, spec.t_cap)
-  s_logp = _tempered_logprobs(student_logits, spec.temperature)
-  t_logp = _tempered_logprobs(t_logits, spec.temperature)
-  return jnp.where(m, jsd_from_logprobs(s_logp, t_logp, spec.beta), 0.0)
-
-
-def _fused_per_token(spec, student, hs, teacher, ht, m):
-  @jax.checkpoint  # keep only the chunk inputs; the [chunk, V] logits are recomputed in the backward pass
-  def body(_, xs):
-    h, h_t, mm = xs
-    return None, _chunk_loss(spec, _chunk_student_logits(spec, student, h), teacher, h_t, mm)
-
-  _, per_token = jax.lax.scan(body, None, (hs, ht, m))
-  return per_token
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_sum(spec, student, hs, teacher, ht, m):
-  return _fused_sum_fwd(spec, student, hs, teacher, ht, m)[0]
-
-
-def _jsd_and_student_logit_grad(student_logits, teacher_logits, beta, temperature):
-  """Per-token JSD(β) [C] of finite logits [C, V] and its gradient w.r.t. the student logits [C, V].
-
-  In closed form, to keep the number of [C, V] buffers small: with ls, lt, lm the student, teacher and
-  mixture log-probabilities, ∂/∂z_s of the per-token value is
-    β=0: (p_s − p_t)/τ;   β=1: p_s·(ls − lt − RKL)/τ;   else: (1−β)·p_s·(ls − lm − KL(P_S‖M))/τ.
-  """
-  ls = _tempered_logprobs(student_logits, temperature)
-  lt = _tempered_logprobs(teacher_logits, temperature)
-  ps = jnp.exp(ls)
-  if beta == 0.0:
-    pt = jnp.exp(lt)
-    return jnp.sum(pt * (lt - ls), axis=-1), (ps - pt) / temperature
-  if beta == 1.0:
-    rkl = jnp.sum(ps * (ls - lt), axis=-1)
-    return rkl, ps * (ls - lt - rkl[:, None]) / temperature
-  lm = _mixture_logprobs(ls, lt, beta)
-  kl_s = jnp.sum(ps * (ls - lm), axis=-1)
-  kl_t = jnp.sum(jnp.exp(lt) * (lt - lm), axis=-1)
-  grad = (1.0 - beta) / temperature * ps * (ls - lm - kl_s[:, None])
-  return beta * kl_t + (1.0 - beta) * kl_s, grad
-
-
-def _fused_sum_fwd(spec, student, hs, teacher, ht, m):
-  head, bias = student
-  acc = jnp.promote_types(hs.dtype, jnp.float32)
-
-  def body(carry, xs):
-    loss_acc, d_head, d_bias = carry
-    h, h_t, mm = xs
-    # Differentiate the chunk's loss w.r.t. its own logits, then through the projection by hand so
-    # that the [chunk, V] cotangent lives only inside this iteration.
-    t_head, t_bias = teacher
-    t_logits = _head_activation(_raw_logits(h_t, t_head, t_bias, spec.vocab_size), spec.t_scale, spec.t_cap)
-    s_logits, activation_vjp = jax.vjp(
-        lambda z: _head_activation(z, spec.s_scale, spec.s_cap), _raw_logits(h, head, bias, spec.vocab_size)
-    )
-    per_token, dz = _jsd_and_student_logit_grad(s_logits, t_logits, spec.beta, spec.temperature)
-    mm = mm.astype(acc)
-    loss = jnp.sum(per_token * mm)
-    (dz,) = activation_vjp(dz * mm[:, None])
-    # Columns past the shared vocabulary get zero gradient.
-    dz = jnp.pad(dz, [(0, 0), (0, head.shape[1] - spec.vocab_size)]).astype(h.dtype)
-    dh = jnp.dot(dz, head.T, preferred_element_type=acc)
-    d_head = _add_outer_product(d_head, h, dz)
-    d_bias = None if bias is None else d_bias + jnp.sum(dz, axis=0, dtype=acc)
-    return (loss_acc + loss, d_head, d_bias), dh.astype(hs.dtype)
-
-  init = (jnp.zeros((), acc), jnp.zeros(head.shape, acc), None if bias is None else jnp.zeros(bias.shape, acc))
-  (loss, d_head, d_bias), d_hs = jax.lax.scan(body, init, (hs, ht, m))
-  return loss, ((d_head, d_bias), d_hs, teacher, ht, m)
-
-
-def _add_outer_product(acc, h, dz):
-  """acc += hᵀ·dz in vocabulary blocks, updating acc in place.
-
-  A plain `acc + h.T @ dz` materializes the [H, V] product next to the accumulator (XLA does not
-  accumulate a dot into its operand); blocks of about the size of the [chunk, V] buffers keep the
-  extra memory at that size.
-  """
-  width = acc.shape[1]
-  n_blocks = max(1, min(width, -(-acc.shape[0] // h.shape[0])))
-  size = width // n_blocks
-
-  def add_block(start, acc, size):
-    block = jax.lax.dynamic_slice_in_dim(acc, start, size, axis=1)
-    block = block + jnp.dot(
-        h.T, jax.lax.dynamic_slice_in_dim(dz, start, size, axis=1), preferred_element_type=acc.dtype
-    )
-    return jax.lax.dynamic_update_slice_in_dim(acc, block, start, axis=1)
-
-  acc = jax.lax.fori_loop(0, n_blocks, lambda j, a: add_block(j * size, a, size), acc)
-  if width % n_blocks:
-    acc = add_block(n_blocks * size, acc, width - n_blocks * size)
-  return acc
-
-
-def _fused_sum_bwd(spec, residuals, g):
-  (d_head, d_bias), d_hs, teacher, ht, m = residuals
-  scale = lambda x: None if x is None else (g * x).astype(x.dtype)
-  zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-  return ((scale(d_head), scale(d_bias)), scale(d_hs), zeros(teacher), zeros(ht), np.zeros(m.shape, jax.dtypes.float0))
-
-
-_fused_sum.defvjp(_fused_sum_fwd, _fused_sum_bwd)
-
-
-def _default_chunk(chunk_size, vocab_size):
-  if chunk_size is None:
-    chunk_size = 1 << max(0, round(math.log2(max(1, CHUNK_BYTES // (4 * vocab_size)))))
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-  return chunk_size
-
-
-def fused_nll_loss(
-    hidden: ArrayLike,
-    head: ArrayLike,
-    targets: ArrayLike,
-    mask: ArrayLike | None = None,
-    *,
-    chunk_size: int | None = None,
-    bias: ArrayLike | None = None,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    vocab_size: int | None = None,
-    reduction: str = "mean",
-    num_items: ArrayLike | None = None,
-) -> jax.Array:
-  """`nll_loss` computed from hidden states [..., H] and an LM head [H, V] chunk by chunk (the SFT term of
-  the fused path): a rematerialized scan, so no [tokens, V] logits exist in the forward or backward pass."""
-  _check_reduction(reduction)
-  if head.ndim != 2 or hidden.shape[-1] != head.shape[0]:
-    raise ValueError(f"hidden width {hidden.shape[-1]} must equal the head's rows (head shape {tuple(head.shape)})")
-  if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-    raise ValueError(
-        f"targets shape {tuple(targets.shape)} must equal hidden shape without the last dim "
-        f"{tuple(hidden.shape[:-1])}"
-    )
-  _check_mask(mask, hidden.shape[:-1], what="hidden states")
-  vocab_size = head.shape[1] if vocab_size is None else int(vocab_size)
-  chunk_size = _default_chunk(chunk_size, vocab_size)
-  token_shape = hidden.shape[:-1]
-  n = math.prod(token_shape)
-  chunk = min(chunk_size, max(n, 1))
-  n_chunks = -(-n // chunk)
-
-  def chunked(x):
-    x = x.reshape(n, *x.shape[len(token_shape) :])
-    x = jnp.pad(x, [(0, n_chunks * chunk - n)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape(n_chunks, chunk, *x.shape[1:])
-
-  @jax.checkpoint
-  def body(_, xs):
-    h, t = xs
-    logits = _head_activation(_raw_logits(h, head, bias, vocab_size), float(logit_scale), softcap)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return None, -jnp.take_along_axis(logp, t[:, None].astype(jnp.int32), axis=-1)[:, 0]
-
-  _, per_token = jax.lax.scan(body, None, (chunked(hidden), chunked(targets)))
-  return reduce_tokens(per_token.reshape(-1)[:n].reshape(token_shape), mask, reduction, num_items)

@@ -163,24 +163,6 @@ def _candidates(logits, top_k, top_p, min_p):
   return logits, ids
 
 
-def sampling_logprobs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-  """[..., V] logits → [..., V] log-probs of the distribution `generate` samples from (-inf = excluded).
-
-  temperature 0 gives the greedy point mass. Reference/diagnostic helper; the sampler itself never
-  materializes the full vocab when top_k is set.
-  """
-  logits = jnp.asarray(logits, jnp.float32)
-  if temperature == 0:
-    hot = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=bool)
-    return jnp.where(hot, 0.0, -jnp.inf)
-  vals, ids = _candidates(logits / temperature, top_k, top_p, min_p)
-  logp = jax.nn.log_softmax(vals, axis=-1)
-  if ids is None:
-    return logp
-  full = jnp.full(logits.shape, -jnp.inf, jnp.float32)
-  return jnp.put_along_axis(full, ids, logp, axis=-1, inplace=False)
-
-
 def _argmax(x):
   """First index of the maximum over the last axis, for finite x (NaN rows give the last index).
 
@@ -247,16 +229,13 @@ def sample_logits(key, logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
 
 
 def _last_logits(model, out, vocab_size=None):
-  """[B, V] logits of the last position.
+  """[B, V] logits of the last position, from the final hidden state through the model's head.
 
-  Computed from the final hidden state when the model exposes its head (gkd_jax CausalLM does), so the
-  prefill never materializes [B, P, V] logits: XLA does not push the slice through the LM-head matmul,
-  and at P=512, V=152k that would be the largest buffer of the whole program. The unused full logits
-  are then dead code and are removed.
+  The prefill thus never materializes [B, P, V] logits: XLA does not push the slice through the LM-head
+  matmul, and at P=512, V=152k that would be the largest buffer of the whole program. The unused full
+  logits are then dead code and are removed. The head comes cut to the vocabulary where that pays
+  (CausalLM.lm_head_weight): fewer columns per step.
   """
-  if not callable(getattr(model, "logits", None)):
-    return out.logits[:, -1, :vocab_size]
-  # The head comes cut to the vocabulary where that pays (CausalLM.lm_head_weight): fewer columns per step.
   return model.logits(out.hidden_states[:, -1], vocab_size)
 
 

@@ -56,7 +56,7 @@ def setup():
   student, teacher = tiny(0), tiny(1)
   tx, schedule = optim.make_optimizer(1e-2, 100, warmup_steps=2)
   # Donated like the real trainer's step: the async save must not read buffers the next step reuses.
-  step_fn = jax.jit(ts.make_train_step(student, tx, schedule, CFG, teacher=teacher), donate_argnums=0)
+  step_fn = jax.jit(ts.make_steps(student, tx, schedule, CFG, teacher=teacher)[0], donate_argnums=0)
 
   def fresh():
     copy = lambda m: jax.tree.map(jnp.copy, nnx.state(m))  # the step donates: keep the models' own buffers

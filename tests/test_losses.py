@@ -2,12 +2,14 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from gkd_jax import fused_losses as F
 from gkd_jax import losses as L
 
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
@@ -71,19 +73,26 @@ def jitted(fn, **static):
   return jax.jit(functools.partial(fn, **static))
 
 
+@pytest.fixture(params=["jit", "eager"])
+def variant(request):
+  """`variant(fn, **static)`: fn with its static settings bound, under jax.jit or run eagerly (the checks and
+  the math must agree either way)."""
+  return jitted if request.param == "jit" else functools.partial
+
+
 # ---------------------------------------------------------------------------------- values vs reference
 
 
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("temperature", TEMPERATURES)
-def test_matches_float64_reference(beta, temperature):
+def test_matches_float64_reference(beta, temperature, variant):
   s, t, mask = random_inputs(seed=int(beta * 10 + temperature * 100))
   expected = ref_jsd(s, t, beta, temperature)
-  per_token = jitted(L.generalized_jsd_loss, beta=beta, temperature=temperature, reduction="none")(s, t, mask)
+  per_token = variant(L.generalized_jsd_loss, beta=beta, temperature=temperature, reduction="none")(s, t, mask)
   np.testing.assert_allclose(per_token, np.where(mask, expected, 0.0), rtol=2e-5, atol=2e-6)
   assert np.all(np.asarray(per_token)[0] == 0.0)  # the fully masked row
   for reduction in ("mean", "sum", "seq_mean"):
-    got = L.generalized_jsd_loss(s, t, mask, beta=beta, temperature=temperature, reduction=reduction)
+    got = variant(L.generalized_jsd_loss, beta=beta, temperature=temperature, reduction=reduction)(s, t, mask)
     np.testing.assert_allclose(got, ref_reduce(expected, mask, reduction), rtol=2e-5, err_msg=reduction)
 
 
@@ -239,16 +248,16 @@ def test_topk_with_k_equal_vocab_is_the_full_loss():
 
 
 @pytest.mark.parametrize("beta", BETAS)
-def test_topk_renormalizes_over_the_teachers_k(beta):
+def test_topk_renormalizes_over_the_teachers_k(beta, variant):
   s, t, mask = random_inputs(12)
-  values, idx = L.teacher_topk(jnp.asarray(t), 5)
+  values, idx = variant(L.teacher_topk, k=5)(jnp.asarray(t))
   assert np.all(np.asarray(values) == np.sort(t, axis=-1)[..., ::-1][..., :5])
-  got = L.topk_generalized_jsd_loss(s, values, idx, mask, beta=beta, temperature=2.0, reduction="none")
+  got = variant(L.topk_generalized_jsd_loss, beta=beta, temperature=2.0, reduction="none")(s, values, idx, mask)
   expected = ref_topk_jsd(s, np.asarray(values), np.asarray(idx), beta, 2.0)
   np.testing.assert_allclose(got, np.where(mask, expected, 0.0), rtol=2e-5, atol=2e-7)
 
 
-def test_topk_server_logprobs_and_unfilled_slots():
+def test_topk_server_logprobs_and_unfilled_slots(variant):
   s, t, mask = random_inputs(13)
   values, idx = L.teacher_topk(jnp.asarray(t), 6)
   logprobs = np.asarray(values) - np.log(np.sum(np.exp(t.astype(np.float64)), -1, keepdims=True))
@@ -256,12 +265,9 @@ def test_topk_server_logprobs_and_unfilled_slots():
   logprobs[:, :, 4:] = -np.inf  # the server returned only 4 entries
   idx = np.asarray(idx).copy()
   idx[:, :, 4:] = 0  # and the ids there are placeholders
-  got = L.topk_generalized_jsd_loss(
-      s, logprobs, idx, mask, beta=0.5, temperature=0.9, reduction="none", values_are_logprobs=True
-  )
-  first4 = L.topk_generalized_jsd_loss(
-      s, logprobs[..., :4], idx[..., :4], mask, beta=0.5, temperature=0.9, reduction="none", values_are_logprobs=True
-  )
+  loss = variant(L.topk_generalized_jsd_loss, beta=0.5, temperature=0.9, reduction="none")
+  got = loss(s, logprobs, idx, mask)
+  first4 = loss(s, logprobs[..., :4], idx[..., :4], mask)
   np.testing.assert_allclose(got, first4, rtol=1e-6, atol=1e-8)
   expected = ref_topk_jsd(s, logprobs[..., :4], idx[..., :4], 0.5, 0.9)
   np.testing.assert_allclose(got, np.where(mask, expected, 0.0), rtol=2e-5, atol=2e-7)
@@ -281,34 +287,18 @@ def _fused_case(seed, n_tokens_shape, hs_dim, ht_dim, vs, vt, dtype=np.float32, 
       teacher_head=(rng.normal(size=(ht_dim, vt)) / np.sqrt(ht_dim) * 3).astype(dtype),
       mask=rng.random(n_tokens_shape) < 0.8,
   )
-  kw = {}
-  if extras:
-    kw = dict(
-        student_bias=rng.normal(size=(vs,)).astype(dtype),
-        teacher_bias=rng.normal(size=(vt,)).astype(dtype),
-        student_logit_scale=0.7,
-        teacher_logit_scale=1.3,
-        student_softcap=5.0,
-        teacher_softcap=4.0,
-    )
+  kw = dict(student_softcap=5.0, teacher_softcap=4.0) if extras else {}
   return d, kw
 
 
 def _unfused_from_hidden(d, kw, vocab_size, **loss_kw):
-  def head(h, w, b, scale, cap):
-    z = h @ w + (0 if b is None else b)
-    z = z * scale
+  def head(h, w, cap):
+    z = h @ w
     return z if cap is None else cap * jnp.tanh(z / cap)
 
-  def fn(hs, ws, bs):
-    s = head(hs, ws, bs, kw.get("student_logit_scale", 1.0), kw.get("student_softcap"))
-    t = head(
-        d["teacher_hidden"],
-        d["teacher_head"],
-        kw.get("teacher_bias"),
-        kw.get("teacher_logit_scale", 1.0),
-        kw.get("teacher_softcap"),
-    )
+  def fn(hs, ws):
+    s = head(hs, ws, kw.get("student_softcap"))
+    t = head(d["teacher_hidden"], d["teacher_head"], kw.get("teacher_softcap"))
     s, t = L.align_vocab(s, t, vocab_size)
     return L.generalized_jsd_loss(s, t, d["mask"], **loss_kw)
 
@@ -321,61 +311,40 @@ def test_fused_equals_unfused_values_and_gradients(chunk_size, reduction):
   d, kw = _fused_case(14, (2, 14), hs_dim=8, ht_dim=12, vs=24, vt=21, extras=(chunk_size == 7))
   loss_kw = dict(beta=0.3, temperature=0.9, reduction=reduction)
   unfused = _unfused_from_hidden(d, kw, 20, **loss_kw)
-  bias = kw.get("student_bias")
 
-  def fused(hs, ws, bs):
-    extra = dict(kw, student_bias=bs) if bs is not None else kw
-    return L.fused_generalized_jsd_loss(
-        hs,
-        ws,
-        d["teacher_hidden"],
-        d["teacher_head"],
-        d["mask"],
-        chunk_size=chunk_size,
-        vocab_size=20,
-        **loss_kw,
-        **extra
+  def fused(hs, ws):
+    return F.fused_generalized_jsd_loss(
+        hs, ws, d["teacher_hidden"], d["teacher_head"], d["mask"], chunk_size=chunk_size, vocab_size=20, **loss_kw, **kw
     )
 
-  args = (d["student_hidden"], d["student_head"], bias)
+  args = (d["student_hidden"], d["student_head"])
   np.testing.assert_allclose(jax.jit(fused)(*args), unfused(*args), rtol=2e-5, atol=1e-7)
   scalar = (
       (lambda f: f) if reduction != "none" else (lambda f: lambda *a: jnp.sum(f(*a) * np.arange(28).reshape(2, 14)))
   )
-  argnums = (0, 1, 2) if bias is not None else (0, 1)
-  g_fused = jax.jit(jax.grad(scalar(fused), argnums))(*args)
-  g_unfused = jax.grad(scalar(unfused), argnums)(*args)
-  for gf, gu in zip(g_fused, g_unfused):
-    np.testing.assert_allclose(gf, gu, rtol=2e-4, atol=1e-6)
+  g_fused = jax.jit(jax.grad(scalar(fused), (0, 1)))(*args)
+  g_unfused = jax.grad(scalar(unfused), (0, 1))(*args)
+  chex.assert_trees_all_close(g_fused, g_unfused, rtol=2e-4, atol=1e-6)
   # Rows of the head past the shared vocabulary get exactly zero gradient.
   np.testing.assert_array_equal(np.asarray(g_fused[1])[:, 20:], 0.0)
 
 
 @pytest.mark.parametrize("beta", BETAS)
-def test_fused_float64_and_num_items(beta):
+def test_fused_float64_and_num_items(beta, variant):
   with jax.enable_x64(True):
     d, kw = _fused_case(15, (3, 5), hs_dim=6, ht_dim=6, vs=11, vt=11, dtype=np.float64)
-    fn = lambda hs, ws: L.fused_generalized_jsd_loss(
-        hs,
-        ws,
-        d["teacher_hidden"],
-        d["teacher_head"],
-        d["mask"],
-        beta=beta,
-        temperature=1.7,
-        chunk_size=4,
-        num_items=40,
-    )
+    loss = variant(F.fused_generalized_jsd_loss, beta=beta, temperature=1.7, chunk_size=4, num_items=40)
+    fn = lambda hs, ws: loss(hs, ws, d["teacher_hidden"], d["teacher_head"], d["mask"])
     unfused = _unfused_from_hidden(d, kw, None, beta=beta, temperature=1.7, num_items=40)
     np.testing.assert_allclose(
-        fn(d["student_hidden"], d["student_head"]), unfused(d["student_hidden"], d["student_head"], None), rtol=1e-12
+        fn(d["student_hidden"], d["student_head"]), unfused(d["student_hidden"], d["student_head"]), rtol=1e-12
     )
     check_grads(fn, (d["student_hidden"], d["student_head"]), order=1, modes=("rev",), eps=1e-5)
 
 
 def test_fused_bf16_close_to_f32():
   d, _ = _fused_case(16, (2, 9), hs_dim=16, ht_dim=16, vs=32, vt=32)
-  call = lambda cast: L.fused_generalized_jsd_loss(
+  call = lambda cast: F.fused_generalized_jsd_loss(
       *(cast(d[k]) for k in ("student_hidden", "student_head", "teacher_hidden", "teacher_head")),
       d["mask"],
       beta=0.5,
@@ -391,7 +360,7 @@ def test_fused_never_materializes_full_logits():
   w = jax.ShapeDtypeStruct((h, v), jnp.float32)
   mask = jax.ShapeDtypeStruct((n,), jnp.bool_)
   fused = jax.jit(
-      jax.grad(lambda a, b, c, e, m: L.fused_generalized_jsd_loss(a, b, c, e, m, chunk_size=chunk), argnums=(0, 1))
+      jax.grad(lambda a, b, c, e, m: F.fused_generalized_jsd_loss(a, b, c, e, m, chunk_size=chunk), argnums=(0, 1))
   )
   unfused = jax.jit(jax.grad(lambda a, b, c, e, m: L.generalized_jsd_loss(a @ b, c @ e, m), argnums=(0, 1)))
   temp = lambda f: f.lower(hs, w, hs, w, mask).compile().memory_analysis().temp_size_in_bytes
@@ -437,42 +406,31 @@ def test_parity_with_trl(trl_loss, beta):
 # ------------------------------------------------------------------------------------ NLL, shift, stats
 
 
-def test_nll_matches_reference():
+def test_nll_matches_reference(variant):
   s, _, mask = random_inputs(18)
   targets = np.random.default_rng(0).integers(0, V, size=(B, T))
   expected = -np.take_along_axis(np_log_softmax(s), targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(
-      L.nll_loss(s, targets, mask, reduction="none"), np.where(mask, expected, 0.0), rtol=1e-5, atol=1e-6
+      variant(L.nll_loss, reduction="none")(s, targets, mask), np.where(mask, expected, 0.0), rtol=1e-5, atol=1e-6
   )
-  np.testing.assert_allclose(L.nll_loss(s, targets, mask), ref_reduce(expected, mask, "mean"), rtol=1e-5)
+  np.testing.assert_allclose(variant(L.nll_loss)(s, targets, mask), ref_reduce(expected, mask, "mean"), rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk_size", [4, 7, None])
-def test_fused_nll_equals_nll_on_logits(chunk_size):
+def test_fused_nll_equals_nll_on_logits(chunk_size, variant):
   d, kw = _fused_case(21, (2, 9), hs_dim=8, ht_dim=8, vs=24, vt=24, extras=True)
   targets = np.random.default_rng(0).integers(0, 20, size=(2, 9))
 
   def unfused(h, w):
-    z = (h @ w + kw["student_bias"]) * kw["student_logit_scale"]
+    z = h @ w
     z = kw["student_softcap"] * jnp.tanh(z / kw["student_softcap"])
     return L.nll_loss(z[..., :20], targets, d["mask"], num_items=11)
 
-  fused = lambda h, w: L.fused_nll_loss(
-      h,
-      w,
-      targets,
-      d["mask"],
-      chunk_size=chunk_size,
-      bias=kw["student_bias"],
-      logit_scale=kw["student_logit_scale"],
-      softcap=kw["student_softcap"],
-      vocab_size=20,
-      num_items=11,
-  )
+  loss = variant(F.fused_nll_loss, chunk_size=chunk_size, softcap=kw["student_softcap"], vocab_size=20, num_items=11)
+  fused = lambda h, w: loss(h, w, targets, d["mask"])
   args = (d["student_hidden"], d["student_head"])
   np.testing.assert_allclose(fused(*args), unfused(*args), rtol=1e-5)
-  for a, b in zip(jax.grad(fused, (0, 1))(*args), jax.grad(unfused, (0, 1))(*args)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  chex.assert_trees_all_close(jax.grad(fused, (0, 1))(*args), jax.grad(unfused, (0, 1))(*args), rtol=1e-4, atol=1e-7)
 
 
 def test_shift_pairs_each_position_with_the_next_token():
@@ -511,7 +469,7 @@ def test_token_stats_values():
   np.testing.assert_allclose(stats["teacher_entropy"], -np.sum(np.exp(lt) * lt, -1), rtol=1e-5)
   np.testing.assert_array_equal(stats["top1_agreement"], (s.argmax(-1) == t.argmax(-1)).astype(np.float32))
   np.testing.assert_allclose(
-      L.masked_mean(stats["top1_agreement"], np.ones((B, T), bool)), (s.argmax(-1) == t.argmax(-1)).mean(), rtol=1e-6
+      L.reduce_tokens(stats["top1_agreement"], np.ones((B, T), bool)), (s.argmax(-1) == t.argmax(-1)).mean(), rtol=1e-6
   )
 
 
@@ -521,12 +479,20 @@ def test_jsd_loss_and_stats_match_the_separate_functions(beta):
   loss, stats = L.jsd_loss_and_stats(s, t, mask, beta=beta, temperature=0.8)
   np.testing.assert_allclose(loss, L.generalized_jsd_loss(s, t, mask, beta=beta, temperature=0.8), rtol=1e-6)
   ref = L.token_stats(s, t, temperature=0.8)
-  for name, value in ref.items():
-    np.testing.assert_allclose(np.where(mask, stats[name], 0), np.where(mask, value, 0), rtol=1e-5, atol=1e-6)
+  masked = lambda tree: {name: np.where(mask, value, 0) for name, value in tree.items()}
+  chex.assert_trees_all_close(masked(stats), masked(ref), rtol=1e-5, atol=1e-6)
   # The loss's gradient is the plain loss's; the stats carry none.
   g = jax.grad(lambda x: L.jsd_loss_and_stats(x, t, mask, beta=beta)[0])(s)
   np.testing.assert_allclose(g, jax.grad(lambda x: L.generalized_jsd_loss(x, t, mask, beta=beta))(s), rtol=1e-6)
   np.testing.assert_array_equal(jax.grad(stats_sum)(s, t, mask, beta), 0.0)
+
+
+@pytest.mark.xfail(strict=True, reason="under jit, top1_agreement of jsd_loss_and_stats differs from eager")
+def test_jsd_loss_and_stats_top1_agreement_under_jit():
+  s, t, mask = random_inputs(23)
+  stats = jitted(L.jsd_loss_and_stats, beta=0.0, temperature=0.8)(s, t, mask)[1]
+  want = L.token_stats(s, t, temperature=0.8)["top1_agreement"]
+  np.testing.assert_array_equal(np.where(mask, stats["top1_agreement"], 0), np.where(mask, want, 0))
 
 
 def stats_sum(s, t, mask, beta):
@@ -553,6 +519,27 @@ def test_align_vocab_cuts_padding():
 # ---------------------------------------------------------------------------------------------- errors
 
 
+def test_wrong_rank_or_dtype_names_the_argument(variant):
+  s, t, _ = random_inputs(24)
+  idx = np.zeros((B, T, 3), np.int32)
+  targets = np.zeros((B, T), np.int32)
+  cases = [
+      (r"student_logits must be \[\.\.\., vocab\] floats", L.generalized_jsd_loss, (s[0, 0, 0], t[0, 0, 0])),
+      (r"teacher_logits must be \[\.\.\., vocab\] floats", L.jsd_loss_and_stats, (s, np.zeros(t.shape, np.int32))),
+      (r"teacher_topk_indices must be \[\.\.\., k\] integer", L.topk_generalized_jsd_loss, (s, t[..., :3], 1.0 * idx)),
+      (r"targets must be \[\.\.\.\] integer token ids", L.nll_loss, (s, 1.0 * targets)),
+      (
+          r"student_hidden must be \[\.\.\., hidden\] floats",
+          F.fused_generalized_jsd_loss,
+          (s[0, 0, 0], np.zeros((1, 4)), t[0, 0], np.zeros((V, 4))),
+      ),
+      (r"hidden must be \[\.\.\., hidden\] floats", F.fused_nll_loss, (np.float32(1.0), np.zeros((1, 4)), targets)),
+  ]
+  for message, fn, args in cases:
+    with pytest.raises(AssertionError, match=message):
+      variant(fn)(*args)
+
+
 def test_bad_arguments_fail_with_clear_messages():
   s, t, mask = random_inputs(20)
   with pytest.raises(ValueError, match=r"beta must be in \[0, 1\].*got 1.5"):
@@ -562,7 +549,7 @@ def test_bad_arguments_fail_with_clear_messages():
   with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got 0.0"):
     L.generalized_jsd_loss(s, t, temperature=0.0)
   with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got -1.0"):
-    L.fused_generalized_jsd_loss(s, np.zeros((V, 4)), t, np.zeros((V, 4)), temperature=-1)
+    F.fused_generalized_jsd_loss(s, np.zeros((V, 4)), t, np.zeros((V, 4)), temperature=-1)
   with pytest.raises(ValueError, match=r"k must be an int in \[1, 17\].*got 18"):
     L.teacher_topk(t, 18)
   with pytest.raises(ValueError, match=r"k must be an int in \[1, 17\].*got 0"):
@@ -574,7 +561,7 @@ def test_bad_arguments_fail_with_clear_messages():
   with pytest.raises(ValueError, match=r"reduction must be one of .* got 'batchmean'"):
     L.generalized_jsd_loss(s, t, reduction="batchmean")
   with pytest.raises(ValueError, match=r"student_hidden width 17 != student_head rows 4"):
-    L.fused_generalized_jsd_loss(s, np.zeros((4, 8)), t, np.zeros((17, 8)))
+    F.fused_generalized_jsd_loss(s, np.zeros((4, 8)), t, np.zeros((17, 8)))
   with pytest.raises(TypeError, match=r"beta must be a static Python number"):
     jax.jit(lambda b: L.generalized_jsd_loss(s, t, beta=b))(0.5)
   with pytest.raises(ValueError, match=r"input_ids shape \(1, 4\) and loss_mask shape \(1, 3\)"):

@@ -491,6 +491,27 @@ def test_lm_head_cut_to_vocabulary(tied):
   np.testing.assert_allclose(h @ cut, (h @ full)[:, : V // 2], rtol=1e-6, atol=1e-7)
 
 
+def test_call_names_a_wrong_argument():
+  cfg = ModelConfig(
+      model_type="qwen2",
+      vocab_size=V,
+      hidden_size=H,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=8,
+  )
+  model = CausalLM(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.ones((2, 5), jnp.int32)
+  with pytest.raises(AssertionError, match=r"input_ids must be \[batch, time\] integers"):
+    model(ids[0])
+  with pytest.raises(AssertionError, match=r"input_ids must be \[batch, time\] integers"):
+    nnx.jit(lambda m, x: m(x))(model, ids.astype(jnp.float32))  # raised while tracing
+  with pytest.raises(AssertionError, match=r"positions must be \[batch, time\] integers"):
+    model(ids, positions=jnp.arange(5))
+
+
 @pytest.mark.parametrize("dtype", [None, jnp.float32])
 def test_head_product_gradient_matches_autodiff(dtype):
   """The LM head's hand-written backward (dW as hidden^T @ dlogits) against autodiff of the plain product,

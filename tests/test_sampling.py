@@ -144,6 +144,17 @@ def test_left_align():
   np.testing.assert_array_equal(out_mask, [[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]])
 
 
+def sampling_logprobs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+  """[..., V] logits → [..., V] log-probs of the distribution `generate` samples from (-inf = excluded)."""
+  logits = jnp.asarray(logits, jnp.float32)
+  vals, ids = sampling._candidates(logits / temperature, top_k, top_p, min_p)
+  logp = jax.nn.log_softmax(vals, axis=-1)
+  if ids is None:
+    return logp
+  full = jnp.full(logits.shape, -jnp.inf, jnp.float32)
+  return jnp.put_along_axis(full, ids, logp, axis=-1, inplace=False)
+
+
 @pytest.mark.parametrize(
     "top_k,top_p,min_p", [(0, 0.7, 0.0), (0, 1.0, 0.2), (5, 1.0, 0.0), (10, 0.6, 0.05), (0, 0.95, 0.1)]
 )
@@ -151,7 +162,7 @@ def test_truncation_matches_numpy(top_k, top_p, min_p):
   logits = np.random.default_rng(1).normal(size=(16, VOCAB)) * 2
   temperature = 0.7
   got = np.asarray(
-      sampling.sampling_logprobs(
+      sampling_logprobs(
           jnp.asarray(logits, jnp.float32), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p
       )
   )

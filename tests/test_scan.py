@@ -268,7 +268,7 @@ def test_train_step_and_checkpoint_on_scanned(tmp_path):
       student = CausalLM(tiny_config(), rngs=nnx.Rngs(0), scan_layers=scan, remat="full" if scan else "none")
       teacher = CausalLM(tiny_config(), rngs=nnx.Rngs(1), scan_layers=scan)
       tx, schedule = optim.make_optimizer(1e-2, 100, schedule="constant", max_grad_norm=None)
-      step = jax.jit(ts.make_train_step(student, tx, schedule, cfg, teacher=teacher))
+      step = jax.jit(ts.make_steps(student, tx, schedule, cfg, teacher=teacher)[0])
       state = ts.create_train_state(nnx.state(student), tx, teacher_params=nnx.state(teacher), rng=jax.random.key(0))
       for i in range(2):
         state, metrics = step(state, step_batch(i))
@@ -346,7 +346,9 @@ def test_one_lm_head_owner():
   ref = cap * np.tanh(h @ np.asarray(w, np.float64) / cap)
   np.testing.assert_allclose(out.logits, ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(model.logits(out.hidden_states, 40), ref[..., :40], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(ts.head_logits(model, out.hidden_states, 40), ref[..., :40], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      model.logits(out.hidden_states, 40, dtype=jnp.float32), ref[..., :40], rtol=1e-5, atol=1e-6
+  )
 
 
 def test_config_fields_reach_the_model():

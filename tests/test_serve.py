@@ -499,7 +499,7 @@ def test_client_loss_equals_local_topk_teacher(local_logits, server):
       _, tmask, s, tv, ti = losses.shift_for_next_token(
           jnp.asarray(ids), jnp.asarray(loss_mask), student_logits, jnp.asarray(v), jnp.asarray(i)
       )
-      return losses.topk_generalized_jsd_loss(s, tv, ti, tmask, beta=beta, temperature=0.9, values_are_logprobs=True)
+      return losses.topk_generalized_jsd_loss(s, tv, ti, tmask, beta=beta, temperature=0.9)
 
     remote, local = loss(values, indices), loss(local_v, local_i)
     assert abs(float(remote) - float(local)) <= 1e-5, (beta, remote, local)

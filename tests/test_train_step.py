@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gkd_jax import config as config_lib
 from gkd_jax import optim, sharding
 from gkd_jax import train_step as ts
 from gkd_jax.models import CausalLM, ModelConfig
@@ -74,7 +75,7 @@ def compiled_step(models, cfg, lr, optimizer="adamw"):
     tx, schedule = optim.make_optimizer(lr, 100, schedule="constant", max_grad_norm=None)
     if optimizer == "grads":
       tx = grad_capture()
-    _STEPS[key] = tx, jax.jit(ts.make_train_step(models[0], tx, schedule, cfg, teacher=models[1]))
+    _STEPS[key] = tx, jax.jit(ts.make_steps(models[0], tx, schedule, cfg, teacher=models[1])[0])
   return _STEPS[key]
 
 
@@ -241,6 +242,34 @@ def test_step_config_errors():
     ts.StepConfig(objective="sft")
   with pytest.raises(ValueError, match=r"sft_alpha must be ≥ 0, got -1"):
     ts.StepConfig(sft_alpha=-1)
+
+
+def run_config(**changes):
+  config = config_lib.base_config()
+  config.update({"model": "student", "teacher_model": "teacher", **changes})
+  return config
+
+
+def test_step_config_from_run_config():
+  cfg = ts.StepConfig.from_run_config(run_config(beta=0.3, sft_alpha=0.1), 90, offload_teacher=True)
+  assert cfg == ts.StepConfig(
+      teacher="model", divergence="full", beta=0.3, temperature=0.9, sft_alpha=0.1, vocab_size=90
+  )
+  fused = ts.StepConfig.from_run_config(run_config(fused_loss=True, loss_chunk_size=64), 90, offload_teacher=False)
+  assert (fused.divergence, fused.chunk_size) == ("fused", 64)
+  topk = ts.StepConfig.from_run_config(run_config(gkd_logits_topk=8, fused_loss=True), 90, offload_teacher=False)
+  assert (topk.divergence, topk.topk) == ("topk", 8)  # top-k wins over fused
+  server = run_config(teacher_model=None, teacher_model_server="http://teacher:8000", gkd_logits_topk=4)
+  assert ts.teacher_kind(server) == "server" and ts.StepConfig.from_run_config(server, 90, False).teacher == "server"
+  assert ts.StepConfig.from_run_config(run_config(loss_temperature=2.0), 90, False).temperature == 2.0
+  sft = ts.StepConfig.from_run_config(run_config(objective="sft"), 90, False)
+  assert (sft.objective, sft.teacher) == ("sft", "none")
+  assert ts.teacher_kind(run_config(teacher_model=None)) == "self"
+  # The teacher's params are offloaded only when asked for, the teacher is a model and the host can hold them.
+  offload = lambda **kw: ts.StepConfig.from_run_config(run_config(offload_teacher_model=True, **kw), 90, True)
+  assert offload().offload_teacher and not offload(teacher_model=None).offload_teacher
+  assert not ts.StepConfig.from_run_config(run_config(offload_teacher_model=True), 90, False).offload_teacher
+  assert not ts.StepConfig.from_run_config(run_config(), 90, True).offload_teacher
 
 
 def test_optimizer_state_is_sharded_like_the_params():

@@ -28,6 +28,11 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], names: Sequence[str | Non
   return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap), the logit softcapping of Gemma 2 (final logits and attention scores); None or 0: x."""
+  return jnp.tanh(x / cap) * cap if cap else x
+
+
 @jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [N, K] @ w [K, M] in x's dtype, accumulated in float32, and so are both products of its backward.

@@ -10,6 +10,9 @@ Masking works on cache *slots*: without a cache the T tokens sit in slots 0..T-1
 are written to slots [cache_index, cache_index+T). A query in slot i sees slot j when j <= i, the attention
 mask marks j as a real token, and (sliding layers) i - j < window. Rows are left padded, so real tokens are
 contiguous and slot distance equals position distance, as in HF.
+
+The LM head (`CausalLM.head` / `logits`, `apply_head`, `head_product`) lives here too, so that the sampler, the
+train step and the fused losses apply one head; the file is longer than 500 lines for that.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import functools
 import math
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,7 +31,7 @@ from jax.sharding import Mesh
 from gkd_jax import sharding as shd
 from gkd_jax.models import rope
 from gkd_jax.models.config import ModelConfig
-from gkd_jax.models.layers import Dense, Embed, RMSNorm, param
+from gkd_jax.models.layers import Dense, Embed, RMSNorm, param, softcap
 
 # Masked scores: a large finite value, so that a fully masked (padding) row gives a uniform softmax, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -130,8 +134,7 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, -1, self.groups, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
-    if self.softcap:  # Gemma 2
-      scores = jnp.tanh(scores / self.softcap) * self.softcap
+    scores = softcap(scores, self.softcap)  # Gemma 2
     scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
     out = softmax_values(scores, v, self.dtype)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
@@ -350,6 +353,13 @@ def _head_product_bwd(dtype, residuals, g):
 head_product.defvjp(_head_product_fwd, _head_product_bwd)
 
 
+def apply_head(hidden: jax.Array, w: jax.Array, cap: float | None, vocab_size: int | None = None, *, dtype=None):
+  """The LM head as `CausalLM.head` returns it, (weight [H, V'], softcap), on hidden states [..., H]:
+  softcapped logits [..., V] cut to vocab_size. `dtype` as in `head_product`."""
+  logits = softcap(head_product(hidden, w, dtype), cap)
+  return logits if vocab_size is None else logits[..., :vocab_size]
+
+
 class CausalLM(nnx.Module):
   """Decoder-only LM.
 
@@ -438,11 +448,7 @@ class CausalLM(nnx.Module):
   def logits(self, hidden: jax.Array, vocab_size: int | None = None, *, dtype=None) -> jax.Array:
     """LM head + final-logit softcapping on hidden states [..., H] -> [..., V] (V = vocab_size if given).
     `dtype`: the matmul's accumulation/output type (None: the compute dtype)."""
-    w, cap = self.head(vocab_size)
-    logits = head_product(hidden, w, dtype)
-    if cap:
-      logits = jnp.tanh(logits / cap) * cap
-    return logits if vocab_size is None else logits[..., :vocab_size]
+    return apply_head(hidden, *self.head(vocab_size), vocab_size, dtype=dtype)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> Cache:
     """Zeroed KV cache (compute dtype): per layer {"k", "v"} of [B, max_length, kv_heads, head_dim], or
@@ -485,6 +491,11 @@ class CausalLM(nnx.Module):
     """input_ids [B, T]. Without cache: attention_mask [B, T] (1 = real token). With cache: the tokens are
     written to slots [cache_index, cache_index+T) and attention_mask is [B, S] over all cache slots.
     positions [B, T] default to (number of real tokens before the slot), i.e. cumsum(mask) - 1."""
+    # Shape and dtype checks only: under jit they run once, while tracing.
+    for name, x in (("input_ids", input_ids), ("positions", positions)):
+      if x is not None:
+        chex.assert_rank(x, 2, custom_message=f"{name} must be [batch, time] integers")
+        chex.assert_type(x, int, custom_message=f"{name} must be [batch, time] integers")
     b, t = input_ids.shape
     if cache is None:
       mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
