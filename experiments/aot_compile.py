@@ -10,7 +10,7 @@ are read or allocated), and XLA's TPU compiler reports what one chip would hold 
 
 Per compiled program it prints the per-chip HBM (arguments, outputs, temporaries, total, against the chip's
 capacity), XLA's FLOPs and bytes per chip, a roofline step time (max of FLOPs / peak bf16 FLOP/s and bytes /
-HBM bandwidth) and the compile time. The train step is the trainer's own (trainer.step_config,
+HBM bandwidth) and the compile time. The train step is the trainer's own (StepConfig.from_run_config,
 train_step.make_steps, the state's logical shardings); the sampler is sampling's generate program at the
 recipe's batch, prompt and completion widths.
 
@@ -269,19 +269,20 @@ def build_abstract(config, mesh) -> Abstract:
   teacher, the train state and a worst-case batch (every width at its limit)."""
   student_cfg = model_config(config.model)
   student, params = abstract_model(student_cfg, config, mesh)
-  kind = trainer.teacher_kind(config)
+  kind = ts.teacher_kind(config)
   teacher = teacher_params = None
   if kind == "model":
     teacher, teacher_params = abstract_model(model_config(config.teacher_model), config, mesh)
   vocab = tokenizer_size(config, student_cfg)
-  cfg = trainer.step_config(config, vocab)
+  offload = bool(config.offload_teacher_model) and kind == "model" and trainer.host_memory_available()
+  cfg = ts.StepConfig.from_run_config(config, vocab, offload_teacher=offload)
   if cfg.offload_teacher:
     teacher_params = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding.with_memory_kind("pinned_host")),
         teacher_params,
     )
   tx, schedule = optim.from_config(config)
-  weights, base_params, lora_spec = params, None, lora.spec_from_config(config)
+  base_params, lora_spec = None, lora.spec_from_config(config)
   key = jax.eval_shape(lambda: jax.random.key(config.seed))
   if lora_spec is not None:
     base_params = params
@@ -300,7 +301,7 @@ def build_abstract(config, mesh) -> Abstract:
   limits = rows_lib.Limits(config.max_length, config.max_prompt_length, config.max_completion_length)
   p = limits.prompt_budget
   c = min(x for x in (config.max_completion_length, config.max_length) if x is not None)
-  rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  rows = sharding.batch_sharding(mesh)
   arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
   batch = {
       "prompt_ids": arr((b, p), jnp.int32),

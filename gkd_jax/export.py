@@ -25,6 +25,7 @@ from flax import nnx
 from gkd_jax import checkpoints, files, host_malloc, models, resume, rollout, storage
 from gkd_jax import config as config_lib
 from gkd_jax import sharding as shd
+from gkd_jax import train_step as ts
 
 
 def export_student(student: nnx.Module, tokenizer, weights, out_dir: str, overwrite: bool = False) -> str:
@@ -96,14 +97,12 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
     raise ValueError(f"{path} is not valid JSON ({e}): it should be the config a training run saved") from e
   check_out_collisions(workdir, out, config)  # before anything loads, --overwrite or not
   files.check_output_directory(out, overwrite=overwrite, what="--out")
-  from gkd_jax import trainer
-
   mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
   options = models.model_options(config)  # the layout (scanned or not) the checkpoint was saved in
   student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **options)
   teacher = None
-  if trainer.teacher_kind(config) == "model":
+  if ts.teacher_kind(config) == "model":
     teacher = _abstract_params(config.teacher_model, dtype, param_dtype, mesh, options)
   state, _, _, lora_spec = resume.initial_state(config, student, teacher, mesh)
   with checkpoints.Checkpointer(storage.join(workdir, "checkpoints")) as ckpt:

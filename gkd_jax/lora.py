@@ -3,7 +3,7 @@
     spec = LoraSpec(rank=8, alpha=16, target_modules=("q", "k", "v", "o", "gate", "up", "down"))
     adapters = init_adapters(nnx.state(model), spec, key)          # the only trainable params
     merged = merge(params, adapters, spec)                           # jittable; nnx.merge(graphdef, merged)
-    model = merged_model(model, adapters, spec); save_pretrained(model, out_dir)   # a plain HF checkpoint
+    save_pretrained(nnx.merge(graphdef, merged), out_dir)              # a plain HF checkpoint
 
 A kernel W of shape [*in, *out] (e.g. q: [embed | heads, head_dim], o: [heads, head_dim | embed]) gets
 A [*in, r] and B [r, *out]; the merged weight is W + s·A·B with s = alpha/rank (or alpha/sqrt(rank), rsLoRA).
@@ -228,13 +228,6 @@ def merge(params, adapters, spec: LoraSpec):
   if missing:
     raise ValueError(f"adapters for kernels not in params: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
   return out
-
-
-def merged_model(model: nnx.Module, adapters, spec: LoraSpec) -> nnx.Module:
-  """A copy of `model` with the adapters folded into its kernels (the model itself is left unchanged):
-  pass it to `save_pretrained` to export a plain HF checkpoint."""
-  graphdef, state = nnx.split(model)
-  return nnx.merge(graphdef, merge(state, adapters, spec))
 
 
 def adapter_shardings(adapters, mesh: Mesh, rules=None):

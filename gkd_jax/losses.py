@@ -226,7 +226,7 @@ def _jsd_tokens(student_logits, teacher_logits, beta, temperature):
 def _jsd_fwd(student_logits, teacher_logits, beta, temperature):
   ls = _tempered_logprobs(student_logits, temperature)
   lt = _tempered_logprobs(teacher_logits, temperature)
-  stats = _stats_from_logprobs(ls, lt)
+  stats = _stats_from_logprobs(ls, lt, student_logits, teacher_logits)
   if beta in (0.0, 1.0):
     value = stats["forward_kl"] if beta == 0.0 else stats["reverse_kl"]
     return (value, stats), (ls, lt, value, value)
@@ -420,17 +420,23 @@ def token_stats(student_logits: ArrayLike, teacher_logits: ArrayLike, temperatur
   temperature = _check_temperature(temperature)
   _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
   return _stats_from_logprobs(
-      _tempered_logprobs(student_logits, temperature), _tempered_logprobs(teacher_logits, temperature)
+      _tempered_logprobs(student_logits, temperature),
+      _tempered_logprobs(teacher_logits, temperature),
+      student_logits,
+      teacher_logits,
   )
 
 
-def _stats_from_logprobs(s_logp, t_logp):
+def _stats_from_logprobs(s_logp, t_logp, student_logits, teacher_logits):
+  """Top-1 agreement compares the argmax of the logits (the same tokens as the log-probs' for any temperature
+  > 0): an argmax over a recomputed [..., V] value may not find its own maximum when XLA fuses the max
+  reduction and the comparison with two copies of the computation that round differently."""
   return {
       "forward_kl": _kl_from_logprobs(t_logp, s_logp),
       "reverse_kl": _kl_from_logprobs(s_logp, t_logp),
       "student_entropy": -_kl_from_logprobs(s_logp, jnp.zeros_like(s_logp)),
       "teacher_entropy": -_kl_from_logprobs(t_logp, jnp.zeros_like(t_logp)),
-      "top1_agreement": (first_argmax(s_logp) == first_argmax(t_logp)).astype(jnp.float32),
+      "top1_agreement": (first_argmax(student_logits) == first_argmax(teacher_logits)).astype(jnp.float32),
   }
 
 

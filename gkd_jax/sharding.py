@@ -133,11 +133,6 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=None) -> nnx.State:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def shard_state(state: nnx.State, mesh: Mesh, rules=None) -> nnx.State:
-  """device_put every array of `state` into the sharding its logical names give."""
-  return jax.device_put(state, state_shardings(state, mesh, rules))
-
-
 def host_rows(x: jax.Array, limit: int | None = None) -> np.ndarray:
   """This host's rows of a global array sharded over the batch (`to_global`'s inverse), as host numpy, in
   this host's row order; with `limit`, only the shards holding the first `limit` of them are fetched.

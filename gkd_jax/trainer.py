@@ -24,7 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gkd_jax import checkpoints, evaluate, export, files, lora, models, optim, resume, rollout, sampling, sharding
+from gkd_jax import checkpoints, evaluate, export, files, lora, models, resume, rollout, sampling, sharding
 from gkd_jax import storage, teacher_client, workdir_lock
 from gkd_jax import config as config_lib
 from gkd_jax import data as data_lib
@@ -33,17 +33,6 @@ from gkd_jax import metrics as metrics_lib
 from gkd_jax import train_step as ts
 
 logger = logging.getLogger(__name__)
-
-
-def teacher_kind(config) -> str:
-  """Which teacher the config asks for: "none" (SFT), "server", "self" (OPSD dynamic), or "model"."""
-  if config.objective == "sft":
-    return "none"
-  if config.teacher_model_server:
-    return "server"
-  if not config.teacher_model:
-    return "self"
-  return "model"  # includes OPSD fixed: teacher_model == model gives a frozen copy of the initial student
 
 
 def teacher_server_api_key(config) -> str | None:
@@ -69,28 +58,13 @@ def teacher_server_client(config, vocab_size: int):
   return client
 
 
-def step_config(config, vocab_size: int) -> ts.StepConfig:
-  kind = teacher_kind(config)
-  if config.gkd_logits_topk:
-    divergence = "topk"
-  else:
-    divergence = "fused" if config.fused_loss else "full"
-  return ts.StepConfig(
-      objective=config.objective,
-      teacher=kind,
-      divergence=divergence,
-      beta=config.beta,
-      temperature=config.temperature if config.loss_temperature is None else config.loss_temperature,
-      topk=config.gkd_logits_topk or None,
-      sft_alpha=config.sft_alpha,
-      vocab_size=vocab_size,
-      chunk_size=config.get("loss_chunk_size"),
-      grad_accum_steps=config.grad_accum_steps,
-      offload_teacher=bool(config.offload_teacher_model) and kind == "model" and _host_memory_available(),
-  )
+def _offload_possible(config) -> bool:
+  """Asked only when the run offloads a model teacher (the check warns when the backend cannot)."""
+  return bool(config.offload_teacher_model) and ts.teacher_kind(config) == "model" and host_memory_available()
 
 
-def _host_memory_available() -> bool:
+def host_memory_available() -> bool:
+  """Whether this backend can keep arrays in pinned host memory (offload_teacher_model)."""
   kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
   if "pinned_host" in kinds:
     return True
@@ -188,7 +162,7 @@ def build(config) -> tuple[Setup, ts.TrainState]:
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
   tokenizer = models.load_tokenizer(config.tokenizer or config.model)
   config_lib.validate_with_tokenizer(config, len(tokenizer))
-  kind = teacher_kind(config)
+  kind = ts.teacher_kind(config)
   if kind == "model" and config.teacher_model != config.model:
     _check_same_tokenizer(tokenizer, config.teacher_model)  # before any model loads
   for field in ("model", "teacher_model") if kind == "model" else ("model",):
@@ -212,7 +186,7 @@ def build(config) -> tuple[Setup, ts.TrainState]:
         config.teacher_model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **models.model_options(config)
     )
   vocab_size = len(tokenizer)
-  cfg = step_config(config, vocab_size)
+  cfg = ts.StepConfig.from_run_config(config, vocab_size, offload_teacher=_offload_possible(config))
 
   teacher_params = None if teacher is None else nnx.state(teacher)
   if cfg.offload_teacher:  # kept in host memory between steps; the step moves it in for the forward only

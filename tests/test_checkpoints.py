@@ -19,6 +19,7 @@ from flax import nnx
 from gkd_jax import checkpoints, optim, sharding
 from gkd_jax import train_step as ts
 from gkd_jax.models import CausalLM, ModelConfig
+import helpers
 
 B, P, C = 4, 5, 4
 CFG = ts.StepConfig(beta=0.5, vocab_size=90, sft_alpha=0.1)
@@ -128,9 +129,9 @@ def test_restore_into_mesh_shardings(setup, saved):
   state = fresh()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   target = ts.create_train_state(
-      sharding.shard_state(state.params, mesh),
+      helpers.shard_state(state.params, mesh),
       optim.make_optimizer(1e-2, 100)[0],
-      teacher_params=sharding.shard_state(state.teacher_params, mesh),
+      teacher_params=helpers.shard_state(state.teacher_params, mesh),
       rng=jax.device_put(jax.random.key(0), replicated),
   )
   target = abstract(jax.tree.map(lambda x: jax.device_put(x, replicated) if x.ndim == 0 else x, target))

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec
 from gkd_jax import lora
 from gkd_jax import sharding as shd
 from gkd_jax.models import from_pretrained, save_pretrained
+import helpers
 
 V, H, M, L, N, KV = 64, 32, 48, 2, 4, 2
 D = H // N
@@ -200,7 +201,7 @@ def test_merged_export_loads_in_transformers(model, hf_dir, tmp_path):
   spec = lora.LoraSpec(rank=4, alpha=8, target_modules=ATTN_MLP + ("lm_head",))
   adapters = randomize_b(lora.init_adapters(model, spec, jax.random.key(3)))
   before = jax.tree.map(np.array, nnx.state(model))
-  merged = lora.merged_model(model, adapters, spec)
+  merged = helpers.merged_model(model, adapters, spec)
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(nnx.state(model))):  # the base model is not modified
     np.testing.assert_array_equal(x, np.asarray(y))
   save_pretrained(merged, str(tmp_path))
@@ -239,7 +240,7 @@ def test_sharded_adapters_match_single_device(model):
   assert shardings["layers.0.attn.o.kernel"]["a"].get_value().spec == PartitionSpec("tensor", None, None)
   assert shardings["layers.0.mlp.down.kernel"]["b"].get_value().spec == PartitionSpec(None, "fsdp")
   sharded_adapters = jax.device_put(adapters, shardings)
-  sharded_params = shd.shard_state(params, mesh)
+  sharded_params = helpers.shard_state(params, mesh)
   data = jax.sharding.NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
   out = forward(sharded_params, sharded_adapters, jax.device_put(ids, data), jax.device_put(mask, data))
   np.testing.assert_allclose(np.asarray(out), reference, rtol=1e-5, atol=1e-5)

@@ -487,8 +487,8 @@ def test_jsd_loss_and_stats_match_the_separate_functions(beta):
   np.testing.assert_array_equal(jax.grad(stats_sum)(s, t, mask, beta), 0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="under jit, top1_agreement of jsd_loss_and_stats differs from eager")
 def test_jsd_loss_and_stats_top1_agreement_under_jit():
+  """Seed 23 has a position where an argmax over the jitted, recomputed log-probs missed its own maximum."""
   s, t, mask = random_inputs(23)
   stats = jitted(L.jsd_loss_and_stats, beta=0.0, temperature=0.8)(s, t, mask)[1]
   want = L.token_stats(s, t, temperature=0.8)["top1_agreement"]

@@ -15,6 +15,7 @@ from flax import nnx
 from gkd_jax import sharding as shd
 from gkd_jax.models import CausalLM, ModelConfig, from_pretrained, save_pretrained
 from gkd_jax.models import safetensors_io as st
+import helpers
 
 V, H, T = 128, 32, 12
 BASE = dict(
@@ -279,7 +280,7 @@ def test_state_shardings_follow_rules():
   cfg = ModelConfig.from_hf_dict({**BASE, "model_type": "qwen2", "num_key_value_heads": 2})
   model = CausalLM(cfg, rngs=nnx.Rngs(0))
   mesh = shd.make_mesh(data=1, fsdp=2, tensor=4)
-  state = shd.shard_state(nnx.state(model), mesh)
+  state = helpers.shard_state(nnx.state(model), mesh)
   # 2 KV heads cannot split over tensor=4: replicated on that dim instead of failing.
   assert state["layers"][0]["attn"]["k"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None, None)
   assert state["layers"][0]["mlp"]["down"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")

@@ -9,6 +9,7 @@ import pytest
 
 from gkd_jax import config as config_lib
 from gkd_jax import rollout, trainer
+from gkd_jax import train_step as ts
 import recipe_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,8 +42,8 @@ def test_opsd_modes():
   assert load("opsd", "")["teacher_model"] is None
   fixed = load("opsd", "runlocal_fixed=/fx")
   assert fixed.teacher_model == fixed.model == "/fx/student"
-  assert trainer.teacher_kind(load("opsd", "")) == "self"
-  assert trainer.teacher_kind(fixed) == "model"
+  assert ts.teacher_kind(load("opsd", "")) == "self"
+  assert ts.teacher_kind(fixed) == "model"
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from flax import nnx
 from gkd_jax import sampling
 from gkd_jax import sharding as shd
 from gkd_jax.models import CausalLM, ModelConfig
+import helpers
 
 VOCAB = 64
 # A tiny Qwen2-shaped model (GQA, qkv bias, tied embeddings): the real KV cache is what is under test.
@@ -37,7 +38,7 @@ def tiny_model(mesh=None):
   graphdef, state = nnx.split(model)
   state = jax.tree.map(lambda x: x * 12 if x.ndim >= 2 else x, state)
   if mesh is not None:
-    state = shd.shard_state(state, mesh)
+    state = helpers.shard_state(state, mesh)
   return nnx.merge(graphdef, state)
 
 

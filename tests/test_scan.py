@@ -19,6 +19,7 @@ from gkd_jax.models import CausalLM, ModelConfig, from_pretrained, model_options
 from gkd_jax.models import safetensors_io as st
 from gkd_jax.models import transformer
 from gkd_jax.models.transformer import remat_policy
+import helpers
 from test_models import build_hf, left_padded_batch
 
 # One tiny checkpoint per family (test_models' cases): sliding windows on some / all layers, GQA, q/k norm,
@@ -221,9 +222,9 @@ def test_lora_on_stacked_kernels(checkpoint, tmp_path):
             err_msg=f"{name} {part} layer {i}",
         )
   # The merged scanned model exports the same HF tensors as the merged loop model.
-  ours = lora.merged_model(scanned, as_stacked, spec)
+  ours = helpers.merged_model(scanned, as_stacked, spec)
   save_pretrained(ours, str(tmp_path / "scanned"))
-  save_pretrained(lora.merged_model(loop, trained, spec), str(tmp_path / "loop"))
+  save_pretrained(helpers.merged_model(loop, trained, spec), str(tmp_path / "loop"))
   x, y = st.CheckpointReader(str(tmp_path / "scanned")), st.CheckpointReader(str(tmp_path / "loop"))
   for name in y.keys():
     np.testing.assert_allclose(np.asarray(x.view(name)), np.asarray(y.view(name)), rtol=1e-6, atol=1e-7)

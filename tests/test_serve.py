@@ -259,7 +259,7 @@ def test_event_loop_answers_during_a_forward_and_forward_errors_are_500(engine):
 def send_raw(port, body: bytes, *, extra_length=0) -> socket.socket:
   """A POST /v1/completions written on a raw socket (Content-Length `extra_length` more than sent)."""
   sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-  head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+  head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
   sock.sendall(f"{head}Content-Length: {len(body) + extra_length}\r\n\r\n".encode() + body)
   return sock
 

@@ -15,6 +15,7 @@ from gkd_jax import config as config_lib
 from gkd_jax import optim, sharding
 from gkd_jax import train_step as ts
 from gkd_jax.models import CausalLM, ModelConfig
+import helpers
 
 B, P, C = 8, 6, 5
 
@@ -85,8 +86,8 @@ def run(models, cfg, batch, steps=1, lr=1e-2, shard=None, optimizer="adamw"):
   params, teacher_params = nnx.state(student), nnx.state(teacher) if cfg.teacher == "model" else None
   if shard is not None:
     mesh = sharding.make_mesh(*shard)
-    params = sharding.shard_state(params, mesh)
-    teacher_params = None if teacher_params is None else sharding.shard_state(teacher_params, mesh)
+    params = helpers.shard_state(params, mesh)
+    teacher_params = None if teacher_params is None else helpers.shard_state(teacher_params, mesh)
     batch = {
         k: jax.device_put(v, NamedSharding(mesh, PartitionSpec(*(("data", "fsdp"),) if np.ndim(v) else ())))
         for k, v in batch.items()

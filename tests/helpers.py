@@ -1,0 +1,17 @@
+"""Small helpers the tests share that the package itself does not need."""
+
+import jax
+from flax import nnx
+
+from gkd_jax import lora, sharding
+
+
+def shard_state(state: nnx.State, mesh, rules=None) -> nnx.State:
+  """device_put every array of `state` into the sharding its logical names give."""
+  return jax.device_put(state, sharding.state_shardings(state, mesh, rules))
+
+
+def merged_model(model: nnx.Module, adapters, spec: lora.LoraSpec) -> nnx.Module:
+  """A copy of `model` with the adapters folded into its kernels (the model itself is left unchanged)."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, lora.merge(state, adapters, spec))
