@@ -467,10 +467,8 @@ def test_random_init_exports_to_transformers(model_type, tmp_path):
   assert ModelConfig.from_hf_config(str(tmp_path)) == cfg
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_lm_head_cut_to_vocabulary(tied):
-  """lm_head_weight(vocab) drops the columns past the tokenizer when that removes ≥ 1/8 of them, and the
-  logits it gives are the first `vocab` columns of the full head's."""
+def one_layer_model(**kw) -> CausalLM:
+  """A one-layer Qwen2-style model over V rows, H wide (4 query / 2 KV heads of 8)."""
   cfg = ModelConfig(
       model_type="qwen2",
       vocab_size=V,
@@ -480,9 +478,16 @@ def test_lm_head_cut_to_vocabulary(tied):
       num_attention_heads=4,
       num_key_value_heads=2,
       head_dim=8,
-      tie_word_embeddings=tied,
+      **kw,
   )
-  model = CausalLM(cfg, rngs=nnx.Rngs(0))
+  return CausalLM(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lm_head_cut_to_vocabulary(tied):
+  """lm_head_weight(vocab) drops the columns past the tokenizer when that removes ≥ 1/8 of them, and the
+  logits it gives are the first `vocab` columns of the full head's."""
+  model = one_layer_model(tie_word_embeddings=tied)
   full = model.lm_head_weight()
   assert full.shape == (H, V) and model.lm_head_weight(None).shape == (H, V)
   assert model.lm_head_weight(V * 7 // 8 + 1).shape == (H, V)  # barely padded: not worth a copy
@@ -493,17 +498,7 @@ def test_lm_head_cut_to_vocabulary(tied):
 
 
 def test_call_names_a_wrong_argument():
-  cfg = ModelConfig(
-      model_type="qwen2",
-      vocab_size=V,
-      hidden_size=H,
-      intermediate_size=64,
-      num_hidden_layers=1,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      head_dim=8,
-  )
-  model = CausalLM(cfg, rngs=nnx.Rngs(0))
+  model = one_layer_model()
   ids = jnp.ones((2, 5), jnp.int32)
   with pytest.raises(AssertionError, match=r"input_ids must be \[batch, time\] integers"):
     model(ids[0])
