@@ -33,22 +33,24 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return jnp.tanh(x / cap) * cap if cap else x
 
 
-@jax.custom_vjp
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [N, K] @ w [K, M] in x's dtype, accumulated in float32, and so are both products of its backward.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
+  """x [N, K] @ w [K, M] -> [N, M] in `dtype` (None: x's), accumulated in float32, and so are both products of
+  its backward (their operands in x's dtype).
 
   For bf16 this is what TPU and GPU matrix units do anyway; XLA:CPU runs a bf16 x bf16 -> f32 product on
   native bf16 kernels (AVX512-BF16 / AMX through XNNPACK) at about 2.3x the rate of a bf16 -> bf16 one,
   which it computes by converting to f32 (384 vs 163 GFLOP/s at 2048^3 on a 2-core Zen 4). Autodiff of
-  the plain expression would run the backward on the float32 cotangent instead."""
-  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  the plain expression would run the backward on the float32 cotangent instead. The backward forms dW as
+  x^T [K, N] @ g [N, M] (both operands in the layout a GEMM reads), never a transpose of g."""
+  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(dtype or x.dtype)
 
 
-def _matmul_fwd(x, w):
-  return matmul(x, w), (x, w)
+def _matmul_fwd(x, w, dtype):
+  return matmul(x, w, dtype), (x, w)
 
 
-def _matmul_bwd(residuals, g):
+def _matmul_bwd(dtype, residuals, g):
   x, w = residuals
   g = g.astype(x.dtype)
   dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from gkd_jax import sharding as shd
 from gkd_jax.models import rope
 from gkd_jax.models.config import ModelConfig
-from gkd_jax.models.layers import Dense, Embed, RMSNorm, param, softcap
+from gkd_jax.models.layers import Dense, Embed, RMSNorm, matmul, param, softcap
 
 # Masked scores: a large finite value, so that a fully masked (padding) row gives a uniform softmax, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -323,34 +323,16 @@ def _stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
   return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def head_product(hidden: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
-  """hidden [..., H] @ w [H, V] -> [..., V] in `dtype` (None: hidden's), accumulated in float32 like
-  `layers.matmul` (XLA:CPU's bf16 -> bf16 head at a decode step's shape is 14x slower).
+  """hidden [..., H] @ w [H, V] -> [..., V] in `dtype` (None: the compute dtype, w's), accumulated in float32
+  (`layers.matmul`; XLA:CPU's bf16 -> bf16 head at a decode step's shape is 14x slower).
 
-  Its backward forms dW as hidden^T [H, N] @ dlogits [N, V]: both operands in the layout a GEMM reads
-  directly. Left to autodiff, XLA:CPU computes the tied embedding's gradient as dlogits^T @ hidden and
-  fuses the whole loss backward into a [V, N] transpose of dlogits: strided reads of every [N, V]
-  operand (0.37 s of a 1.4 s step at V = 32,768). Both backward products take their operands in the
-  compute dtype (w's), accumulated in float32."""
-  out = jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=jnp.float32)
-  return out.astype(dtype or hidden.dtype)
-
-
-def _head_product_fwd(hidden, w, dtype):
-  return head_product(hidden, w, dtype), (hidden, w)
-
-
-def _head_product_bwd(dtype, residuals, g):
-  hidden, w = residuals
-  g = g.astype(w.dtype)
-  d_hidden = jnp.einsum("...v,hv->...h", g, w, preferred_element_type=jnp.float32).astype(hidden.dtype)
-  flat_h, flat_g = hidden.reshape(-1, hidden.shape[-1]).astype(w.dtype), g.reshape(-1, g.shape[-1])
-  d_w = jnp.einsum("nh,nv->hv", flat_h, flat_g, preferred_element_type=jnp.float32).astype(w.dtype)
-  return d_hidden, d_w
-
-
-head_product.defvjp(_head_product_fwd, _head_product_bwd)
+  Through `matmul`'s backward dW is hidden^T [H, N] @ dlogits [N, V]: both operands in the layout a GEMM
+  reads directly. Left to autodiff, XLA:CPU computes the tied embedding's gradient as dlogits^T @ hidden and
+  fuses the whole loss backward into a [V, N] transpose of dlogits: strided reads of every [N, V] operand
+  (0.37 s of a 1.4 s step at V = 32,768)."""
+  flat = hidden.reshape(-1, hidden.shape[-1]).astype(w.dtype)
+  return matmul(flat, w, dtype).reshape(*hidden.shape[:-1], w.shape[-1])
 
 
 def apply_head(hidden: jax.Array, w: jax.Array, cap: float | None, vocab_size: int | None = None, *, dtype=None):
