@@ -421,5 +421,6 @@ def generate(
   sharding = None if traced else getattr(prompt_ids, "sharding", None)
   mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
   cache = _init_cache(graphdef, state, batch, prompt_len + config.max_new_tokens, mesh)
-  result, _ = _generate_program(graphdef, config, state, cache, prompt_ids, prompt_mask, key, pixel_values)
+  images = {} if pixel_values is None else {"pixel_values": pixel_values}  # text-only: today's call, cache entry
+  result, _ = _generate_program(graphdef, config, state, cache, prompt_ids, prompt_mask, key, **images)
   return result
