@@ -2,6 +2,7 @@
 with images (one per row and several per row, left padded), greedy decoding, bf16, export, gradients, errors."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,17 @@ def hf_logits(model, ids, mask, flat_pixels):
   return out.logits.float().numpy()
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, ids, mask, pixel_values):
+  return nnx.merge(graphdef, state)(ids, mask, pixel_values=pixel_values).logits
+
+
+def logits_of(model, ids, mask, batch=None):
+  """Jitted forward (eager op-by-op dispatch is the slow part at these sizes)."""
+  graphdef, state = nnx.split(model)
+  return _forward(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), None if batch is None else jnp.asarray(batch))
+
+
 def max_diff_real(a, b, mask):
   return float((np.abs(np.asarray(a, np.float32) - b) * mask[..., None]).max())
 
@@ -149,11 +161,9 @@ def test_image_features_logits_and_export_match_transformers(name, checkpoints, 
   # One row with three images, one with one, a text-only row; P = 4 (a zero padding tile everybody has).
   ids, mask, batch, flat = image_batch([1, 3, 0], tiles=4)
   ref = hf_logits(hf, ids, mask, flat)
-  out = model(jnp.asarray(ids), jnp.asarray(mask), pixel_values=jnp.asarray(batch))
-  assert max_diff_real(out.logits, ref, mask) <= 1e-4
+  assert max_diff_real(logits_of(model, ids, mask, batch), ref, mask) <= 1e-4
   # The images matter: without them the logits differ.
-  plain = model(jnp.asarray(ids), jnp.asarray(mask))
-  assert max_diff_real(plain.logits, ref, mask) > 1e-2
+  assert max_diff_real(logits_of(model, ids, mask), ref, mask) > 1e-2
 
   save_pretrained(model, str(tmp_path))
   reloaded = transformers.InternVLForConditionalGeneration.from_pretrained(
@@ -161,7 +171,6 @@ def test_image_features_logits_and_export_match_transformers(name, checkpoints, 
   ).eval()
   assert max_diff_real(hf_logits(reloaded, ids, mask, flat), ref, mask) <= 1e-5
   assert load_vl_config(str(tmp_path)) == model.vl_config
-  assert load_vl_config(directory.replace(name, name)) is not None
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -192,10 +201,9 @@ def test_greedy_generate_with_images_matches_transformers(scan_layers, checkpoin
 def test_bf16_compute_close_to_float32(checkpoints):
   directory, _ = checkpoints("base")
   ids, mask, batch, _ = image_batch([2, 1], seed=2)
-  args = (jnp.asarray(ids), jnp.asarray(mask))
-  f32 = np.asarray(from_pretrained(directory)(*args, pixel_values=jnp.asarray(batch)).logits)
+  f32 = np.asarray(logits_of(from_pretrained(directory), ids, mask, batch))
   model = from_pretrained(directory, dtype=jnp.bfloat16)
-  logits = model(*args, pixel_values=jnp.asarray(batch)).logits
+  logits = logits_of(model, ids, mask, batch)
   assert logits.dtype == jnp.bfloat16 and model.vision_tower.layers[0].fc1.kernel[...].dtype == jnp.float32
   spread = float(np.abs(f32 * mask[..., None]).max())
   assert max_diff_real(logits, f32, mask) <= 0.05 * spread
@@ -212,24 +220,24 @@ def test_sharded_load_matches_single_device(checkpoints):
   model = from_pretrained(directory, mesh=shd.make_mesh(2, 2, 2))
   q = model.vision_tower.layers[0].attn.q.kernel[...]
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
-  graphdef, state = nnx.split(model)
-  run = jax.jit(lambda s, i, m, p: nnx.merge(graphdef, s)(i, m, pixel_values=p).logits)
-  logits = run(state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(batch))
-  single = from_pretrained(directory)(jnp.asarray(ids), jnp.asarray(mask), pixel_values=jnp.asarray(batch)).logits
+  logits = logits_of(model, ids, mask, batch)
+  # Row 1 has two images: XLA's partitioner once swapped batch rows inside the projector.
+  single = logits_of(from_pretrained(directory), ids, mask, batch)
   assert max_diff_real(logits, np.asarray(single), mask) <= 1e-5
 
 
 @pytest.mark.parametrize("tower, projector", [(False, False), (True, False), (False, True)])
 def test_frozen_parts_get_no_gradient(tower, projector, checkpoints):
   directory, _ = checkpoints("rms_qk")
-  model = from_pretrained(directory, train_vision_tower=tower, train_projector=projector)
+  # remat on when the tower trains: its layers are checkpointed too.
+  model = from_pretrained(directory, train_vision_tower=tower, train_projector=projector, remat=tower)
   ids, mask, batch, _ = image_batch([1, 2], seed=4)
   weights = jnp.asarray(np.random.RandomState(0).randn(*ids.shape, V), jnp.float32)
 
   def loss(m):
     return jnp.sum(m(jnp.asarray(ids), jnp.asarray(mask), pixel_values=jnp.asarray(batch)).logits * weights)
 
-  grads = nnx.grad(loss)(model)
+  grads = nnx.jit(nnx.grad(loss))(model)
   norm = lambda part: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads[part])))
   assert (norm("vision_tower") > 0) == tower
   assert (norm("projector") > 0) == projector
