@@ -249,8 +249,9 @@ class _Loop(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
-def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids, prompt_mask, key):
-  """Prefill + while-loop decode. Returns (SampleOutput, cache); the donated cache is updated in place."""
+def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids, prompt_mask, key, pixel_values=None):
+  """Prefill + while-loop decode. Returns (SampleOutput, cache); the donated cache is updated in place.
+  pixel_values (a multimodal model's images) go to the prefill only: the decode steps feed text tokens."""
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt_ids.shape
   n, pad = config.max_new_tokens, config.pad_token_id
@@ -267,7 +268,8 @@ def _generate_program(graphdef, config: SamplingConfig, state, cache, prompt_ids
 
   # One key per step, split up front: the loop body then spends no RNG work on key derivation.
   step_keys = jax.random.split(key, n)
-  out = model(prompt_ids, attention_mask=mask, positions=positions, cache=cache, cache_index=0)
+  images = {} if pixel_values is None else {"pixel_values": pixel_values}
+  out = model(prompt_ids, attention_mask=mask, positions=positions, cache=cache, cache_index=0, **images)
   tok, logp = draw(step_keys[0], _last_logits(model, out, config.vocab_size))
   tok = jnp.where(filler, pad, tok)
   ids = jnp.full((batch, n), pad, jnp.int32).at[:, 0].set(tok)
@@ -372,6 +374,7 @@ def generate(
     pad_token_id=0,
     return_logprobs=False,
     vocab_size=None,
+    pixel_values=None,
 ):
   """Samples `max_new_tokens` tokens after each prompt; returns a `SampleOutput`.
 
@@ -388,6 +391,8 @@ def generate(
   pad_token_id: written after a row's first stop token.
   return_logprobs: also return the log-probability of each sampled token.
   vocab_size: sample only token ids below it (the tokenizer's size, when the embedding table is padded).
+  pixel_values: [B, tiles, C, H, W] images of a vision-language model (InternVL) for the prompts' image
+    tokens, given to the prefill call only; None (text-only) compiles the same program as before.
 
   The jitted program is cached per (graphdef, settings, shapes); the KV cache is allocated once per
   call and donated to it. Works inside a caller's jit too (then donation is moot and XLA plans memory).
@@ -416,5 +421,6 @@ def generate(
   sharding = None if traced else getattr(prompt_ids, "sharding", None)
   mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
   cache = _init_cache(graphdef, state, batch, prompt_len + config.max_new_tokens, mesh)
-  result, _ = _generate_program(graphdef, config, state, cache, prompt_ids, prompt_mask, key)
+  images = {} if pixel_values is None else {"pixel_values": pixel_values}  # text-only: today's call, cache entry
+  result, _ = _generate_program(graphdef, config, state, cache, prompt_ids, prompt_mask, key, **images)
   return result

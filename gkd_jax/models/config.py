@@ -18,6 +18,16 @@ _ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
 }
 _GEMMA = ("gemma2", "gemma3_text")
+MULTIMODAL_MODEL_TYPES = ("internvl",)  # vision-language checkpoints whose text_config is one of the above
+
+
+def text_config_dict(d: dict) -> dict:
+  """The language model's config dict of a multimodal config.json (its "text_config"), with the head tying
+  transformers applies: the top-level tie_word_embeddings (default True) decides, not the text config's."""
+  text = dict(d.get("text_config") or {})
+  text.setdefault("model_type", "qwen2")
+  text["tie_word_embeddings"] = bool(d.get("tie_word_embeddings", True))
+  return text
 
 
 def _hashable(x):
@@ -115,7 +125,10 @@ class ModelConfig:
 
   @classmethod
   def from_hf_dict(cls, d: dict) -> "ModelConfig":
-    """Reads transformers v4 (rope_theta + rope_scaling) and v5 (rope_parameters) style configs."""
+    """Reads transformers v4 (rope_theta + rope_scaling) and v5 (rope_parameters) style configs. A multimodal
+    config (MULTIMODAL_MODEL_TYPES) gives its language model's config (`text_config_dict`)."""
+    if d.get("model_type") in MULTIMODAL_MODEL_TYPES:
+      d = text_config_dict(d)
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -1,4 +1,4 @@
-"""Parameterized building blocks: dense projections, embedding and RMSNorm with logical axis names.
+"""Parameterized building blocks: dense projections, embedding, RMSNorm and LayerNorm with logical axis names.
 
 Parameters live in `param_dtype` and are cast to the compute `dtype` at use (f32 master weights, bf16 math).
 Every parameter carries its logical axis names as nnx `out_sharding` metadata (eager sharding off: the
@@ -135,3 +135,24 @@ def _rms_norm(x, scale, eps, offset, dtype):
   if offset:
     return (x32 * (1.0 + scale.astype(jnp.float32))).astype(dtype)
   return x32.astype(dtype) * scale.astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+  """torch.nn.LayerNorm (scale and bias), normalized in float32, then cast to the compute dtype."""
+
+  def __init__(self, dim: int, eps: float, *, names=("embed",), dtype, param_dtype, rngs: nnx.Rngs | None = None):
+    self.eps, self.dtype = eps, dtype
+    self.scale = param(rngs, (dim,), names, param_dtype, "ones")
+    self.bias = param(rngs, (dim,), names, param_dtype, "zeros")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return _layer_norm(x, self.scale[...], self.bias[...], self.eps, self.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+def _layer_norm(x, scale, bias, eps, dtype):
+  """Rematerialized like `_rms_norm`: the backward keeps x, not its float32 copy."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (x32 * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)

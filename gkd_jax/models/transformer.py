@@ -467,12 +467,28 @@ class CausalLM(nnx.Module):
       body = jax.checkpoint(body, policy=policy)
     return jax.lax.scan(body, x, (state, window, local, cache))
 
+  def embed_tokens(self, ids: jax.Array) -> jax.Array:
+    """Token embeddings [..., H] in the compute dtype, times Gemma's sqrt(hidden) where the family has it."""
+    x = self.embed(ids)
+    if self.config.embed_scale:  # Gemma: sqrt(hidden), rounded to the weights' dtype like HF
+      x = x * jnp.asarray(self.config.hidden_size**0.5, self.param_dtype).astype(self.dtype)
+    return x
+
   def __call__(
-      self, input_ids, attention_mask=None, *, positions=None, cache: Cache | None = None, cache_index=None
+      self,
+      input_ids,
+      attention_mask=None,
+      *,
+      positions=None,
+      cache: Cache | None = None,
+      cache_index=None,
+      inputs_embeds=None,
   ) -> ModelOutput:
     """input_ids [B, T]. Without cache: attention_mask [B, T] (1 = real token). With cache: the tokens are
     written to slots [cache_index, cache_index+T) and attention_mask is [B, S] over all cache slots.
-    positions [B, T] default to (number of real tokens before the slot), i.e. cumsum(mask) - 1."""
+    positions [B, T] default to (number of real tokens before the slot), i.e. cumsum(mask) - 1.
+    inputs_embeds [B, T, H] (optional) replaces `embed_tokens(input_ids)` (a multimodal model's merged
+    embeddings); input_ids still give the shapes."""
     # Shape and dtype checks only: under jit they run once, while tracing.
     for name, x in (("input_ids", input_ids), ("positions", positions)):
       if x is not None:
@@ -504,9 +520,14 @@ class CausalLM(nnx.Module):
     tables = [rope.cos_sin(self.config, positions)]
     if self.config.has_local_rope:  # Gemma 3: sliding layers use their own base
       tables.append(rope.cos_sin(self.config, positions, local=True))
-    x = self.embed(input_ids)
-    if self.config.embed_scale:  # Gemma: sqrt(hidden), rounded to the weights' dtype like HF
-      x = x * jnp.asarray(self.config.hidden_size**0.5, self.param_dtype).astype(self.dtype)
+    if inputs_embeds is None:
+      x = self.embed_tokens(input_ids)
+    else:
+      if inputs_embeds.shape != (b, t, self.config.hidden_size):
+        raise ValueError(
+            f"inputs_embeds must be [B, T, H]={(b, t, self.config.hidden_size)}, got {inputs_embeds.shape}"
+        )
+      x = inputs_embeds.astype(self.dtype)
     x = shd.constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
     enabled, policy = remat_policy(self.remat)
     if self.scan_layers:
