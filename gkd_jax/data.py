@@ -12,8 +12,16 @@ A batch (this host's rows of one global batch) is a dict of numpy arrays:
   row_mask            bool  [B]      False only on filler rows of a final partial batch (drop_remainder=False)
   teacher_prompt_ids  int32 [B, Pt]  and teacher_prompt_mask, when the dataset has `teacher_prompt`
 
+and, when the loader has ImageInputs and the dataset an `images` column (`gkd_jax.rows`), a batch of images:
+
+  pixel_values        float32 [B, T, 3, S, S]  each row's tiles, its images' in order, then all-zero padding
+                                               tiles (all zeros on text-only and filler rows)
+  num_tiles           int32   [B]              real tiles per row
+
 P, C and Pt are picked per global batch as the smallest allowed bucket >= the longest row, so a jitted step
-compiles once per bucket combination, not once per batch.
+compiles once per bucket combination, not once per batch; T likewise is the global batch's largest tile count
+rounded up to a power of two (at least 1). Images are read and preprocessed per batch, only that batch's
+(tokenization opened each one once to count its tiles), so a dataset's pixels never sit in memory at once.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ from typing import Sequence
 import datasets
 import numpy as np
 
+from gkd_jax import images as images_lib
 from gkd_jax.buckets import DEFAULT_BUCKETS, bucket_size  # noqa: F401 (part of this module's API)
-from gkd_jax.rows import BadRow, Limits, detect_layout, tokenize_row
+from gkd_jax.rows import IMAGES, BadRow, Limits, detect_layout, image_values, tokenize_row
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +112,7 @@ class DataLoader:
       process_index: int | None = None,
       process_count: int | None = None,
       num_proc: int | None = None,
+      image_inputs: images_lib.ImageInputs | None = None,
   ):
     if process_index is None or process_count is None:
       import jax  # only here: the pure functions above need no JAX
@@ -125,6 +135,10 @@ class DataLoader:
     rows = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
     self.layout = detect_layout(rows.column_names)
     self.has_teacher = "teacher_prompt" in rows.column_names
+    self.image_inputs = image_inputs
+    self.has_images = image_inputs is not None and IMAGES in rows.column_names
+    # Only the images column is kept, read row by row when a batch needs its pixels.
+    self._image_rows = rows.select_columns([IMAGES]) if self.has_images else None
     self._tokens, self.skipped = self._tokenize(
         rows, tokenizer, require_completion, skip_bad_rows, end_token_ids, num_proc
     )
@@ -163,7 +177,7 @@ class DataLoader:
     lengths = self._tokens.with_format("numpy")
     self._lengths = {
         k: np.asarray(lengths[k])
-        for k in ("prompt_len", "completion_len", "teacher_prompt_len")
+        for k in ("prompt_len", "completion_len", "teacher_prompt_len", "num_tiles")
         if k in self._tokens.column_names
     }
     self._perm_epoch, self._perm = None, None
@@ -171,6 +185,7 @@ class DataLoader:
   def _tokenize(self, rows, tokenizer, require_completion, skip_bad_rows, end_token_ids, num_proc):
     """Dataset of token columns for the good rows, and the messages of the skipped ones."""
     layout, limits, with_teacher = self.layout, self.limits, self.has_teacher
+    image_inputs, with_images = self.image_inputs, self.has_images
 
     def tokenize_batch(batch: dict, indices: list[int]) -> dict:
       out = {k: [] for k in ("prompt_ids", "completion_ids", "has_completion", "prompt_truncated", "error")}
@@ -184,6 +199,7 @@ class DataLoader:
               limits,
               require_completion=require_completion,
               end_token_ids=end_token_ids,
+              image_inputs=image_inputs,
           )
           error = ""
         except BadRow as e:
@@ -197,6 +213,10 @@ class DataLoader:
         out["error"].append(error)
         if with_teacher:
           out.setdefault("teacher_prompt_ids", []).append(tokens.get("teacher_prompt_ids", []))
+        if with_images:
+          out.setdefault("image_tiles", []).append(tokens.get("image_tiles", []))
+          out.setdefault("num_tiles", []).append(sum(tokens.get("image_tiles", [])))
+          out.setdefault("row_index", []).append(index)
       for k in ("prompt_ids", "completion_ids", "teacher_prompt_ids"):
         if k in out:
           out[k.replace("_ids", "_len")] = [len(x) for x in out[k]]
@@ -214,6 +234,8 @@ class DataLoader:
     }
     if with_teacher:
       features.update(teacher_prompt_ids=ids, teacher_prompt_len=length)
+    if with_images:
+      features.update(image_tiles=ids, num_tiles=length, row_index=datasets.Value("int64"))
     tokens = rows.map(
         tokenize_batch,
         batched=True,
@@ -256,7 +278,32 @@ class DataLoader:
     columns = self._tokens[picked] if picked else {}
     tokenized = [dict(zip(columns, values)) for values in zip(*columns.values())]
     tokenized += [None] * (len(local) - len(picked))  # filler rows sit at the end of the global batch
-    return collate(tokenized, self.pad_id, *widths)
+    batch = collate(tokenized, self.pad_id, *widths)
+    if self.has_images:
+      tiles = int(self._lengths["num_tiles"][rows[rows >= 0]].max())
+      batch["pixel_values"], batch["num_tiles"] = self.pixels(tokenized, images_lib.bucket_tiles(tiles))
+    return batch
+
+  def pixels(self, tokenized: Sequence[dict | None], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel_values float32 [B, width, 3, S, S], num_tiles int32 [B]) of tokenized rows (None = filler):
+    their images read and preprocessed now."""
+    s = self.image_inputs.tile_size
+    pixels = np.zeros((len(tokenized), width, 3, s, s), np.float32)
+    num_tiles = np.zeros(len(tokenized), np.int32)
+    for b, row in enumerate(tokenized):
+      if row is None or not row["image_tiles"]:
+        continue
+      index = int(row["row_index"])
+      values = image_values(self._image_rows[index], index)
+      tiles = self.image_inputs.preprocess([self.image_inputs.open(v, index, IMAGES, k) for k, v in enumerate(values)])
+      if len(tiles) != sum(row["image_tiles"]):
+        raise ValueError(
+            f"row {index}: its images now give {len(tiles)} tiles, but {sum(row['image_tiles'])} when the dataset "
+            f"was tokenized; did the image files change? (clear the datasets cache to tokenize again)"
+        )
+      pixels[b, : len(tiles)] = tiles
+      num_tiles[b] = len(tiles)
+    return pixels, num_tiles
 
   def _widths(self, rows: np.ndarray) -> tuple[int, int, int | None]:
     """(prompt, completion, teacher prompt) widths: the smallest buckets that fit the longest rows."""
@@ -291,8 +338,11 @@ class DataLoader:
     return int(state["step"])
 
 
-def loader_from_config(config, tokenizer, rows, batch_size: int, **kw) -> DataLoader:
-  """A DataLoader over `rows` with the run's seed, length limits and buckets; `kw` go to DataLoader."""
+def loader_from_config(
+    config, tokenizer, rows, batch_size: int, *, image_inputs: images_lib.ImageInputs | None = None, **kw
+) -> DataLoader:
+  """A DataLoader over `rows` with the run's seed, length limits and buckets (and the model's ImageInputs for
+  a vision-language model); `kw` go to DataLoader."""
   return DataLoader(
       rows,
       tokenizer,
@@ -302,5 +352,6 @@ def loader_from_config(config, tokenizer, rows, batch_size: int, **kw) -> DataLo
       buckets=tuple(config.get("length_buckets") or DEFAULT_BUCKETS),
       max_prompt_length=config.max_prompt_length,
       max_completion_length=config.max_completion_length,
+      image_inputs=image_inputs,
       **kw,
   )
