@@ -26,7 +26,9 @@ rounded up to a power of two (at least 1). Images are read and preprocessed per 
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 from typing import Sequence
 
 import datasets
@@ -113,6 +115,7 @@ class DataLoader:
       process_count: int | None = None,
       num_proc: int | None = None,
       image_inputs: images_lib.ImageInputs | None = None,
+      image_workers: int | None = None,
   ):
     if process_index is None or process_count is None:
       import jax  # only here: the pure functions above need no JAX
@@ -136,6 +139,7 @@ class DataLoader:
     self.layout = detect_layout(rows.column_names)
     self.has_teacher = "teacher_prompt" in rows.column_names
     self.image_inputs = image_inputs
+    self.image_workers = image_workers or min(8, os.cpu_count() or 1)  # threads reading a batch's images
     self.has_images = image_inputs is not None and IMAGES in rows.column_names
     # Only the images column is kept, read row by row when a batch needs its pixels.
     self._image_rows = rows.select_columns([IMAGES]) if self.has_images else None
@@ -290,19 +294,26 @@ class DataLoader:
     s = self.image_inputs.tile_size
     pixels = np.zeros((len(tokenized), width, 3, s, s), np.float32)
     num_tiles = np.zeros(len(tokenized), np.int32)
-    for b, row in enumerate(tokenized):
-      if row is None or not row["image_tiles"]:
-        continue
-      index = int(row["row_index"])
-      values = image_values(self._image_rows[index], index)
-      tiles = self.image_inputs.preprocess([self.image_inputs.open(v, index, IMAGES, k) for k, v in enumerate(values)])
-      if len(tiles) != sum(row["image_tiles"]):
+    todo = [b for b, row in enumerate(tokenized) if row is not None and row["image_tiles"]]
+    rows = {b: self._image_rows[int(tokenized[b]["row_index"])] for b in todo}  # Arrow reads: one thread
+
+    def fill(b: int) -> None:  # PIL and NumPy release the GIL for the heavy parts, so threads overlap rows
+      index, want = int(tokenized[b]["row_index"]), sum(tokenized[b]["image_tiles"])
+      tiles = images_lib.load_pixels(self.image_inputs, image_values(rows[b], index), index, IMAGES)
+      if len(tiles) != want:
         raise ValueError(
-            f"row {index}: its images now give {len(tiles)} tiles, but {sum(row['image_tiles'])} when the dataset "
-            f"was tokenized; did the image files change? (clear the datasets cache to tokenize again)"
+            f"row {index}: its images now give {len(tiles)} tiles, but {want} when the dataset was tokenized; "
+            f"did the image files change? (clear the datasets cache to tokenize again)"
         )
       pixels[b, : len(tiles)] = tiles
       num_tiles[b] = len(tiles)
+
+    if len(todo) > 1 and self.image_workers > 1:
+      with concurrent.futures.ThreadPoolExecutor(min(self.image_workers, len(todo))) as pool:
+        list(pool.map(fill, todo))
+    else:
+      for b in todo:
+        fill(b)
     return pixels, num_tiles
 
   def _widths(self, rows: np.ndarray) -> tuple[int, int, int | None]:

@@ -206,6 +206,28 @@ def preprocess(inputs: ImageInputs, images: Sequence) -> np.ndarray:
   return np.asarray(pixels, np.float32)
 
 
+def load_pixels(inputs: ImageInputs, values: Sequence, index: int, column: str = "images") -> np.ndarray:
+  """A row's image values (its `images` column) opened and preprocessed: float32 [tiles, 3, S, S]."""
+  return preprocess(inputs, [open_image(v, index, column, k) for k, v in enumerate(values)])
+
+
+def stack_tiles(
+    inputs: ImageInputs, per_row: Sequence[np.ndarray | None], width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Rows' tiles (None: no images) -> (pixel_values float32 [B, width, 3, S, S], zero-padded; num_tiles int32
+  [B]). width defaults to bucket_tiles of the largest row, as the DataLoader pads its batches."""
+  counts = np.array([0 if t is None else len(t) for t in per_row], np.int32)
+  width = bucket_tiles(int(counts.max(initial=0))) if width is None else width
+  if counts.max(initial=0) > width:
+    raise ValueError(f"a row has {counts.max()} tiles, more than the width {width}")
+  s = inputs.tile_size
+  pixels = np.zeros((len(per_row), width, 3, s, s), np.float32)
+  for b, tiles in enumerate(per_row):
+    if tiles is not None:
+      pixels[b, : len(tiles)] = tiles
+  return pixels, counts
+
+
 # -------------------------------------------------------------------------------------------- image text
 
 

@@ -230,6 +230,17 @@ def test_truncated_file_is_a_bad_row(files):
     images_lib.open_image(files["broken"], 0, position=0)
 
 
+def test_stack_tiles(inputs, files):
+  four = images_lib.load_pixels(inputs, [files["four"]], 0)
+  pixels, counts = images_lib.stack_tiles(inputs, [None, four, four[:1]])
+  assert pixels.shape == (3, 4, 3, TILE, TILE) and counts.tolist() == [0, 4, 1]
+  np.testing.assert_array_equal(pixels[1], four)
+  assert not pixels[0].any() and not pixels[2, 1:].any()
+  assert images_lib.stack_tiles(inputs, [None], width=2)[0].shape == (1, 2, 3, TILE, TILE)
+  with pytest.raises(ValueError, match="a row has 4 tiles, more than the width 2"):
+    images_lib.stack_tiles(inputs, [four], width=2)
+
+
 def test_bucket_tiles():
   assert [images_lib.bucket_tiles(n) for n in (0, 1, 2, 3, 4, 5, 8, 9, 13)] == [1, 1, 2, 4, 4, 8, 8, 16, 16]
 
@@ -369,7 +380,9 @@ def test_pixels_are_read_per_batch(tok, inputs, files, monkeypatch):
   assert not hasattr(dl, "_pixels")
   opened.clear()
   b = dl.batch(1)
-  assert opened == [files["five"], files["one"]] and b["num_tiles"].tolist() == [5, 1]
+  assert sorted(opened) == sorted([files["five"], files["one"]]) and b["num_tiles"].tolist() == [5, 1]
+  serial = loader(rows, tok, inputs, image_workers=1).batch(1)
+  np.testing.assert_array_equal(serial["pixel_values"], b["pixel_values"])
 
 
 def test_global_tile_width_is_shared_by_hosts_and_filler_rows_are_zero(tok, inputs, files):
