@@ -12,20 +12,31 @@ A batch (this host's rows of one global batch) is a dict of numpy arrays:
   row_mask            bool  [B]      False only on filler rows of a final partial batch (drop_remainder=False)
   teacher_prompt_ids  int32 [B, Pt]  and teacher_prompt_mask, when the dataset has `teacher_prompt`
 
+and, when the loader has ImageInputs and the dataset an `images` column (`gkd_jax.rows`), a batch of images:
+
+  pixel_values        float32 [B, T, 3, S, S]  each row's tiles, its images' in order, then all-zero padding
+                                               tiles (all zeros on text-only and filler rows)
+  num_tiles           int32   [B]              real tiles per row
+
 P, C and Pt are picked per global batch as the smallest allowed bucket >= the longest row, so a jitted step
-compiles once per bucket combination, not once per batch.
+compiles once per bucket combination, not once per batch; T likewise is the global batch's largest tile count
+rounded up to a power of two (at least 1). Images are read and preprocessed per batch, only that batch's
+(tokenization opened each one once to count its tiles), so a dataset's pixels never sit in memory at once.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 from typing import Sequence
 
 import datasets
 import numpy as np
 
+from gkd_jax import images as images_lib
 from gkd_jax.buckets import DEFAULT_BUCKETS, bucket_size  # noqa: F401 (part of this module's API)
-from gkd_jax.rows import BadRow, Limits, detect_layout, tokenize_row
+from gkd_jax.rows import IMAGES, BadRow, Limits, detect_layout, image_values, tokenize_row
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +114,8 @@ class DataLoader:
       process_index: int | None = None,
       process_count: int | None = None,
       num_proc: int | None = None,
+      image_inputs: images_lib.ImageInputs | None = None,
+      image_workers: int | None = None,
   ):
     if process_index is None or process_count is None:
       import jax  # only here: the pure functions above need no JAX
@@ -125,6 +138,11 @@ class DataLoader:
     rows = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
     self.layout = detect_layout(rows.column_names)
     self.has_teacher = "teacher_prompt" in rows.column_names
+    self.image_inputs = image_inputs
+    self.image_workers = image_workers or min(8, os.cpu_count() or 1)  # threads reading a batch's images
+    self.has_images = image_inputs is not None and IMAGES in rows.column_names
+    # Only the images column is kept, read row by row when a batch needs its pixels.
+    self._image_rows = rows.select_columns([IMAGES]) if self.has_images else None
     self._tokens, self.skipped = self._tokenize(
         rows, tokenizer, require_completion, skip_bad_rows, end_token_ids, num_proc
     )
@@ -163,7 +181,7 @@ class DataLoader:
     lengths = self._tokens.with_format("numpy")
     self._lengths = {
         k: np.asarray(lengths[k])
-        for k in ("prompt_len", "completion_len", "teacher_prompt_len")
+        for k in ("prompt_len", "completion_len", "teacher_prompt_len", "num_tiles")
         if k in self._tokens.column_names
     }
     self._perm_epoch, self._perm = None, None
@@ -171,6 +189,7 @@ class DataLoader:
   def _tokenize(self, rows, tokenizer, require_completion, skip_bad_rows, end_token_ids, num_proc):
     """Dataset of token columns for the good rows, and the messages of the skipped ones."""
     layout, limits, with_teacher = self.layout, self.limits, self.has_teacher
+    image_inputs, with_images = self.image_inputs, self.has_images
 
     def tokenize_batch(batch: dict, indices: list[int]) -> dict:
       out = {k: [] for k in ("prompt_ids", "completion_ids", "has_completion", "prompt_truncated", "error")}
@@ -184,6 +203,7 @@ class DataLoader:
               limits,
               require_completion=require_completion,
               end_token_ids=end_token_ids,
+              image_inputs=image_inputs,
           )
           error = ""
         except BadRow as e:
@@ -197,6 +217,10 @@ class DataLoader:
         out["error"].append(error)
         if with_teacher:
           out.setdefault("teacher_prompt_ids", []).append(tokens.get("teacher_prompt_ids", []))
+        if with_images:
+          out.setdefault("image_tiles", []).append(tokens.get("image_tiles", []))
+          out.setdefault("num_tiles", []).append(sum(tokens.get("image_tiles", [])))
+          out.setdefault("row_index", []).append(index)
       for k in ("prompt_ids", "completion_ids", "teacher_prompt_ids"):
         if k in out:
           out[k.replace("_ids", "_len")] = [len(x) for x in out[k]]
@@ -214,6 +238,8 @@ class DataLoader:
     }
     if with_teacher:
       features.update(teacher_prompt_ids=ids, teacher_prompt_len=length)
+    if with_images:
+      features.update(image_tiles=ids, num_tiles=length, row_index=datasets.Value("int64"))
     tokens = rows.map(
         tokenize_batch,
         batched=True,
@@ -256,7 +282,39 @@ class DataLoader:
     columns = self._tokens[picked] if picked else {}
     tokenized = [dict(zip(columns, values)) for values in zip(*columns.values())]
     tokenized += [None] * (len(local) - len(picked))  # filler rows sit at the end of the global batch
-    return collate(tokenized, self.pad_id, *widths)
+    batch = collate(tokenized, self.pad_id, *widths)
+    if self.has_images:
+      tiles = int(self._lengths["num_tiles"][rows[rows >= 0]].max())
+      batch["pixel_values"], batch["num_tiles"] = self.pixels(tokenized, images_lib.bucket_tiles(tiles))
+    return batch
+
+  def pixels(self, tokenized: Sequence[dict | None], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel_values float32 [B, width, 3, S, S], num_tiles int32 [B]) of tokenized rows (None = filler):
+    their images read and preprocessed now."""
+    s = self.image_inputs.tile_size
+    pixels = np.zeros((len(tokenized), width, 3, s, s), np.float32)
+    num_tiles = np.zeros(len(tokenized), np.int32)
+    todo = [b for b, row in enumerate(tokenized) if row is not None and row["image_tiles"]]
+    rows = {b: self._image_rows[int(tokenized[b]["row_index"])] for b in todo}  # Arrow reads: one thread
+
+    def fill(b: int) -> None:  # PIL and NumPy release the GIL for the heavy parts, so threads overlap rows
+      index, want = int(tokenized[b]["row_index"]), sum(tokenized[b]["image_tiles"])
+      tiles = images_lib.load_pixels(self.image_inputs, image_values(rows[b], index), index, IMAGES)
+      if len(tiles) != want:
+        raise ValueError(
+            f"row {index}: its images now give {len(tiles)} tiles, but {want} when the dataset was tokenized; "
+            f"did the image files change? (clear the datasets cache to tokenize again)"
+        )
+      pixels[b, : len(tiles)] = tiles
+      num_tiles[b] = len(tiles)
+
+    if len(todo) > 1 and self.image_workers > 1:
+      with concurrent.futures.ThreadPoolExecutor(min(self.image_workers, len(todo))) as pool:
+        list(pool.map(fill, todo))
+    else:
+      for b in todo:
+        fill(b)
+    return pixels, num_tiles
 
   def _widths(self, rows: np.ndarray) -> tuple[int, int, int | None]:
     """(prompt, completion, teacher prompt) widths: the smallest buckets that fit the longest rows."""
@@ -291,8 +349,11 @@ class DataLoader:
     return int(state["step"])
 
 
-def loader_from_config(config, tokenizer, rows, batch_size: int, **kw) -> DataLoader:
-  """A DataLoader over `rows` with the run's seed, length limits and buckets; `kw` go to DataLoader."""
+def loader_from_config(
+    config, tokenizer, rows, batch_size: int, *, image_inputs: images_lib.ImageInputs | None = None, **kw
+) -> DataLoader:
+  """A DataLoader over `rows` with the run's seed, length limits and buckets (and the model's ImageInputs for
+  a vision-language model); `kw` go to DataLoader."""
   return DataLoader(
       rows,
       tokenizer,
@@ -302,5 +363,6 @@ def loader_from_config(config, tokenizer, rows, batch_size: int, **kw) -> DataLo
       buckets=tuple(config.get("length_buckets") or DEFAULT_BUCKETS),
       max_prompt_length=config.max_prompt_length,
       max_completion_length=config.max_completion_length,
+      image_inputs=image_inputs,
       **kw,
   )

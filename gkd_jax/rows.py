@@ -13,6 +13,13 @@ Row layouts (one per dataset, detected from its columns):
 Any layout may add `teacher_prompt` (text or chat list): the teacher's privileged context for OPSD, tokenized
 like a prompt and paired with the same completion.
 
+Any layout may add `images` (ms-swift's multimodal rows): a list of images, the k-th shown where the prompt's
+k-th `<image>` placeholder stands. Placeholders belong in the prompt's non-assistant turns; a row needs exactly
+one per image. With the run's `gkd_jax.images.ImageInputs` each placeholder is expanded to the image's tokens
+(`<img>`, `<IMG_CONTEXT>` per tile token, `</img>`) before tokenization, as transformers' InternVLProcessor
+does, and the row records each image's tile count; a text-only run (no ImageInputs) rejects rows that have
+images. Rows with images take no `teacher_prompt`.
+
 Chat completions are cut out of the rendered conversation (full rendering minus the rendering of the prompt
 with the generation prompt), so they end with the template's own end-of-turn token, exactly what a sampler
 started from the prompt ids must learn to emit.
@@ -33,8 +40,11 @@ from gkd_jax import storage
 ACCEPTED_LAYOUTS = (
     "accepted column layouts: 'messages' (chat list of {'role', 'content'}; a final assistant turn is the "
     "completion), 'prompt' + 'completion' (text, or a chat-list prompt with a text or chat-list completion), "
-    "'prompt' alone (prompt-only); any of them optionally with 'teacher_prompt' (text or chat list)"
+    "'prompt' alone (prompt-only); any of them optionally with 'teacher_prompt' (text or chat list) and with "
+    "'images' (a list of images, one per '<image>' placeholder in the prompt)"
 )
+
+IMAGES = "images"  # the column of a multimodal row's images
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
@@ -198,6 +208,15 @@ class Limits:
     budgets = [b for b in budgets if b is not None]
     return min(budgets) if budgets else None
 
+  def prompt_budget_source(self) -> str:
+    """The settings that make the prompt budget, for messages that tell which to raise."""
+    sources = []
+    if self.max_prompt_length is not None:
+      sources.append(f"max_prompt_length={self.max_prompt_length}")
+    if self.max_length is not None and self.max_completion_length is not None:
+      sources.append(f"max_length - max_completion_length = {self.max_length} - {self.max_completion_length}")
+    return " and ".join(sources) or "no limit"
+
   @property
   def teacher_prompt_budget(self) -> int | None:
     return self.max_teacher_prompt_length if self.max_teacher_prompt_length is not None else self.prompt_budget
@@ -308,6 +327,106 @@ def encode_completion(
   return _encode(tokenizer, prompt_text, False), end_completion(completion_ids, end_ids, eos)
 
 
+# ------------------------------------------------------------------------------------------------- images
+
+
+def image_values(row: dict, index: int) -> list:
+  """A row's `images` as a list (missing or None: no images)."""
+  value = row.get(IMAGES)
+  if value is None:
+    return []
+  if not isinstance(value, (list, tuple)):
+    raise BadRow(index, IMAGES, "expected a list of images (one per '<image>' placeholder)", value)
+  return list(value)
+
+
+def _contents(value: str | list[dict] | None) -> list[tuple[str, str]]:
+  """(role, text) of a prompt or completion: a text is one user turn."""
+  if value is None:
+    return []
+  if isinstance(value, str):
+    return [("user", value)]
+  return [(m["role"], m["content"]) for m in value]
+
+
+def expand_images(
+    row: dict, index: int, prompt: str | list[dict], completion: str | list[dict] | None, image_inputs
+) -> tuple[str | list[dict], list[int]]:
+  """(the prompt with each `<image>` placeholder expanded to its image's tokens, each image's tile count).
+
+  image_inputs: a gkd_jax.images.ImageInputs. Checks the row: placeholders only in non-assistant prompt
+  turns, one per image, every image readable, no teacher_prompt; else BadRow naming the row and column."""
+  ph = image_inputs.placeholder
+  values = image_values(row, index)
+  column = "messages" if "messages" in row else "prompt"
+  for j, (role, text) in enumerate(_contents(prompt)):
+    if role == "assistant" and ph in text:
+      raise BadRow(
+          index, column, f"message {j} is the assistant's but holds {ph!r}: images belong in the prompt's other turns"
+      )
+  if any(ph in text for _, text in _contents(completion)):
+    raise BadRow(
+        index,
+        column if column == "messages" else "completion",
+        f"the completion holds {ph!r}: images belong in the prompt's non-assistant turns",
+    )
+  teacher = row.get("teacher_prompt")
+  if teacher is not None and (values or ph in str(teacher)):
+    raise BadRow(index, "teacher_prompt", "a teacher_prompt is not supported in rows with images")
+  found = sum(text.count(ph) for _, text in _contents(prompt))
+  if found != len(values):
+    raise BadRow(
+        index,
+        IMAGES,
+        f"the prompt holds {found} {ph!r} placeholder(s) but the row has {len(values)} image(s): "
+        "each image needs one placeholder, in order",
+    )
+  tiles = [image_inputs.tiles(image_inputs.open(v, index, IMAGES, k)) for k, v in enumerate(values)]
+  if isinstance(prompt, str):
+    return image_inputs.expand(prompt, tiles), tiles
+  out, k = [], 0
+  for m in prompt:
+    n = m["content"].count(ph)
+    out.append({**m, "content": image_inputs.expand(m["content"], tiles[k : k + n])} if n else m)
+    k += n
+  return out, tiles
+
+
+def _check_image_tokens(
+    prompt_ids: list[int], completion_ids: list[int] | None, tiles: list[int], image_inputs, index: int, column: str
+) -> None:
+  """The tokenized prompt holds exactly the expanded images' tokens (no stray image tokens in the text)."""
+  start, context, end = image_inputs.token_ids
+  want = {start: len(tiles), context: image_inputs.image_seq_length * sum(tiles), end: len(tiles)}
+  got = {t: prompt_ids.count(t) for t in want}
+  if got != want or any(t in want for t in completion_ids or ()):
+    names = {start: image_inputs.start_token, context: image_inputs.context_token, end: image_inputs.end_token}
+    raise BadRow(
+        index,
+        column,
+        f"the tokenized row holds image tokens of its own: expected {[(names[t], n) for t, n in want.items()]} "
+        f"in the prompt (from its {len(tiles)} image(s)) and none in the completion, got "
+        f"{[(names[t], n) for t, n in got.items()]}; use '<image>' placeholders, not image tokens, in the text",
+    )
+
+
+def _check_prompt_cut(prompt_ids: list[int], limits: Limits, image_inputs, index: int) -> None:
+  """Truncation keeps a prompt's last tokens; it must never cut into an image."""
+  budget = limits.prompt_budget
+  if budget is None or len(prompt_ids) <= budget:
+    return
+  image_ids = set(image_inputs.token_ids)
+  first = next((i for i, t in enumerate(prompt_ids) if t in image_ids), None)
+  if first is not None and len(prompt_ids) - budget > first:
+    raise BadRow(
+        index,
+        "prompt",
+        f"the prompt is {len(prompt_ids)} tokens, images included, over its budget of {budget} tokens "
+        f"({limits.prompt_budget_source()}), and truncating it would cut image tokens: raise the prompt budget "
+        f"to at least {len(prompt_ids)}",
+    )
+
+
 def truncate(
     prompt: list[int], completion: list[int] | None, teacher: list[int] | None, limits: Limits, index: int
 ) -> tuple[list[int], list[int] | None, list[int] | None]:
@@ -347,13 +466,22 @@ def tokenize_row(
     *,
     require_completion: bool = False,
     end_token_ids: Sequence[int] | None = None,
+    image_inputs=None,
 ) -> dict:
   """One row -> {'prompt_ids', 'completion_ids' ([] when prompt-only), 'has_completion', 'prompt_truncated' (tokens
-  cut from the prompt's start)[, 'teacher_prompt_ids']}.
+  cut from the prompt's start)[, 'teacher_prompt_ids'][, 'image_tiles' (per image, with image_inputs)]}.
 
+  image_inputs: the run's gkd_jax.images.ImageInputs (None: a text-only run, which rejects rows with images).
   Raises BadRow (a ValueError naming row, column and what is allowed) for unusable rows."""
   end_ids = list(end_token_ids) if end_token_ids is not None else [tokenizer.eos_token_id]
   prompt, completion = split_row(row, index, layout)
+  tiles = None
+  if image_inputs is not None:
+    prompt, tiles = expand_images(row, index, prompt, completion, image_inputs)
+  elif image_values(row, index):
+    raise BadRow(
+        index, IMAGES, "the row has images but this run's model takes none (a text-only checkpoint)", row[IMAGES]
+    )
   if completion is None:
     if require_completion:
       column = "messages" if layout == "messages" else "prompt"
@@ -375,6 +503,11 @@ def tokenize_row(
   if "teacher_prompt" in row:
     teacher_ids = encode_prompt(tokenizer, _prompt(row["teacher_prompt"], index, "teacher_prompt"))
   full_prompt = len(prompt_ids)
+  if tiles is not None:
+    _check_image_tokens(
+        prompt_ids, completion_ids, tiles, image_inputs, index, "messages" if layout == "messages" else "prompt"
+    )
+    _check_prompt_cut(prompt_ids, limits, image_inputs, index)
   prompt_ids, completion_ids, teacher_ids = truncate(prompt_ids, completion_ids, teacher_ids, limits, index)
   out = {
       "prompt_ids": prompt_ids,
@@ -384,6 +517,8 @@ def tokenize_row(
   }
   if teacher_ids is not None:
     out["teacher_prompt_ids"] = teacher_ids
+  if tiles is not None:
+    out["image_tiles"] = tiles
   return out
 
 
