@@ -170,10 +170,107 @@ def build(out_dir, shape="small", tokenizer_size=None, num_rows=2048, vocab_size
   return out_dir
 
 
+# The InternVL pair (vision tower, pixel-shuffle projector, Qwen2 LM): 56-px pictures in 14-px patches give 16
+# patches, pixel-shuffled into image_seq_length = 4 tokens per picture (one per 2x2 grid cell of the shapes task).
+INTERNVL = dict(
+    image_size=56,
+    student=dict(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        text=dict(
+            hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        ),
+    ),
+    teacher=dict(
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        text=dict(
+            hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+        ),
+    ),
+)
+IMAGE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
+
+
+def build_internvl(out_dir, num_train=2048, num_test=256):
+  """Writes the shapes task (train.jsonl, test.jsonl, images/), tokenizer/, and random InternVL student/ and
+  teacher/ checkpoints in transformers' native layout (with the image processor's preprocessor_config.json)
+  under out_dir (skipped when present)."""
+  import torch
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
+  from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+  from gkd_jax.tasks import shapes
+
+  done = os.path.join(out_dir, "DONE")
+  if os.path.exists(done):
+    return out_dir
+  os.makedirs(out_dir, exist_ok=True)
+  torch.manual_seed(0)
+  shapes.write_dataset(out_dir, train=num_train, test=num_test, seed=0, size=INTERNVL["image_size"])
+  with open(os.path.join(out_dir, "train.jsonl")) as f:
+    texts = [m["content"].replace("<image>", "") for line in f for m in json.loads(line)["messages"]]
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=512,
+      special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *IMAGE_TOKENS],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
+  tok.train_from_iterator(texts, trainer)
+  hf_tok = PreTrainedTokenizerFast(
+      tokenizer_object=tok,
+      eos_token="<|im_end|>",
+      pad_token="<|endoftext|>",
+      extra_special_tokens={
+          "start_image_token": "<img>",
+          "end_image_token": "</img>",
+          "context_image_token": "<IMG_CONTEXT>",
+      },
+  )
+  hf_tok.chat_template = CHAT_TEMPLATE
+  hf_tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
+  size = INTERNVL["image_size"]
+  processor = GotOcr2ImageProcessorPil(size={"height": size, "width": size}, crop_to_patches=False)
+  context_id = hf_tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+  vocab = -(-len(hf_tok) // 64) * 64  # embedding rows padded to a multiple of 64, as real checkpoints pad
+  for name in ("student", "teacher"):
+    spec = INTERNVL[name]
+    cfg = InternVLConfig(
+        vision_config=dict(image_size=size, patch_size=14, **spec["vision"]),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=vocab,
+            max_position_embeddings=512,
+            eos_token_id=hf_tok.eos_token_id,
+            pad_token_id=hf_tok.pad_token_id,
+            bos_token_id=None,
+            tie_word_embeddings=name == "student",
+            **spec["text"],
+        ),
+        image_token_id=context_id,
+        image_seq_length=(size // 14) ** 2 // 4,
+        downsample_ratio=0.5,
+        tie_word_embeddings=name == "student",
+    )
+    model = InternVLForConditionalGeneration(cfg)
+    directory = os.path.join(out_dir, name)
+    model.save_pretrained(directory)
+    hf_tok.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    print(f"internvl {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, tokenizer {len(hf_tok)}")
+  open(done, "w").close()
+  return out_dir
+
+
 if __name__ == "__main__":
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("out_dir")
   ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
   ap.add_argument("--tokenizer-size", type=int, help="pad the tokenizer's vocabulary to this many tokens")
+  ap.add_argument("--internvl", action="store_true", help="the InternVL pair and the shapes task instead")
   args = ap.parse_args()
-  build(args.out_dir, args.shape, args.tokenizer_size)
+  if args.internvl:
+    build_internvl(args.out_dir)
+  else:
+    build(args.out_dir, args.shape, args.tokenizer_size)

@@ -37,7 +37,7 @@ import numpy as np
 from gkd_jax import files, optim, storage
 
 OBJECTIVES = ("gkd", "sft")
-EVAL_METRICS = ("none", "math", "arithmetic", "rouge")  # scored by gkd_jax.evaluate.metric
+EVAL_METRICS = ("none", "math", "arithmetic", "rouge", "shapes")  # scored by gkd_jax.evaluate.metric
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "offload")
 ATTENTION = ("xla", "dot_product", "splash")
@@ -152,6 +152,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora_alpha = 16.0
   c.lora_target_modules = "all-linear"
   c.lora_rslora = False
+  # Vision-language models (InternVL): the vision tower and the projector (ms-swift's "aligner") are frozen by
+  # default, as ms-swift's --freeze_vit / --freeze_aligner; LoRA adapts the language model only.
+  c.train_vision_tower = False
+  c.train_projector = False
+  # The most tiles the image processor cuts a picture into (its max_patches; a thumbnail is added when there are
+  # several); each tile costs image_seq_length tokens (256 for InternVL3). None: the checkpoint's processor setting.
+  c.image_max_tiles = ml_collections.FieldReference(None, field_type=int)
   # Evaluation on a held-out split (none when eval_split is None): teacher-forced divergences and NLL, plus a
   # generation metric ("math" exact match, "arithmetic" checker, "rouge", or "none"), every eval_every steps
   # (0: only at the end) and with --mode=eval.
@@ -329,6 +336,13 @@ def validate(c) -> None:
     fail("lr_schedule", c.lr_schedule, f"must be one of {optim.SCHEDULES}")
   if not (isinstance(c.lora_rank, int) and c.lora_rank >= 0):
     fail("lora_rank", c.lora_rank, "must be an int ≥ 0 (0 = full-parameter training)")
+  if c.image_max_tiles is not None and not (isinstance(c.image_max_tiles, int) and c.image_max_tiles >= 1):
+    fail("image_max_tiles", c.image_max_tiles, "must be None (the processor's setting) or an int ≥ 1")
+  for field in ("train_vision_tower", "train_projector"):
+    if not isinstance(c[field], bool):
+      fail(field, c[field], "must be True or False")
+    if c[field] and c.lora_rank:
+      fail(field, c[field], "must be False with LoRA (lora_rank > 0): LoRA adapts the language model only")
   if c.lora_rank and not c.lora_alpha > 0:
     fail("lora_alpha", c.lora_alpha, "must be > 0")
   if c.eval_metric not in EVAL_METRICS:

@@ -14,6 +14,7 @@ Metrics (`config.eval_metric`; the names are config.EVAL_METRICS), completions (
 "math":       exact match of the final answer (GSM8K's "#### 42", else "answer is 42", else the last number)
 "arithmetic": the offline arithmetic task's checker (answer and chain accuracy)
 "rouge":      ROUGE-1/2/L F1 against the reference completion (rouge-score)
+"shapes":     the offline shapes-picture task's checker (exact one-word answers; gkd_jax.tasks.shapes)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from gkd_jax import data as data_lib
+from gkd_jax import images as images_lib
 from gkd_jax import rows as rows_lib
 from gkd_jax import config as config_lib
 from gkd_jax import rollout, sampling, storage
@@ -92,32 +94,58 @@ def metric(name: str) -> Callable[[Sequence[str], Sequence[dict]], dict] | None:
     from gkd_jax.tasks import arithmetic
 
     return arithmetic.evaluate
+  if name == "shapes":
+    from gkd_jax.tasks import shapes
+
+    return shapes.evaluate
   return {"math": math_exact_match, "rouge": rouge}[name]
 
 
 # ------------------------------------------------------------------------------------------- generation
 
 
-def encode_prompts(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
-  """Token ids of each row's prompt, as the trainer's DataLoader builds them."""
+def encode_prompts(tokenizer, rows: Sequence[dict], image_inputs=None) -> tuple[list[list[int]], list[list[int]]]:
+  """(token ids of each row's prompt, as the trainer's DataLoader builds them; each row's tiles per image).
+  With `image_inputs` (a vision-language model's images.ImageInputs) the prompts' `<image>` placeholders are
+  expanded to their images' tokens; without, rows have no tiles."""
   layout = rows_lib.detect_layout(list(rows[0].keys()))
-  return [rows_lib.encode_prompt(tokenizer, rows_lib.split_row(row, i, layout)[0]) for i, row in enumerate(rows)]
+  prompts, tiles = [], []
+  for i, row in enumerate(rows):
+    prompt, completion = rows_lib.split_row(row, i, layout)
+    row_tiles = []
+    if image_inputs is not None:
+      prompt, row_tiles = rows_lib.expand_images(row, i, prompt, completion, image_inputs)
+    prompts.append(rows_lib.encode_prompt(tokenizer, prompt))
+    tiles.append(row_tiles)
+  return prompts, tiles
 
 
 def generate_completions(
-    model, tokenizer, rows, *, max_new_tokens: int, batch_size: int = 256, temperature: float = 0.0, seed: int = 0
+    model,
+    tokenizer,
+    rows,
+    *,
+    max_new_tokens: int,
+    batch_size: int = 256,
+    temperature: float = 0.0,
+    seed: int = 0,
+    image_inputs=None,
 ) -> list[str]:
   """One decoded completion per row (text up to and including the first stop token).
 
   temperature 0 is greedy; otherwise batch i samples with fold_in(key(seed), i), so a call is reproducible.
   The last batch is padded with copies of its first row to keep one compiled shape; those are dropped.
+  image_inputs: a vision-language model's images.ImageInputs, for rows with images (their pixels are read per
+  batch, padded to one tile count for all batches).
   """
   rows = list(rows)
   if not rows:
     raise ValueError("no rows to evaluate")
-  prompts = encode_prompts(tokenizer, rows)
+  prompts, tiles = encode_prompts(tokenizer, rows, image_inputs)
   width = sampling.bucket_length(max(len(p) for p in prompts))
   ids, mask = data_lib.pad(prompts, width, tokenizer.pad_token_id, left=True)
+  with_images = any(tiles)
+  tile_width = images_lib.bucket_tiles(max(sum(t) for t in tiles)) if with_images else 0
   batch_size = min(batch_size, len(rows))
   stop_ids = sampling.normalize_stop_ids(tokenizer.eos_token_id)
   key = jax.random.key(seed)
@@ -129,6 +157,13 @@ def generate_completions(
     if real < batch_size:  # filler rows: same shape as every other batch, no recompile
       b_ids = np.concatenate([b_ids, np.repeat(b_ids[:1], batch_size - real, 0)])
       b_mask = np.concatenate([b_mask, np.repeat(b_mask[:1], batch_size - real, 0)])
+    pixels = None
+    if with_images:
+      per_row = [
+          images_lib.load_pixels(image_inputs, rows_lib.image_values(rows[j], j), j) if tiles[j] else None
+          for j in range(start, start + real)
+      ]
+      pixels, _ = images_lib.stack_tiles(image_inputs, per_row + per_row[:1] * (batch_size - real), tile_width)
     out = sampling.generate(
         model,
         b_ids,
@@ -139,6 +174,7 @@ def generate_completions(
         eos_token_ids=stop_ids,
         pad_token_id=tokenizer.pad_token_id,
         vocab_size=len(tokenizer),
+        pixel_values=pixels,
     )
     out_ids, out_mask = jax.device_get((out.completion_ids, out.completion_mask))
     for row_ids, row_mask in zip(out_ids[:real], out_mask[:real]):
@@ -156,12 +192,20 @@ def accuracy(
     batch_size: int = 256,
     temperature: float = 0.0,
     seed: int = 0,
+    image_inputs=None,
 ) -> dict[str, Any]:
   """evaluate_fn(completions, rows) of the model's completions (default: the "arithmetic" metric)."""
   evaluate_fn = evaluate_fn or metric("arithmetic")
   rows = list(rows)
   completions = generate_completions(
-      model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed
+      model,
+      tokenizer,
+      rows,
+      max_new_tokens=max_new_tokens,
+      batch_size=batch_size,
+      temperature=temperature,
+      seed=seed,
+      image_inputs=image_inputs,
   )
   return evaluate_fn(completions, rows)
 
@@ -169,13 +213,21 @@ def accuracy(
 # ------------------------------------------------------------------------------------ during training
 
 
-def held_out(config, tokenizer):
+def held_out(config, tokenizer, image_inputs=None):
   """(rows, loader) of the run's eval split: the first config.eval_rows rows of config.eval_dataset (default:
-  the training dataset), every row once, in order."""
+  the training dataset), every row once, in order (image_inputs: a vision-language model's, for rows with
+  images)."""
   rows = rows_lib.rows_from_config(config, config.eval_dataset or config.dataset, config.eval_split)
   rows = rows.select(range(min(config.eval_rows, len(rows))))
   loader = data_lib.loader_from_config(
-      config, tokenizer, rows, config.eval_batch_size, require_completion=True, shuffle=False, drop_remainder=False
+      config,
+      tokenizer,
+      rows,
+      config.eval_batch_size,
+      require_completion=True,
+      shuffle=False,
+      drop_remainder=False,
+      image_inputs=image_inputs,
   )
   return rows, loader
 
@@ -230,6 +282,7 @@ def generation_metric(setup, model, rows, score) -> dict:
       batch_size=config.eval_batch_size,
       temperature=config.eval_temperature,
       seed=config.seed,
+      image_inputs=setup.image_inputs,
   )
   return {k: v for k, v in score(completions, rows).items() if k != "count"}
 

@@ -28,13 +28,21 @@ from gkd_jax import sharding as shd
 from gkd_jax import train_step as ts
 
 
-def export_student(student: nnx.Module, tokenizer, weights, out_dir: str, overwrite: bool = False) -> str:
+def export_student(
+    student: nnx.Module, tokenizer, weights, out_dir: str, overwrite: bool = False, source: str | None = None
+) -> str:
   """Writes `student` with `weights` (its full params, LoRA merged) as a HuggingFace checkpoint with the
   tokenizer (process 0), into a new or empty `out_dir` (or replacing its content with `overwrite`), never a
-  mix of two models."""
+  mix of two models. `source`: the checkpoint the student was loaded from, whose image-processor settings a
+  vision-language export carries along (so the export loads with its processor)."""
   nnx.update(student, jax.device_get(weights))
   if jax.process_index() == 0:
-    write = lambda d: models.save_pretrained(student, d, tokenizer=tokenizer)
+
+    def write(directory):
+      models.save_pretrained(student, directory, tokenizer=tokenizer)
+      if source is not None and models.load_vl_config(source) is not None:
+        models.copy_processor_files(source, directory)
+
     files.replace_directory(out_dir, write, overwrite=overwrite, what="export directory")
   return out_dir
 
@@ -108,7 +116,9 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
   with checkpoints.Checkpointer(storage.join(workdir, "checkpoints")) as ckpt:
     state, _ = ckpt.restore(resume.abstract_state(state), step=step, fingerprint=resume.fingerprint(config))
   tokenizer = models.load_tokenizer(config.tokenizer or config.model)
-  return export_student(student, tokenizer, rollout.student_weights(state, lora_spec), out, overwrite)
+  return export_student(
+      student, tokenizer, rollout.student_weights(state, lora_spec), out, overwrite, source=config.model
+  )
 
 
 def _abstract_params(path: str, dtype, param_dtype, mesh, options: dict) -> nnx.State:
@@ -119,9 +129,11 @@ def _abstract_params(path: str, dtype, param_dtype, mesh, options: dict) -> nnx.
     from huggingface_hub import hf_hub_download
 
     path = hf_hub_download(path, "config.json")
-  cfg = models.ModelConfig.from_hf_config(path)
+  vl = models.load_vl_config(os.path.dirname(path) if path.endswith("config.json") else path)
+  model = models.CausalLM if vl is None else models.InternVL
+  cfg = models.ModelConfig.from_hf_config(path) if vl is None else vl
   abstract = nnx.eval_shape(
-      lambda: models.CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), mesh=mesh, **options)
+      lambda: model(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), mesh=mesh, **options)
   )
   state = nnx.state(abstract)
   for _, var in nnx.to_flat_state(state):

@@ -124,15 +124,25 @@ def image_token(tokenizer, attribute: str) -> tuple[str, int]:
 
 
 def image_inputs(
-    model_dir: str, tokenizer, image_seq_length: int, *, crop_to_patches: bool | None = True
+    model_dir: str,
+    tokenizer,
+    image_seq_length: int,
+    *,
+    crop_to_patches: bool | None = True,
+    max_tiles: int | None = None,
 ) -> ImageInputs:
   """The ImageInputs of a model directory (local or gs://) and its tokenizer.
 
   image_seq_length: tokens per tile (the model's config: (image_size / patch_size)^2 * downsample_ratio^2).
-  crop_to_patches: True tiles every image as InternVLProcessor does; None keeps the saved config's choice."""
+  crop_to_patches: True tiles every image as InternVLProcessor does; None keeps the saved config's choice.
+  max_tiles: the most tiles an image is cut into (the processor's max_patches; a thumbnail is added when there
+  are several); None keeps the saved setting."""
   if isinstance(image_seq_length, bool) or not isinstance(image_seq_length, int) or image_seq_length <= 0:
     raise ValueError(f"image_seq_length={image_seq_length!r} must be a positive int")
-  processor = make_processor(read_processor_config(model_dir), crop_to_patches)
+  config = read_processor_config(model_dir)
+  if max_tiles is not None:
+    config = {**config, "max_patches": int(max_tiles), "min_patches": min(int(config.get("min_patches", 1)), max_tiles)}
+  processor = make_processor(config, crop_to_patches)
   (start, start_id), (context, context_id), (end, end_id) = (
       image_token(tokenizer, a) for a in ("start_image_token", "context_image_token", "end_image_token")
   )

@@ -107,15 +107,24 @@ def _names(leaf) -> tuple[str | None, ...]:
   return shd.variable_names(leaf) if _is_var(leaf) else (None,) * np.ndim(leaf)
 
 
+# A vision-language model's vision tower and projector: LoRA adapts its language model only (as ms-swift does
+# with a frozen ViT and aligner).
+_NOT_ADAPTED = ("vision_tower", "projector")
+
+
 def _kernels(params) -> list[tuple[tuple[str, ...], Any]]:
-  """(path, leaf) of every projection kernel: a ≥2-D param named "kernel" (embeddings and norms are not)."""
+  """(path, leaf) of every projection kernel of the language model: a ≥2-D param named "kernel" (embeddings
+  and norms are not), outside a vision tower or projector."""
   if isinstance(params, nnx.Module):
     params = nnx.state(params, nnx.Param)
   leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_var)[0]
   return [
       (_path(keys), leaf)
       for keys, leaf in leaves
-      if _path(keys)[-1] == _KERNEL and len(_path(keys)) >= 2 and np.ndim(_value(leaf)) >= 2
+      if _path(keys)[-1] == _KERNEL
+      and len(_path(keys)) >= 2
+      and np.ndim(_value(leaf)) >= 2
+      and _path(keys)[0] not in _NOT_ADAPTED
   ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import optax
 
@@ -62,3 +64,25 @@ def from_config(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
       weight_decay=config.weight_decay,
       max_grad_norm=config.max_grad_norm,
   )
+
+
+def frozen_parts(config) -> tuple[str, ...]:
+  """The top-level parts of a vision-language model that a run keeps frozen (config.train_vision_tower,
+  config.train_projector); a text-only model has neither."""
+  return tuple(
+      part
+      for part, field in (("vision_tower", "train_vision_tower"), ("projector", "train_projector"))
+      if not config.get(field, False)
+  )
+
+
+def freeze(tx: optax.GradientTransformation, params, parts: Sequence[str]) -> optax.GradientTransformation:
+  """`tx` on every param except those under the top-level `parts` of `params`, whose updates are zero (no
+  weight decay, and no optimizer state: Adam's moments for a frozen 300M-param vision tower would cost 2.4 GB).
+  `tx` itself when params have none of those parts (text models: their optimizer state is unchanged)."""
+  top = lambda path: jax.tree_util.keystr(path[:1], simple=True)
+  found = {top(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  if not found & set(parts):
+    return tx
+  labels = lambda ps: jax.tree_util.tree_map_with_path(lambda p, _: "frozen" if top(p) in parts else "train", ps)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -42,6 +42,8 @@ def initial_state(config, student: nnx.Module, teacher_params, mesh) -> tuple[ts
   its frozen weights), their optimizer state, and teacher_params as given, on the mesh."""
   tx, schedule = optim.from_config(config)
   params, base_params, lora_spec = nnx.state(student), None, lora.spec_from_config(config)
+  if lora_spec is None:  # with LoRA only the language model's adapters train anyway
+    tx = optim.freeze(tx, params, optim.frozen_parts(config))
   if lora_spec is not None:  # train adapters only; the student's weights become a frozen input
     base_params = params
     init = lambda base, key: lora.init_adapters(base, lora_spec, key)

@@ -100,6 +100,7 @@ def sample_completions(setup, state, mode: str, batch: dict, step: int) -> tuple
       eos_token_ids=setup.stop_ids,
       pad_token_id=setup.tokenizer.pad_token_id,
       vocab_size=setup.step_cfg.vocab_size,
+      pixel_values=batch.get("pixel_values"),
   )
   return out.completion_ids, out.completion_mask
 
@@ -107,8 +108,7 @@ def sample_completions(setup, state, mode: str, batch: dict, step: int) -> tuple
 def model_inputs(setup, batch: dict) -> dict:
   """The keys of a batch that the train and eval steps take (teacher prompts only for a local teacher)."""
   keys = ["prompt_ids", "prompt_mask", "completion_ids", "completion_mask"]
-  if "student_generated" in batch:
-    keys.append("student_generated")
+  keys += [k for k in ("student_generated", "pixel_values") if k in batch]
   if setup.step_cfg.teacher in ("model", "self") and "teacher_prompt_ids" in batch:
     keys += ["teacher_prompt_ids", "teacher_prompt_mask"]
   return {k: batch[k] for k in keys}
@@ -158,7 +158,7 @@ def _prepare(setup, state, step: int) -> tuple[dict, dict, str, Seconds]:
     return {k: glob(v) for k, v in model_inputs(setup, host).items()}, host, mode, Seconds()
   # Prompts (and teacher prompts: the seq_kd sampler may read them) go to the devices once, for the sampler
   # and the train step alike; the completions never leave them.
-  batch = {k: glob(v) for k, v in host.items() if k.startswith(("prompt_", "teacher_prompt_"))}
+  batch = {k: glob(v) for k, v in host.items() if k.startswith(("prompt_", "teacher_prompt_", "pixel_values"))}
   t0 = time.perf_counter()
   ids, mask = sample_completions(setup, state, mode, batch, step)
   batch["completion_ids"], batch["completion_mask"] = _finish_fn(setup.batch_sharding)(

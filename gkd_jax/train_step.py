@@ -140,9 +140,15 @@ def opt_state_shardings(tx, params):
   if not on_mesh:
     return None
   replicated = NamedSharding(on_mesh[0].mesh, PartitionSpec())
-  return optax.tree_map_params(
-      tx, lambda _, p: p.sharding, jax.eval_shape(tx.init, params), params, transform_non_params=lambda _: replicated
-  )
+  # A moment's key path ends with its param's path (also inside optax.masked / multi_transform states, whose
+  # moment trees leave out the frozen params, so they do not have the params' structure).
+  by_path = {tuple(path): x.sharding for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+  def sharding(path, _):
+    path = tuple(path)
+    return next((by_path[path[i:]] for i in range(len(path)) if path[i:] in by_path), replicated)
+
+  return jax.tree_util.tree_map_with_path(sharding, jax.eval_shape(tx.init, params))
 
 
 # --------------------------------------------------------------------------------------------- forwards
@@ -157,11 +163,13 @@ def _sequence(prompt_ids, prompt_mask, completion_ids, completion_mask):
   return ids, mask, loss_mask
 
 
-def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, pixel_values=None):
   """The model's final hidden states at the C columns that predict the completion tokens, with the targets
-  and target mask: ([B, C] targets, [B, C] mask, [B, C, H] hidden)."""
+  and target mask: ([B, C] targets, [B, C] mask, [B, C, H] hidden). `pixel_values` [B, P, 3, S, S]: the
+  images of a vision-language model's prompts (their image tokens sit in prompt_ids)."""
   ids, mask, loss_mask = _sequence(prompt_ids, prompt_mask, completion_ids, completion_mask)
-  out = model(ids, attention_mask=mask)
+  images = {} if pixel_values is None else {"pixel_values": pixel_values}
+  out = model(ids, attention_mask=mask, **images)
   return losses.shift_for_next_token(ids, loss_mask, out.hidden_states, first_target=prompt_ids.shape[1])
 
 
@@ -232,7 +240,9 @@ def _teacher_side(ctx: _Step, teacher_params, params, mb):
   teacher = nnx.merge(ctx.teacher_def, teacher_params if cfg.teacher == "model" else params)
   prompt_ids = mb.get("teacher_prompt_ids", mb["prompt_ids"])
   prompt_mask = mb.get("teacher_prompt_mask", mb["prompt_mask"])
-  _, _, hidden = completion_hidden(teacher, prompt_ids, prompt_mask, mb["completion_ids"], mb["completion_mask"])
+  _, _, hidden = completion_hidden(
+      teacher, prompt_ids, prompt_mask, mb["completion_ids"], mb["completion_mask"], mb.get("pixel_values")
+  )
   if cfg.divergence == "fused":
     return jax.lax.stop_gradient({"hidden": hidden, "head": teacher.head(vocab)[0]})
   logits = jax.lax.stop_gradient(teacher.logits(hidden, vocab, dtype=jnp.float32))
@@ -248,7 +258,7 @@ def loss_fn(ctx: _Step, params, mb, teacher, num_items, sft_weight, base_params,
   cfg = ctx.cfg
   student = nnx.merge(ctx.student_def, _student_weights(ctx, params, base_params))
   targets, mask, hidden = completion_hidden(
-      student, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"], mb["completion_mask"]
+      student, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"], mb["completion_mask"], mb.get("pixel_values")
   )
   terms = _fused_terms if cfg.divergence == "fused" else _logit_terms
   distill, nll, sums = terms(ctx, student, hidden, targets, mask, teacher, num_items, with_nll)

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd_jax import checkpoints, evaluate, export, files, lora, models, resume, rollout, sampling, sharding
 from gkd_jax import storage, teacher_client, workdir_lock
+from gkd_jax import images as images_lib
 from gkd_jax import config as config_lib
 from gkd_jax import data as data_lib
 from gkd_jax import rows as rows_lib
@@ -99,6 +100,7 @@ class Setup:
   eval_step: Any = None  # jitted (state, batch) -> teacher-forced eval metrics
   eval_loader: Any = None  # held-out batches (config.eval_split), or None
   eval_rows: Any = None  # the held-out rows themselves, for the generation metric
+  image_inputs: Any = None  # images.ImageInputs of a vision-language student (None: text only)
 
 
 def check_model_fits(config, field: str, model_config, mesh) -> None:
@@ -167,6 +169,7 @@ def build(config) -> tuple[Setup, ts.TrainState]:
     _check_same_tokenizer(tokenizer, config.teacher_model)  # before any model loads
   for field in ("model", "teacher_model") if kind == "model" else ("model",):
     check_model_fits(config, field, models.load_config(config[field]), mesh)  # config.json only
+  image_inputs = _image_inputs(config, tokenizer, kind)
   # The data before the weights: a bad dataset, split or row fails in seconds, not after a model load.
   loader = data_lib.loader_from_config(
       config,
@@ -175,15 +178,26 @@ def build(config) -> tuple[Setup, ts.TrainState]:
       config.batch_size,
       require_completion=config.lmbda < 1.0 and not config.seq_kd,
       drop_remainder=True,
+      image_inputs=image_inputs,
   )
-  eval_rows, eval_loader = evaluate.held_out(config, tokenizer) if config.eval_split else (None, None)
+  if kind == "server" and loader.has_images:
+    raise ValueError(
+        f"config.teacher_model_server={config.teacher_model_server!r}: the dataset {config.dataset!r} has images, "
+        f"and a served teacher receives token ids only (the image would never reach it); give a local "
+        f"teacher_model for multimodal data"
+    )
+  eval_rows, eval_loader = evaluate.held_out(config, tokenizer, image_inputs) if config.eval_split else (None, None)
   student = models.from_pretrained(
-      config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **models.model_options(config)
+      config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **_model_options(config, config.model)
   )
   teacher = None
   if kind == "model":
     teacher = models.from_pretrained(
-        config.teacher_model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **models.model_options(config)
+        config.teacher_model,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        mesh=mesh,
+        **_model_options(config, config.teacher_model, student=False),
     )
   vocab_size = len(tokenizer)
   cfg = ts.StepConfig.from_run_config(config, vocab_size, offload_teacher=_offload_possible(config))
@@ -225,8 +239,59 @@ def build(config) -> tuple[Setup, ts.TrainState]:
       eval_step=eval_step,
       eval_loader=eval_loader,
       eval_rows=eval_rows,
+      image_inputs=image_inputs,
   )
   return setup, state
+
+
+def _model_options(config, path: str, student: bool = True) -> dict:
+  """from_pretrained's options for the run's student or teacher: a vision-language student's tower and projector
+  train as config.train_vision_tower / train_projector say; a teacher's never do."""
+  options = models.model_options(config)
+  if student and models.load_vl_config(path) is not None:
+    options.update(train_vision_tower=config.train_vision_tower, train_projector=config.train_projector)
+  return options
+
+
+def _image_inputs(config, tokenizer, kind: str):
+  """The image preprocessing of a vision-language student (None for a text-only one), checked against the
+  teacher: both must read the same image tokens, so each must take the same tiles and tokens per tile."""
+  student = models.load_vl_config(config.model)
+  teacher = models.load_vl_config(config.teacher_model) if kind == "model" else None
+  if kind == "model" and (student is None) != (teacher is None):
+    which = "teacher_model" if student is None else "model"
+    raise ValueError(
+        f"config.{which}={config[which]!r} is a vision-language model but the other is text-only: GKD with images "
+        f"needs both to read them (or both text-only)"
+    )
+  if student is None:
+    if config.train_vision_tower or config.train_projector:
+      raise ValueError(
+          f"config.train_vision_tower / train_projector are for vision-language models; config.model={config.model!r} "
+          f"is text-only"
+      )
+    return None
+  if teacher is not None:
+    fields = {
+        "image_token_id": lambda c: c.image_token_id,
+        "image_seq_length": lambda c: c.image_seq_length,
+        "vision image_size": lambda c: c.vision.image_size,
+    }
+    differ = [f"{f} {get(student)} vs {get(teacher)}" for f, get in fields.items() if get(student) != get(teacher)]
+    if differ:
+      raise ValueError(
+          f"config.model={config.model!r} and config.teacher_model={config.teacher_model!r} read images differently "
+          f"({', '.join(differ)}): one prompt's image tokens must suit both"
+      )
+  inputs = images_lib.image_inputs(
+      models.checkpoint_dir(config.model), tokenizer, student.image_seq_length, max_tiles=config.image_max_tiles
+  )
+  if inputs.context_token_id != student.image_token_id:
+    raise ValueError(
+        f"the tokenizer's image token {inputs.context_token!r} is id {inputs.context_token_id}, but "
+        f"config.model={config.model!r} reads image features at image_token_id={student.image_token_id}"
+    )
+  return inputs
 
 
 def train(config, workdir: str) -> dict:
@@ -347,7 +412,7 @@ def _run(setup: Setup, state: ts.TrainState, workdir: str) -> tuple[ts.TrainStat
   if config.export_on_finish and int(state.step) == config.total_steps:
     weights = rollout.student_weights(state, setup.lora_spec)
     export.export_student(
-        setup.student, setup.tokenizer, weights, storage.join(workdir, "export"), overwrite=True
+        setup.student, setup.tokenizer, weights, storage.join(workdir, "export"), overwrite=True, source=config.model
     )  # the run's own export
   return state, record
 

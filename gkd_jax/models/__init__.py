@@ -10,6 +10,8 @@ out = model(input_ids, attention_mask=mask, pixel_values=pixels)   # pixels [B, 
 
 from gkd_jax.models.config import MULTIMODAL_MODEL_TYPES, SUPPORTED_MODEL_TYPES, ModelConfig
 from gkd_jax.models.hf_io import (
+    checkpoint_dir,
+    copy_processor_files,
     export_tensors,
     from_pretrained,
     load_config,
@@ -33,6 +35,8 @@ __all__ = [
     "VisionConfig",
     "VisionTower",
     "check_image_tokens",
+    "checkpoint_dir",
+    "copy_processor_files",
     "export_tensors",
     "from_pretrained",
     "load_config",

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from typing import Callable
 
 import jax
@@ -269,6 +270,25 @@ def _config_dict(directory: str) -> dict:
   if not isinstance(d, dict):
     raise ValueError(f"{path} holds a JSON {type(d).__name__}, not the model config's object")
   return d
+
+
+def checkpoint_dir(path_or_hub_id: str) -> str:
+  """A local directory holding a checkpoint's files, resolved as from_pretrained resolves it (a gs:// prefix
+  copied into the local cache, a hub id downloaded): for readers of its other files (the image processor's)."""
+  return _resolve(path_or_hub_id)
+
+
+# The image processor's settings of a vision-language checkpoint; an export carries them along.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def copy_processor_files(source: str, out_dir: str) -> list[str]:
+  """Copies the image-processor files of checkpoint `source` into the local directory `out_dir`; their names."""
+  directory = _resolve(source)
+  names = [n for n in PROCESSOR_FILES if os.path.exists(os.path.join(directory, n))]
+  for name in names:
+    shutil.copyfile(os.path.join(directory, name), os.path.join(out_dir, name))
+  return names
 
 
 def load_vl_config(path_or_hub_id: str) -> InternVLConfig | None:
