@@ -15,3 +15,16 @@ def merged_model(model: nnx.Module, adapters, spec: lora.LoraSpec) -> nnx.Module
   """A copy of `model` with the adapters folded into its kernels (the model itself is left unchanged)."""
   graphdef, state = nnx.split(model)
   return nnx.merge(graphdef, lora.merge(state, adapters, spec))
+
+
+def checkpoint_cache(tmp_path_factory, build):
+  """name -> (directory, build(name, directory)), each built on first use (a module fixture's body)."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      directory = str(tmp_path_factory.mktemp(name))
+      cache[name] = (directory, build(name, directory))
+    return cache[name]
+
+  return get

@@ -23,6 +23,7 @@ from gkd_jax.models import (
     load_vl_config,
     save_pretrained,
 )
+import helpers
 
 V, IMG, PAD = 160, 150, 0
 IMAGE = 56  # 4 x 4 patches of 14 -> pixel shuffle 0.5 -> 4 features per tile
@@ -77,15 +78,8 @@ def build_hf(name, directory):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-  cache = {}
-
-  def get(name):
-    if name not in cache:
-      directory = str(tmp_path_factory.mktemp(name))
-      cache[name] = (directory, build_hf(name, directory))
-    return cache[name]
-
-  return get
+  """name -> (directory, HF model), built on first use."""
+  return helpers.checkpoint_cache(tmp_path_factory, build_hf)
 
 
 def pixels(num_tiles, seed=0):

@@ -160,15 +160,7 @@ def max_diff_real(a, b, mask):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
   """name -> (directory, HF model), built on first use."""
-  cache = {}
-
-  def get(name):
-    if name not in cache:
-      directory = str(tmp_path_factory.mktemp(name))
-      cache[name] = (directory, build_hf(name, directory))
-    return cache[name]
-
-  return get
+  return helpers.checkpoint_cache(tmp_path_factory, build_hf)
 
 
 @pytest.mark.parametrize("name", list(CASES))

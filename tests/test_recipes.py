@@ -19,6 +19,7 @@ RECIPES = {
     "opsd": ["", "fixed", "runlocal", "runlocal_fixed"],
     "sft": ["", "lora", "runlocal"],
     "teacher_server": ["", "runlocal"],
+    "mllm_internvl": ["", "runlocal", "runlocal_on_policy"],
 }
 
 
