@@ -212,6 +212,18 @@ def forward_flops_per_token(config, context: int) -> float:
   return 2.0 * weights + attention
 
 
+def vision_flops_per_tile(vl_config) -> float:
+  """Matmul FLOPs of one image tile through a vision-language model's tower and projector (an
+  models.InternVLConfig): patch embedding, the tower's layers over its 1 + patches tokens (projections, MLP,
+  attention), and the projector on the pixel-shuffled features."""
+  v = vl_config.vision
+  n, d, m = v.grid**2 + 1, v.hidden_size, v.intermediate_size
+  layers = v.num_hidden_layers * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
+  embed = 2 * (n - 1) * v.num_channels * v.patch_size**2 * d
+  h, shuffled = vl_config.text.hidden_size, d * vl_config.shuffle_scale**2
+  return embed + layers + 2 * vl_config.image_seq_length * (shuffled * h + h * h)
+
+
 def step_flops(
     student_config,
     teacher_config,
@@ -220,19 +232,35 @@ def step_flops(
     completion_len: int,
     generated: int = 0,
     generator_config=None,
+    *,
+    tiles: int = 0,
+    student_vision=None,
+    teacher_vision=None,
+    vision_trained: bool = False,
 ) -> dict:
   """Estimated FLOPs of one optimizer step, split by phase.
 
   student: forward + backward (3× forward) over the whole sequence; teacher: one forward; generation:
-  `generated` decoded tokens per row with a KV cache (context grows to seq_len).
+  `generated` decoded tokens per row with a KV cache (context grows to seq_len). Vision-language models
+  (`student_vision` / `teacher_vision`: their InternVLConfig) add their towers' work on the batch's `tiles`: a
+  forward each (3× for the student when `vision_trained`), and the generating model's once per generation.
   """
   context = seq_len / 2  # mean causal context
-  out = {"student": 3.0 * batch * seq_len * forward_flops_per_token(student_config, context)}
+  student_tiles = tiles * vision_flops_per_tile(student_vision) if student_vision is not None else 0.0
+  teacher_tiles = tiles * vision_flops_per_tile(teacher_vision) if teacher_vision is not None else 0.0
+  out = {
+      "student": 3.0 * batch * seq_len * forward_flops_per_token(student_config, context)
+      + (3.0 if vision_trained else 1.0) * student_tiles
+  }
   out["teacher"] = (
-      batch * seq_len * forward_flops_per_token(teacher_config, context) if teacher_config is not None else 0.0
+      batch * seq_len * forward_flops_per_token(teacher_config, context) + teacher_tiles
+      if teacher_config is not None
+      else 0.0
   )
   gen = generator_config or student_config
   out["generation"] = batch * generated * forward_flops_per_token(gen, seq_len - completion_len / 2)
+  if generated:
+    out["generation"] += teacher_tiles if gen is teacher_config else student_tiles
   return out
 
 
@@ -262,14 +290,20 @@ def throughput(
     train_time: float,
     step_time: float,
     peak_flops: float,
+    *,
+    student_vision=None,
+    teacher_vision=None,
+    vision_trained: bool = False,
 ) -> dict:
   """Step timing, tokens/s and an MFU estimate (model FLOPs / (time × measured matmul ceiling)) of one step
   on the global `batch` (global or host arrays: only their shapes are read). teacher_config is None when no
   teacher forward runs. The train step runs teacher and student in one program: their split is estimated from
   their FLOP shares. An MFU estimate over 1 (a measured ceiling below what the step really ran at) is
-  reported as 1.0, with one warning per process."""
+  reported as 1.0, with one warning per process. Vision-language models: see step_flops (the batch's
+  pixel_values give its tiles, padding tiles included: the towers run them too)."""
   b, p = batch_size, batch["prompt_ids"].shape[1]
   c = batch["completion_ids"].shape[1]
+  pixels = batch.get("pixel_values")
   flops = step_flops(
       student_config,
       teacher_config,
@@ -278,6 +312,10 @@ def throughput(
       c,
       generated=c if mode != "dataset" else 0,
       generator_config=teacher_config if mode == "seq_kd" else student_config,
+      tiles=0 if pixels is None else pixels.shape[0] * pixels.shape[1],
+      student_vision=student_vision,
+      teacher_vision=teacher_vision,
+      vision_trained=vision_trained,
   )
   share = flops["teacher"] / max(flops["teacher"] + flops["student"], 1.0)
   rate = sum(flops.values()) / step_time

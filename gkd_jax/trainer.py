@@ -379,6 +379,7 @@ def _run(setup: Setup, state: ts.TrainState, workdir: str) -> tuple[ts.TrainStat
           train_time,
           step_time,
           peak,
+          **_vision_configs(setup),
       )
       record = {"step": done, "mode": mode, **metrics, **timing}
       writer.write(record)
@@ -509,3 +510,15 @@ def _teacher_config(setup: Setup):
   if setup.teacher is not None:
     return setup.teacher.config
   return setup.student.config if setup.step_cfg.teacher == "self" else None
+
+
+def _vision_configs(setup: Setup) -> dict:
+  """metrics.throughput's vision-language arguments: the towers' configs (None for text-only models)."""
+  teacher = (
+      setup.teacher if setup.teacher is not None else (setup.student if setup.step_cfg.teacher == "self" else None)
+  )
+  return {
+      "student_vision": getattr(setup.student, "vl_config", None),
+      "teacher_vision": getattr(teacher, "vl_config", None),
+      "vision_trained": bool(getattr(setup.student, "train_vision_tower", False)),
+  }

@@ -39,6 +39,49 @@ def test_forward_flops_per_token_by_hand():
   )
 
 
+def test_vision_flops_match_xla_and_enter_the_step():
+  """The tower + projector count against XLA's own count of InternVL.image_features (matmuls dominate at these
+  widths; XLA adds the elementwise work), and how a step adds it."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from gkd_jax.models import InternVL, InternVLConfig
+
+  vl = InternVLConfig.from_hf_dict(
+      {
+          "model_type": "internvl",
+          "image_token_id": 5,
+          "image_seq_length": 4,
+          "vision_config": dict(
+              hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, image_size=56
+          ),
+          "text_config": dict(
+              model_type="qwen2",
+              vocab_size=64,
+              hidden_size=256,
+              intermediate_size=512,
+              num_hidden_layers=1,
+              num_attention_heads=4,
+              num_key_value_heads=2,
+          ),
+      }
+  )
+  graphdef, state = nnx.split(InternVL(vl, rngs=nnx.Rngs(0)))
+  features = jax.jit(lambda s, px: nnx.merge(graphdef, s).image_features(px))
+  cost = features.lower(state, jnp.zeros((2, 3, 3, 56, 56))).compile().cost_analysis()
+  xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+  assert xla == pytest.approx(6 * metrics.vision_flops_per_tile(vl), rel=0.08)
+  c, tile = vl.text, metrics.vision_flops_per_tile(vl)
+  text = metrics.step_flops(c, c, 2, 8, 4, generated=4)
+  frozen = metrics.step_flops(c, c, 2, 8, 4, generated=4, tiles=6, student_vision=vl, teacher_vision=vl)
+  trained = metrics.step_flops(c, c, 2, 8, 4, tiles=6, student_vision=vl, vision_trained=True)
+  assert frozen["student"] - text["student"] == pytest.approx(6 * tile)
+  assert frozen["teacher"] - text["teacher"] == pytest.approx(6 * tile)
+  assert frozen["generation"] - text["generation"] == pytest.approx(6 * tile)  # the prefill's features, once
+  assert trained["student"] - text["student"] == pytest.approx(18 * tile)
+
+
 def test_peak_flops_is_positive_and_finite():
   peak = metrics.measure_peak_flops(n=128, repeats=1)
   assert 1e6 < peak < 1e16
