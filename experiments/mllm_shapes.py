@@ -85,7 +85,9 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--fixture", default="/tmp/gkd_fixture_internvl")
+  ap.add_argument("--teacher-steps", type=int, default=PHASES["teacher"]["total_steps"])
   args = ap.parse_args()
+  PHASES["teacher"]["total_steps"] = args.teacher_steps
   t0 = time.perf_counter()
   fixture.build_internvl(args.fixture)
   tokenizer = models.load_tokenizer(os.path.join(args.fixture, "tokenizer"))

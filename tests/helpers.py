@@ -1,9 +1,11 @@
 """Small helpers the tests share that the package itself does not need."""
 
 import jax
+import numpy as np
 from flax import nnx
 
 from gkd_jax import lora, sharding
+from gkd_jax.models import safetensors_io as st
 
 
 def shard_state(state: nnx.State, mesh, rules=None) -> nnx.State:
@@ -28,3 +30,11 @@ def checkpoint_cache(tmp_path_factory, build):
     return cache[name]
 
   return get
+
+
+def assert_same_tensors(a: str, b: str) -> None:
+  """Two HF checkpoint directories hold the same tensor names with bitwise equal values."""
+  x, y = st.CheckpointReader(a), st.CheckpointReader(b)
+  assert sorted(x.keys()) == sorted(y.keys())
+  for name in x.keys():
+    np.testing.assert_array_equal(np.asarray(x.view(name)), np.asarray(y.view(name)), err_msg=name)

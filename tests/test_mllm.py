@@ -13,7 +13,9 @@ import transformers
 from flax import nnx
 
 from gkd_jax import config as config_lib
+from gkd_jax import export as export_lib
 from gkd_jax import lora, models, rollout, trainer
+import helpers
 import recipe_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +53,7 @@ def _unchanged(before, after) -> bool:
 
 @pytest.mark.parametrize("arg,modes", [("runlocal", {"dataset", "on_policy"}), ("runlocal_on_policy", {"on_policy"})])
 def test_runlocal_end_to_end(fixture_dir, tmp_path, arg, modes):
+  workdir = tmp_path / "run"
   c = recipe(fixture_dir, arg, total_steps=4, save_every=2, learning_rate=1e-2)
   setup, state = trainer.build(c)
   batch = setup.loader.batch(0)
@@ -71,11 +74,11 @@ def test_runlocal_end_to_end(fixture_dir, tmp_path, arg, modes):
   moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
   assert moments == 2 * sum(x.size for x in before["language_model"])
 
-  final, _ = trainer.run(setup, state, str(tmp_path))
-  steps = records(tmp_path)
+  final, _ = trainer.run(setup, state, str(workdir))
+  steps = records(workdir)
   assert [r["step"] for r in steps] == [1, 2, 3, 4] and {r["mode"] for r in steps} == modes
   assert all(np.isfinite(r["loss"]) and r["tokens"] > 0 for r in steps)
-  evaluation = [json.loads(line) for line in open(tmp_path / "eval.jsonl")][-1]
+  evaluation = [json.loads(line) for line in open(workdir / "eval.jsonl")][-1]
   assert 0.0 <= evaluation["student_accuracy"] <= 1.0 and 0.0 <= evaluation["teacher_accuracy"] <= 1.0
   assert _unchanged(before["vision_tower"], _part(final.params, "vision_tower"))
   assert _unchanged(before["projector"], _part(final.params, "projector"))
@@ -83,7 +86,7 @@ def test_runlocal_end_to_end(fixture_dir, tmp_path, arg, modes):
 
   # The export is a whole InternVL checkpoint with its image processor: transformers reads it and computes the
   # same logits as gkd_jax for prompts with images.
-  export = tmp_path / "export"
+  export = workdir / "export"
   assert (export / "preprocessor_config.json").exists()
   ours = models.from_pretrained(str(export))
   theirs = transformers.InternVLForConditionalGeneration.from_pretrained(str(export), attn_implementation="eager")
@@ -98,6 +101,10 @@ def test_runlocal_end_to_end(fixture_dir, tmp_path, arg, modes):
     ).logits.numpy()
   real = mask.astype(bool)
   np.testing.assert_allclose(got[real], want[real], atol=1e-4)
+  if arg == "runlocal_on_policy":  # the export CLI's path (restore from the workdir) gives the same checkpoint
+    again = export_lib.export(str(workdir), str(tmp_path / "again"))
+    assert sorted(os.listdir(again)) == sorted(os.listdir(export))
+    helpers.assert_same_tensors(again, str(export))
 
 
 def test_seq_kd_top_k_and_a_trained_tower(fixture_dir, tmp_path):
