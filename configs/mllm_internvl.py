@@ -24,7 +24,7 @@ One GPU node:
   python -m gkd_jax.main --config=configs/mllm_internvl.py --workdir=/tmp/gkd_mllm \\
     --config.dataset=/data/coco_caption_train.jsonl --config.dtype=bfloat16
 
-A TPU pod slice, v5e-8 or larger (every worker runs the same command; the batch is split over all chips).
+A TPU pod slice, v5e-16 or larger (every worker runs the same command; the batch is split over all chips).
 The workdir must be on GCS: every worker reads and writes it. On spot / queued-resource TPU VMs the trainer
 saves a checkpoint and exits with status 75 (EX_TEMPFAIL) when it is preempted: the loop reruns it (it
 resumes from the workdir) and stops on any other exit status.
@@ -36,7 +36,9 @@ resumes from the workdir) and stops on any other exit status.
 
 Args: "", "runlocal[=FIXTURE_DIR]" (λ=0.5: off-policy and on-policy steps), "runlocal_on_policy[=FIXTURE_DIR]"
 (λ=1).
-Expected: runlocal well under a minute on 2 CPU cores. TPU memory: see experiments/results/aot.md.
+Expected: runlocal well under a minute on 2 CPU cores. TPU memory (experiments/results/aot.md, bf16 compute):
+the train step takes 9.71 GiB per chip of v5e-16's 16 GiB (the sampler 2.31, 4.99 with the train state); on v5e-8
+it needs 16.39 GiB per chip, which does not fit (--config.batch_size=8 does: 14.07 GiB).
 """
 
 from gkd_jax import config as config_lib

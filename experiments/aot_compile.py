@@ -18,6 +18,16 @@ Hub models cannot be read here, so the architectures of the recipes' hub ids are
 their config.json); a local checkpoint directory is read from its config.json. XLA counts a while loop's body
 once (its trip count is unknown when compiling), so FLOPs of scanned layers and of the decode loop are also
 given analytically (gkd_jax.metrics).
+
+Vision-language recipes (InternVL: configs/mllm_internvl.py) compile the same programs with the model the trainer
+loads (`InternVL`: vision tower, projector and language model; the student's tower / projector frozen or not
+as train_vision_tower / train_projector say, the optimizer wrapped by `optim.freeze` like
+`resume.initial_state` does, so frozen parts hold no optimizer state), a batch that also carries pixel_values
+[B, P, 3, S, S] at the largest tile count a row can have (P = images.bucket_tiles(image_max_tiles + 1): the
+tiles plus the thumbnail, rounded up as the loader pads), and a sampler whose prefill reads them.
+metrics.step_flops counts the language models only: the towers' and projectors' forward FLOPs over the P
+tiles of every row (`vision_forward_flops`; forward only, as they are frozen) are added to the model FLOPs of
+the train step (student and teacher) and of the sampler's prefill.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gkd_jax import lora, metrics, models, optim, sampling, sharding, trainer
+from gkd_jax import images, lora, metrics, models, optim, sampling, sharding, trainer
 from gkd_jax import rows as rows_lib
 from gkd_jax import train_step as ts
 
@@ -139,6 +149,66 @@ HUB_CONFIGS = {
 }
 QWEN2_5_TOKENIZER_SIZE = 151665  # len(tokenizer) of every Qwen2.5 model (the embeddings are padded past it)
 
+# InternVL3 "-hf" checkpoints (transformers' InternVLForConditionalGeneration layout): the InternViT-300M-448px-V2_5
+# tower, a LayerNorm -> Linear -> GELU -> Linear projector, and a Qwen2.5 language model (1.5B widths for 2B, 7B
+# widths for 8B) whose vocabulary holds the image tokens. Whether these checkpoints tie the LM head cannot be
+# read offline: untied is assumed (a separate head: the larger, conservative case).
+_INTERNVIT_300M = dict(
+    model_type="internvl_vision",
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=[448, 448],
+    patch_size=[14, 14],
+    num_channels=3,
+    hidden_act="gelu",
+    norm_type="layer_norm",
+    layer_norm_eps=1e-6,
+    attention_bias=True,
+    use_qk_norm=False,
+    use_mean_pooling=True,
+    use_absolute_position_embeddings=True,
+)
+_INTERNVL3 = dict(
+    model_type="internvl",
+    vision_config=_INTERNVIT_300M,
+    downsample_ratio=0.5,
+    image_seq_length=256,
+    image_token_id=151667,
+    projector_hidden_act="gelu",
+    vision_feature_layer=-1,
+    vision_feature_select_strategy="default",
+    tie_word_embeddings=False,
+)
+_INTERNVL3_TEXT = dict(_QWEN2_5, vocab_size=151674, tie_word_embeddings=False)
+VL_HUB_CONFIGS = {
+    "InternVL3-2B-hf": dict(
+        _INTERNVL3,
+        text_config=dict(
+            _INTERNVL3_TEXT,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+        ),
+    ),
+    "InternVL3-8B-hf": dict(
+        _INTERNVL3,
+        text_config=dict(
+            _INTERNVL3_TEXT,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+        ),
+    ),
+}
+INTERNVL3_TOKENIZER_SIZE = 151674  # len(tokenizer) of InternVL3's Qwen2.5 tokenizer with its image tokens
+INTERNVL_DEFAULT_MAX_TILES = 12  # InternVL3's image processor (max_patches) when image_max_tiles is None
+
 
 # ------------------------------------------------------------------------------------------ inputs
 
@@ -168,15 +238,29 @@ def load_config(spec: str, overrides: list[str]):
   return config
 
 
+def vl_config(name: str) -> models.InternVLConfig | None:
+  """The InternVLConfig of a vision-language model (a local checkpoint's config.json, through the loader's
+  load_vl_config, or a written-out hub architecture through InternVLConfig.from_hf_dict); None if text-only."""
+  if os.path.isdir(name):
+    return models.load_vl_config(name)
+  key = name.split("/")[-1]
+  return models.InternVLConfig.from_hf_dict(VL_HUB_CONFIGS[key]) if key in VL_HUB_CONFIGS else None
+
+
 def model_config(name: str) -> models.ModelConfig:
-  """A local checkpoint's config.json, or the written-out architecture of a hub id."""
+  """A local checkpoint's config.json, or the written-out architecture of a hub id (a vision-language
+  model's: its language model's)."""
+  vl = vl_config(name)
+  if vl is not None:
+    return vl.text
   if os.path.isdir(name) or name.endswith(".json"):
     return models.ModelConfig.from_hf_config(name)
   key = name.split("/")[-1].removesuffix("-Instruct")
   if key not in HUB_CONFIGS:
+    known = sorted(HUB_CONFIGS) + sorted(VL_HUB_CONFIGS)
     raise ValueError(
         f"model {name!r}: not a local directory and no architecture is written out for it here "
-        f"(known: {', '.join(sorted(HUB_CONFIGS))}); pass a directory holding its config.json"
+        f"(known: {', '.join(known)}); pass a directory holding its config.json"
     )
   return models.ModelConfig.from_hf_dict(HUB_CONFIGS[key])
 
@@ -189,6 +273,8 @@ def tokenizer_size(config, student: models.ModelConfig) -> int:
       return len(models.load_tokenizer(path))
     except (OSError, ValueError):
       return student.vocab_size
+  if path.split("/")[-1] in VL_HUB_CONFIGS:
+    return INTERNVL3_TOKENIZER_SIZE
   return QWEN2_5_TOKENIZER_SIZE if path.split("/")[-1].startswith("Qwen2.5") else student.vocab_size
 
 
@@ -210,15 +296,18 @@ def topology_mesh(name: str, config) -> tuple[jax.sharding.Mesh, Chip]:
   return mesh, CHIPS[generation]
 
 
-def abstract_model(cfg: models.ModelConfig, config, mesh) -> tuple[nnx.Module, nnx.State]:
+def abstract_model(cfg, config, mesh, student: bool = True) -> tuple[nnx.Module, nnx.State]:
   """(module, state): the module without weights, and its params as ShapeDtypeStructs in the shardings
-  their logical axis names give (the layout from_pretrained loads into)."""
+  their logical axis names give (the layout from_pretrained loads into). `cfg`: a ModelConfig (CausalLM) or
+  an InternVLConfig (InternVL; a student's tower / projector train as the config says, a teacher's never)."""
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-  module = nnx.eval_shape(
-      lambda: models.CausalLM(
-          cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), mesh=mesh, **models.model_options(config)
-      )
-  )
+  kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, **models.model_options(config))
+  if isinstance(cfg, models.InternVLConfig):
+    flags = dict(train_vision_tower=bool(config.train_vision_tower), train_projector=bool(config.train_projector))
+    flags = flags if student else {}
+    module = nnx.eval_shape(lambda: models.InternVL(cfg, rngs=nnx.Rngs(0), **kw, **flags))
+  else:
+    module = nnx.eval_shape(lambda: models.CausalLM(cfg, rngs=nnx.Rngs(0), **kw))
   state = nnx.state(module)
   shardings = sharding.state_shardings(state, mesh)
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
@@ -268,11 +357,13 @@ def build_abstract(config, mesh) -> Abstract:
   """trainer.build's state and step inputs, as shapes: models from their configs, the optimizer, LoRA, the
   teacher, the train state and a worst-case batch (every width at its limit)."""
   student_cfg = model_config(config.model)
-  student, params = abstract_model(student_cfg, config, mesh)
+  student_vl = vl_config(config.model)
+  student, params = abstract_model(student_vl or student_cfg, config, mesh)
   kind = ts.teacher_kind(config)
   teacher = teacher_params = None
   if kind == "model":
-    teacher, teacher_params = abstract_model(model_config(config.teacher_model), config, mesh)
+    teacher_cfg = vl_config(config.teacher_model) or model_config(config.teacher_model)
+    teacher, teacher_params = abstract_model(teacher_cfg, config, mesh, student=False)
   vocab = tokenizer_size(config, student_cfg)
   offload = bool(config.offload_teacher_model) and kind == "model" and trainer.host_memory_available()
   cfg = ts.StepConfig.from_run_config(config, vocab, offload_teacher=offload)
@@ -283,6 +374,8 @@ def build_abstract(config, mesh) -> Abstract:
     )
   tx, schedule = optim.from_config(config)
   base_params, lora_spec = None, lora.spec_from_config(config)
+  if lora_spec is None:  # as resume.initial_state: a frozen tower / projector gets no optimizer state
+    tx = optim.freeze(tx, params, optim.frozen_parts(config))
   key = jax.eval_shape(lambda: jax.random.key(config.seed))
   if lora_spec is not None:
     base_params = params
@@ -317,7 +410,35 @@ def build_abstract(config, mesh) -> Abstract:
     batch.update(
         teacher_topk_values=arr((b, c, cfg.topk), jnp.float32), teacher_topk_indices=arr((b, c, cfg.topk), jnp.int32)
     )
+  if student_vl is not None:  # every row at the most tiles a picture gives: image_max_tiles + the thumbnail
+    tiles = images.bucket_tiles(max_image_tiles(config) + 1)
+    s = student_vl.vision.image_size
+    batch["pixel_values"] = arr((b, tiles, student_vl.vision.num_channels, s, s), jnp.float32)
   return Abstract(config, mesh, student, teacher, cfg, tx, schedule, lora_spec, state, batch, base_params or params)
+
+
+def max_image_tiles(config) -> int:
+  """The most tiles (before the thumbnail) a picture is cut into: config.image_max_tiles, or the processor's."""
+  return config.image_max_tiles if config.image_max_tiles is not None else INTERNVL_DEFAULT_MAX_TILES
+
+
+def vision_forward_flops(model: nnx.Module, tiles: int) -> float:
+  """Matmul FLOPs of an InternVL's vision tower + projector forward over `tiles` tiles (0 for a CausalLM):
+  per tile, the patch embedding, each layer's q/k/v/o and MLP over 1 + grid² tokens plus its attention
+  products (QKᵀ and AV over all tokens: bidirectional), and the projector's two Linears over
+  image_seq_length features. Norms, GELU and the pixel shuffle are left out, as metrics does."""
+  vl = getattr(model, "vl_config", None)
+  if vl is None:
+    return 0.0
+  v = vl.vision
+  n = 1 + v.grid**2  # CLS + patches
+  d, m = v.hidden_size, v.intermediate_size
+  per_layer = n * (2 * 4 * d * d + 2 * 2 * d * m) + 2 * 2 * n * n * d
+  layers = v.num_hidden_layers if vl.vision_feature_layer == -1 else vl.vision_feature_layer % (v.num_hidden_layers + 1)
+  patch = 2 * v.grid**2 * v.num_channels * v.patch_size**2 * d
+  dp, h = d * vl.shuffle_scale**2, vl.text.hidden_size
+  projector = 2 * vl.image_seq_length * (dp * h + h * h)
+  return float(tiles) * (patch + layers * per_layer + projector)
 
 
 # ------------------------------------------------------------------------------------------ compile
@@ -401,7 +522,16 @@ def compile_train_step(a: Abstract, chip: Chip) -> dict:
   p, c = a.batch["prompt_ids"].shape[1], a.batch["completion_ids"].shape[1]
   model = metrics.step_flops(a.student.config, teacher_cfg, config.batch_size, p + c, c)
   out["recompute_flops"] = remat_recompute_flops(a.student.config, config.remat, config.batch_size, p + c) / a.mesh.size
-  out["model_flops"] = (model["student"] + model["teacher"]) / a.mesh.size + out["recompute_flops"]
+  # Image inputs: each model's tower + projector forward over every row's tiles (frozen: no backward; a
+  # trained tower or projector's backward is not counted).
+  tiles = config.batch_size * a.batch["pixel_values"].shape[1] if "pixel_values" in a.batch else 0
+  vision = vision_forward_flops(a.student, tiles)
+  if a.teacher is not None:
+    vision += vision_forward_flops(a.teacher, tiles)
+  out["vision_flops"] = vision / a.mesh.size
+  out["model_flops"] = (
+      (model["student"] + model["teacher"]) / a.mesh.size + out["recompute_flops"] + out["vision_flops"]
+  )
   # XLA counts a scanned layer stack's body once: the compute bound takes the larger of its count and the
   # model's (with remat's recomputation in the backward pass).
   out["compute_s"] = max(out["flops"], out["model_flops"]) / (chip.bf16_tflops * 1e12)
@@ -431,15 +561,21 @@ def compile_sampler(a: Abstract, chip: Chip) -> dict:
   key = _replicated(a.mesh, jax.eval_shape(lambda: jax.random.key(0)))
   program = sampling._generate_program
   args = (graphdef, scfg, a.student_params, cache, a.batch["prompt_ids"], a.batch["prompt_mask"], key)
+  if "pixel_values" in a.batch:  # the prefill reads the images (generate's pixel_values)
+    args += (a.batch["pixel_values"],)
   compiled, lower_s, compile_s, compile_cpu_s = _compile(program, *args)
   out = _report("sampler", compiled, lower_s, compile_s, chip)
   out["compile_cpu_s"] = compile_cpu_s
   # The train state stays in HBM while the student samples; the sampler's own arguments hold its params.
   out["with_state_gib"] = out["total_gib"] - per_chip_bytes(a.student_params) / GIB + per_chip_bytes(a.state) / GIB
   out["fits"] = out["with_state_gib"] <= chip.hbm_gib
-  # Decode is bandwidth bound: every token reads the params and the KV cache once.
-  decode_bytes = n * (per_chip_bytes(a.student_params) + per_chip_bytes(cache))
+  # Decode is bandwidth bound: every token reads the (language model's) params and the KV cache once.
+  lm_params = a.student_params["language_model"] if "pixel_values" in a.batch else a.student_params
+  decode_bytes = n * (per_chip_bytes(lm_params) + per_chip_bytes(cache))
   gen = metrics.step_flops(a.student.config, None, b, p + n, n, generated=n)["generation"] / a.mesh.size
+  if "pixel_values" in a.batch:  # the prefill's tower + projector over every row's tiles
+    out["vision_flops"] = vision_forward_flops(a.student, b * a.batch["pixel_values"].shape[1]) / a.mesh.size
+    gen += out["vision_flops"]
   out["model_flops"] = gen
   out["roofline_s"] = max(decode_bytes / (chip.hbm_gbps * 1e9), gen / (chip.bf16_tflops * 1e12))
   return out

@@ -63,3 +63,21 @@ def test_train_step_hbm_is_reported_and_sane(report):
   assert step["state_gib"] <= step["aliased_gib"] <= 1.1 * step["state_gib"]
   assert step["total_gib"] < step["capacity_gib"] == 16
   assert step["fits"]
+
+
+def test_internvl_recipe_state_and_batch_are_built_abstractly():
+  """configs/mllm_internvl.py from the written-out hub architectures: InternVL student and teacher, pixel values
+  at the bucketed tile count, and no optimizer state for the frozen vision tower and projector."""
+  config = aot_compile.load_config("configs/mllm_internvl.py", ["dtype=bfloat16"])
+  mesh, _ = aot_compile.topology_mesh("v5e-4", config)
+  a = aot_compile.build_abstract(config, mesh)
+  assert type(a.student).__name__ == type(a.teacher).__name__ == "InternVL"
+  assert a.step_cfg.vocab_size == aot_compile.INTERNVL3_TOKENIZER_SIZE
+  assert a.batch["pixel_values"].shape == (16, 8, 3, 448, 448)  # 6 tiles + the thumbnail, padded to 8
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  params, frozen = count(a.state.params), count(a.state.params["vision_tower"]) + count(a.state.params["projector"])
+  assert 2.0e9 < params < 2.2e9 and 7.8e9 < count(a.state.teacher_params) < 8.1e9  # InternVL3-2B / -8B
+  assert 0.3e9 < frozen < 0.32e9  # InternViT-300M + the projector
+  moments = 2 * (params - frozen)  # Adam's two moments of the language model only (plus a few step counts)
+  assert moments <= count(a.state.opt_state) < moments + 100
+  assert aot_compile.vision_forward_flops(a.student, 1) > 2 * 0.3e9 * 1025  # every tile's 1,025 tokens
