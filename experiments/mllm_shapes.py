@@ -86,8 +86,9 @@ def main():
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--fixture", default="/tmp/gkd_fixture_internvl")
   ap.add_argument("--teacher-steps", type=int, default=PHASES["teacher"]["total_steps"])
+  ap.add_argument("--teacher-lr", type=float, default=PHASES["teacher"]["learning_rate"])
   args = ap.parse_args()
-  PHASES["teacher"]["total_steps"] = args.teacher_steps
+  PHASES["teacher"].update(total_steps=args.teacher_steps, learning_rate=args.teacher_lr)
   t0 = time.perf_counter()
   fixture.build_internvl(args.fixture)
   tokenizer = models.load_tokenizer(os.path.join(args.fixture, "tokenizer"))

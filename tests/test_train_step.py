@@ -167,6 +167,17 @@ def test_gradient_accumulation_equals_one_big_batch(models, reference):
   assert_trees_close(state.params, ref_state.params, rtol=1e-4, atol=3e-5)  # Adam amplifies float noise
 
 
+def test_remat_under_gradient_accumulation_keeps_the_gradients(models):
+  """A per-layer-checkpointed unrolled stack inside the accumulation scan (nnx.remat once failed to trace
+  there: "Cannot mutate Param from a different trace level") gives the plain step's gradients."""
+  student, teacher = models
+  # The same weights as `models`; the teacher too, whose forward runs inside the scan on params from outside it.
+  remat = [CausalLM(m.config, rngs=nnx.Rngs(seed), remat="dots") for m, seed in ((student, 0), (teacher, 1))]
+  state, _ = run(remat, dataclasses.replace(BASE, grad_accum_steps=2), make_batch(), optimizer="grads")
+  ref_state, _ = run(models, BASE, make_batch(), optimizer="grads")
+  assert_trees_close(state.opt_state, ref_state.opt_state, rtol=1e-5, atol=1e-7)
+
+
 def test_only_the_student_changes(models, reference):
   student, teacher = models
   state, _ = reference

@@ -307,8 +307,19 @@ class DecoderLayer(nnx.Module):
     return shd.constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules), layer_cache
 
 
-def _run_layer(layer, x, rope_tables, q_slots, kv_mask, layer_cache, cache_index):
-  return layer(x, rope_tables, q_slots, kv_mask, layer_cache, cache_index)
+def call_layer(layer: nnx.Module, remat, *args):
+  """layer(*args), checkpointed under `remat` (a `remat_policy` setting). Functional (split, jax.checkpoint,
+  merge): nnx.remat writes the layer back after the call, which fails when the step runs it inside a
+  lax.scan (gradient accumulation) — "Cannot mutate Param from a different trace level"."""
+  enabled, policy = remat_policy(remat)
+  if not enabled:
+    return layer(*args)
+  graphdef, state = nnx.split(layer)
+  return jax.checkpoint(functools.partial(_merged_call, graphdef), policy=policy)(state, *args)
+
+
+def _merged_call(graphdef, state, *args):
+  return nnx.merge(graphdef, state)(*args)
 
 
 def _stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
@@ -533,10 +544,10 @@ class CausalLM(nnx.Module):
     if self.scan_layers:
       x, new_cache = self._scan(x, tables, q_slots, mask, cache, cache_index, policy if enabled else False)
     else:
-      run = nnx.remat(_run_layer, policy=policy) if enabled else _run_layer
       new_cache = None if cache is None else []
       for i, layer in enumerate(self.layers):
-        x, layer_cache = run(layer, x, tables, q_slots, mask, None if cache is None else cache[i], cache_index)
+        layer_cache = None if cache is None else cache[i]
+        x, layer_cache = call_layer(layer, self.remat, x, tables, q_slots, mask, layer_cache, cache_index)
         if cache is not None:
           new_cache.append(layer_cache)
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from gkd_jax import sharding as shd
 from gkd_jax.models.layers import Dense, LayerNorm, RMSNorm, param
-from gkd_jax.models.transformer import remat_policy
+from gkd_jax.models.transformer import call_layer, remat_policy
 
 NORM_TYPES = ("layer_norm", "rms_norm")
 
@@ -185,10 +185,6 @@ class VisionLayer(nnx.Module):
     return x + self.lambda_2[...].astype(self.dtype) * h
 
 
-def _run_layer(layer, x):
-  return layer(x)
-
-
 class VisionTower(nnx.Module):
   """InternViT: `tower(pixel_values [N, C, H, W], feature_layer=-1) -> [N, 1 + patches, D]`.
 
@@ -251,10 +247,10 @@ class VisionTower(nnx.Module):
     else:
       raise ValueError(f"vision_feature_layer={feature_layer} is out of range for {num_layers} vision layers")
     x = self.embed(pixel_values)
-    enabled, policy = remat_policy(self.remat)
-    run = nnx.remat(_run_layer, policy=policy) if enabled else _run_layer
     for i in range(stop):
-      x = shd.constrain(run(self.layers[i], x), ("batch", "length", "act_embed"), self.mesh, self.rules)
+      x = shd.constrain(
+          call_layer(self.layers[i], self.remat, x), ("batch", "length", "act_embed"), self.mesh, self.rules
+      )
     if feature_layer == -1 and self.final_norm is not None:
       x = self.final_norm(x)
     return x
