@@ -424,21 +424,9 @@ def max_image_tiles(config) -> int:
 
 def vision_forward_flops(model: nnx.Module, tiles: int) -> float:
   """Matmul FLOPs of an InternVL's vision tower + projector forward over `tiles` tiles (0 for a CausalLM):
-  per tile, the patch embedding, each layer's q/k/v/o and MLP over 1 + grid² tokens plus its attention
-  products (QKᵀ and AV over all tokens: bidirectional), and the projector's two Linears over
-  image_seq_length features. Norms, GELU and the pixel shuffle are left out, as metrics does."""
+  metrics.vision_flops_per_tile, the trainer's own count."""
   vl = getattr(model, "vl_config", None)
-  if vl is None:
-    return 0.0
-  v = vl.vision
-  n = 1 + v.grid**2  # CLS + patches
-  d, m = v.hidden_size, v.intermediate_size
-  per_layer = n * (2 * 4 * d * d + 2 * 2 * d * m) + 2 * 2 * n * n * d
-  layers = v.num_hidden_layers if vl.vision_feature_layer == -1 else vl.vision_feature_layer % (v.num_hidden_layers + 1)
-  patch = 2 * v.grid**2 * v.num_channels * v.patch_size**2 * d
-  dp, h = d * vl.shuffle_scale**2, vl.text.hidden_size
-  projector = 2 * vl.image_seq_length * (dp * h + h * h)
-  return float(tiles) * (patch + layers * per_layer + projector)
+  return 0.0 if vl is None else float(tiles) * metrics.vision_flops_per_tile(vl)
 
 
 # ------------------------------------------------------------------------------------------ compile

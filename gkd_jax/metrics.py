@@ -214,11 +214,16 @@ def forward_flops_per_token(config, context: int) -> float:
 
 def vision_flops_per_tile(vl_config) -> float:
   """Matmul FLOPs of one image tile through a vision-language model's tower and projector (an
-  models.InternVLConfig): patch embedding, the tower's layers over its 1 + patches tokens (projections, MLP,
-  attention), and the projector on the pixel-shuffled features."""
+  models.InternVLConfig): patch embedding, the tower's layers up to vision_feature_layer over its 1 + patches
+  tokens (projections, MLP, bidirectional attention), and the projector on the pixel-shuffled features."""
   v = vl_config.vision
   n, d, m = v.grid**2 + 1, v.hidden_size, v.intermediate_size
-  layers = v.num_hidden_layers * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
+  run = (
+      v.num_hidden_layers
+      if vl_config.vision_feature_layer == -1
+      else vl_config.vision_feature_layer % (v.num_hidden_layers + 1)
+  )
+  layers = run * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
   embed = 2 * (n - 1) * v.num_channels * v.patch_size**2 * d
   h, shuffled = vl_config.text.hidden_size, d * vl_config.shuffle_scale**2
   return embed + layers + 2 * vl_config.image_seq_length * (shuffled * h + h * h)
