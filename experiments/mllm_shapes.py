@@ -10,7 +10,8 @@ Phases (each a real trainer run from configs/mllm_internvl.py:runlocal's setting
   sft_more     the control: student_sft trained on for as many steps by plain SFT on the same data.
 Every phase trains the student's tower and projector too: the fixture's towers are random, so a frozen one would
 leave nothing for the student to see with. Greedy accuracy on the test split (gkd_jax.tasks.shapes' checker,
-overall and per question kind) for each checkpoint; a table on stdout and WORKDIR/results.json.
+overall and per question kind) for each checkpoint; a table on stdout and WORKDIR/results.json. Results:
+experiments/results/mllm_shapes.md.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from gkd_jax.tasks import shapes  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PHASES = {
-    "teacher": dict(objective="sft", lmbda=0.0, total_steps=1500, learning_rate=3e-3, batch_size=32),
+    "teacher": dict(objective="sft", lmbda=0.0, total_steps=3000, learning_rate=1e-3, batch_size=32),
     "student_sft": dict(objective="sft", lmbda=0.0, total_steps=150, learning_rate=3e-3, batch_size=32),
     "gkd": dict(objective="gkd", lmbda=0.5, beta=0.5, total_steps=600, learning_rate=1e-3, batch_size=32),
     "sft_more": dict(objective="sft", lmbda=0.0, total_steps=600, learning_rate=1e-3, batch_size=32),

@@ -35,11 +35,12 @@ declare -A ROWS=(
   [recipe_opd]="--config=configs/on_policy_distillation.py --topology=v5e-8 --set dtype=bfloat16"
   # The vision-language recipe (InternVL3-8B -> InternVL3-2B): as shipped on v5e-8 (does not fit) and v5e-16, and
   # the settings tried on v5e-8 (mllm_accum2_none_v5e8 runs out of HBM: no row):
-  #   bash experiments/results/aot_rows.sh OUT recipe_mllm mllm_v5e16 mllm_full_v5e8 mllm_batch8_v5e8
+  #   bash experiments/results/aot_rows.sh OUT recipe_mllm mllm_v5e16 mllm_full_v5e8 mllm_batch8_v5e8 mllm_accum2_v5e8
   [recipe_mllm]="--config=configs/mllm_internvl.py --topology=v5e-8 --set dtype=bfloat16"
   [mllm_v5e16]="--config=configs/mllm_internvl.py --topology=v5e-16 --set dtype=bfloat16"
   [mllm_full_v5e8]="--config=configs/mllm_internvl.py --topology=v5e-8 --set dtype=bfloat16 --set remat=full --programs=train_step"
   [mllm_accum2_none_v5e8]="--config=configs/mllm_internvl.py --topology=v5e-8 --set dtype=bfloat16 --set grad_accum_steps=2 --set remat=none --programs=train_step"
+  [mllm_accum2_v5e8]="--config=configs/mllm_internvl.py --topology=v5e-8 --set dtype=bfloat16 --set grad_accum_steps=2 --programs=train_step"
   [mllm_batch8_v5e8]="--config=configs/mllm_internvl.py --topology=v5e-8 --set dtype=bfloat16 --set batch_size=8 --programs=train_step"
 )
 for row in "$@"; do
