@@ -33,6 +33,7 @@ setup(
         "aiohttp>=3.9",  # teacher server and client
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "rouge-score>=0.1.2",  # ROUGE for generation-based evaluation
+        "pillow>=10",  # images of multimodal rows (transformers' PIL image processor)
     ],
     extras_require={
         # Reference libraries the tests compare against. torch is pinned to the CPU build.

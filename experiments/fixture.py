@@ -18,6 +18,12 @@ directory so every benchmark reuses one copy:
     python experiments/fixture.py /tmp/gkd_bench_fixture                                  # small, cut
     python experiments/fixture.py /tmp/gkd_bench_fixture_full --tokenizer-size 32768      # small, full
     python experiments/fixture.py /tmp/gkd_bench_qwen4l --shape qwen4l --tokenizer-size 151665
+
+`--internvl` builds the vision-language pair instead (configs/mllm_internvl.py:runlocal): the shapes picture task
+(gkd_jax.tasks.shapes), a BPE tokenizer with InternVL's image tokens, and random InternVL student (0.17M params)
+and teacher (1.04M) checkpoints in transformers' layout, each with its image processor's settings:
+
+    python experiments/fixture.py /tmp/gkd_fixture_internvl --internvl
 """
 
 import argparse
