@@ -302,12 +302,9 @@ def abstract_model(cfg, config, mesh, student: bool = True) -> tuple[nnx.Module,
   an InternVLConfig (InternVL; a student's tower / projector train as the config says, a teacher's never)."""
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
   kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, **models.model_options(config))
-  if isinstance(cfg, models.InternVLConfig):
-    flags = dict(train_vision_tower=bool(config.train_vision_tower), train_projector=bool(config.train_projector))
-    flags = flags if student else {}
-    module = nnx.eval_shape(lambda: models.InternVL(cfg, rngs=nnx.Rngs(0), **kw, **flags))
-  else:
-    module = nnx.eval_shape(lambda: models.CausalLM(cfg, rngs=nnx.Rngs(0), **kw))
+  if student and isinstance(cfg, models.InternVLConfig):
+    kw.update(train_vision_tower=bool(config.train_vision_tower), train_projector=bool(config.train_projector))
+  module = nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0), **kw))
   state = nnx.state(module)
   shardings = sharding.state_shardings(state, mesh)
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

@@ -291,30 +291,25 @@ class DataLoader:
   def pixels(self, tokenized: Sequence[dict | None], width: int) -> tuple[np.ndarray, np.ndarray]:
     """(pixel_values float32 [B, width, 3, S, S], num_tiles int32 [B]) of tokenized rows (None = filler):
     their images read and preprocessed now."""
-    s = self.image_inputs.tile_size
-    pixels = np.zeros((len(tokenized), width, 3, s, s), np.float32)
-    num_tiles = np.zeros(len(tokenized), np.int32)
     todo = [b for b, row in enumerate(tokenized) if row is not None and row["image_tiles"]]
     rows = {b: self._image_rows[int(tokenized[b]["row_index"])] for b in todo}  # Arrow reads: one thread
 
-    def fill(b: int) -> None:  # PIL and NumPy release the GIL for the heavy parts, so threads overlap rows
+    def load(b: int) -> np.ndarray:  # PIL and NumPy release the GIL for the heavy parts, so threads overlap rows
       index, want = int(tokenized[b]["row_index"]), sum(tokenized[b]["image_tiles"])
-      tiles = images_lib.load_pixels(self.image_inputs, image_values(rows[b], index), index, IMAGES)
+      tiles = self.image_inputs.load_pixels(image_values(rows[b], index), index, IMAGES)
       if len(tiles) != want:
         raise ValueError(
             f"row {index}: its images now give {len(tiles)} tiles, but {want} when the dataset was tokenized; "
             f"did the image files change? (clear the datasets cache to tokenize again)"
         )
-      pixels[b, : len(tiles)] = tiles
-      num_tiles[b] = len(tiles)
+      return tiles
 
     if len(todo) > 1 and self.image_workers > 1:
       with concurrent.futures.ThreadPoolExecutor(min(self.image_workers, len(todo))) as pool:
-        list(pool.map(fill, todo))
+        loaded = dict(zip(todo, pool.map(load, todo)))
     else:
-      for b in todo:
-        fill(b)
-    return pixels, num_tiles
+      loaded = {b: load(b) for b in todo}
+    return self.image_inputs.stack([loaded.get(b) for b in range(len(tokenized))], width)
 
   def _widths(self, rows: np.ndarray) -> tuple[int, int, int | None]:
     """(prompt, completion, teacher prompt) widths: the smallest buckets that fit the longest rows."""

@@ -160,10 +160,10 @@ def generate_completions(
     pixels = None
     if with_images:
       per_row = [
-          images_lib.load_pixels(image_inputs, rows_lib.image_values(rows[j], j), j) if tiles[j] else None
+          image_inputs.load_pixels(rows_lib.image_values(rows[j], j), j) if tiles[j] else None
           for j in range(start, start + real)
       ]
-      pixels, _ = images_lib.stack_tiles(image_inputs, per_row + per_row[:1] * (batch_size - real), tile_width)
+      pixels, _ = image_inputs.stack(per_row + per_row[:1] * (batch_size - real), tile_width)
     out = sampling.generate(
         model,
         b_ids,

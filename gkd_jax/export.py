@@ -16,13 +16,14 @@ before anything loads, --overwrite or not, as replacing them would delete the ru
 import argparse
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from gkd_jax import checkpoints, files, host_malloc, models, resume, rollout, storage
+from gkd_jax import checkpoints, files, host_malloc, images, models, resume, rollout, storage
 from gkd_jax import config as config_lib
 from gkd_jax import sharding as shd
 from gkd_jax import train_step as ts
@@ -41,10 +42,18 @@ def export_student(
     def write(directory):
       models.save_pretrained(student, directory, tokenizer=tokenizer)
       if source is not None and models.load_vl_config(source) is not None:
-        models.copy_processor_files(source, directory)
+        _copy_processor_files(source, directory)
 
     files.replace_directory(out_dir, write, overwrite=overwrite, what="export directory")
   return out_dir
+
+
+def _copy_processor_files(source: str, out_dir: str) -> None:
+  """The image processor's settings of checkpoint `source` (images.CONFIG_FILES) copied into `out_dir`."""
+  directory = models.checkpoint_dir(source)
+  for name in images.CONFIG_FILES:
+    if os.path.exists(os.path.join(directory, name)):
+      shutil.copyfile(os.path.join(directory, name), os.path.join(out_dir, name))
 
 
 _MODEL_FIELDS = ("model", "teacher_model", "tokenizer")
@@ -129,11 +138,10 @@ def _abstract_params(path: str, dtype, param_dtype, mesh, options: dict) -> nnx.
     from huggingface_hub import hf_hub_download
 
     path = hf_hub_download(path, "config.json")
-  vl = models.load_vl_config(os.path.dirname(path) if path.endswith("config.json") else path)
-  model = models.CausalLM if vl is None else models.InternVL
-  cfg = models.ModelConfig.from_hf_config(path) if vl is None else vl
+  with open(os.path.join(path, "config.json") if os.path.isdir(path) else path) as f:
+    cfg = models.config_from_hf_dict(json.load(f))
   abstract = nnx.eval_shape(
-      lambda: model(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), mesh=mesh, **options)
+      lambda: models.build_model(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), mesh=mesh, **options)
   )
   state = nnx.state(abstract)
   for _, var in nnx.to_flat_state(state):

@@ -59,20 +59,52 @@ class ImageInputs:
     """(start, context, end) token ids: the ids a prompt's image spans are made of."""
     return self.start_token_id, self.context_token_id, self.end_token_id
 
+  # rows.py tokenizes through these methods: it cannot import this module (which imports its BadRow).
   def open(self, value: Any, index: int, column: str = "images", position: int | None = None):
+    """open_image: an image value -> a decoded RGB PIL image, or BadRow naming the row."""
     return open_image(value, index, column, position)
 
   def tiles(self, image) -> int:
-    return count_tiles(self, image)
+    """How many tiles `image` is cut into (the thumbnail included)."""
+    return int(self.processor.get_number_of_image_patches(image.height, image.width))
 
   def expansion(self, tiles: int) -> str:
-    return image_text(self, tiles)
+    """The text one image of `tiles` tiles stands for in a prompt: start, its context tokens, end."""
+    return self.start_token + self.context_token * (self.image_seq_length * int(tiles)) + self.end_token
 
   def expand(self, text: str, tiles: Sequence[int]) -> str:
-    return expand_placeholders(self, text, tiles)
+    """`text` with its k-th placeholder replaced by expansion(tiles[k]); the counts must agree."""
+    parts = text.split(self.placeholder)
+    if len(parts) - 1 != len(tiles):
+      raise ValueError(f"{len(parts) - 1} {self.placeholder!r} placeholders for {len(tiles)} images")
+    out = [parts[0]]
+    for n, part in zip(tiles, parts[1:]):
+      out += [self.expansion(n), part]
+    return "".join(out)
 
   def preprocess(self, images: Sequence) -> np.ndarray:
-    return preprocess(self, images)
+    """Opened images -> float32 [sum of their tiles, 3, S, S], each image's tiles in order; the pixels
+    transformers' InternVLProcessor gives the model for them."""
+    if not images:
+      return np.zeros((0, 3, self.tile_size, self.tile_size), np.float32)
+    return np.asarray(self.processor(images=list(images), return_tensors="np")["pixel_values"], np.float32)
+
+  def load_pixels(self, values: Sequence, index: int, column: str = "images") -> np.ndarray:
+    """A row's image values (its `images` column) opened and preprocessed: float32 [tiles, 3, S, S]."""
+    return self.preprocess([open_image(v, index, column, k) for k, v in enumerate(values)])
+
+  def stack(self, per_row: Sequence[np.ndarray | None], width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows' tiles (None: no images) -> (pixel_values float32 [B, width, 3, S, S], zero-padded; num_tiles int32
+    [B]). width defaults to bucket_tiles of the largest row, as the DataLoader pads its batches."""
+    counts = np.array([0 if t is None else len(t) for t in per_row], np.int32)
+    width = bucket_tiles(int(counts.max(initial=0))) if width is None else width
+    if counts.max(initial=0) > width:
+      raise ValueError(f"a row has {counts.max()} tiles, more than the width {width}")
+    pixels = np.zeros((len(per_row), width, 3, self.tile_size, self.tile_size), np.float32)
+    for b, tiles in enumerate(per_row):
+      if tiles is not None:
+        pixels[b, : len(tiles)] = tiles
+    return pixels, counts
 
 
 def read_processor_config(model_dir: str) -> dict:
@@ -199,62 +231,6 @@ def _source(value: Any, index: int, column: str, which: str) -> tuple[str | byte
   raise BadRow(
       index, column, f"{which}expected an image: a path, bytes, a {{'bytes', 'path'}} dict or a PIL image", value
   )
-
-
-def count_tiles(inputs: ImageInputs, image) -> int:
-  """How many tiles `inputs` cuts `image` into (the thumbnail included)."""
-  return int(inputs.processor.get_number_of_image_patches(image.height, image.width))
-
-
-def preprocess(inputs: ImageInputs, images: Sequence) -> np.ndarray:
-  """Opened images -> float32 [sum of their tiles, 3, S, S], each image's tiles in order; the pixels
-  transformers' InternVLProcessor gives the model for them."""
-  s = inputs.tile_size
-  if not images:
-    return np.zeros((0, 3, s, s), np.float32)
-  pixels = inputs.processor(images=list(images), return_tensors="np")["pixel_values"]
-  return np.asarray(pixels, np.float32)
-
-
-def load_pixels(inputs: ImageInputs, values: Sequence, index: int, column: str = "images") -> np.ndarray:
-  """A row's image values (its `images` column) opened and preprocessed: float32 [tiles, 3, S, S]."""
-  return preprocess(inputs, [open_image(v, index, column, k) for k, v in enumerate(values)])
-
-
-def stack_tiles(
-    inputs: ImageInputs, per_row: Sequence[np.ndarray | None], width: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-  """Rows' tiles (None: no images) -> (pixel_values float32 [B, width, 3, S, S], zero-padded; num_tiles int32
-  [B]). width defaults to bucket_tiles of the largest row, as the DataLoader pads its batches."""
-  counts = np.array([0 if t is None else len(t) for t in per_row], np.int32)
-  width = bucket_tiles(int(counts.max(initial=0))) if width is None else width
-  if counts.max(initial=0) > width:
-    raise ValueError(f"a row has {counts.max()} tiles, more than the width {width}")
-  s = inputs.tile_size
-  pixels = np.zeros((len(per_row), width, 3, s, s), np.float32)
-  for b, tiles in enumerate(per_row):
-    if tiles is not None:
-      pixels[b, : len(tiles)] = tiles
-  return pixels, counts
-
-
-# -------------------------------------------------------------------------------------------- image text
-
-
-def image_text(inputs: ImageInputs, tiles: int) -> str:
-  """The text one image of `tiles` tiles stands for in a prompt: start, its context tokens, end."""
-  return inputs.start_token + inputs.context_token * (inputs.image_seq_length * int(tiles)) + inputs.end_token
-
-
-def expand_placeholders(inputs: ImageInputs, text: str, tiles: Sequence[int]) -> str:
-  """`text` with its k-th `<image>` placeholder replaced by image_text(tiles[k]); the counts must agree."""
-  parts = text.split(inputs.placeholder)
-  if len(parts) - 1 != len(tiles):
-    raise ValueError(f"{len(parts) - 1} {inputs.placeholder!r} placeholders for {len(tiles)} images")
-  out = [parts[0]]
-  for n, part in zip(tiles, parts[1:]):
-    out += [image_text(inputs, n), part]
-  return "".join(out)
 
 
 def bucket_tiles(tiles: int) -> int:

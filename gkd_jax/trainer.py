@@ -169,7 +169,9 @@ def build(config) -> tuple[Setup, ts.TrainState]:
     _check_same_tokenizer(tokenizer, config.teacher_model)  # before any model loads
   for field in ("model", "teacher_model") if kind == "model" else ("model",):
     check_model_fits(config, field, models.load_config(config[field]), mesh)  # config.json only
-  image_inputs = _image_inputs(config, tokenizer, kind)
+  student_vl = models.load_vl_config(config.model)  # None: text-only
+  teacher_vl = models.load_vl_config(config.teacher_model) if kind == "model" else None
+  image_inputs = _image_inputs(config, tokenizer, student_vl, teacher_vl)
   # The data before the weights: a bad dataset, split or row fails in seconds, not after a model load.
   loader = data_lib.loader_from_config(
       config,
@@ -187,18 +189,12 @@ def build(config) -> tuple[Setup, ts.TrainState]:
         f"teacher_model for multimodal data"
     )
   eval_rows, eval_loader = evaluate.held_out(config, tokenizer, image_inputs) if config.eval_split else (None, None)
-  student = models.from_pretrained(
-      config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **_model_options(config, config.model)
-  )
+  options = models.model_options(config)
+  student_options = options if student_vl is None else {**options, **_vision_training(config)}
+  student = models.from_pretrained(config.model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **student_options)
   teacher = None
-  if kind == "model":
-    teacher = models.from_pretrained(
-        config.teacher_model,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        mesh=mesh,
-        **_model_options(config, config.teacher_model, student=False),
-    )
+  if kind == "model":  # a teacher's tower and projector never train
+    teacher = models.from_pretrained(config.teacher_model, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **options)
   vocab_size = len(tokenizer)
   cfg = ts.StepConfig.from_run_config(config, vocab_size, offload_teacher=_offload_possible(config))
 
@@ -244,21 +240,16 @@ def build(config) -> tuple[Setup, ts.TrainState]:
   return setup, state
 
 
-def _model_options(config, path: str, student: bool = True) -> dict:
-  """from_pretrained's options for the run's student or teacher: a vision-language student's tower and projector
-  train as config.train_vision_tower / train_projector say; a teacher's never do."""
-  options = models.model_options(config)
-  if student and models.load_vl_config(path) is not None:
-    options.update(train_vision_tower=config.train_vision_tower, train_projector=config.train_projector)
-  return options
+def _vision_training(config) -> dict:
+  """from_pretrained's options for a vision-language student: its tower and projector train as the config says."""
+  return {"train_vision_tower": config.train_vision_tower, "train_projector": config.train_projector}
 
 
-def _image_inputs(config, tokenizer, kind: str):
+def _image_inputs(config, tokenizer, student, teacher):
   """The image preprocessing of a vision-language student (None for a text-only one), checked against the
-  teacher: both must read the same image tokens, so each must take the same tiles and tokens per tile."""
-  student = models.load_vl_config(config.model)
-  teacher = models.load_vl_config(config.teacher_model) if kind == "model" else None
-  if kind == "model" and (student is None) != (teacher is None):
+  teacher: both must read the same image tokens, so each must take the same tiles and tokens per tile.
+  `student` / `teacher`: their InternVLConfig, None for a text-only model or no local teacher."""
+  if ts.teacher_kind(config) == "model" and (student is None) != (teacher is None):
     which = "teacher_model" if student is None else "model"
     raise ValueError(
         f"config.{which}={config[which]!r} is a vision-language model but the other is text-only: GKD with images "

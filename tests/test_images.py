@@ -231,14 +231,14 @@ def test_truncated_file_is_a_bad_row(files):
 
 
 def test_stack_tiles(inputs, files):
-  four = images_lib.load_pixels(inputs, [files["four"]], 0)
-  pixels, counts = images_lib.stack_tiles(inputs, [None, four, four[:1]])
+  four = inputs.load_pixels([files["four"]], 0)
+  pixels, counts = inputs.stack([None, four, four[:1]])
   assert pixels.shape == (3, 4, 3, TILE, TILE) and counts.tolist() == [0, 4, 1]
   np.testing.assert_array_equal(pixels[1], four)
   assert not pixels[0].any() and not pixels[2, 1:].any()
-  assert images_lib.stack_tiles(inputs, [None], width=2)[0].shape == (1, 2, 3, TILE, TILE)
+  assert inputs.stack([None], width=2)[0].shape == (1, 2, 3, TILE, TILE)
   with pytest.raises(ValueError, match="a row has 4 tiles, more than the width 2"):
-    images_lib.stack_tiles(inputs, [four], width=2)
+    inputs.stack([four], width=2)
 
 
 def test_bucket_tiles():

@@ -10,8 +10,9 @@ out = model(input_ids, attention_mask=mask, pixel_values=pixels)   # pixels [B, 
 
 from gkd_jax.models.config import MULTIMODAL_MODEL_TYPES, SUPPORTED_MODEL_TYPES, ModelConfig
 from gkd_jax.models.hf_io import (
+    build_model,
     checkpoint_dir,
-    copy_processor_files,
+    config_from_hf_dict,
     export_tensors,
     from_pretrained,
     load_config,
@@ -25,6 +26,7 @@ from gkd_jax.models.transformer import CausalLM, ModelOutput
 from gkd_jax.models.vision import VisionConfig, VisionTower
 
 __all__ = [
+    "build_model",
     "CausalLM",
     "InternVL",
     "InternVLConfig",
@@ -36,7 +38,7 @@ __all__ = [
     "VisionTower",
     "check_image_tokens",
     "checkpoint_dir",
-    "copy_processor_files",
+    "config_from_hf_dict",
     "export_tensors",
     "from_pretrained",
     "load_config",

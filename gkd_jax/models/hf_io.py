@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from typing import Callable
 
 import jax
@@ -272,23 +271,24 @@ def _config_dict(directory: str) -> dict:
   return d
 
 
+def config_from_hf_dict(d: dict) -> ModelConfig | InternVLConfig:
+  """The architecture an HF config.json describes: an InternVLConfig for a vision-language checkpoint, else the
+  ModelConfig of a decoder."""
+  return (
+      InternVLConfig.from_hf_dict(d) if d.get("model_type") in MULTIMODAL_MODEL_TYPES else ModelConfig.from_hf_dict(d)
+  )
+
+
+def build_model(cfg: ModelConfig | InternVLConfig, **kwargs) -> CausalLM | InternVL:
+  """CausalLM(cfg, **kwargs) or InternVL(cfg, **kwargs), as the config's type says (under nnx.eval_shape: an
+  abstract model)."""
+  return (InternVL if isinstance(cfg, InternVLConfig) else CausalLM)(cfg, **kwargs)
+
+
 def checkpoint_dir(path_or_hub_id: str) -> str:
   """A local directory holding a checkpoint's files, resolved as from_pretrained resolves it (a gs:// prefix
   copied into the local cache, a hub id downloaded): for readers of its other files (the image processor's)."""
   return _resolve(path_or_hub_id)
-
-
-# The image processor's settings of a vision-language checkpoint; an export carries them along.
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-
-
-def copy_processor_files(source: str, out_dir: str) -> list[str]:
-  """Copies the image-processor files of checkpoint `source` into the local directory `out_dir`; their names."""
-  directory = _resolve(source)
-  names = [n for n in PROCESSOR_FILES if os.path.exists(os.path.join(directory, n))]
-  for name in names:
-    shutil.copyfile(os.path.join(directory, name), os.path.join(out_dir, name))
-  return names
 
 
 def load_vl_config(path_or_hub_id: str) -> InternVLConfig | None:
@@ -343,20 +343,17 @@ def from_pretrained(
       scan_layers=scan_layers,
       attention=attention,
   )
-  if d.get("model_type") in MULTIMODAL_MODEL_TYPES:
-    cfg = InternVLConfig.from_hf_dict(d)
-    flags = dict(train_vision_tower=train_vision_tower, train_projector=train_projector)
-    build = lambda: InternVL(cfg, rngs=nnx.Rngs(0), **options, **flags)
+  cfg = config_from_hf_dict(d)
+  if isinstance(cfg, InternVLConfig):
+    options.update(train_vision_tower=train_vision_tower, train_projector=train_projector)
     head_names = {"language_model.lm_head.weight", "lm_head.weight"}
+  elif train_vision_tower or train_projector:
+    raise ValueError(f"{path_or_hub_id} is a text-only checkpoint: it has no vision tower or projector to train")
   else:
-    if train_vision_tower or train_projector:
-      raise ValueError(f"{path_or_hub_id} is a text-only checkpoint: it has no vision tower or projector to train")
-    cfg = ModelConfig.from_hf_dict(d)
-    build = lambda: CausalLM(cfg, rngs=nnx.Rngs(0), **options)
     head_names = {"lm_head.weight"}  # tied checkpoints may still carry the head
   reader = st.CheckpointReader(directory)
   del rngs  # every weight comes from the checkpoint; the abstract init below needs no real randomness
-  graphdef, state = nnx.split(nnx.eval_shape(build))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0), **options)))
   np_dtype = np.dtype(param_dtype)
   used = set()
   for path, var in _flat_params(state):
