@@ -33,6 +33,7 @@ from gkd_jax import images as images_lib
 from gkd_jax import rows as rows_lib
 from gkd_jax import config as config_lib
 from gkd_jax import rollout, sampling, storage
+from gkd_jax.tasks import arithmetic, shapes
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +91,7 @@ def metric(name: str) -> Callable[[Sequence[str], Sequence[dict]], dict] | None:
     raise ValueError(f"eval_metric {name!r} is invalid: must be one of {config_lib.EVAL_METRICS}")
   if name == "none":
     return None
-  if name == "arithmetic":
-    from gkd_jax.tasks import arithmetic
-
-    return arithmetic.evaluate
-  if name == "shapes":
-    from gkd_jax.tasks import shapes
-
-    return shapes.evaluate
-  return {"math": math_exact_match, "rouge": rouge}[name]
+  return {"math": math_exact_match, "rouge": rouge, "arithmetic": arithmetic.evaluate, "shapes": shapes.evaluate}[name]
 
 
 # ------------------------------------------------------------------------------------------- generation

@@ -25,6 +25,7 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
+import PIL.Image
 
 from gkd_jax import storage
 from gkd_jax.rows import BadRow
@@ -190,8 +191,6 @@ def open_image(value: Any, index: int, column: str = "images", position: int | N
   value: a path (local or gs://), bytes, a {"bytes", "path"} dict (bytes win when both are set) or a PIL
   image. Anything missing, unreadable or not an image raises BadRow naming the row, the column and the
   image's position in the row's list."""
-  import PIL.Image
-
   which = "" if position is None else f"image {position}: "
   if isinstance(value, PIL.Image.Image):
     image, what = value, "(a PIL image)"

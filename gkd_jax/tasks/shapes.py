@@ -33,6 +33,7 @@ import re
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import PIL.Image
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 160, 20), "blue": (20, 50, 220), "yellow": (235, 200, 0)}
 SHAPES = ("square", "circle")
@@ -168,8 +169,6 @@ def write_dataset(
   """Writes directory/train.jsonl, directory/test.jsonl and their PNGs under directory/images/ (named
   {split}-{row}-{picture}.png). Returns {'train', 'test', 'images'} paths. A local directory: the rows hold the
   images' absolute paths."""
-  import PIL.Image
-
   draw([None] * grid * grid, size, grid), positions(grid)  # bad knobs fail before any file is written
   directory = os.path.abspath(directory)
   image_dir = os.path.join(directory, "images")
