@@ -118,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.temperature = 0.9  # sampling temperature; also the loss temperature unless loss_temperature is set
   c.loss_temperature = ml_collections.FieldReference(None, field_type=float)
   c.sft_alpha = 0.0  # + sft_alpha · NLL on steps the student did not generate
+  c.label_smoothing = 0.0  # of the SFT term (objective=sft, sft_alpha): (1 - ε)·one-hot + ε·uniform targets
   c.gkd_logits_topk = ml_collections.FieldReference(None, field_type=int)
   c.fused_loss = False  # chunked loss from hidden states: no [B, T, V] logits
   c.loss_chunk_size = ml_collections.FieldReference(None, field_type=int)
@@ -238,6 +239,7 @@ FLOAT32_FIELDS = (
     "temperature",
     "loss_temperature",
     "sft_alpha",
+    "label_smoothing",
     "lora_alpha",
     "top_p",
     "eval_temperature",
@@ -268,6 +270,10 @@ def validate(c) -> None:
     fail("loss_temperature", c.loss_temperature, "must be > 0 (or None to use temperature)")
   if c.sft_alpha < 0:
     fail("sft_alpha", c.sft_alpha, "must be ≥ 0")
+  if not 0.0 <= c.label_smoothing < 1.0:
+    fail("label_smoothing", c.label_smoothing, "must be in [0, 1)")
+  if c.label_smoothing and c.objective == "gkd" and not c.sft_alpha:
+    fail("label_smoothing", c.label_smoothing, "smooths the SFT term: it needs objective='sft' or sft_alpha > 0")
   if c.gkd_logits_topk is not None and c.gkd_logits_topk < 1:
     fail("gkd_logits_topk", c.gkd_logits_topk, "must be a positive int (or None for the full vocabulary)")
   if c.teacher_model_server:

@@ -127,10 +127,12 @@ def fused_nll_loss(
     vocab_size: int | None = None,
     reduction: str = "mean",
     num_items: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
 ) -> jax.Array:
   """`losses.nll_loss` computed from hidden states [..., H] and an LM head [H, V] chunk by chunk (the SFT term
   of the fused path): a rematerialized scan, so no [tokens, V] logits exist in the forward or backward pass."""
   losses._check_reduction(reduction)
+  label_smoothing = losses._check_label_smoothing(label_smoothing)
   losses.expect(hidden, "hidden", "[..., hidden] floats")
   losses.expect(head, "head", "[hidden, vocab] floats", rank=None)  # its rank: the ValueError below
   losses.expect(targets, "targets", "[...] integer token ids", rank=None, dtype=int)
@@ -150,7 +152,8 @@ def fused_nll_loss(
   def body(_, xs):
     h, t = xs
     logp = jax.nn.log_softmax(_chunk_logits(h, head, softcap, vocab_size), axis=-1)
-    return None, -jnp.take_along_axis(logp, t[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    token_logp = jnp.take_along_axis(logp, t[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return None, losses.smoothed_nll(token_logp, logp, label_smoothing)
 
   _, per_token = jax.lax.scan(body, None, _chunks(chunk_size, token_shape, hidden, targets))
   return losses.reduce_tokens(_unchunk(per_token, token_shape), mask, reduction, num_items)

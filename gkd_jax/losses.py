@@ -359,9 +359,13 @@ def nll_loss(
     *,
     reduction: str = "mean",
     num_items: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
 ) -> jax.Array:
-  """Negative log-likelihood of `targets` [...] under `logits` [..., V] (the SFT term, temperature 1)."""
+  """Negative log-likelihood of `targets` [...] under `logits` [..., V] (the SFT term, temperature 1). With
+  label_smoothing ε the target is (1 - ε)·one-hot + ε·uniform over the V entries: per token
+  (1 - ε)·NLL - ε·mean_v log p_v (transformers' label_smoothing_factor)."""
   _check_reduction(reduction)
+  label_smoothing = _check_label_smoothing(label_smoothing)
   expect(logits, "logits", "[..., vocab] floats")
   expect(targets, "targets", "[...] integer token ids", rank=None, dtype=int)
   if tuple(targets.shape) != tuple(logits.shape[:-1]):
@@ -372,7 +376,22 @@ def nll_loss(
   _check_mask(mask, logits.shape[:-1])
   logp = jax.nn.log_softmax(_f32(_sanitize(logits, mask)), axis=-1)
   token_logp = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return reduce_tokens(-token_logp, mask, reduction, num_items)
+  return reduce_tokens(smoothed_nll(token_logp, logp, label_smoothing), mask, reduction, num_items)
+
+
+def _check_label_smoothing(value) -> float:
+  value = _static_float("label_smoothing", value)
+  if not 0.0 <= value < 1.0:
+    raise ValueError(f"label_smoothing must be in [0, 1), got {value}")
+  return value
+
+
+def smoothed_nll(token_logp: jax.Array, logp: jax.Array, label_smoothing: float) -> jax.Array:
+  """Per-token loss of a target log-prob [...] and the full log-probs [..., V] under label smoothing ε (a
+  static float; 0 is the plain NLL and adds no pass over the vocabulary)."""
+  if not label_smoothing:
+    return -token_logp
+  return -(1.0 - label_smoothing) * token_logp - label_smoothing * jnp.mean(logp, axis=-1)
 
 
 # -------------------------------------------------------------------------------------- sequence alignment

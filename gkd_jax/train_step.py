@@ -44,6 +44,7 @@ class StepConfig:
   temperature: float = 0.9  # loss temperature (divides both logits)
   topk: int | None = None
   sft_alpha: float = 0.0
+  label_smoothing: float = 0.0  # of the SFT term in training (evaluation reports the plain NLL)
   vocab_size: int | None = None  # the tokenizer's vocabulary: both heads are cut to it
   chunk_size: int | None = None  # fused path
   grad_accum_steps: int = 1
@@ -88,6 +89,7 @@ class StepConfig:
         temperature=config.temperature if config.loss_temperature is None else config.loss_temperature,
         topk=config.gkd_logits_topk or None,
         sft_alpha=config.sft_alpha,
+        label_smoothing=config.label_smoothing,
         vocab_size=vocab_size,
         chunk_size=config.get("loss_chunk_size"),
         grad_accum_steps=config.grad_accum_steps,
@@ -202,8 +204,10 @@ def make_steps(student, tx, lr_schedule, cfg: StepConfig, teacher=None, lora_spe
   def train_step(state: TrainState, batch: dict):
     return _train_step(ctx, tx, lr_schedule, state, batch)
 
+  eval_ctx = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, label_smoothing=0.0))
+
   def eval_step(state: TrainState, batch: dict):
-    return _eval_step(ctx, state, batch)
+    return _eval_step(eval_ctx, state, batch)
 
   return train_step, eval_step
 
@@ -276,7 +280,14 @@ def _fused_terms(ctx: _Step, student, hidden, targets, mask, teacher, num_items,
   head, student_cap = student.head(vocab)
   nll = (
       fused_losses.fused_nll_loss(
-          hidden, head, targets, softcap=student_cap, vocab_size=vocab, chunk_size=cfg.chunk_size, **kw
+          hidden,
+          head,
+          targets,
+          softcap=student_cap,
+          vocab_size=vocab,
+          chunk_size=cfg.chunk_size,
+          label_smoothing=cfg.label_smoothing,
+          **kw,
       )
       if with_nll
       else None
@@ -307,7 +318,7 @@ def _logit_terms(ctx: _Step, student, hidden, targets, mask, teacher, num_items,
   cfg = ctx.cfg
   kw = dict(mask=mask, num_items=num_items)
   logits = student.logits(hidden, ctx.vocab, dtype=jnp.float32)
-  nll = losses.nll_loss(logits, targets, **kw) if with_nll else None
+  nll = losses.nll_loss(logits, targets, label_smoothing=cfg.label_smoothing, **kw) if with_nll else None
   if cfg.objective != "gkd":
     return None, nll, {}
   if cfg.divergence == "full":

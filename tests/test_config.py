@@ -21,6 +21,8 @@ BAD = [
     ({"temperature": 0.0}, r"config.temperature=0.0 is invalid: must be > 0"),
     ({"loss_temperature": -1.0}, r"config.loss_temperature=-1.0 is invalid: must be > 0"),
     ({"sft_alpha": -0.5}, r"config.sft_alpha=-0.5 is invalid: must be ≥ 0"),
+    ({"label_smoothing": 1.0, "objective": "sft"}, r"config.label_smoothing=1.0 is invalid: must be in \[0, 1\)"),
+    ({"label_smoothing": 0.1}, r"config.label_smoothing=0.1 is invalid: smooths the SFT term: it needs objective="),
     ({"gkd_logits_topk": 0}, r"config.gkd_logits_topk=0 is invalid: must be a positive int"),
     (
         {"teacher_model_server": "http://127.0.0.1:8000"},

@@ -433,6 +433,44 @@ def test_fused_nll_equals_nll_on_logits(chunk_size, variant):
   chex.assert_trees_all_close(jax.grad(fused, (0, 1))(*args), jax.grad(unfused, (0, 1))(*args), rtol=1e-4, atol=1e-7)
 
 
+def test_label_smoothing_matches_the_smoothed_cross_entropy_reference(variant):
+  """(1 - ε)·NLL + ε·mean_v(-log p_v) in float64 (transformers' LabelSmoother), plain and fused; ε = 0 is NLL;
+  the gradient w.r.t. the logits is softmax - ((1 - ε)·one-hot + ε/V)."""
+  s, _, mask = random_inputs(19)
+  targets = np.random.default_rng(1).integers(0, V, size=(B, T))
+  logp = np_log_softmax(s.astype(np.float64))
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  eps = 0.1
+  expected = (1 - eps) * nll - eps * logp.mean(-1)
+  got = variant(L.nll_loss, reduction="none", label_smoothing=eps)(s, targets, mask)
+  np.testing.assert_allclose(got, np.where(mask, expected, 0.0), rtol=1e-5, atol=1e-6)
+  loss = lambda x: L.nll_loss(x, targets, mask, reduction="sum", label_smoothing=eps)
+  p = np.exp(logp)
+  target = (1 - eps) * np.eye(V)[targets] + eps / V
+  np.testing.assert_allclose(jax.grad(loss)(s), np.where(mask[..., None], p - target, 0.0), atol=1e-6)
+  np.testing.assert_allclose(
+      L.nll_loss(s, targets, mask, label_smoothing=0.0), L.nll_loss(s, targets, mask), rtol=0, atol=0
+  )
+  d, kw = _fused_case(21, (2, 9), hs_dim=8, ht_dim=8, vs=24, vt=24, extras=True)
+  t2 = np.random.default_rng(0).integers(0, 20, size=(2, 9))
+  z = d["student_hidden"] @ d["student_head"]
+  z = kw["student_softcap"] * jnp.tanh(z / kw["student_softcap"])
+  fused = F.fused_nll_loss(
+      d["student_hidden"],
+      d["student_head"],
+      t2,
+      d["mask"],
+      softcap=kw["student_softcap"],
+      vocab_size=20,
+      chunk_size=4,
+      label_smoothing=eps,
+  )
+  np.testing.assert_allclose(fused, L.nll_loss(z[..., :20], t2, d["mask"], label_smoothing=eps), rtol=1e-5)
+  for bad in (-0.1, 1.0):
+    with pytest.raises(ValueError, match="label_smoothing must be in \\[0, 1\\)"):
+      L.nll_loss(s, targets, mask, label_smoothing=bad)
+
+
 def test_shift_pairs_each_position_with_the_next_token():
   # Prompt [5, 6, 7], completion [8, 9, 2] then padding: the first target is 8, predicted at position 2.
   input_ids = np.array([[5, 6, 7, 8, 9, 2, 0]])
