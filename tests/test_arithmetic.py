@@ -272,6 +272,43 @@ def test_evaluate_and_diversity():
   assert ar.distinct_valid_chains(samples, OPS) == 3
 
 
+@pytest.mark.parametrize(
+    "completion, kind",
+    [
+        ("23+58=81 81+71=152 Answer: 152", "valid"),
+        ("71+23=94 94+58=152 Answer: 152", "valid"),  # another order is as valid
+        ("23+58=81 81+71=152", "format"),  # cut before the answer
+        ("23+58=81 81+71=152 Answer:", "format"),
+        ("23+58=81  81+71=152 Answer: 152", "format"),
+        ("23+85=108 108+71=179 Answer: 179", "operand"),  # digits of an operand swapped, added correctly
+        ("23+58=81 81+58=139 Answer: 139", "operand"),  # an operand repeated, another left out
+        ("23+58=81 Answer: 81", "operand"),  # an operand left out
+        ("23+58=81 18+71=89 Answer: 89", "running_sum"),
+        ("23+58=71 71+71=142 Answer: 142", "carry"),  # 81 written 71: the carry dropped
+        ("23+58=81 81+71=252 Answer: 252", "carry"),  # an invented hundred
+        ("23+58=82 82+71=153 Answer: 153", "sum"),
+        ("23+58=81 81+71=152 Answer: 151", "answer"),
+    ],
+)
+def test_classify_error_names_the_first_fault(completion, kind):
+  assert ar.classify_error(OPS, completion) == kind
+  assert (kind == "valid") == ar.check_chain(OPS, completion)
+
+
+def test_error_breakdown_shares_and_minor_modes():
+  completions = ["23+58=81 81+71=152 Answer: 152", "garbage", "23+58=71 71+71=142 Answer: 142", None]
+  shares = ar.error_breakdown(completions, [OPS] * 4)
+  assert list(shares) == list(ar.ERROR_KINDS) and sum(shares.values()) == pytest.approx(1.0)
+  assert shares["valid"] == 0.25 and shares["format"] == 0.5 and shares["carry"] == 0.25
+  with pytest.raises(ValueError, match="at least one"):
+    ar.error_breakdown([], [])
+  # Minor modes: any valid order but the prompt's; None for chains that are not valid.
+  assert ar.minor_mode(OPS, "23+58=81 81+71=152 Answer: 152") is False
+  assert ar.minor_mode(OPS, "58+23=81 81+71=152 Answer: 152") is True
+  assert ar.minor_mode(OPS, "58+23=81 81+71=153 Answer: 153") is None
+  assert ar.operand_order(OPS, "71+23=94 94+58=152 Answer: 152") == (71, 23, 58)
+
+
 def test_dataset_rows_pass_their_own_checker(splits):
   for name, split in splits.items():
     scores = ar.evaluate([r["messages"][1]["content"] for r in split], split)

@@ -321,9 +321,64 @@ def evaluate(completions: Iterable[Any], problems: Iterable[Any]) -> dict[str, f
 
 
 def distinct_valid_chains(completions: Iterable[Any], problem: Any) -> int:
-  """How many different valid chains (operand orders) a set of samples for one problem contains: the
-  diversity measure of the sweeps."""
+  """How many different valid chains (operand orders) a set of samples for one problem contains."""
   return len({parse_completion(c).steps for c in completions if check_chain(problem, c)})
+
+
+def operand_order(problem: Any, completion: Any) -> tuple[int, ...] | None:
+  """The order in which a valid chain adds the operands (None when the chain is not valid)."""
+  if not check_chain(problem, completion):
+    return None
+  steps = parse_completion(completion).steps
+  return (steps[0][0],) + tuple(b for _, b, _ in steps)
+
+
+def minor_mode(problem: Any, completion: Any) -> bool | None:
+  """For a valid chain, whether it adds the operands in an order other than the prompt's (the train data's
+  dominant mode); None when the chain is not valid. The share of minor modes among valid chains measures how
+  much of a multimodal teacher a student covers, independent of how often the student is right."""
+  order = operand_order(problem, completion)
+  return None if order is None else order != operands_of(problem)
+
+
+# The first fault of a completion, in the order a reader checks a chain (ERROR_KINDS[0] = no fault).
+ERROR_KINDS = ("valid", "format", "operand", "running_sum", "carry", "sum", "answer")
+
+
+def classify_error(problem: Any, completion: Any) -> str:
+  """The first fault of a completion, one of ERROR_KINDS:
+    valid        the chain is valid (check_chain), so the answer is right
+    format       not a chain in the task's format (cut off, garbled, no 'Answer: n')
+    operand      an operand copied wrong, repeated or left out (the chain's added numbers are not the prompt's)
+    running_sum  a step does not start from the previous step's sum (the sum copied wrong)
+    carry        a step's sum has the right units digit and a wrong higher digit: a dropped or invented carry
+    sum          a step's sum is wrong in its units digit
+    answer       a valid-looking chain whose 'Answer' is not its final sum
+  Copy faults are checked before arithmetic ones: a chain that adds the wrong operands correctly is a copy
+  fault. Never raises on the completion."""
+  chain = parse_completion(completion)
+  if chain is None:
+    return "format"
+  ops = operands_of(problem)
+  steps = chain.steps
+  if sorted((steps[0][0],) + tuple(b for _, b, _ in steps)) != sorted(ops):
+    return "operand"
+  running = steps[0][0]
+  for a, b, c in steps:
+    if a != running:
+      return "running_sum"
+    if a + b != c:
+      return "carry" if (a + b - c) % 10 == 0 else "sum"
+    running = c
+  return "valid" if chain.answer == running else "answer"
+
+
+def error_breakdown(completions: Iterable[Any], problems: Iterable[Any]) -> dict[str, float]:
+  """{kind: share of the completions whose first fault is that kind} over ERROR_KINDS (shares sum to 1)."""
+  kinds = [classify_error(p, c) for p, c in zip(problems, completions, strict=True)]
+  if not kinds:
+    raise ValueError("error_breakdown needs at least one completion")
+  return {k: kinds.count(k) / len(kinds) for k in ERROR_KINDS}
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
