@@ -1,4 +1,4 @@
-"""The paper's findings at toy scale: every run of configs/sweep.py over seeds, then a table and figures.
+"""The paper's findings at toy scale: every run of configs/sweep.py over seeds, then a report and figures.
 
     python experiments/sweep.py --config=configs/sweep.py --workdir=/tmp/gkd_sweep --workers=2
     python experiments/sweep.py --config=configs/sweep.py --workdir=/tmp/gkd_sweep --report
@@ -10,14 +10,16 @@ checkpoint, as the demo's phases do):
   base      the task (plus a copy with `data_fraction` of the train prompts, the same test sets), the teacher
             and the initial student (the demo's phases), the SeqKD dataset (the teacher's samples for every
             train prompt) and the evaluation of teacher and initial student.
-  runs      runs/NAME/seedS for every run and seed: train from the initial student, export, evaluate.
-            `--workers=N` starts N worker processes; a worker takes a run by an exclusive lock on
-            locks/NAME.seedS (released by the OS if it dies), so any number of sweeps may share a
-            workdir, on one machine or several over a shared file system.
-  report    results.json, sweep.md (mean ± std over seeds) and fig_*.png into --results_dir.
+  runs      runs/ARM/lrLR/seedS: train from the initial student (the trainer scores greedy validation accuracy
+            every `eval_every` steps), export, evaluate. First every arm's learning-rate grid on the selection
+            seeds (validation split; the grid widens at an edge), then the test seeds at the chosen rate
+            (test split). `--workers=N` starts N worker processes; a worker takes a run by an exclusive lock
+            on locks/..., released by the OS if it dies, so any number of sweeps may share a workdir, on one
+            machine or several over a shared file system.
+  report    results.json, sweep.md and fig_*.png into --results_dir (experiments/sweep_report.py).
 
 `--only=a,b` restricts the runs (names from configs/sweep.py), e.g. to add seeds to one arm:
-`--config.seeds='(0,1,2,3)' --only=onpolicy_rkl`.
+`--config.seeds='(0,1,2,3,4,5)' --only=rkl_l1`.
 """
 
 from __future__ import annotations
@@ -141,9 +143,12 @@ def _prepare(config, workdir: str) -> dict:
 
 
 def evaluate_model(model_dir: str, task_data: str, ev) -> dict:
-  """Every metric of the sweep for one checkpoint (keys: greedy, greedy_chain, long, long_chain, and per
-  sampling temperature t: sample_t, sample_chain_t, distinct_t (distinct valid chains among a problem's
-  samples), unique_t (distinct completions among them) and valid_t (the samples' valid-chain rate))."""
+  """Every test metric of the sweep for one checkpoint. Keys: greedy, greedy_chain, long, long_chain; per
+  sampling temperature t: sample_t and sample_chain_t (accuracy of one sample per test problem) and, over
+  ev.diversity_problems x ev.num_samples samples, minor_t (the share of minor modes among the valid chains:
+  the diversity measure), distinct_t (distinct valid chains per problem), unique_t (distinct texts per
+  problem, right or wrong) and valid_t (the valid-chain rate); errors_greedy and errors_t: the share of test
+  completions per first fault (arithmetic.ERROR_KINDS)."""
   import numpy as np
   from gkd_jax import evaluate as evaluate_lib
   from gkd_jax import models
@@ -166,35 +171,45 @@ def evaluate_model(model_dir: str, task_data: str, ev) -> dict:
     )
 
   out = {}
-  m = arithmetic.evaluate(complete(test), test)
+  texts = complete(test)
+  m = arithmetic.evaluate(texts, test)
   out["greedy"], out["greedy_chain"] = m["accuracy"], m["chain_accuracy"]
+  out["errors_greedy"] = arithmetic.error_breakdown(texts, test)
   m = arithmetic.evaluate(complete(long), long)
   out["long"], out["long_chain"] = m["accuracy"], m["chain_accuracy"]
   n, problems = ev.num_samples, test[: ev.diversity_problems]
   for i, t in enumerate(ev.temperatures):
-    m = arithmetic.evaluate(complete(test, t, seed=1 + i), test)
+    texts = complete(test, t, seed=1 + i)
+    m = arithmetic.evaluate(texts, test)
     out[f"sample_{t}"], out[f"sample_chain_{t}"] = m["accuracy"], m["chain_accuracy"]
+    out[f"errors_{t}"] = arithmetic.error_breakdown(texts, test)
     texts = complete([p for p in problems for _ in range(n)], t, seed=101 + i)
     groups = [texts[j * n : (j + 1) * n] for j in range(len(problems))]
+    minor = [arithmetic.minor_mode(p, c) for g, p in zip(groups, problems) for c in g]
+    valid = [x for x in minor if x is not None]
+    out[f"minor_{t}"] = float(np.mean(valid)) if valid else float("nan")
     out[f"distinct_{t}"] = float(np.mean([arithmetic.distinct_valid_chains(g, p) for g, p in zip(groups, problems)]))
-    # Distinct texts among a problem's samples, right or wrong: the diversity Self-BLEU measures.
     out[f"unique_{t}"] = float(np.mean([len(set(g)) for g in groups]))
-    out[f"valid_{t}"] = float(np.mean([arithmetic.check_chain(p, c) for g, p in zip(groups, problems) for c in g]))
+    out[f"valid_{t}"] = len(valid) / len(minor)
   return out
 
 
-def validation_accuracy(model_dir: str, task_data: str, ev) -> float:
-  """Greedy accuracy on the validation split: what the learning-rate grid is scored by."""
+def validation_metrics(model_dir: str, task_data: str, ev) -> dict:
+  """Greedy and τ=1 accuracy on the validation split (keys greedy, sample_1.0): what the learning rates are
+  chosen by."""
   from gkd_jax import evaluate as evaluate_lib
   from gkd_jax import models
   from gkd_jax.tasks import arithmetic
 
   rows = list(arithmetic.load_task(os.path.dirname(task_data))["validation"])[: ev.num_validation]
   model, tokenizer = models.from_pretrained(model_dir), models.load_tokenizer(model_dir)
-  texts = evaluate_lib.generate_completions(
-      model, tokenizer, rows, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, temperature=0.0
-  )
-  return arithmetic.evaluate(texts, rows)["accuracy"]
+  out = {}
+  for key, temperature in (("greedy", 0.0), ("sample_1.0", 1.0)):
+    texts = evaluate_lib.generate_completions(
+        model, tokenizer, rows, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, temperature=temperature
+    )
+    out[key] = arithmetic.evaluate(texts, rows)["accuracy"]
+  return out
 
 
 def evaluate_product(config, directory: str, done: dict, task_data: str) -> dict:
@@ -205,7 +220,9 @@ def evaluate_product(config, directory: str, done: dict, task_data: str) -> dict
 
   def compute():
     t0 = time.perf_counter()
-    return dict(evaluate_model(done["model"], task_data, config.eval), eval_seconds=round(time.perf_counter() - t0, 1))
+    out = evaluate_model(done["model"], task_data, config.eval)
+    out["validation"] = validation_metrics(done["model"], task_data, config.eval)
+    return dict(out, eval_seconds=round(time.perf_counter() - t0, 1))
 
   return file_cache.json_cache(os.path.join(directory, "metrics.json"), fingerprint, compute)
 
@@ -228,46 +245,20 @@ def _claim(path: str):
 
 # ------------------------------------------------------------------------------------------------------ runs
 #
-# Jobs are ("grid", arm, lr): the arm on seed config.grid_seed at one rate of config.lr_grid, scored by greedy
-# accuracy on the validation split; and ("final", arm, seed): the arm at its chosen rate, evaluated on the test
-# split. A run's directory is runs/ARM/lrLR/seedS, so the final run of grid_seed at the chosen rate is the grid
-# run itself (its training is cached; only the test evaluation is new).
+# Jobs are ("grid", arm, (lr, seed)): the arm on a selection seed at one rate, scored on the validation split;
+# and ("final", arm, seed): the arm on a test seed at its chosen rate, evaluated on the test split. A run's
+# directory is runs/ARM/lrLR/seedS.
 
 
-def onpolicy_arms(config) -> dict[str, str]:
-  """{arm: divergence} of the λ=1, full-data arms with a named divergence: the candidates for "best"."""
-  return {
-      name: run.divergence
-      for name, run in config.runs.items()
-      if run.lmbda == 1.0 and run.data == "full" and run.divergence in config.divergences
-  }
-
-
-def settings(config, name: str, best: str | None) -> dict | None:
-  """The arm's training fields with its divergence resolved to β (None while it needs "best" and best is
-  unknown); learning rate and seed are added per run."""
+def settings(config, name: str) -> dict:
+  """The arm's training fields with its divergence resolved to β; learning rate and seed are added per run."""
   run = config.runs[name]
-  divergence = best if run.divergence == "best" else run.divergence
-  if divergence is None:
-    return None
   out = dict(config.train.to_dict(), objective=run.objective, lmbda=run.lmbda, data=run.data)
   if run.objective == "gkd":
-    if divergence not in config.divergences:
-      raise ValueError(
-          f"runs.{name}.divergence={run.divergence!r}: expected 'best' or one of {sorted(config.divergences)}"
-      )
-    out["beta"] = config.divergences[divergence]
+    if run.divergence not in config.divergences:
+      raise ValueError(f"runs.{name}.divergence={run.divergence!r}: expected one of {sorted(config.divergences)}")
+    out["beta"] = config.divergences[run.divergence]
   return out
-
-
-def canonical(config, name: str, best: str | None) -> str | None:
-  """An arm with a named divergence and the same resolved settings, else the arm itself (so best_lambda_000
-  reuses supkd's runs when best is fkl); None while `best` is unknown and needed."""
-  mine = settings(config, name, best)
-  if mine is None:
-    return None
-  named = sorted(other for other in config.runs if config.runs[other].divergence != "best")
-  return next((other for other in named if settings(config, other, best) == mine), name)
 
 
 def run_dir(workdir: str, name: str, lr: float, seed: int) -> str:
@@ -275,19 +266,21 @@ def run_dir(workdir: str, name: str, lr: float, seed: int) -> str:
 
 
 _KEYS: dict = {}
+# Fields that choose which runs exist, or only shape the report: adding seeds, rates or contrasts keeps results.
+_NOT_IN_KEY = ("seeds", "selection_seeds", "lr_grid", "lr_widen", "contrasts")
 
 
 def sweep_key(config, workdir: str) -> str:
   """What every result file depends on besides its path (arm, rate, seed): the base models' fingerprints and
-  the config, less the seeds and rates (adding some keeps the other results). A result written under another
-  key is stale and its job runs again; its training and evaluation come back from their own fingerprinted
-  caches where nothing they depend on changed."""
+  the config, less the fields that only choose runs or shape the report. A result written under another key
+  is stale and its job runs again; its training and evaluation come back from their own fingerprinted caches
+  where nothing they depend on changed."""
   from gkd_jax import file_cache
 
   done = [os.path.join(workdir, BASE, phase, "DONE") for phase in ("teacher", "student_sft")]
   memo = (workdir, id(config), tuple(os.path.getmtime(p) if os.path.exists(p) else None for p in done))
   if memo not in _KEYS:
-    shared = {k: v for k, v in config.to_dict().items() if k not in ("seeds", "lr_grid")}
+    shared = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY}
     _KEYS[memo] = file_cache.fingerprint([shared, [file_cache.read_text(p) for p in done]])
   return _KEYS[memo]
 
@@ -306,64 +299,67 @@ def _read(path: str) -> dict | None:
     return None
 
 
+SELECTION_METRIC = "sample_1.0"  # the primary metric, on the validation split
+
+
 def validation_score(config, workdir: str, name: str, lr: float) -> float | None:
-  found = _read_result(config, workdir, os.path.join(run_dir(workdir, name, lr, config.grid_seed), "validation.json"))
-  return None if found is None else found["greedy"]
+  """The arm's selection score at a rate: the primary metric on validation, averaged over the selection
+  seeds; None until every selection seed finished."""
+  found = [
+      _read_result(config, workdir, os.path.join(run_dir(workdir, name, lr, seed), "validation.json"))
+      for seed in config.selection_seeds
+  ]
+  return None if None in found else sum(f[SELECTION_METRIC] for f in found) / len(found)
 
 
-def best_divergence(config, workdir: str) -> str | None:
-  """The on-policy divergence whose arm scores highest on validation at its best rate; None until all of
-  their grid runs finished. Ties go to the smaller β."""
-  scores = {}
-  for name, divergence in onpolicy_arms(config).items():
-    found = [validation_score(config, workdir, name, lr) for lr in config.lr_grid]
-    if None in found:
-      return None
-    scores[divergence] = max(found)
-  if not scores:
-    raise ValueError("arms use divergence='best' but config.runs has no λ=1 arm with a named divergence")
-  return max(scores, key=lambda d: (scores[d], -config.divergences[d]))
+def lr_grid(config, workdir: str, name: str) -> tuple[list[float], float | None]:
+  """(the arm's rates so far, the chosen rate or None). The grid starts as config.lr_grid; while every rate
+  has its score and the best is an edge, it widens by the grid's ratio on that side, up to config.lr_widen
+  times per side. Ties go to the smaller rate."""
+  grid = sorted(config.lr_grid)
+  ratio = grid[1] / grid[0] if len(grid) > 1 else 10.0
+  widened = {"low": 0, "high": 0}
+  while True:
+    scores = {lr: validation_score(config, workdir, name, lr) for lr in grid}
+    if None in scores.values():
+      return grid, None
+    best = max(grid, key=lambda lr: (scores[lr], -lr))
+    side = "low" if best == grid[0] else "high" if best == grid[-1] else None
+    if side is None or len(grid) == 1 or widened[side] >= config.lr_widen:
+      return grid, best
+    widened[side] += 1
+    grid = [grid[0] / ratio] + grid if side == "low" else grid + [grid[-1] * ratio]
 
 
 def chosen_lr(config, workdir: str, name: str) -> float | None:
-  """The rate of config.lr_grid with the best validation accuracy for the arm (its canonical arm's grid);
-  None until the grid finished. Ties go to the smaller rate."""
-  canon = canonical(config, name, best_divergence(config, workdir))
-  if canon is None:
-    return None
-  found = {lr: validation_score(config, workdir, canon, lr) for lr in sorted(config.lr_grid)}
-  if None in found.values():
-    return None
-  return max(found, key=lambda lr: (found[lr], -lr))
+  return lr_grid(config, workdir, name)[1]
 
 
-def jobs(config, only=None) -> list[tuple[str, str, float | int]]:
-  """Grid jobs first (arms not needing "best" before those that do), then final jobs seed-major (a partial
-  sweep has every arm at its first seeds). `only` restricts the arms; arms that need "best" bring the
-  on-policy arms' grid jobs with them."""
+def arms(config, only=None) -> list[str]:
   names = list(config.runs)
   if only:
     unknown = sorted(set(only) - set(names))
     if unknown:
       raise ValueError(f"--only names unknown runs {unknown}; config.runs has {sorted(names)}")
     names = [n for n in names if n in only]
-  needs_best = [n for n in names if config.runs[n].divergence == "best"]
-  grid_arms = [n for n in config.runs if n in names or (needs_best and n in onpolicy_arms(config))]
-  grid_arms.sort(key=lambda n: config.runs[n].divergence == "best")
-  out = [("grid", n, lr) for n in grid_arms for lr in config.lr_grid]
+  return names
+
+
+def jobs(config, workdir: str, only=None) -> list[tuple[str, str, tuple | int]]:
+  """The jobs known so far: every arm's grid runs (its current grid x the selection seeds), then final jobs
+  seed-major (a partial sweep has every arm at its first seeds). A final job waits for its arm's rate."""
+  names = arms(config, only)
+  out = [("grid", n, (lr, s)) for n in names for lr in lr_grid(config, workdir, n)[0] for s in config.selection_seeds]
   return out + [("final", n, seed) for seed in config.seeds for n in names]
 
 
 def _job_dir(config, workdir: str, job) -> str | None:
-  """Where the job's result goes; None while it waits for "best" or the arm's grid."""
+  """Where the job's result goes; None while a final job waits for its arm's grid."""
   kind, name, x = job
-  canon = canonical(config, name, best_divergence(config, workdir))
-  if canon is None:
-    return None
   if kind == "grid":
-    return run_dir(workdir, canon, x, config.grid_seed)
+    return run_dir(workdir, name, *x)
   lr = chosen_lr(config, workdir, name)
-  return None if lr is None else run_dir(workdir, canon, lr, x)
+  return None if lr is None else run_dir(workdir, name, lr, x)
 
 
 def _result_name(job) -> str:
@@ -375,20 +371,29 @@ def _done(config, workdir: str, directory: str, job) -> bool:
 
 
 def train_run(config, workdir: str, base: dict, name: str, lr: float, seed: int) -> dict:
-  """Trains (or finds cached) one run of an arm; returns the phase's DONE record."""
+  """Trains (or finds cached) one run of an arm; returns the phase's DONE record. The trainer evaluates greedy
+  accuracy on the validation split every config.eval_every steps (the run's curve)."""
   import ml_collections
   from gkd_jax import models
   from gkd_jax.demos import arithmetic as demo
 
-  phase = settings(config, name, best_divergence(config, workdir))
+  phase = settings(config, name)
   data = phase.pop("data")
   phase.update(learning_rate=lr, total_steps=config.steps)
+  phase.update(
+      eval_dataset=base["data"]["full"],
+      eval_split="validation",
+      eval_every=config.eval_every,
+      eval_metric="arithmetic",
+      eval_rows=config.eval.num_validation,
+      eval_batch_size=config.eval.batch_size,
+      eval_max_new_tokens=config.lengths.max_completion_length,
+  )
   seeded = config.copy_and_resolve_references()
   seeded.seed = seed
   gkd = phase["objective"] == "gkd"
-  rel = os.path.relpath(run_dir(workdir, canonical(config, name, best_divergence(config, workdir)), lr, seed), workdir)
   return demo.train_phase(
-      rel,
+      os.path.relpath(run_dir(workdir, name, lr, seed), workdir),
       workdir,
       seeded,
       ml_collections.ConfigDict(phase),
@@ -400,28 +405,36 @@ def train_run(config, workdir: str, base: dict, name: str, lr: float, seed: int)
   )
 
 
+def curve(directory: str) -> dict[str, float]:
+  """{step: greedy validation accuracy} from a run's trainer evaluations (WORKDIR/eval.jsonl)."""
+  points = {}
+  with open(os.path.join(directory, "eval.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if "student_accuracy" in record:
+        points[str(record["step"])] = record["student_accuracy"]
+  return points
+
+
 def run_job(config, workdir: str, base: dict, job) -> dict:
   kind, name, x = job
-  if kind == "grid":
-    lr, seed = x, config.grid_seed
-  else:
-    lr, seed = chosen_lr(config, workdir, name), x
+  lr, seed = x if kind == "grid" else (chosen_lr(config, workdir, name), x)
   done = train_run(config, workdir, base, name, lr, seed)
+  out = {"learning_rate": lr, "train_seconds": done["seconds"], "curve": curve(run_dir(workdir, name, lr, seed))}
   if kind == "grid":
-    return {"greedy": validation_accuracy(done["model"], base["data"]["full"], config.eval), "learning_rate": lr}
-  metrics = evaluate_product(config, os.path.dirname(done["model"]), done, base["data"]["full"])
-  return {"train_seconds": done["seconds"], "learning_rate": lr, **metrics}
+    return dict(out, **validation_metrics(done["model"], base["data"]["full"], config.eval))
+  return dict(out, **evaluate_product(config, os.path.dirname(done["model"]), done, base["data"]["full"]))
 
 
 def work(config, workdir: str, base: dict, only=None) -> int:
-  """Runs every job that is ready (its grid or "best" known) and unclaimed, until all have results; waits
-  while the only jobs left are claimed by other workers or wait on them. Finished phases and evaluations
-  are cached by fingerprint, so a job whose settings did not change returns at once. Returns how many jobs
-  this process ran."""
+  """Runs every job that is ready (its arm's rate known) and unclaimed, until all have results; waits while
+  the only jobs left are claimed by other workers or wait on them. Finished phases and evaluations are cached
+  by fingerprint, so a job whose settings did not change returns at once. Returns how many jobs this process
+  ran."""
   ran = 0
   while True:
     pending, started = 0, False
-    for job in jobs(config, only):
+    for job in jobs(config, workdir, only):
       directory = _job_dir(config, workdir, job)
       if directory is not None and _done(config, workdir, directory, job):
         continue
@@ -439,9 +452,9 @@ def work(config, workdir: str, base: dict, only=None) -> int:
         with open(path + ".tmp", "w") as f:
           json.dump(result, f, indent=1)
         os.replace(path + ".tmp", path)
-        print(f"=== {job[0]} {job[1]} {job[2]}: greedy {result['greedy']:.3f}", flush=True)
+        print(f"=== {job[0]} {job[1]} {job[2]}: τ=1 {result[SELECTION_METRIC]:.3f}", flush=True)
         ran, started = ran + 1, True
-        break  # rescan: this result may have unblocked jobs earlier in the order
+        break  # rescan: this result may have unblocked jobs (a widened grid, a chosen rate)
     if not pending:
       return ran
     if not started:
@@ -460,8 +473,9 @@ def _pin(index: int, count: int) -> None:
     os.sched_setaffinity(0, set(cores[index * share : (index + 1) * share]))
 
 
-def spawn_workers(config, count: int, workdir: str, todo: list) -> None:
-  """count worker processes of this sweep (same flags); waits for them, showing finished jobs."""
+def spawn_workers(config, count: int, workdir: str, only=None) -> None:
+  """count worker processes of this sweep (same flags); waits for them, showing finished jobs (the total
+  grows when a grid widens)."""
   from tqdm.auto import tqdm
 
   argv = [a for a in sys.argv[1:] if not a.startswith(("--workers", "--worker_index"))]
@@ -474,18 +488,18 @@ def spawn_workers(config, count: int, workdir: str, todo: list) -> None:
       )
       for i, log in enumerate(logs)
   ]
-  start = time.time()
 
-  def finished():  # result files (re)written by this invocation's workers
+  def progress():  # (jobs with results, jobs known)
+    todo = jobs(config, workdir, only)
     dirs = [(_job_dir(config, workdir, job), job) for job in todo]
-    paths = [os.path.join(d, _result_name(job)) for d, job in dirs if d is not None and _done(config, workdir, d, job)]
-    return sum(os.path.getmtime(p) >= start for p in paths)
+    return sum(d is not None and _done(config, workdir, d, job) for d, job in dirs), len(todo)
 
-  with tqdm(total=len(todo), desc="runs") as bar:
+  done, total = progress()
+  with tqdm(total=total, initial=done, desc="runs") as bar:
     while any(p.poll() is None for p in procs):
       time.sleep(5)
-      bar.update(finished() - bar.n)
-    bar.update(finished() - bar.n)
+      done, bar.total = progress()
+      bar.update(done - bar.n)
   failed = [log for p, log in zip(procs, logs) if p.returncode]
   if failed:
     raise RuntimeError(f"sweep workers failed; see {failed}")
@@ -495,32 +509,34 @@ def spawn_workers(config, count: int, workdir: str, todo: list) -> None:
 
 
 def collect(config, workdir: str) -> dict:
-  """{arm: {metric: [value per seed]}} for every finished final run, plus 'teacher' and 'initial' (one value
-  each), and 'selection': the validation accuracy per arm and rate, the chosen rates and the best divergence."""
+  """{arm: {metric: [value per test seed]}} for every finished final run, plus 'teacher' and 'initial' (one
+  value each), and 'selection': per arm the selection score (validation τ=1, mean over the selection seeds) at
+  each rate of its grid, each selection run's validation metrics, and the chosen rate."""
   results = {}
   for name in ("teacher", "initial"):
     found = _read(os.path.join(workdir, BASE, name, "metrics.json"))
     if found:
       results[name] = {k: [v] for k, v in found["value"].items()}
-  best = best_divergence(config, workdir) if any(r.divergence == "best" for r in config.runs.values()) else None
-  selection = {"best_divergence": best, "validation": {}, "learning_rate": {}, "same_runs_as": {}}
+  selection = {"metric": SELECTION_METRIC, "seeds": list(config.selection_seeds), "score": {}, "runs": {}}
+  selection["learning_rate"] = {}
   for name in config.runs:
-    canon = canonical(config, name, best)
-    if canon is None:
-      continue
-    if canon != name:
-      selection["same_runs_as"][name] = canon
-    selection["validation"][name] = {f"{lr:g}": validation_score(config, workdir, canon, lr) for lr in config.lr_grid}
-    lr = chosen_lr(config, workdir, name)
+    grid, lr = lr_grid(config, workdir, name)
+    selection["score"][name] = {f"{x:g}": validation_score(config, workdir, name, x) for x in grid}
+    selection["runs"][name] = {
+        f"{x:g}": [
+            _read_result(config, workdir, os.path.join(run_dir(workdir, name, x, seed), "validation.json"))
+            for seed in config.selection_seeds
+        ]
+        for x in grid
+    }
     if lr is None:
       continue
     selection["learning_rate"][name] = lr
     for seed in config.seeds:
-      path = os.path.join(run_dir(workdir, canon, lr, seed), "result.json")
+      path = os.path.join(run_dir(workdir, name, lr, seed), "result.json")
       for k, v in (_read_result(config, workdir, path) or {}).items():
-        if k == "sweep":
-          continue
-        results.setdefault(name, {}).setdefault(k, []).append(v)
+        if k != "sweep":
+          results.setdefault(name, {}).setdefault(k, []).append(v)
   return {"selection": selection, **results}
 
 
@@ -547,7 +563,7 @@ def main(argv):
     if _WORKER.value or _WORKERS.value <= 1:
       work(config, workdir, base, _ONLY.value)
     else:
-      spawn_workers(config, _WORKERS.value, workdir, jobs(config, _ONLY.value))
+      spawn_workers(config, _WORKERS.value, workdir, _ONLY.value)
     if _WORKER.value:
       return
     print(f"sweep: {time.perf_counter() - t0:.0f} s this invocation", flush=True)

@@ -1,60 +1,49 @@
-"""The sweep's report: results.json, sweep.md (mean ± std over seeds) and the figures (experiments/sweep.py).
+"""The sweep's report: results.json, sweep.md and the figures (experiments/sweep.py writes them).
 
-Figures, each the toy counterpart of a figure of the GKD paper (arXiv 2306.13649):
-  fig1_methods.png          on-policy GKD against the baselines (continued SFT, SeqKD, supervised KD)
-  fig4_quality_diversity.png  accuracy against diversity (distinct completions) across sampling temperatures,
-                            one curve per divergence: mode-seeking divergences trade diversity for quality
-  fig7_lambda.png           accuracy against the student data fraction λ (forward KL)
-  fig8_divergence.png       on-policy GKD (λ=1) per divergence, greedy and at each sampling temperature
-  fig_data_efficiency.png   on-policy GKD on 5% of the prompts against supervised KD on all of them
+sweep.md opens with the design fixed in configs/sweep.py (arms, metrics, planned contrasts), then tests the
+planned contrasts (paired t-tests over the test seeds, Holm's correction, a verdict each), lists the findings
+of the paper this scale cannot test, and then shows what is exploratory: every arm's numbers, comparisons
+with uncorrected p-values, the error breakdown, the validation curves and the learning-rate selection.
+
+Figures: a dot per test seed beside each mean; intervals are 95% t-intervals of the mean over seeds, clipped
+to [0, 100]; no line joins the means of different arms.
+  fig_arms.png             every arm, τ=1 accuracy (primary) and greedy accuracy
+  fig_lambda.png           τ=1 and greedy accuracy against λ, per divergence
+  fig_diversity.png        τ=1 accuracy against the minor-mode share of valid τ=1 chains
+  fig_data_efficiency.png  on-policy reverse KL on 5% of prompts beside its control and the full-data arm
+  fig_curves.png           greedy validation accuracy every eval_every steps, one line per seed
+  fig_errors.png           the first fault of τ=1 test completions, per arm
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
 
-LABELS = {
-    "teacher": "teacher",
-    "initial": "initial student",
-    "sft": "continued SFT",
-    "seqkd": "SeqKD",
-    "supkd": "supervised KD (λ=0, FKL)",
-    "onpolicy_fkl": "on-policy FKL",
-    "onpolicy_jsd01": "on-policy JSD(0.1)",
-    "onpolicy_jsd05": "on-policy JSD(0.5)",
-    "onpolicy_jsd09": "on-policy JSD(0.9)",
-    "onpolicy_rkl": "on-policy RKL",
-    "lambda_025": "λ=0.25, FKL",
-    "lambda_050": "λ=0.5, FKL",
-    "lambda_075": "λ=0.75, FKL",
-    "best_lambda_000": "λ=0, best div.",
-    "best_lambda_025": "λ=0.25, best div.",
-    "best_lambda_050": "λ=0.5, best div.",
-    "best_lambda_075": "λ=0.75, best div.",
-    "onpolicy_best_5pct": "on-policy best div., 5% prompts",
-}
-DIVERGENCE_ARMS = (
-    ("onpolicy_fkl", 0.0),
-    ("onpolicy_jsd01", 0.1),
-    ("onpolicy_jsd05", 0.5),
-    ("onpolicy_jsd09", 0.9),
-    ("onpolicy_rkl", 1.0),
-)
-LAMBDA_ARMS = (("supkd", 0.0), ("lambda_025", 0.25), ("lambda_050", 0.5), ("lambda_075", 0.75), ("onpolicy_fkl", 1.0))
-BEST_LAMBDA_ARMS = (
-    ("best_lambda_000", 0.0),
-    ("best_lambda_025", 0.25),
-    ("best_lambda_050", 0.5),
-    ("best_lambda_075", 0.75),
+ALPHA = 0.05
+PRIMARY = "sample_1.0"
+ERROR_KINDS = ("format", "operand", "running_sum", "carry", "sum", "answer")  # arithmetic.ERROR_KINDS less "valid"
+# Findings of the paper that one task and one teacher-student pair cannot test, with the reason.
+NOT_TESTABLE = (
+    (
+        "GKD's gains hold across student sizes (the paper's T5-small/base/large students)",
+        "one student and one teacher here",
+    ),
+    (
+        "On-policy GKD combines with RL fine-tuning (a reward alongside distillation)",
+        "no reward model in the sweep",
+    ),
+    (
+        "Task-agnostic distillation (instruction tuning) carries over to held-out tasks",
+        "one task; the 4-operand split tests length, not tasks",
+    ),
 )
 
 
-def best_lambda_arms(best: str | None) -> tuple:
-  """The λ sweep of the best divergence, λ=1 being that divergence's on-policy arm."""
-  return BEST_LAMBDA_ARMS + ((f"onpolicy_{best}", 1.0),) if best else ()
+# ----------------------------------------------------------------------------------------------- statistics
 
 
 def stats(values) -> tuple[float, float, int]:
@@ -63,11 +52,13 @@ def stats(values) -> tuple[float, float, int]:
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
-def fmt(values, scale: float = 100.0, digits: int = 1) -> str:
-  if not values:
-    return "–"
+def ci95(values, low: float = 0.0, high: float = 1.0) -> tuple[float, float]:
+  """The 95% t-interval of the mean, clipped to [low, high] (the metric's range); one value: (v, v)."""
+  from scipy import stats as sps
+
   mean, std, n = stats(values)
-  return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if n > 1 else "")
+  half = float(sps.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else 0.0
+  return max(low, mean - half), min(high, mean + half)
 
 
 def paired(a, b) -> tuple[float, float, float]:
@@ -84,197 +75,476 @@ def paired(a, b) -> tuple[float, float, float]:
   return float(d.mean()), std, p
 
 
-def verdict(diff: float, p: float, direction: int, alpha: float = 0.05) -> str:
-  """Whether a claim that A - B has sign `direction` holds: agrees (right sign, p < alpha), disagrees
-  (wrong sign, p < alpha), or the sign it leans to when the test does not separate the arms."""
+def holm(pvalues: dict) -> dict:
+  """Holm's step-down adjusted p-values (family-wise error control) for {name: p}. An undefined p (NaN) counts
+  as 1 in the family and stays NaN."""
+  names = sorted(pvalues, key=lambda k: (pvalues[k] != pvalues[k], pvalues[k]))
+  m, running, out = len(names), 0.0, {}
+  for i, name in enumerate(names):
+    p = pvalues[name]
+    running = max(running, min(1.0, (m - i) * (p if p == p else 1.0)))
+    out[name] = running if p == p else float("nan")
+  return out
+
+
+def verdict(diff: float, p: float, direction: int, alpha: float = ALPHA) -> str:
+  """A planned contrast's verdict under its (corrected) p-value: reproduced needs the paper's sign and
+  p < alpha; otherwise not reproduced, saying whether the data point the other way."""
   significant = p == p and p < alpha
   if diff * direction > 0:
-    return "**agrees**" if significant else "same direction, not significant"
+    return "**reproduced**" if significant else "not reproduced (paper's direction, not significant)"
   if diff == 0:
-    return "no difference"
-  return "**disagrees**" if significant else "opposite direction, not significant"
+    return "not reproduced (no difference)"
+  return (
+      "not reproduced (**significant, opposite direction**)" if significant else "not reproduced (opposite direction)"
+  )
 
 
-def claim_rows(best: str | None, temperatures) -> list[tuple[str, str, str, str, int]]:
-  """(claim, arm A, arm B, metric, sign of A - B the paper reports) for every comparison of the report."""
-  hot, unique, distinct = (f"{m}_{temperatures[-1]}" for m in ("sample", "unique", "distinct"))
-  # Greedy accuracy can saturate (every arm that learns the task copies the dominant chain): τ=1 still separates.
-  both = ("greedy", hot)
-  on = f"onpolicy_{best}" if best else None
-  pairs = []  # (claim, A, B, metrics, sign)
-  if best:
-    pairs += [
-        ("on-policy > mixed", on, "best_lambda_050", both, 1),
-        ("mixed > supervised KD", "best_lambda_050", "supkd", both, 1),
-        ("supervised KD > SeqKD", "supkd", "seqkd", both, 1),
-        ("on-policy (λ=1) > supervised (λ=0), best divergence", on, "best_lambda_000", both, 1),
-    ]
-  pairs.append(("on-policy (λ=1) > supervised (λ=0), forward KL", "onpolicy_fkl", "supkd", both, 1))
-  for mode_seeking in ("onpolicy_rkl", "onpolicy_jsd09"):
-    pairs += [
-        ("mode-seeking: better sampled quality", mode_seeking, "onpolicy_fkl", (hot,), 1),
-        ("mode-seeking: lower diversity", mode_seeking, "onpolicy_fkl", (unique,), -1),
-        ("mode-seeking: fewer valid modes", mode_seeking, "onpolicy_fkl", (distinct,), -1),
-    ]
-  if best and best != "fkl":
-    # The divergence comparison again on the dataset's chains (λ=0): the two arms differ only in β.
-    pairs += [
-        ("larger β at λ=0: better sampled quality", "best_lambda_000", "supkd", (hot,), 1),
-        ("larger β at λ=0: lower diversity", "best_lambda_000", "supkd", (unique,), -1),
-    ]
-  if best:
-    pairs.append(("on-policy on 5% of prompts > supervised KD on 100%", "onpolicy_best_5pct", "supkd", both, 1))
-  return [(claim, a, b, metric, sign) for claim, a, b, metrics, sign in pairs for metric in metrics]
+# --------------------------------------------------------------------------------------------------- labels
 
 
-def claims(results: dict, best: str | None, temperatures) -> str:
-  """The paper's claims as a markdown table: both arms' mean ± std, the paired difference and test, verdict."""
-  head = "| claim | A | B | metric | A | B | A − B | paired t-test p | verdict |"
-  lines = [head, "|" + "---|" * 9]
-  for claim, a, b, metric, direction in claim_rows(best, temperatures):
-    if a not in results or b not in results or metric not in results[a] or metric not in results[b]:
-      continue
-    va, vb = results[a][metric], results[b][metric]
-    scale, digits = (1.0, 2) if metric.startswith(("distinct", "unique")) else (100.0, 1)
-    n = min(len(va), len(vb))
-    diff, std, p = paired(va[:n], vb[:n])
+def divergence_name(beta: float) -> str:
+  return "forward KL" if beta == 0 else "reverse KL" if beta == 1 else f"JSD({beta:g})"
+
+
+def label(config, arm: str) -> str:
+  """A readable name for an arm (its settings, not its config key)."""
+  if arm in ("teacher", "initial"):
+    return {"teacher": "teacher", "initial": "initial student"}[arm]
+  run = config.runs[arm]
+  if run.objective == "sft":
+    return "SeqKD" if run.data == "seqkd" else "continued SFT"
+  kind = {0.0: "supervised KD", 1.0: "on-policy"}.get(run.lmbda, "mixed")
+  text = f"{kind} (λ={run.lmbda:g}), {divergence_name(config.divergences[run.divergence])}"
+  return text + (f", {100 * config.data_fraction:g}% of prompts" if run.data == "fraction" else "")
+
+
+def side_label(config, arms) -> str:
+  """The label of one side of a contrast: an arm, or the mean of several."""
+  arms = tuple(arms)
+  if len(arms) == 1:
+    return label(config, arms[0])
+  lams = {config.runs[a].lmbda for a in arms}
+  if len(lams) == 1 and all(config.runs[a].objective == "gkd" for a in arms):
+    kind = {0.0: "supervised KD", 1.0: "on-policy"}.get(lams.pop(), "mixed")
+    return f"{kind}, mean of {len(arms)} divergences"
+  return "mean of " + ", ".join(label(config, a) for a in arms)
+
+
+METRIC_NAMES = {"greedy": "greedy acc.", "sample_1.0": "τ=1 acc.", "minor_1.0": "minor-mode share τ=1"}
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+
+
+def side_values(results: dict, arms, metric: str) -> list[float] | None:
+  """Per test seed, the mean of `metric` over `arms` (None when an arm lacks it)."""
+  if any(a not in results or metric not in results[a] for a in arms):
+    return None
+  n = min(len(results[a][metric]) for a in arms)
+  return [float(np.mean([results[a][metric][i] for a in arms])) for i in range(n)]
+
+
+def contrast_row(config, results: dict, name: str, a, b, metric: str, direction: int) -> dict | None:
+  va, vb = side_values(results, a, metric), side_values(results, b, metric)
+  if va is None or vb is None:
+    return None
+  n = min(len(va), len(vb))
+  va, vb = va[:n], vb[:n]
+  diff, std, p = paired(va, vb)
+  d = np.subtract(va, vb)
+  return {
+      "name": name,
+      "a": side_label(config, a),
+      "b": side_label(config, b),
+      "metric": metric,
+      "direction": direction,
+      "A": va,
+      "B": vb,
+      "diff": diff,
+      "std": std,
+      "ci": ci95(d, -1.0, 1.0),
+      "p": p,
+      "seeds": n,
+  }
+
+
+def planned(config, results: dict) -> list[dict]:
+  """The planned contrasts with their Holm-adjusted p-values and verdicts."""
+  rows = []
+  for name, k in config.contrasts.items():
+    row = contrast_row(config, results, name, k.a, k.b, k.metric, k.direction)
+    if row is not None:
+      rows.append(dict(row, claim=k.claim))
+  adjusted = holm({r["name"]: r["p"] for r in rows})
+  for r in rows:
+    r["p_holm"] = adjusted[r["name"]]
+    r["verdict"] = verdict(r["diff"], r["p_holm"], r["direction"])
+  return rows
+
+
+def exploratory_pairs(config) -> list[tuple[str, tuple, tuple, str, int]]:
+  """(name, A arms, B arms, metric, the paper's sign) of the comparisons reported without correction."""
+  out = []
+  for name, k in config.contrasts.items():  # the planned contrasts on the secondary metric
+    if k.metric == PRIMARY:
+      out.append((f"{name}, greedy", tuple(k.a), tuple(k.b), "greedy", k.direction))
+  by = {(r.divergence, r.lmbda, r.data): n for n, r in config.runs.items() if r.objective == "gkd"}
+  for div in config.divergences:
+    supervised, mixed, onpolicy = (by.get((div, lam, "full")) for lam in (0.0, 0.5, 1.0))
+    for a, tag in ((onpolicy, "λ=1"), (mixed, "λ=0.5")):
+      if a and supervised:
+        out.append((f"{tag} vs λ=0, {div}", (a,), (supervised,), PRIMARY, 1))
+  for lam in (0.0, 1.0):
+    fkl, rkl = by.get(("fkl", lam, "full")), by.get(("rkl", lam, "full"))
+    if fkl and rkl and not (lam == 1.0 and "P5" in config.contrasts):
+      out.append((f"rkl vs fkl at λ={lam:g}", (rkl,), (fkl,), PRIMARY, 1))
+  five, full = by.get(("rkl", 1.0, "fraction")), by.get(("rkl", 1.0, "full"))
+  if five and full:
+    out.append(("5% vs 100% of prompts, on-policy rkl", (five,), (full,), PRIMARY, -1))
+  return out
+
+
+# --------------------------------------------------------------------------------------------------- tables
+
+
+def pct(x: float, digits: int = 1) -> str:
+  return "–" if x != x else f"{100 * x:.{digits}f}"
+
+
+def fmt(values, scale: float = 100.0, digits: int = 1) -> str:
+  if not values:
+    return "–"
+  mean, std, n = stats(values)
+  if mean != mean:
+    return "–"
+  return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if n > 1 else "")
+
+
+def pvalue(p: float) -> str:
+  return "–" if p != p else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def signed(x: float, digits: int = 1) -> str:
+  return f"{100 * x:+.{digits}f}"
+
+
+def design_section(config) -> str:
+  arms = "\n".join(f"- `{arm}`: {label(config, arm)}" for arm in config.runs)
+  contrasts = "\n".join(
+      f"| {name} | {k.claim} | {side_label(config, k.a)} | {side_label(config, k.b)} | "
+      f"{METRIC_NAMES.get(k.metric, k.metric)} | {'A > B' if k.direction > 0 else 'A < B'} |"
+      for name, k in config.contrasts.items()
+  )
+  grid = ", ".join(f"{lr:g}" for lr in config.lr_grid)
+  return (
+      "## Design (fixed in configs/sweep.py before the runs)\n\n"
+      f"Arms ({len(config.runs)}), each {config.steps} steps of batch {config.train.batch_size} from the initial "
+      f"student:\n\n{arms}\n\n"
+      f"Primary metric: τ=1 sampling accuracy on {config.eval.num_test} test problems; secondary: greedy accuracy. "
+      f"Diversity: the share of minor modes (an operand order other than the prompt's) among valid τ=1 chains "
+      f"({config.eval.diversity_problems} problems × {config.eval.num_samples} samples). Test seeds "
+      f"{tuple(config.seeds)}; learning rates chosen from {{{grid}}} (widened up to {config.lr_widen}× per edge) "
+      f"by validation τ=1 accuracy averaged over selection seeds {tuple(config.selection_seeds)}.\n\n"
+      "Planned contrasts (paired two-sided t-test over the test seeds; Holm's correction over all of them; "
+      f"reproduced = the paper's direction with corrected p < {ALPHA}):\n\n"
+      "| id | the paper's finding | A | B | metric | paper |\n|---|---|---|---|---|---|\n"
+      f"{contrasts}\n"
+  )
+
+
+def planned_table(rows: list[dict]) -> str:
+  head = "| id | finding | A | B | metric | A | B | A − B [95% CI] | p | Holm p | verdict |"
+  lines = [head, "|" + "---|" * 11]
+  for r in rows:
+    scale, digits = 100.0, 1
     lines.append(
-        f"| {claim} | {LABELS.get(a, a)} | {LABELS.get(b, b)} | {metric} | {fmt(va, scale, digits)} | "
-        f"{fmt(vb, scale, digits)} | {scale * diff:+.{digits}f} ± {scale * std:.{digits}f} | "
-        + (f"{p:.3f}" if p == p else "–")
-        + f" | {verdict(diff, p, direction)} |"
+        f"| {r['name']} | {r['claim']} | {r['a']} | {r['b']} | {METRIC_NAMES.get(r['metric'], r['metric'])} | "
+        f"{fmt(r['A'], scale, digits)} | {fmt(r['B'], scale, digits)} | {signed(r['diff'])} "
+        f"[{signed(r['ci'][0])}, {signed(r['ci'][1])}] | {pvalue(r['p'])} | {pvalue(r['p_holm'])} | {r['verdict']} |"
     )
   return "\n".join(lines)
 
 
-def selection_table(selection: dict, lr_grid) -> str:
-  """Validation greedy accuracy (seed grid_seed) per arm and rate, and the rate each arm kept."""
-  head = "| arm | " + " | ".join(f"val. acc lr={lr:g}" for lr in lr_grid) + " | chosen lr |"
-  lines = [head, "|" + "---|" * (len(lr_grid) + 2)]
-  for arm, scores in selection.get("validation", {}).items():
-    cells = [("–" if scores.get(f"{lr:g}") is None else f"{100 * scores[f'{lr:g}']:.1f}") for lr in lr_grid]
+def exploratory_table(config, results: dict) -> str:
+  head = "| comparison | A | B | metric | A | B | A − B [95% CI] | p (uncorrected) | paper's sign |"
+  lines = [head, "|" + "---|" * 9]
+  for name, a, b, metric, direction in exploratory_pairs(config):
+    r = contrast_row(config, results, name, a, b, metric, direction)
+    if r is None:
+      continue
+    lines.append(
+        f"| {name} | {r['a']} | {r['b']} | {METRIC_NAMES.get(metric, metric)} | {fmt(r['A'])} | {fmt(r['B'])} | "
+        f"{signed(r['diff'])} [{signed(r['ci'][0])}, {signed(r['ci'][1])}] | {pvalue(r['p'])} | "
+        f"{'A > B' if direction > 0 else 'A < B'} |"
+    )
+  return "\n".join(lines)
+
+
+def arms_table(config, results: dict) -> str:
+  temps = tuple(config.eval.temperatures)
+  cols = [("greedy", "greedy")] + [(f"sample_{t}", f"τ={t}") for t in temps]
+  cols += [("minor_1.0", "minor modes τ=1"), ("valid_1.0", "valid chains τ=1"), ("long", "4 operands, greedy")]
+  head = "| arm | seeds | lr | " + " | ".join(c[1] for c in cols) + " | distinct valid chains τ=1 | train s |"
+  lines = [head, "|" + "---|" * (len(cols) + 5)]
+  for arm, m in results.items():
+    lr = f"{m['learning_rate'][0]:g}" if "learning_rate" in m else "–"
+    seconds = f"{np.mean(m['train_seconds']):.0f}" if "train_seconds" in m else "–"
+    cells = [fmt(m.get(k, [])) for k, _ in cols]
+    lines.append(
+        f"| {label(config, arm)} | {len(m.get('greedy', []))} | {lr} | "
+        + " | ".join(cells)
+        + f" | {fmt(m.get('distinct_1.0', []), 1.0, 2)} | {seconds} |"
+    )
+  return "\n".join(lines)
+
+
+def error_table(config, results: dict, key: str) -> str:
+  head = "| arm | wrong | " + " | ".join(k.replace("_", " ") for k in ERROR_KINDS) + " |"
+  lines = [head, "|" + "---|" * (len(ERROR_KINDS) + 2)]
+  for arm, m in results.items():
+    if key not in m:
+      continue
+    shares = {k: float(np.mean([e[k] for e in m[key]])) for k in ("valid",) + ERROR_KINDS}
+    lines.append(
+        f"| {label(config, arm)} | {pct(1 - shares['valid'])} | "
+        + " | ".join(pct(shares[k]) for k in ERROR_KINDS)
+        + " |"
+    )
+  return "\n".join(lines)
+
+
+def curve_steps(results: dict) -> list[int]:
+  return sorted({int(s) for m in results.values() for c in m.get("curve", []) for s in c})
+
+
+def curves_table(config, results: dict) -> str:
+  steps = curve_steps(results)
+  start = results.get("initial", {}).get("validation", [{}])[0].get("greedy")
+  head = "| arm | " + " | ".join(f"step {s}" for s in [0] + steps) + " |"
+  lines = [head, "|" + "---|" * (len(steps) + 2)]
+  for arm, m in results.items():
+    if "curve" not in m:
+      continue
+    cells = []
+    for s in steps:
+      v = [c[str(s)] for c in m["curve"] if str(s) in c]
+      cells.append(f"{pct(float(np.mean(v)))} ({pct(min(v), 0)}–{pct(max(v), 0)})" if v else "–")
+    lines.append(f"| {label(config, arm)} | {pct(start) if start is not None else '–'} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def selection_table(config, selection: dict) -> str:
+  rates = sorted({float(lr) for scores in selection.get("score", {}).values() for lr in scores})
+  head = "| arm | " + " | ".join(f"lr={lr:g}" for lr in rates) + " | chosen |"
+  lines = [head, "|" + "---|" * (len(rates) + 2)]
+  for arm, scores in selection.get("score", {}).items():
+    cells = []
+    for lr in rates:
+      s = scores.get(f"{lr:g}")
+      cells.append("" if f"{lr:g}" not in scores else "…" if s is None else pct(s))
     chosen = selection.get("learning_rate", {}).get(arm)
-    same = selection.get("same_runs_as", {}).get(arm)
-    label = LABELS.get(arm, arm) + (f" (= {LABELS.get(same, same)})" if same else "")
-    lines.append(f"| {label} | " + " | ".join(cells) + f" | {'–' if chosen is None else f'{chosen:g}'} |")
-  return "\n".join(lines)
-
-
-def table(results: dict, temperatures) -> str:
-  cols = [("greedy", "greedy acc"), ("greedy_chain", "greedy chain")]
-  cols += [(f"sample_{t}", f"acc τ={t}") for t in temperatures]
-  cols += [
-      (f"unique_{temperatures[-1]}", f"distinct completions τ={temperatures[-1]}"),
-      (f"distinct_{temperatures[-1]}", f"distinct valid chains τ={temperatures[-1]}"),
-      (f"valid_{temperatures[-1]}", f"valid chains τ={temperatures[-1]}"),
-      ("long", "long acc (4 ops)"),
-  ]
-  head = "| run | seeds | " + " | ".join(c[1] for c in cols) + " | train s |"
-  lines = [head, "|" + "---|" * (len(cols) + 3)]
-  for arm, metrics in results.items():
-    n = len(metrics.get("greedy", []))
-    cells = [
-        fmt(metrics.get(k, []), scale=1.0, digits=2)
-        if k.startswith(("distinct", "unique"))
-        else fmt(metrics.get(k, []))
-        for k, _ in cols
-    ]
-    seconds = f"{np.mean(metrics['train_seconds']):.0f}" if "train_seconds" in metrics else "–"
-    lines.append(f"| {LABELS.get(arm, arm)} | {n} | " + " | ".join(cells) + f" | {seconds} |")
-  return "\n".join(lines)
-
-
-def _bar(ax, results, arms, keys, labels):
-  width = 0.8 / len(keys)
-  arms = [a for a in arms if a in results]
-  x = np.arange(len(arms))
-  for i, (key, label) in enumerate(zip(keys, labels)):
-    means = [100 * stats(results[a][key])[0] for a in arms]
-    stds = [100 * stats(results[a][key])[1] for a in arms]
-    ax.bar(x + (i - (len(keys) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=label)
-  ax.set_xticks(x, [LABELS.get(a, a) for a in arms], rotation=20, ha="right")
-  ax.set_ylabel("accuracy (%)")
-
-
-def _curve(ax, results, arms, key, label, **kw):
-  pts = [(x, results[a][key]) for a, x in arms if a in results and key in results[a]]
-  if pts:
-    xs = [p[0] for p in pts]
-    ax.errorbar(
-        xs,
-        [100 * stats(v)[0] for _, v in pts],
-        yerr=[100 * stats(v)[1] for _, v in pts],
-        marker="o",
-        capsize=3,
-        label=label,
-        **kw,
+    edge = chosen is not None and chosen in (min(map(float, scores)), max(map(float, scores)))
+    lines.append(
+        f"| {label(config, arm)} | "
+        + " | ".join(cells)
+        + f" | {'–' if chosen is None else f'{chosen:g}'}"
+        + (" (edge)" if edge else "")
+        + " |"
     )
+  return "\n".join(lines)
 
 
-def figures(results: dict, best: str | None, temperatures, out_dir: str) -> list[str]:
+def initial_line(results: dict) -> str:
+  parts = []
+  for name in ("teacher", "initial"):
+    m = results.get(name)
+    if m:
+      parts.append(
+          f"{'teacher' if name == 'teacher' else 'initial student'}: greedy {fmt(m['greedy'])}, τ=1 "
+          f"{fmt(m[PRIMARY])}, minor modes τ=1 {fmt(m.get('minor_1.0', []))}"
+      )
+  return "; ".join(parts)
+
+
+# -------------------------------------------------------------------------------------------------- figures
+
+
+def _dots(ax, x: float, values, color, scale: float = 100.0, width: float = 0.25, label=None):
+  """Per-seed dots (jittered deterministically), the mean as a bar-free marker and its clipped 95% CI."""
+  v = np.asarray(values, dtype=float)
+  if not len(v) or np.isnan(v).all():
+    return
+  jitter = np.linspace(-width / 2, width / 2, len(v)) if len(v) > 1 else np.zeros(1)
+  ax.scatter(x + jitter, scale * v, s=14, color=color, alpha=0.55, zorder=3, label=label)
+  mean = float(np.nanmean(v))
+  lo, hi = ci95(v[~np.isnan(v)])
+  ax.errorbar(
+      x,
+      scale * mean,
+      yerr=[[scale * (mean - lo)], [scale * (hi - mean)]],
+      fmt="_",
+      markersize=16,
+      color="black",
+      capsize=4,
+      elinewidth=1.2,
+      zorder=4,
+  )
+
+
+def _reference_lines(ax, results: dict, metric: str):
+  for name, style in (("teacher", "--"), ("initial", ":")):
+    if name in results and metric in results[name]:
+      ax.axhline(100 * results[name][metric][0], color="grey", linestyle=style, linewidth=1, label=name)
+
+
+def figures(config, results: dict, out_dir: str) -> list[str]:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  hot = f"sample_{temperatures[-1]}"
-  on = f"onpolicy_{best}" if best else None
   written = []
+  arms = [a for a in config.runs if a in results]
+  colors = {div: c for div, c in zip(config.divergences, ("tab:blue", "tab:orange", "tab:red", "tab:green"))}
+
+  def color(arm):
+    run = config.runs[arm]
+    return "tab:gray" if run.objective == "sft" else colors.get(run.divergence, "tab:purple")
 
   def save(fig, name):
-    for ax in fig.axes:
-      if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, name), dpi=110)
     plt.close(fig)
     written.append(name)
 
-  fig, ax = plt.subplots(figsize=(8, 4.2))
-  arms = ["teacher", "initial", "sft", "seqkd", "supkd", "best_lambda_050"] + ([on] if on else [])
-  _bar(ax, results, arms, ["greedy", hot], ["greedy", f"sampled τ={temperatures[-1]}"])
-  ax.set_title(f"GKD vs baselines (best divergence: {best})")
-  save(fig, "fig1_methods.png")
+  ci_note = "dots: seeds; black: mean and 95% CI (clipped to [0, 100])"
+  order = sorted(arms, key=lambda a: (config.runs[a].objective == "gkd", config.runs[a].lmbda, config.runs[a].data))
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=False)
+  for ax, metric in zip(axes, (PRIMARY, "greedy")):
+    for i, arm in enumerate(order):
+      _dots(ax, i, results[arm][metric], color(arm))
+    _reference_lines(ax, results, metric)
+    ax.set_xticks(range(len(order)), [label(config, a) for a in order], rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel(f"{METRIC_NAMES[metric]} (%)")
+    ax.set_title(f"{METRIC_NAMES[metric]}{' (primary)' if metric == PRIMARY else ''}: {ci_note}", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+  save(fig, "fig_arms.png")
 
-  fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  for arm, _ in (("supkd", None),) + DIVERGENCE_ARMS:
-    if arm not in results:
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  by = {(r.divergence, r.lmbda): n for n, r in config.runs.items() if r.objective == "gkd" and r.data == "full"}
+  for ax, metric in zip(axes, (PRIMARY, "greedy")):
+    for j, div in enumerate(config.divergences):
+      for lam in sorted({lam for d, lam in by if d == div}):
+        arm = by[(div, lam)]
+        if arm in results:
+          _dots(
+              ax,
+              lam + 0.06 * (j - 1),
+              results[arm][metric],
+              colors[div],
+              width=0.04,
+              label=divergence_name(config.divergences[div]) if lam == 0 else None,
+          )
+    _reference_lines(ax, results, metric)
+    ax.set_xlabel("λ (share of on-policy batches)")
+    ax.set_ylabel(f"{METRIC_NAMES[metric]} (%)")
+    ax.set_title(f"{METRIC_NAMES[metric]} against λ: {ci_note}", fontsize=8)
+    ax.legend(fontsize=7)
+  save(fig, "fig_lambda.png")
+
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  markers = {0.0: "o", 0.5: "s", 1.0: "^"}
+  for arm in arms:
+    m = results[arm]
+    if "minor_1.0" not in m:
       continue
-    xs = [stats(results[arm][f"unique_{t}"])[0] for t in temperatures]
-    ys = [100 * stats(results[arm][f"sample_{t}"])[0] for t in temperatures]
-    ax.plot(xs, ys, marker="o", label=LABELS[arm])
-    for t, x, y in zip(temperatures, xs, ys):
-      ax.annotate(f"τ={t}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-  ax.set_xlabel("diversity: distinct completions among the samples of a problem")
-  ax.set_ylabel("sampling accuracy (%)")
-  ax.set_title("Quality vs diversity across temperatures")
-  save(fig, "fig4_quality_diversity.png")
+    run = config.runs[arm]
+    ax.scatter(
+        100 * np.asarray(m["minor_1.0"]),
+        100 * np.asarray(m[PRIMARY]),
+        color=color(arm),
+        alpha=0.7,
+        s=22,
+        marker=markers.get(run.lmbda, "D") if run.objective == "gkd" else "x",
+        label=label(config, arm),
+    )
+  for name, mk in (("teacher", "*"), ("initial", "P")):
+    if name in results and "minor_1.0" in results[name]:
+      ax.scatter(
+          100 * results[name]["minor_1.0"][0],
+          100 * results[name][PRIMARY][0],
+          color="black",
+          marker=mk,
+          s=90,
+          label=name,
+      )
+  ax.set_xlabel("minor-mode share of valid τ=1 chains (%): diversity")
+  ax.set_ylabel("τ=1 accuracy (%)")
+  ax.set_title("Quality and diversity, one point per seed (o λ=0, s λ=0.5, ^ λ=1, x SFT/SeqKD)", fontsize=8)
+  ax.legend(fontsize=6, ncol=2)
+  save(fig, "fig_diversity.png")
 
-  fig, ax = plt.subplots(figsize=(6, 4))
-  _curve(ax, results, LAMBDA_ARMS, "greedy", "FKL, greedy")
-  _curve(ax, results, LAMBDA_ARMS, hot, f"FKL, τ={temperatures[-1]}", linestyle="--")
-  _curve(ax, results, best_lambda_arms(best), "greedy", f"{best}, greedy")
-  _curve(ax, results, best_lambda_arms(best), hot, f"{best}, τ={temperatures[-1]}", linestyle="--")
-  ax.set_xlabel("student data fraction λ")
-  ax.set_ylabel("accuracy (%)")
-  ax.set_title("Effect of on-policy data")
-  save(fig, "fig7_lambda.png")
+  five = [a for a in arms if config.runs[a].data == "fraction"]
+  if five:
+    run = config.runs[five[0]]
+    same = [
+        a
+        for a in arms
+        if config.runs[a].objective == "gkd"
+        and config.runs[a].divergence == run.divergence
+        and config.runs[a].data == "full"
+        and config.runs[a].lmbda in (0.0, run.lmbda)
+    ]
+    group = five + sorted(same, key=lambda a: config.runs[a].lmbda)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, arm in enumerate(group):
+      _dots(ax, i, results[arm][PRIMARY], color(arm))
+    _reference_lines(ax, results, PRIMARY)
+    ax.set_xticks(range(len(group)), [label(config, a) for a in group], rotation=15, ha="right", fontsize=7)
+    ax.set_ylabel("τ=1 accuracy (%)")
+    ax.set_title(f"Data efficiency: {ci_note}", fontsize=8)
+    ax.legend(fontsize=7)
+    save(fig, "fig_data_efficiency.png")
 
-  fig, ax = plt.subplots(figsize=(6, 4))
-  _curve(ax, results, DIVERGENCE_ARMS, "greedy", "greedy")
-  for t in temperatures:
-    _curve(ax, results, DIVERGENCE_ARMS, f"sample_{t}", f"sampled τ={t}")
-  ax.set_xlabel("β (0 = forward KL, 1 = reverse KL), on-policy λ=1")
-  ax.set_ylabel("accuracy (%)")
-  ax.set_title("Choice of divergence")
-  save(fig, "fig8_divergence.png")
+  with_curves = [a for a in order if "curve" in results[a]]
+  if with_curves:
+    cols = 4
+    rows = math.ceil(len(with_curves) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), sharex=True, sharey=True, squeeze=False)
+    start = results.get("initial", {}).get("validation", [{}])[0].get("greedy")
+    for ax, arm in zip(axes.flat, with_curves):
+      for c in results[arm]["curve"]:
+        steps = ([0] if start is not None else []) + sorted(int(s) for s in c)
+        values = ([start] if start is not None else []) + [c[str(s)] for s in sorted(int(s) for s in c)]
+        ax.plot(steps, 100 * np.asarray(values), color=color(arm), alpha=0.6, linewidth=1)
+      ax.set_title(label(config, arm), fontsize=7)
+    for ax in axes.flat[len(with_curves) :]:
+      ax.axis("off")
+    for ax in axes[:, 0]:
+      ax.set_ylabel("val. greedy acc. (%)", fontsize=7)
+    for ax in axes[-1]:
+      ax.set_xlabel("step", fontsize=7)
+    fig.suptitle("Validation accuracy during training, one line per test seed", fontsize=9)
+    save(fig, "fig_curves.png")
 
-  fig, ax = plt.subplots(figsize=(7, 4))
-  arms = ["initial", "supkd", "onpolicy_best_5pct"] + ([on] if on else [])
-  _bar(ax, results, arms, ["greedy", hot], ["greedy", f"sampled τ={temperatures[-1]}"])
-  ax.set_title("Data efficiency: on-policy on 5% of the prompts")
-  save(fig, "fig_data_efficiency.png")
+  with_errors = [a for a in ["teacher", "initial"] + order if a in results and "errors_1.0" in results[a]]
+  if with_errors:
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    bottom = np.zeros(len(with_errors))
+    for kind in ERROR_KINDS:
+      share = np.array([100 * np.mean([e[kind] for e in results[a]["errors_1.0"]]) for a in with_errors])
+      ax.bar(range(len(with_errors)), share, bottom=bottom, label=kind.replace("_", " "))
+      bottom += share
+    ax.set_xticks(range(len(with_errors)), [label(config, a) for a in with_errors], rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("share of τ=1 test completions (%)")
+    ax.set_title("First fault of the wrong τ=1 completions (mean over seeds)", fontsize=9)
+    ax.legend(fontsize=7)
+    save(fig, "fig_errors.png")
   return written
+
+
+# --------------------------------------------------------------------------------------------------- report
 
 
 def write(config, results: dict, out_dir: str) -> None:
@@ -282,26 +552,31 @@ def write(config, results: dict, out_dir: str) -> None:
   os.makedirs(out_dir, exist_ok=True)
   results = dict(results)
   selection = results.pop("selection", {})
-  best = selection.get("best_divergence")
-  order = list(LABELS) + sorted(set(results) - set(LABELS))  # baselines, divergences, λ, data efficiency
+  order = ["teacher", "initial"] + [a for a in config.runs]
   results = {arm: results[arm] for arm in order if arm in results}
-  temperatures = tuple(config.eval.temperatures)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump({"selection": selection, **results}, f, indent=1, sort_keys=True)
-  md = table(results, temperatures)
+  arms_only = {a: m for a, m in results.items() if a in config.runs}
+  rows = planned(config, arms_only)
+  not_testable = "\n".join(f"| {finding} | not testable at this scale: {why} |" for finding, why in NOT_TESTABLE)
   text = (
-      f"{config.steps} steps of batch {config.train.batch_size} per run from the initial student; accuracy in %, "
-      f"mean ± std over seeds {tuple(config.seeds)} ({config.eval.num_test} test problems, "
-      f"{config.eval.num_test_long} long ones; diversity on {config.eval.diversity_problems} problems x "
-      f"{config.eval.num_samples} samples).\n\n{md}\n\n"
-      f"## The paper's claims\n\nBest on-policy divergence on validation: {best}. A − B is the mean ± std of the "
-      f"per-seed differences; p is the two-sided paired t-test over seeds.\n\n"
-      f"{claims(results, best, temperatures)}\n\n"
-      f"## Learning rates (validation split, seed {config.grid_seed})\n\n"
-      f"{selection_table(selection, tuple(config.lr_grid))}\n"
+      f"# The sweep's report\n\n{design_section(config)}\n"
+      f"## Planned contrasts\n\n{initial_line(results)}.\n\n{planned_table(rows)}\n\n"
+      "A − B: mean over test seeds with its 95% t-interval, in points. Findings this sweep cannot test:\n\n"
+      f"| finding | verdict |\n|---|---|\n{not_testable}\n\n"
+      "## Exploratory (not corrected for multiple tests)\n\n"
+      f"### Every arm (mean ± std over test seeds, %)\n\n{arms_table(config, results)}\n\n"
+      f"### Comparisons\n\n{exploratory_table(config, arms_only)}\n\n"
+      f"### Errors: first fault of the test completions (% of all completions, mean over seeds)\n\n"
+      f"τ = 1:\n\n{error_table(config, results, 'errors_1.0')}\n\n"
+      f"Greedy:\n\n{error_table(config, results, 'errors_greedy')}\n\n"
+      f"### Validation accuracy during training (greedy, %, mean over test seeds (min–max))\n\n"
+      f"{curves_table(config, results)}\n\n"
+      f"## Learning rates (validation τ=1 accuracy, mean over selection seeds {tuple(config.selection_seeds)})\n\n"
+      f"{selection_table(config, selection)}\n"
   )
   with open(os.path.join(out_dir, "sweep.md"), "w") as f:
     f.write(text)
-  names = figures(results, best, temperatures, out_dir) if results else []
+  names = figures(config, results, out_dir) if arms_only else []
   print(text, flush=True)
   print(f"report: {out_dir}/sweep.md, results.json, " + ", ".join(names), flush=True)
