@@ -129,14 +129,42 @@ def _prepare(config, workdir: str) -> dict:
       depends=(task_id,),
   )
   seqkd = _seqkd_dataset(config, workdir, teacher, tasks["full"]["data"])
-  for name, done in (("teacher", teacher), ("initial", student)):
-    evaluate_product(config, os.path.join(base, name), done, tasks["full"]["data"])
+  found = {
+      name: evaluate_product(config, os.path.join(base, name), done, tasks["full"]["data"])["validation"]
+      for name, done in (("teacher", teacher), ("initial", student))
+  }
+  check_base(config, found)
   return {
       "task_id": task_id,
       "teacher": teacher,
       "student": student,
       "data": {"full": tasks["full"]["data"], "fraction": tasks["fraction"]["data"], "seqkd": seqkd},
   }
+
+
+def check_base(config, found: dict) -> None:
+  """Stops the sweep before any run when a base model misses the design's bars (config.base_bars, checked on
+  the validation split): a teacher that has not learned the task or a student outside the intended regime
+  would void every comparison. Small models learn to copy operands in a sudden jump whose timing varies with
+  float rounding, so a rerun on another host can land elsewhere."""
+  bars = config.get("base_bars")
+  if not bars:
+    return
+  checks = (
+      ("teacher", "greedy", ">=", bars.teacher_greedy_min),
+      ("initial", "greedy", ">=", bars.student_greedy_min),
+      ("initial", "sample_1.0", "<=", bars.student_sample_max),
+  )
+  missed = [
+      f"{name} validation {metric} = {found[name][metric]:.3f} (needs {op} {bar})"
+      for name, metric, op, bar in checks
+      if not (found[name][metric] >= bar if op == ">=" else found[name][metric] <= bar)
+  ]
+  if missed:
+    raise RuntimeError(
+        "base models miss config.base_bars: " + "; ".join(missed) + ". Change the phase's init_seed or steps "
+        "(configs/sweep.py) and rerun: the base stage retrains, and no arm has run on these models."
+    )
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

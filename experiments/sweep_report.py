@@ -253,16 +253,19 @@ def design_section(config) -> str:
   )
 
 
+def _test_cells(r: dict) -> str:
+  """A contrast row's shared cells: sides, metric, both means, the difference with its interval and p."""
+  return (
+      f"{r['a']} | {r['b']} | {METRIC_NAMES.get(r['metric'], r['metric'])} | {fmt(r['A'])} | {fmt(r['B'])} | "
+      f"{signed(r['diff'])} [{signed(r['ci'][0])}, {signed(r['ci'][1])}] | {pvalue(r['p'])}"
+  )
+
+
 def planned_table(rows: list[dict]) -> str:
   head = "| id | finding | A | B | metric | A | B | A − B [95% CI] | p | Holm p | verdict |"
   lines = [head, "|" + "---|" * 11]
   for r in rows:
-    scale, digits = 100.0, 1
-    lines.append(
-        f"| {r['name']} | {r['claim']} | {r['a']} | {r['b']} | {METRIC_NAMES.get(r['metric'], r['metric'])} | "
-        f"{fmt(r['A'], scale, digits)} | {fmt(r['B'], scale, digits)} | {signed(r['diff'])} "
-        f"[{signed(r['ci'][0])}, {signed(r['ci'][1])}] | {pvalue(r['p'])} | {pvalue(r['p_holm'])} | {r['verdict']} |"
-    )
+    lines.append(f"| {r['name']} | {r['claim']} | {_test_cells(r)} | {pvalue(r['p_holm'])} | {r['verdict']} |")
   return "\n".join(lines)
 
 
@@ -271,13 +274,8 @@ def exploratory_table(config, results: dict) -> str:
   lines = [head, "|" + "---|" * 9]
   for name, a, b, metric, direction in exploratory_pairs(config):
     r = contrast_row(config, results, name, a, b, metric, direction)
-    if r is None:
-      continue
-    lines.append(
-        f"| {name} | {r['a']} | {r['b']} | {METRIC_NAMES.get(metric, metric)} | {fmt(r['A'])} | {fmt(r['B'])} | "
-        f"{signed(r['diff'])} [{signed(r['ci'][0])}, {signed(r['ci'][1])}] | {pvalue(r['p'])} | "
-        f"{'A > B' if direction > 0 else 'A < B'} |"
-    )
+    if r is not None:
+      lines.append(f"| {name} | {_test_cells(r)} | {'A > B' if direction > 0 else 'A < B'} |")
   return "\n".join(lines)
 
 

@@ -102,6 +102,22 @@ def test_learning_rate_is_chosen_on_selection_seeds_and_the_grid_widens_at_edges
   assert sweep.chosen_lr(c3, w, "sft") == mid
 
 
+def test_base_models_outside_the_design_stop_the_sweep():
+  c = load_config("sweep")
+  good = {"teacher": {"greedy": 0.99, "sample_1.0": 0.8}, "initial": {"greedy": 0.95, "sample_1.0": 0.55}}
+  sweep.check_base(c, good)
+  for name, metric, value, bar in (
+      ("teacher", "greedy", 0.92, ">= 0.95"),
+      ("initial", "greedy", 0.12, ">= 0.85"),
+      ("initial", "sample_1.0", 0.75, "<= 0.6"),
+  ):
+    bad = {k: dict(v) for k, v in good.items()}
+    bad[name][metric] = value
+    with pytest.raises(RuntimeError, match=f"{name} validation {metric} = {value:.3f} \\(needs {bar}\\)"):
+      sweep.check_base(c, bad)
+  sweep.check_base(load_config("sweep", "runlocal"), {})  # runlocal sets no bars
+
+
 def test_a_claimed_run_is_not_claimed_twice(tmp_path):
   path = str(tmp_path / "locks" / "sft.seed0")
   with sweep._claim(path) as first:
