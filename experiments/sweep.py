@@ -129,10 +129,10 @@ def _prepare(config, workdir: str) -> dict:
       depends=(task_id,),
   )
   seqkd = _seqkd_dataset(config, workdir, teacher, tasks["full"]["data"])
-  found = {
-      name: evaluate_product(config, os.path.join(base, name), done, tasks["full"]["data"])["validation"]
-      for name, done in (("teacher", teacher), ("initial", student))
-  }
+  found = {}
+  for name, done in (("teacher", teacher), ("initial", student)):
+    metrics = evaluate_product(config, os.path.join(base, name), done, tasks["full"]["data"], validation=True)
+    found[name] = metrics["validation"]
   check_base(config, found)
   return {
       "task_id": task_id,
@@ -240,16 +240,19 @@ def validation_metrics(model_dir: str, task_data: str, ev) -> dict:
   return out
 
 
-def evaluate_product(config, directory: str, done: dict, task_data: str) -> dict:
-  """evaluate_model of a phase's product, cached in directory/metrics.json."""
+def evaluate_product(config, directory: str, done: dict, task_data: str, validation: bool = False) -> dict:
+  """evaluate_model of a phase's product, cached in directory/metrics.json; with `validation`, also its
+  validation_metrics (the base models: the gate and the curves' step 0 read them; a run has its curve)."""
   from gkd_jax import file_cache
 
+  # A directory is a base model's (validation) or a run's (not) for good: the flag needs no place here.
   fingerprint = file_cache.fingerprint([done["fingerprint"], config.eval.to_dict()])
 
   def compute():
     t0 = time.perf_counter()
     out = evaluate_model(done["model"], task_data, config.eval)
-    out["validation"] = validation_metrics(done["model"], task_data, config.eval)
+    if validation:
+      out["validation"] = validation_metrics(done["model"], task_data, config.eval)
     return dict(out, eval_seconds=round(time.perf_counter() - t0, 1))
 
   return file_cache.json_cache(os.path.join(directory, "metrics.json"), fingerprint, compute)
