@@ -6,8 +6,8 @@ under strace, and checks that every connection went to 127.0.0.1.
     python tests/gcs_driver.py SCENARIO WORK TASK_JSON      # writes WORK/result.json
 
 Scenarios: bucket_run (models, data and workdir in the bucket; export and serve from it), two_hosts (two
-jax.distributed processes vs one 8-device process; kill -9 of both and a restart; per-host local
-workdirs refused), emulator_stops (storage vanishes mid-run).
+jax.distributed processes, killed with kill -9 and restarted, vs one 8-device process; per-host local
+workdirs refused), emulator_stops (storage vanishes mid-run; the rerun on the same host resumes).
 """
 
 from __future__ import annotations
@@ -116,8 +116,11 @@ class Driver:
     env.pop("PYTEST_XDIST_WORKER", None)
     return env, dirs["cwd"]
 
-  def start(self, host: str, args: list[str], devices: int = 8, module: str = "gkd_jax.main") -> subprocess.Popen:
-    env, cwd = self.host_env(host, devices)
+  def start(
+      self, host: str, args: list[str], devices: int = 8, module: str = "gkd_jax.main", disk: str | None = None
+  ) -> subprocess.Popen:
+    """Runs `module` as `host` (its log: WORK/HOST.log) on the disk of host `disk` (default: its own)."""
+    env, cwd = self.host_env(disk or host, devices)
     log = open(os.path.join(self.work, f"{host}.log"), "ab")
     return subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=cwd, stdout=log, stderr=log)
 
@@ -217,31 +220,32 @@ class Driver:
 
   def two_hosts(self):
     urls = self.upload_inputs()
-    fields = dict(total_steps=6, save_every=2, model=urls["student"], teacher_model=urls["teacher"])
+    fields = dict(total_steps=6, save_every=2, sample_every=1, model=urls["student"], teacher_model=urls["teacher"])
     fields.update(dataset=urls["train"], mesh=dict(data=2, fsdp=4, tensor=1))
     config = self.config("pod", **fields)
     one = f"gs://{BUCKET}/one"
     codes = self.finish({"one": self.start("one", [f"--config={config}", f"--workdir={one}"], devices=8)})
     logs = {"one": self.log("one")[-3000:]}
+    # The pod run, killed (kill -9 of both hosts) once step 2 is committed, then restarted on the same hosts.
     pod = f"gs://{BUCKET}/pod"
-    codes.update({f"pod{h[1:]}": c for h, c in self.finish(self.pod(pod, config)).items()})
-    logs.update(self.logs("pod"))
-    # kill -9 both hosts once step 2 is committed, then restart both.
-    killed = f"gs://{BUCKET}/killed"
-    procs = self.pod(killed, config)
+    procs = self.pod(pod, config)
     deadline = time.time() + 900
-    while not self.committed(killed, 2) and time.time() < deadline and all(p.poll() is None for p in procs.values()):
+    while not self.committed(pod, 2) and time.time() < deadline and all(p.poll() is None for p in procs.values()):
       time.sleep(0.2)
     for p in procs.values():
       p.send_signal(signal.SIGKILL)
     killed_at = {h: p.wait() for h, p in procs.items()}
-    steps_at_kill = [n for n in self.objects(f"{killed}/checkpoints") if re.fullmatch(r"\d+/commit_success.txt", n)]
+    steps_at_kill = [n for n in self.objects(f"{pod}/checkpoints") if re.fullmatch(r"\d+/commit_success.txt", n)]
     logs.update(self.logs("kill"))
-    codes.update({f"restart{h[1:]}": c for h, c in self.finish(self.pod(killed, config)).items()})
-    logs.update(self.logs("restart"))
+    codes.update({f"pod{h[1:]}": c for h, c in self.finish(self.pod(pod, config)).items()})
+    logs.update(self.logs("pod"))
     # Each host its own local workdir: refused at start-up, by every host.
     codes.update({f"local{h[1:]}": c for h, c in self.finish(self.pod("run", config)).items()})
     logs.update(self.logs("local"))
+    samples = lambda url: [
+        (r["step"], r["prompt"])
+        for r in map(json.loads, self.fs.cat_file(f"{url[5:]}/samples.jsonl").decode().splitlines())
+    ]
     self.result.update(
         codes=codes,
         killed_at=killed_at,
@@ -249,12 +253,12 @@ class Driver:
         logs=logs,
         one=self.losses(one),
         pod=self.losses(pod),
-        killed=self.losses(killed),
+        samples={"one": samples(one), "pod": samples(pod)},
         weights={
             name: self.download(f"{url}/export", os.path.join(self.work, "out", name))
-            for name, url in (("one", one), ("pod", pod), ("killed", killed))
+            for name, url in (("one", one), ("pod", pod))
         },
-        killed_lines=len(self.fs.cat_file(f"{killed.removeprefix('gs://')}/metrics.jsonl").decode().splitlines()),
+        pod_lines=len(self.fs.cat_file(f"{pod.removeprefix('gs://')}/metrics.jsonl").decode().splitlines()),
         local_files={h: _files(os.path.join(self.work, "hosts", h, "cwd")) for h in ("h0", "h1")},
     )
 
@@ -276,9 +280,10 @@ class Driver:
     committed = sorted(
         int(n.split("/")[0]) for n in self.objects(f"{run}/checkpoints") if re.fullmatch(r"\d+/commit_success.txt", n)
     )
-    # The last committed checkpoint restores: resume the run for two more steps.
+    # The last committed checkpoint restores: rerun on the same host, two more steps.
     resume = self.config("resume", total_steps=committed[-1] + 2, **fields)
-    codes.update(self.finish({"resume": self.start("resume", [f"--config={resume}", f"--workdir={run}"])}))
+    rerun = self.start("resume", [f"--config={resume}", f"--workdir={run}"], disk="run")
+    codes.update(self.finish({"resume": rerun}))
     self.result.update(
         codes=codes,
         committed=committed,
