@@ -17,3 +17,22 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+# The files that run whole training jobs in subprocesses, longest first (measured with --durations=0). With one
+# file per worker at a time, a long file handed out last runs alone on one core while the other idles.
+LONGEST_FIRST = (
+    "test_trainer.py",
+    "test_gcs.py",
+    "test_gcs_pod.py",
+    "test_sweep.py",
+    "test_mllm.py",
+    "test_demo.py",
+    "test_scan.py",
+    "test_recipes.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order

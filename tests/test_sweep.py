@@ -250,7 +250,7 @@ def test_runlocal_sweep_end_to_end(tmp_path):
     assert all(sum(e.values()) == pytest.approx(1.0) for e in m["errors_1.0"] + m["errors_greedy"])
   assert "sample_1.0" in stored["initial"] and "validation" in stored["initial"]
   md = open(os.path.join(workdir, "report", "sweep.md")).read()
-  assert "## Planned contrasts" in md and "| P5 |" in md and "Holm p" in md
+  assert "## Planned contrasts" in md and "| P3 |" in md and "Holm p" in md
 
 
 def test_workers_are_pinned_to_their_share_of_the_cpus():
