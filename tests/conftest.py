@@ -19,17 +19,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-# The files that run whole training jobs in subprocesses, longest first (measured with --durations=0). With one
-# file per worker at a time, a long file handed out last runs alone on one core while the other idles.
+# The longest files by their tests' summed time (--durations=0 on 2 cores), longest first. With one file per
+# worker at a time, a long file handed out last runs alone on one core while the other idles.
 LONGEST_FIRST = (
     "test_trainer.py",
-    "test_gcs.py",
+    "test_scan.py",
     "test_gcs_pod.py",
+    "test_gcs.py",
     "test_sweep.py",
     "test_mllm.py",
+    "test_losses.py",
     "test_demo.py",
-    "test_scan.py",
-    "test_recipes.py",
 )
 
 

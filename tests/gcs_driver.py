@@ -157,9 +157,12 @@ class Driver:
       self._seen[host] = len(text)
     return out
 
+  def records(self, url: str, name: str) -> list[dict]:
+    """The JSON-lines records of the run's file `name` in the bucket (metrics.jsonl, samples.jsonl, ...)."""
+    return [json.loads(line) for line in self.fs.cat_file(f"{url.removeprefix('gs://')}/{name}").decode().splitlines()]
+
   def losses(self, url: str) -> dict:
-    text = self.fs.cat_file(f"{url.removeprefix('gs://')}/metrics.jsonl").decode()
-    return {str(r["step"]): r["loss"] for r in map(json.loads, text.splitlines())}
+    return {str(r["step"]): r["loss"] for r in self.records(url, "metrics.jsonl")}
 
   # ------------------------------------------------------------------------------------------- scenarios
 
@@ -242,10 +245,7 @@ class Driver:
     # Each host its own local workdir: refused at start-up, by every host.
     codes.update({f"local{h[1:]}": c for h, c in self.finish(self.pod("run", config)).items()})
     logs.update(self.logs("local"))
-    samples = lambda url: [
-        (r["step"], r["prompt"])
-        for r in map(json.loads, self.fs.cat_file(f"{url[5:]}/samples.jsonl").decode().splitlines())
-    ]
+    samples = lambda url: [(r["step"], r["prompt"]) for r in self.records(url, "samples.jsonl")]
     self.result.update(
         codes=codes,
         killed_at=killed_at,
@@ -258,7 +258,7 @@ class Driver:
             name: self.download(f"{url}/export", os.path.join(self.work, "out", name))
             for name, url in (("one", one), ("pod", pod))
         },
-        pod_lines=len(self.fs.cat_file(f"{pod.removeprefix('gs://')}/metrics.jsonl").decode().splitlines()),
+        pod_lines=len(self.records(pod, "metrics.jsonl")),
         local_files={h: _files(os.path.join(self.work, "hosts", h, "cwd")) for h in ("h0", "h1")},
     )
 
